@@ -1,0 +1,1 @@
+"""Evaluation: dataset loading and validation, IR metrics, evaluation suites and reports."""

@@ -1,0 +1,52 @@
+"""BM25 baseline with `bm25s` (Lucene-style scoring, English stemmer and stopwords)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import bm25s
+import numpy as np
+
+from retrieval.search import Run
+
+
+@dataclass(frozen=True)
+class BM25Settings:
+    k1: float = 0.9
+    b: float = 0.4
+    method: str = "lucene"
+    stemmer_language: str | None = "english"
+    stopwords: str | None = "en"
+
+
+class BM25Retriever:
+    def __init__(self, doc_ids: Sequence[str], doc_texts: Sequence[str], settings: BM25Settings | None = None):
+        self.settings = settings or BM25Settings()
+        self.doc_ids = list(doc_ids)
+        self.stemmer = self._make_stemmer()
+        tokens = bm25s.tokenize(list(doc_texts), stopwords=self.settings.stopwords, stemmer=self.stemmer, show_progress=False)
+        self.model = bm25s.BM25(k1=self.settings.k1, b=self.settings.b, method=self.settings.method)
+        self.model.index(tokens, show_progress=False)
+
+    def _make_stemmer(self):
+        if not self.settings.stemmer_language:
+            return None
+        import Stemmer
+
+        return Stemmer.Stemmer(self.settings.stemmer_language)
+
+    def search_arrays(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc indices, scores), each (num_queries, k)."""
+        k = min(k, len(self.doc_ids))
+        tokens = bm25s.tokenize(list(queries), stopwords=self.settings.stopwords, stemmer=self.stemmer, show_progress=False)
+        indices, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
+        return np.asarray(indices), np.asarray(scores)
+
+    def search(self, query_ids: Sequence[str], queries: Sequence[str], k: int) -> Run:
+        indices, scores = self.search_arrays(queries, k)
+        run: Run = {}
+        for qid, row_idx, row_scores in zip(query_ids, indices, scores):
+            # bm25s pads with score 0 when fewer documents match: those are not hits.
+            run[qid] = {self.doc_ids[j]: float(s) for j, s in zip(row_idx, row_scores) if s > 0}
+        return run

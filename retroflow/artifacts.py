@@ -1,0 +1,275 @@
+"""Content-addressed artifact store: `<root>/<stage>/<key>/` with a `manifest.json`.
+
+key = sha256(stage, canonical config, input fingerprints, stage code version). A directory
+under its final name is always complete: stages write into `<key>.tmp-<pid>/` and rename it
+into place; in-stage checkpoints live in `<key>.partial/`, which a re-run resumes from and
+which is removed on success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from retroflow import __version__
+from retroflow.config import StageConfig, hash_json
+
+MANIFEST = "manifest.json"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the given modules/packages (all .py files under a package)."""
+    digest = hashlib.sha256(__version__.encode())
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        origin = Path(module.__file__)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for file in files:
+            digest.update(str(file.relative_to(origin.parent)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A finished stage output: where it is and what it is (its manifest)."""
+
+    stage: str
+    key: str
+    path: Path
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.path / MANIFEST).read_text())
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.manifest.get("metrics", {})
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def ref(self) -> dict[str, str]:
+        return {"stage": self.stage, "key": self.key, "fingerprint": self.fingerprint, "path": str(self.path)}
+
+    @classmethod
+    def open(cls, path: str | Path) -> "Artifact":
+        path = Path(path)
+        manifest = json.loads((path / MANIFEST).read_text())
+        return cls(stage=manifest["stage"], key=manifest["key"], path=path)
+
+
+def list_files(root: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
+        rel = file.relative_to(root).as_posix()
+        files[rel] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+    return files
+
+
+def verify_artifact(path: Path, full: bool = False) -> list[str]:
+    """Problems found with an artifact directory (empty list = intact).
+
+    By default sizes are checked (cheap for multi-GB embeddings); `full=True` rehashes.
+    """
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return [f"{manifest_path} missing"]
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        return [f"{manifest_path}: unreadable ({err})"]
+    problems = []
+    for rel, meta in manifest.get("files", {}).items():
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"{file} missing")
+        elif file.stat().st_size != meta["bytes"]:
+            problems.append(f"{file} has {file.stat().st_size} bytes, manifest says {meta['bytes']}")
+        elif full and sha256_file(file) != meta["sha256"]:
+            problems.append(f"{file} content differs from its manifest hash")
+    return problems
+
+
+def stage_key(stage: str, config: StageConfig | Mapping[str, Any], inputs: Mapping[str, Artifact], code: str) -> str:
+    cfg = config.canonical() if isinstance(config, StageConfig) else dict(config)
+    return hash_json(
+        {
+            "stage": stage,
+            "config": cfg,
+            "inputs": {name: art.fingerprint for name, art in sorted(inputs.items())},
+            "code": code,
+        }
+    )[:20]
+
+
+StageBody = Callable[[Path, Path], Mapping[str, Any] | None]
+
+
+class ArtifactStore:
+    """Local directory store (the default). Remote fsspec URLs are mirrored, see `flows`."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(os.path.expanduser(str(root))).resolve()
+
+    def path_for(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def partial_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / f"{key}.partial"
+
+    def lookup(self, stage: str, key: str, full_verify: bool = False) -> Artifact | None:
+        path = self.path_for(stage, key)
+        if not path.is_dir() or verify_artifact(path, full=full_verify):
+            return None
+        return Artifact(stage, key, path)
+
+    def build(
+        self,
+        stage: str,
+        config: StageConfig,
+        inputs: Mapping[str, Artifact],
+        code: str,
+        body: StageBody,
+        extra_manifest: Mapping[str, Any] | None = None,
+    ) -> Artifact:
+        """Return the cached artifact for this (stage, config, inputs, code), or build it.
+
+        `body(out_dir, partial_dir)` writes the stage's files into `out_dir` and may keep
+        resumable checkpoints in `partial_dir`; it returns the stage's metrics.
+        """
+        key = stage_key(stage, config, inputs, code)
+        cached = self.lookup(stage, key)
+        if cached is not None:
+            return cached
+        final = self.path_for(stage, key)
+        if final.exists():  # present but failed verification: rebuild from scratch
+            shutil.rmtree(final)
+        partial = self.partial_dir(stage, key)
+        partial.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f"{key}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        started = time.time()
+        metrics = body(tmp, partial) or {}
+        write_manifest(
+            tmp,
+            stage=stage,
+            key=key,
+            config=config.canonical(),
+            inputs={name: art.ref() for name, art in inputs.items()},
+            code=code,
+            started=started,
+            metrics=dict(metrics),
+            extra=extra_manifest,
+        )
+        os.replace(tmp, final)
+        shutil.rmtree(partial, ignore_errors=True)
+        return Artifact(stage, key, final)
+
+
+def write_manifest(
+    directory: Path,
+    *,
+    stage: str,
+    key: str,
+    config: Mapping[str, Any],
+    inputs: Mapping[str, Any],
+    code: str,
+    started: float,
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    files = list_files(directory)
+    manifest = {
+        "stage": stage,
+        "key": key,
+        "config": dict(config),
+        "inputs": dict(inputs),
+        "code_version": code,
+        "retroflow_version": __version__,
+        "started_at": started,
+        "finished_at": time.time(),
+        "seconds": round(time.time() - started, 3),
+        "metrics": dict(metrics),
+        "files": files,
+        "fingerprint": hash_json({k: v["sha256"] for k, v in files.items()}),
+    }
+    if extra:
+        manifest.update(extra)
+    atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    return manifest
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def lineage(artifact: Artifact) -> list[dict[str, Any]]:
+    """Walk parent artifacts depth-first: [this, parents...], each a small summary dict."""
+    seen: set[str] = set()
+    chain: list[dict[str, Any]] = []
+
+    def visit(path: Path, depth: int) -> None:
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file() or str(path) in seen:
+            return
+        seen.add(str(path))
+        manifest = json.loads(manifest_path.read_text())
+        chain.append(
+            {
+                "depth": depth,
+                "stage": manifest["stage"],
+                "key": manifest["key"],
+                "path": str(path),
+                "seconds": manifest.get("seconds"),
+                "code_version": manifest.get("code_version"),
+            }
+        )
+        for ref in manifest.get("inputs", {}).values():
+            if isinstance(ref, Mapping) and "path" in ref:
+                visit(Path(ref["path"]), depth + 1)
+
+    visit(artifact.path, 0)
+    return chain
+
+
+def default_store_root() -> Path:
+    return Path(os.environ.get("RETROFLOW_STORE", "artifacts")).resolve()
+
+
+def iter_stage_artifacts(store: ArtifactStore, stage: str) -> Iterable[Artifact]:
+    stage_dir = store.root / stage
+    if not stage_dir.is_dir():
+        return []
+    return [Artifact(stage, p.name, p) for p in sorted(stage_dir.iterdir()) if (p / MANIFEST).is_file()]

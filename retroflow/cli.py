@@ -1,0 +1,59 @@
+"""`retroflow` command line: one sub-command per stage, each calling the stage's library function.
+
+Each package contributes its commands through `<package>.cli.add_commands(subparsers)`, so
+the CLI has no logic of its own and the flows call exactly the same functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from retroflow import __version__
+from retroflow.config import ConfigError
+from retroflow.console import setup_logging
+
+COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.cli"]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="retroflow", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"retroflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as err:
+            if err.name == name:
+                continue  # that stage's commands are not installed in this checkout
+            raise
+        module.add_commands(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError, ValueError) as err:
+        if args.verbose:
+            raise
+        logging.getLogger("retroflow").error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

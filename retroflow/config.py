@@ -1,0 +1,109 @@
+"""Typed stage configs loaded from YAML, with errors that name the file and field.
+
+Every stage config subclasses `StageConfig`: unknown keys, wrong types and impossible
+values are rejected at load time, not half-way through a training run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class ConfigError(ValueError):
+    """A config file or override could not be turned into a valid stage config."""
+
+
+class StageConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    def canonical(self) -> dict[str, Any]:
+        """JSON-ready dict used for hashing and manifests (stable key order)."""
+        return json.loads(self.model_dump_json())
+
+    def fingerprint(self) -> str:
+        return hash_json(self.canonical())
+
+    def with_overrides(self: C, **changes: Any) -> C:
+        merged = _deep_merge(self.canonical(), {k: v for k, v in changes.items() if v is not None})
+        return validate_config(type(self), merged, source="<overrides>")
+
+
+def hash_json(obj: Any) -> str:
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for problem in err.errors():
+        field = ".".join(str(p) for p in problem["loc"]) or "<root>"
+        given = problem.get("input")
+        shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+        lines.append(f"  field '{field}': {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(cls: type[C], data: Mapping[str, Any], source: str = "<dict>") -> C:
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a','b'], 3); the value is parsed as YAML so numbers and bools work."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    dotted, raw = text.split("=", 1)
+    return dotted.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    out = dict(data)
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, Mapping) else {}
+            node = node[part]
+        node[path[-1]] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+    """Load `cls` from a YAML file (or defaults when `path` is None) plus `key=value` overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    return validate_config(cls, data, source=str(path) if path else "<defaults>")

@@ -1,0 +1,113 @@
+"""Shared fixtures: the real data in ../shared/data, a small SciFact subset, a tiny random BERT.
+
+Tests never touch the network. Everything here is seeded and session-scoped (built once).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """`$RETROFLOW_SHARED_DATA`, else `../shared/data` beside the checkout."""
+    return Path(os.environ.get("RETROFLOW_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not (path / "scifact" / "corpus.jsonl").is_file():
+        pytest.fail(f"real test data not found at {path} (set RETROFLOW_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def scifact_dir(shared_data: Path) -> Path:
+    return shared_data / "scifact"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the dataset cache and artifact store of a test run out of the user's home."""
+    os.environ["RETROFLOW_CACHE"] = str(tmp_path_factory.mktemp("retroflow-cache"))
+    os.environ.setdefault("RETROFLOW_STORE", str(tmp_path_factory.mktemp("retroflow-store")))
+
+
+def write_beir_subset(src: Path, dest: Path, n_test: int, n_train: int, n_extra_docs: int, seed: int = 0) -> Path:
+    """A small, real BEIR dataset: some test/train queries, their relevant docs, plus random others."""
+    rng = random.Random(seed)
+    qrels = {}
+    for split in ("test", "train"):
+        lines = (src / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
+        qrels[split] = [line.split("\t") for line in lines]
+    keep_q = {}
+    for split, n in (("test", n_test), ("train", n_train)):
+        qids = sorted({row[0] for row in qrels[split]})
+        keep_q[split] = set(rng.sample(qids, n))
+    docs_needed = {row[1] for split in qrels for row in qrels[split] if row[0] in keep_q[split]}
+    corpus = [json.loads(line) for line in (src / "corpus.jsonl").read_text().splitlines()]
+    others = [d["_id"] for d in corpus if d["_id"] not in docs_needed]
+    docs_needed |= set(rng.sample(others, n_extra_docs))
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "qrels").mkdir(exist_ok=True)
+    with open(dest / "corpus.jsonl", "w") as out:
+        for doc in corpus:
+            if doc["_id"] in docs_needed:
+                out.write(json.dumps(doc) + "\n")
+    all_q = set().union(*keep_q.values())
+    with open(dest / "queries.jsonl", "w") as out:
+        for line in (src / "queries.jsonl").read_text().splitlines():
+            if json.loads(line)["_id"] in all_q:
+                out.write(line + "\n")
+    for split in qrels:
+        with open(dest / "qrels" / f"{split}.tsv", "w") as out:
+            out.write("query-id\tcorpus-id\tscore\n")
+            for row in qrels[split]:
+                if row[0] in keep_q[split]:
+                    out.write("\t".join(row) + "\n")
+    return dest
+
+
+@pytest.fixture(scope="session")
+def scifact_small(scifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~30 test + 60 train SciFact queries over ~400 real documents (BEIR layout)."""
+    return write_beir_subset(scifact_dir, tmp_path_factory.mktemp("scifact-small"), 30, 60, 300)
+
+
+def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+    """A random BertModel + WordPiece tokenizer trained on `texts`, saved in HF format."""
+    import torch
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    dest.mkdir(parents=True, exist_ok=True)
+    wordpiece = BertWordPieceTokenizer(lowercase=True)
+    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
+    wordpiece.save_model(str(dest))
+    tokenizer = BertTokenizerFast(vocab_file=str(dest / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(dest)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=256,
+    )
+    BertForMaskedLM(config).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(scifact_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random BERT (2 layers x 64, MLM head included) with a SciFact WordPiece vocab."""
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts)
