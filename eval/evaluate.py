@@ -62,18 +62,23 @@ def retrieve_bm25(dataset: BeirDataset, queries: dict[str, str], config: Evaluat
 
 def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     encoder = Encoder(config.model, config.encoder)
-    doc_vectors = encoder.encode_passages(dataset.doc_texts())
-    docs_per_s = encoder.last_docs_per_s
     query_vectors = encoder.encode_queries(list(queries.values()))
-    started = time.perf_counter()
     if config.index:
-        from retrieval.index import search_with_index  # ANN path (retrieval/index.py)
+        # The index already holds the corpus vectors: only the queries are encoded.
+        from retrieval.index import search_with_index
 
-        scores, indices = search_with_index(config.index, query_vectors, config.top_k)
+        started = time.perf_counter()
+        scores, hit_ids = search_with_index(config.index, query_vectors, config.top_k)
+        search_s = time.perf_counter() - started
+        run = {qid: {d: float(s) for d, s in zip(ids, row) if d is not None} for qid, ids, row in zip(queries, hit_ids, scores)}
+        docs_per_s = None
     else:
+        doc_vectors = encoder.encode_passages(dataset.doc_texts())
+        docs_per_s = encoder.last_docs_per_s
+        started = time.perf_counter()
         scores, indices = exact_search(doc_vectors, query_vectors, config.top_k)
-    search_s = time.perf_counter() - started
-    run = to_run(list(queries), dataset.doc_ids(), scores, indices)
+        search_s = time.perf_counter() - started
+        run = to_run(list(queries), dataset.doc_ids(), scores, indices)
     return run, {
         "encode_docs_per_s": docs_per_s,
         "search_queries_per_s": len(queries) / search_s if search_s else None,

@@ -37,7 +37,8 @@ def scifact_dir(shared_data: Path) -> Path:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Keep the dataset cache and artifact store of a test run out of the user's home."""
     os.environ["RETROFLOW_CACHE"] = str(tmp_path_factory.mktemp("retroflow-cache"))
-    os.environ.setdefault("RETROFLOW_STORE", str(tmp_path_factory.mktemp("retroflow-store")))
+    os.environ["RETROFLOW_STORE"] = str(tmp_path_factory.mktemp("retroflow-store"))
+    os.environ["RETROFLOW_REGISTRY"] = str(tmp_path_factory.mktemp("retroflow-runs") / "registry.parquet")
 
 
 def write_beir_subset(src: Path, dest: Path, n_test: int, n_train: int, n_extra_docs: int, seed: int = 0) -> Path:

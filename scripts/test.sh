@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export RETROFLOW_SHARED_DATA=${RETROFLOW_SHARED_DATA:-$(cd .. && pwd)/shared/data}
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,89 @@
+"""The stage contract: content-addressed, atomic, verified artifacts and typed configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from retroflow.artifacts import ArtifactStore, lineage, verify_artifact
+from retroflow.config import ConfigError, StageConfig, load_config
+
+
+class ToyConfig(StageConfig):
+    size: int = 3
+    name: str = "toy"
+
+
+def write_numbers(calls: list):
+    def body(out_dir: Path, partial_dir: Path) -> dict:
+        calls.append(out_dir)
+        (out_dir / "numbers.txt").write_text("1 2 3")
+        return {"count": 3}
+
+    return body
+
+
+def test_same_config_and_inputs_build_once(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    first = store.build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    second = store.build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert first.path == second.path and len(calls) == 1
+    assert first.metrics == {"count": 3}
+    assert store.build("toy", ToyConfig(size=4), {}, "v1", write_numbers(calls)).key != first.key
+    assert store.build("toy", ToyConfig(), {}, "v2", write_numbers(calls)).key != first.key  # code version counts
+
+
+def test_downstream_key_follows_upstream_content(tmp_path):
+    store = ArtifactStore(tmp_path)
+    up = store.build("up", ToyConfig(), {}, "v1", write_numbers([]))
+    down = store.build("down", ToyConfig(), {"data": up}, "v1", write_numbers([]))
+    chain = lineage(down)
+    assert [c["stage"] for c in chain] == ["down", "up"]
+    assert down.manifest["inputs"]["data"]["fingerprint"] == up.fingerprint
+
+
+def test_a_missing_or_truncated_file_invalidates_the_cache(tmp_path):
+    store, calls = ArtifactStore(tmp_path), []
+    art = store.build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    (art.path / "numbers.txt").write_text("1")
+    assert verify_artifact(art.path)
+    rebuilt = store.build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert len(calls) == 2 and (rebuilt.path / "numbers.txt").read_text() == "1 2 3"
+
+
+def test_a_failing_stage_leaves_no_final_directory_and_keeps_partial_checkpoints(tmp_path):
+    store = ArtifactStore(tmp_path)
+
+    def crash(out_dir: Path, partial_dir: Path) -> dict:
+        (partial_dir / "step-10.ckpt").write_text("state")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        store.build("toy", ToyConfig(), {}, "v1", crash)
+    key_dirs = [p.name for p in (tmp_path / "toy").iterdir()]
+    assert not any(name.isalnum() for name in key_dirs)  # no finished <key>/ directory
+    partial = next(p for p in (tmp_path / "toy").iterdir() if p.name.endswith(".partial"))
+    assert (partial / "step-10.ckpt").read_text() == "state"
+
+    def resume(out_dir: Path, partial_dir: Path) -> dict:
+        assert (partial_dir / "step-10.ckpt").exists()
+        (out_dir / "model.bin").write_text("done")
+        return {}
+
+    art = store.build("toy", ToyConfig(), {}, "v1", resume)
+    assert not partial.exists() and (art.path / "model.bin").exists()
+
+
+def test_config_errors_name_file_and_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("size: lots\nextra: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(ToyConfig, cfg)
+    text = str(info.value)
+    assert str(cfg) in text and "field 'size'" in text and "field 'extra'" in text
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    cfg = load_config(ToyConfig, None, ["size=7", "name=big"])
+    assert cfg.size == 7 and cfg.name == "big"

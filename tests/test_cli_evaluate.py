@@ -1,0 +1,54 @@
+"""`retroflow evaluate` as a user runs it: a table, then one JSON line; errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from retroflow.cli import main
+
+
+def last_json_line(text: str) -> dict:
+    return json.loads(text.strip().splitlines()[-1])
+
+
+def test_bm25_prints_table_then_json_line(scifact_small, capsys, tmp_path):
+    out_file = tmp_path / "result.json"
+    code = main(["evaluate", "--model", "bm25", "--dataset", str(scifact_small), "--output", str(out_file)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ndcg@10" in printed.splitlines()[0]
+    result = last_json_line(printed)
+    for key in ("ndcg@10", "recall@100", "mrr@10", "map@100", "num_queries", "num_docs", "encode_docs_per_s", "model", "dataset"):
+        assert key in result
+    assert result["num_queries"] == 30 and result["model"] == "bm25"
+    assert 0.3 < result["ndcg@10"] <= 1.0
+    written = json.loads(out_file.read_text())
+    assert len(written["per_query"]["ndcg@10"]) == 30
+    assert sum(written["per_query"]["ndcg@10"].values()) / 30 == pytest.approx(result["ndcg@10"])
+
+
+def test_dense_model_on_tiny_bert_reports_throughput(scifact_small, tiny_bert, capsys):
+    args = ["evaluate", "--model", str(tiny_bert), "--dataset", str(scifact_small), "--set", "encoder.show_progress=false"]
+    assert main(args) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert result["encode_docs_per_s"] > 0 and result["num_docs"] == 402
+
+
+def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "retroflow.cli", "evaluate", "--model", "bm25", "--dataset", str(tmp_path / "missing")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2
+    assert "error: dataset source" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unknown_config_key_names_the_field(tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("model: bm25\ntopk: 10\n")
+    proc = subprocess.run([sys.executable, "-m", "retroflow.cli", "evaluate", "--config", str(cfg)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "field 'topk'" in proc.stderr and str(cfg) in proc.stderr
