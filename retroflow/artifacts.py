@@ -137,6 +137,9 @@ class ArtifactStore:
     def partial_dir(self, stage: str, key: str) -> Path:
         return self.root / stage / f"{key}.partial"
 
+    def key_for(self, stage: str, config: StageConfig, inputs: Mapping[str, Artifact], code: str) -> str:
+        return stage_key(stage, config, inputs, code)
+
     def lookup(self, stage: str, key: str, full_verify: bool = False) -> Artifact | None:
         path = self.path_for(stage, key)
         if not path.is_dir() or verify_artifact(path, full=full_verify):
@@ -151,13 +154,16 @@ class ArtifactStore:
         code: str,
         body: StageBody,
         extra_manifest: Mapping[str, Any] | None = None,
+        key_config: StageConfig | None = None,
     ) -> Artifact:
         """Return the cached artifact for this (stage, config, inputs, code), or build it.
 
         `body(out_dir, partial_dir)` writes the stage's files into `out_dir` and may keep
         resumable checkpoints in `partial_dir`; it returns the stage's metrics.
+        `key_config` replaces `config` in the key when the config holds machine-specific
+        paths to inputs that already enter the key by their fingerprints.
         """
-        key = stage_key(stage, config, inputs, code)
+        key = self.key_for(stage, key_config or config, inputs, code)
         cached = self.lookup(stage, key)
         if cached is not None:
             return cached

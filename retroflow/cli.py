@@ -15,7 +15,7 @@ from retroflow import __version__
 from retroflow.config import ConfigError
 from retroflow.console import setup_logging
 
-COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.cli"]
+COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "retroflow.pipeline_cli"]
 
 
 class UserError(Exception):

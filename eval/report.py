@@ -1,0 +1,119 @@
+"""Run reports built from manifests and evaluation results: tables, markdown, plots.
+
+Plain functions returning data (rows, markdown text, PNG files); `flows/` turns them into
+Prefect artifacts and the CLI prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from retroflow.artifacts import Artifact, lineage
+
+REPORT_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100")
+
+
+def metric_rows(
+    results: Mapping[str, Mapping[str, Any]],
+    previous: Mapping[str, Mapping[str, float]] | None = None,
+    metrics: Sequence[str] = REPORT_METRICS,
+) -> list[dict[str, Any]]:
+    """One row per dataset: each metric, and beside it the previous run's value and the delta."""
+    rows = []
+    for dataset, result in results.items():
+        row: dict[str, Any] = {"dataset": dataset, "model": result.get("model"), "queries": result.get("num_queries")}
+        before = (previous or {}).get(dataset) or {}
+        for metric in metrics:
+            if metric not in result:
+                continue
+            row[metric] = round(float(result[metric]), 4)
+            if metric in before:
+                row[f"{metric} (prev)"] = round(float(before[metric]), 4)
+                row[f"{metric} Δ"] = round(float(result[metric]) - float(before[metric]), 4)
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    if not rows:
+        return "_no rows_"
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:+.4f}" if value < 0 else f"{value:.4f}"
+    return "" if value is None else str(value)
+
+
+def lineage_markdown(artifacts: Iterable[Artifact]) -> str:
+    lines = ["| stage | key | seconds | code | path |", "|---|---|---|---|---|"]
+    seen = set()
+    for art in artifacts:
+        for step in lineage(art):
+            if step["path"] in seen:
+                continue
+            seen.add(step["path"])
+            indent = "↳ " * step["depth"]
+            lines.append(f"| {indent}{step['stage']} | `{step['key']}` | {step['seconds']} | `{step['code_version']}` | `{step['path']}` |")
+    return "\n".join(lines)
+
+
+def run_report_markdown(
+    name: str,
+    config: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    final_artifacts: Sequence[Artifact],
+    regressions: Sequence[str] = (),
+    extra_sections: Mapping[str, str] | None = None,
+) -> str:
+    parts = [f"# pretrain-to-beir: {name}", "", "## Metrics", "", markdown_table(rows), ""]
+    if regressions:
+        parts += ["## ⚠ Regressions against the previous run", ""] + [f"- {r}" for r in regressions] + [""]
+    parts += ["## Lineage (each artifact and the artifacts it was made from)", "", lineage_markdown(final_artifacts), ""]
+    for title, body in (extra_sections or {}).items():
+        parts += [f"## {title}", "", body, ""]
+    parts += ["## Config", "", "```json", json.dumps(config, indent=2, default=str), "```"]
+    return "\n".join(parts)
+
+
+def plot_loss_curves(curves: Mapping[str, Sequence[float]], path: Path) -> Path | None:
+    """Training loss per stage (x = logged step index) as a PNG; None when there is nothing to plot."""
+    curves = {k: list(v) for k, v in curves.items() if v}
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for label, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, label=label)
+    ax.set_xlabel("logged step")
+    ax.set_ylabel("loss")
+    ax.set_title("Training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_history(art: Artifact) -> list[float]:
+    """A stage's logged losses, from its metrics or its loss_history.json."""
+    history = art.metrics.get("loss_history")
+    if not history and art.file("loss_history.json").is_file():
+        history = json.loads(art.file("loss_history.json").read_text())
+    values = []
+    for item in history or []:
+        values.append(float(item["loss"]) if isinstance(item, Mapping) else float(item))
+    return values

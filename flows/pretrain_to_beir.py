@@ -1,0 +1,98 @@
+"""Flow `pretrain-to-beir`: the pipeline of `retroflow.pipeline` as cached Prefect tasks,
+plus the run's artifacts (metrics table, markdown report with lineage, loss plot)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from eval.report import loss_history, metric_rows, plot_loss_curves, run_report_markdown
+from flows.tasks import make_task
+from retroflow.artifacts import atomic_write_text
+from retroflow.pipeline import (
+    PipelineConfig,
+    PipelineResult,
+    load_pipeline_config,
+    previous_records,
+    read_evaluation,
+    record_evaluations,
+    regressions,
+    run_pipeline,
+    store_for,
+)
+
+DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    text = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:100]
+
+
+def task_executor(pipeline: PipelineConfig):
+    store = store_for(pipeline)
+    tasks: dict[str, Any] = {}
+
+    def execute(step: str, fn, *args):
+        if step not in tasks:
+            tasks[step] = make_task(step, fn, store)
+        return tasks[step](*args)
+
+    return execute
+
+
+@flow(name="pretrain-to-beir", log_prints=True)
+def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Prepare data -> RetroMAE pretraining -> negatives -> teacher -> fine-tuning -> sharded
+    encoding -> index (+ autotune) -> evaluation on each dataset -> report."""
+    pipeline = load_pipeline_config(config, overrides)
+    result = run_pipeline(pipeline, task_executor(pipeline))
+    return publish_report(pipeline, result)
+
+
+def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str, Any]:
+    logger = get_run_logger()
+    evaluations = {name: read_evaluation(art) for name, art in result.evaluations.items()}
+    record_evaluations(pipeline, result.evaluations, evaluations)
+    previous = previous_records(pipeline, result.evaluations, evaluations)
+    rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None})
+    flagged = regressions(pipeline, evaluations, previous)
+    create_table_artifact(
+        key=artifact_key("metrics", pipeline.name),
+        table=rows,
+        description=f"pretrain-to-beir/{pipeline.name}: metrics per dataset, with the previous run's values and deltas",
+    )
+    curves = {stage: loss_history(art) for stage, art in result.artifacts.items() if stage in ("pretrain", "finetune", "teacher")}
+    run_dir = store_for(pipeline).root / "runs" / pipeline.name
+    plot = plot_loss_curves(curves, run_dir / "loss.png")
+    extra = {}
+    if plot:
+        encoded = base64.b64encode(plot.read_bytes()).decode()
+        extra["Training loss"] = f"![training loss](data:image/png;base64,{encoded})\n\nFile: `{plot}`"
+    markdown = run_report_markdown(
+        pipeline.name,
+        pipeline.canonical(),
+        rows,
+        list(result.evaluations.values()),
+        flagged,
+        extra,
+    )
+    create_markdown_artifact(key=artifact_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
+    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md")}
+    atomic_write_text(run_dir / "report.md", markdown)
+    atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
+    for line in flagged:
+        logger.warning("regression: %s", line)
+    logger.info("metrics: %s", json.dumps(rows))
+    return summary
+
+
+if __name__ == "__main__":
+    pretrain_to_beir(os.environ.get("RETROFLOW_PIPELINE_CONFIG", DEFAULT_CONFIG))

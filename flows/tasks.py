@@ -1,0 +1,120 @@
+"""Pipeline steps as cached, retried Prefect tasks.
+
+A task's cache key is the step name + its code version + the canonical form of its
+arguments (stage configs by content, upstream artifacts by fingerprint), i.e. the stage
+key of the DESIGN contract. Prefect's cache does not know whether the files a cached result
+points to still exist, so every finished task records its artifact in a small key index
+and the key function refuses a cached entry whose artifact is gone or damaged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from prefect import task
+from prefect.cache_policies import CacheKeyFnPolicy
+
+from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version, verify_artifact
+from retroflow.config import StageConfig
+from retroflow.pipeline import STEP_CODE, ExternalInput
+
+RETRY_DELAYS = [5, 30, 120]  # back-off for transient errors (I/O, a busy GPU, a flaky store)
+
+
+def canonical_argument(value: Any) -> Any:
+    if isinstance(value, StageConfig):
+        return {"config": value.canonical(), "type": type(value).__name__}
+    if isinstance(value, (Artifact, ExternalInput)):
+        return {"input": value.fingerprint}
+    if isinstance(value, ArtifactStore):
+        return {"store": str(value.root)}
+    if isinstance(value, (list, tuple)):
+        return [canonical_argument(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): canonical_argument(v) for k, v in sorted(value.items())}
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def cache_index_dir(store: ArtifactStore) -> Path:
+    return store.root / ".prefect" / "index"
+
+
+def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
+    payload = {
+        "step": step,
+        "code": code_version(*STEP_CODE.get(step, ("retroflow",))),
+        "args": canonical_argument(parameters),
+    }
+    key = f"{step}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    store = parameters.get("store")
+    if isinstance(store, ArtifactStore):
+        record = cache_index_dir(store) / f"{key}.json"
+        if record.is_file():
+            paths = json.loads(record.read_text()).get("artifacts", [])
+            if any(verify_artifact(Path(p)) for p in paths):
+                # the cached result points at missing or damaged files: compute again
+                return f"{key}-stale-{int(time.time())}"
+    return key
+
+
+def record_artifacts(store: ArtifactStore, key: str, result: Any) -> None:
+    found = [str(a.path) for a in _artifacts_in(result)]
+    atomic_write_text(cache_index_dir(store) / f"{key}.json", json.dumps({"artifacts": found}))
+
+
+def _artifacts_in(value: Any) -> list[Artifact]:
+    if isinstance(value, Artifact):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [a for v in value for a in _artifacts_in(v)]
+    if isinstance(value, dict):
+        return [a for v in value.values() for a in _artifacts_in(v)]
+    return []
+
+
+def make_task(step: str, fn: Callable[..., Any], store: ArtifactStore, task_name: str | None = None):
+    """Wrap a pipeline step function as a Prefect task with the stage-key cache policy."""
+    signature = inspect.signature(fn)
+
+    def key_fn(_context, parameters: dict[str, Any]) -> str:
+        return step_cache_key(step, parameters)
+
+    def run_and_record(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        result = fn(*bound.args, **bound.kwargs)
+        record_artifacts(store, step_cache_key(step, dict(bound.arguments)), result)
+        return result
+
+    run_and_record.__name__ = fn.__name__
+    run_and_record.__signature__ = signature  # Prefect reads parameters (for the key fn and the UI) from it
+    policy = CacheKeyFnPolicy(cache_key_fn=key_fn).configure(key_storage=store.root / ".prefect" / "keys")
+    return task(
+        run_and_record,
+        name=task_name or step,
+        cache_policy=policy,
+        persist_result=True,
+        result_storage=store.root / ".prefect" / "results",
+        retries=2,
+        retry_delay_seconds=RETRY_DELAYS[:2],
+        retry_condition_fn=is_transient_failure,
+    )
+
+
+def is_transient_failure(_task, _task_run, state) -> bool:
+    """Retry transient I/O errors; a bad config, dataset or a bug fails at once."""
+    try:
+        state.result()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        return False
+    except (OSError, TimeoutError, ConnectionError):
+        return True
+    except Exception:
+        return False
+    return False

@@ -1,0 +1,347 @@
+"""The pretrain-to-BEIR pipeline as plain Python: one step function per stage.
+
+Each step takes the artifact store, its stage config and its upstream artifacts, and returns
+an `Artifact` (a finished, content-addressed directory). The Prefect flow in `flows/` wraps
+each step in a cached task; `retroflow pipeline` runs the same steps without Prefect.
+
+Stage configs inside the pipeline YAML are kept as plain mappings here and validated by each
+stage's own config class when the step runs, so an error names `<file>: <stage>.<field>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import Field
+
+from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version
+from retroflow.config import ConfigError, StageConfig, hash_json, load_config, validate_config
+
+log = logging.getLogger(__name__)
+
+
+class StageSwitches(StageConfig):
+    """Which stages run. Switched-off stages pass their input through (e.g. evaluate only)."""
+
+    pretrain: bool = True
+    negatives: bool = True
+    teacher: bool = False
+    finetune: bool = True
+    index: bool = True
+    tune: bool = True
+
+
+class PipelineConfig(StageConfig):
+    name: str = "quickstart"
+    store: str = Field("artifacts", description="artifact store root (RETROFLOW_STORE overrides when set)")
+    data_dir: str | None = Field(None, description="where bare dataset names are found (else RETROFLOW_DATA_DIR)")
+    model: str = "minilm"
+    train_dataset: str = "scifact"
+    train_split: str = "train"
+    eval_datasets: list[str] = Field(default_factory=lambda: ["scifact"])
+    eval_split: str = "test"
+    stages: StageSwitches = Field(default_factory=StageSwitches)
+    pretrain: dict[str, Any] = Field(default_factory=dict)
+    negatives: dict[str, Any] = Field(default_factory=dict)
+    teacher: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    encode: dict[str, Any] = Field(default_factory=dict)
+    index: dict[str, Any] = Field(default_factory=dict)
+    tune: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+    regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
+    return load_config(PipelineConfig, path, overrides)
+
+
+def stage_config(cls: type[StageConfig], pipeline: PipelineConfig, section: str, **fixed: Any) -> StageConfig:
+    data = {**getattr(pipeline, section), **fixed}
+    return validate_config(cls, data, source=f"pipeline '{pipeline.name}', section '{section}'")
+
+
+def store_for(pipeline: PipelineConfig) -> ArtifactStore:
+    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store)
+
+
+def apply_data_dir(pipeline: PipelineConfig) -> None:
+    if pipeline.data_dir:
+        os.environ["RETROFLOW_DATA_DIR"] = str(Path(pipeline.data_dir).expanduser().resolve())
+
+
+# ---------------------------------------------------------------------------------------
+# External inputs (a named model or a raw dataset) get fingerprints like artifacts do
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExternalInput:
+    """Something the pipeline did not make (a packaged model, a hub model): fingerprinted by content."""
+
+    name: str
+    path: Path
+    fingerprint: str
+
+    def ref(self) -> dict[str, str]:
+        return {"stage": "external", "name": self.name, "fingerprint": self.fingerprint, "path": str(self.path)}
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+_fingerprints: dict[tuple[str, int], str] = {}
+
+
+def directory_fingerprint(path: Path) -> str:
+    """sha256 over the files of a directory (memoised by path and mtime)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
+    cached = _fingerprints.get((str(path), stamp))
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    _fingerprints[(str(path), stamp)] = digest.hexdigest()[:24]
+    return _fingerprints[(str(path), stamp)]
+
+
+def external_model(name: str) -> ExternalInput:
+    from retrieval.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    return ExternalInput(name=name, path=path, fingerprint=directory_fingerprint(path))
+
+
+ModelRef = Artifact | ExternalInput
+
+
+def model_dir(ref: ModelRef) -> Path:
+    """The HF model directory inside a model-producing artifact (or the external model itself)."""
+    if isinstance(ref, ExternalInput):
+        return ref.path
+    for candidate in ("model", "encoder"):
+        if (ref.path / candidate / "config.json").is_file():
+            return ref.path / candidate
+    raise FileNotFoundError(f"artifact {ref.path} holds no model directory (model/ or encoder/)")
+
+
+# ---------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------
+
+
+class DataConfig(StageConfig):
+    source: str
+    content_fingerprint: str  # part of the key: new content, new artifact
+
+
+def step_prepare_data(store: ArtifactStore, source: str) -> Artifact:
+    """Validate and normalise a dataset into a `data` artifact (corpus/queries/qrels Parquet)."""
+    from eval.datasets import load_dataset
+
+    dataset = load_dataset(source)
+    config = DataConfig(source=str(source), content_fingerprint=dataset.fingerprint)
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        for name in ("corpus.parquet", "queries.parquet", "qrels.parquet", "dataset.json"):
+            shutil.copy2(dataset.path / name, out_dir / name)
+        return {"num_docs": dataset.num_docs, "splits": {s: len(q) for s, q in dataset.qrels.items()}, "name": dataset.name}
+
+    return store.build("data", config, {}, code_version("eval.datasets"), body)
+
+
+def open_dataset(data: Artifact):
+    from eval.datasets import read_normalised
+
+    return read_normalised(data.path)
+
+
+def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact) -> Artifact:
+    from retromae.stage import run_pretrain
+
+    def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        return run_pretrain(config, out_dir, partial_dir, text_files=[data.file("corpus.parquet")])
+
+    return store.build("pretrain", config, {"data": data}, code_version("retromae"), body)
+
+
+def step_evaluate(
+    store: ArtifactStore, config: StageConfig, model: ModelRef, data: Artifact, index: Artifact | None = None
+) -> Artifact:
+    """Score `model` (through `index` when given) on `data`; the result carries per-query values."""
+    from eval.evaluate import evaluate, write_result
+
+    fixed = {"model": str(model_dir(model)), "dataset": str(data.path), "index": str(index.path) if index else None}
+    run_config = config.with_overrides(**fixed)
+    inputs: dict[str, Any] = {"model": model, "data": data, **({"index": index} if index else {})}
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        result = evaluate(run_config, dataset=open_dataset(data))
+        result["model"] = model_label(model)
+        write_result(result, out_dir / "result.json")
+        return {k: v for k, v in result.items() if k not in ("per_query", "run")}
+
+    # config (without machine-specific paths) is the key; the inputs enter by fingerprint.
+    return store.build("evaluate", run_config, inputs, code_version("eval"), body, key_config=config)
+
+
+def model_label(model: ModelRef) -> str:
+    return model.name if isinstance(model, ExternalInput) else f"{model.stage}/{model.key}"
+
+
+def read_evaluation(art: Artifact) -> dict[str, Any]:
+    return json.loads(art.file("result.json").read_text())
+
+
+# ---------------------------------------------------------------------------------------
+# The chain, written once for the plain runner and the Prefect flow
+# ---------------------------------------------------------------------------------------
+
+STEP_CODE = {
+    "prepare-data": ("eval.datasets", "retroflow.pipeline"),
+    "pretrain": ("retromae", "retroflow.pipeline"),
+    "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
+}
+
+
+def direct(step: str, fn, *args):
+    return fn(*args)
+
+
+@dataclass
+class PipelineResult:
+    model: ModelRef
+    evaluations: dict[str, Artifact]
+    artifacts: dict[str, Any]
+
+
+def eval_config(pipeline: PipelineConfig) -> StageConfig:
+    from eval.evaluate import EvaluateConfig
+
+    section = {"split": pipeline.eval_split, **pipeline.evaluate}
+    return validate_config(EvaluateConfig, section, source=f"pipeline '{pipeline.name}', section 'evaluate'")
+
+
+def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
+    """Run every switched-on stage in order. `execute(step, fn, *args)` runs one step
+    (directly, or as a cached Prefect task)."""
+    apply_data_dir(pipeline)
+    store = store_for(pipeline)
+    produced: dict[str, Any] = {}
+    train_data = execute("prepare-data", step_prepare_data, store, pipeline.train_dataset)
+    produced["data:" + pipeline.train_dataset] = train_data
+    model: ModelRef = external_model(pipeline.model)
+    if pipeline.stages.pretrain:
+        from retromae.config import PretrainConfig
+
+        config = stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
+        model = execute("pretrain", step_pretrain, store, config, train_data)
+        produced["pretrain"] = model
+    evaluations = {}
+    evaluate_config = eval_config(pipeline)
+    for source in pipeline.eval_datasets:
+        data = train_data if source == pipeline.train_dataset else execute("prepare-data", step_prepare_data, store, source)
+        evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, None)
+    produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
+    return PipelineResult(model=model, evaluations=evaluations, artifacts=produced)
+
+
+def pretrain_init(pipeline: PipelineConfig) -> dict[str, Any]:
+    """Continued pretraining starts from the pipeline's model unless the section says otherwise."""
+    section = pipeline.pretrain.get("model", {})
+    if "init" in section:  # set explicitly, null included (= from scratch)
+        return {}
+    return {"model": {**section, "init": pipeline.model}}
+
+
+def config_digest(pipeline: PipelineConfig) -> str:
+    return hash_json(pipeline.canonical())[:12]
+
+
+def write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+# ---------------------------------------------------------------------------------------
+# Run history: every pipeline evaluation goes into the run registry (eval.registry)
+# ---------------------------------------------------------------------------------------
+
+
+def pipeline_model_label(pipeline: PipelineConfig) -> str:
+    return f"pipeline:{pipeline.name}"
+
+
+def evaluation_run_id(pipeline: PipelineConfig, art: Artifact) -> str:
+    """Same evaluation artifact, same run id: a cached re-run does not add a duplicate."""
+    return f"{pipeline.name}-{art.key}"
+
+
+def record_evaluations(pipeline: PipelineConfig, arts: Mapping[str, Artifact], results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    from eval.registry import append_run, load_registry
+
+    registry = load_registry()
+    known = set(registry["run_id"]) if not registry.empty else set()
+    added = []
+    for source, art in arts.items():
+        run_id = evaluation_run_id(pipeline, art)
+        if run_id in known:
+            continue
+        result = results[source]
+        append_run(
+            None,
+            result,
+            run_id=run_id,
+            config_hash=config_digest(pipeline),
+            code_version=art.manifest["code_version"],
+            model=pipeline_model_label(pipeline),
+            index=(art.manifest["inputs"].get("index") or {}).get("path"),
+            dataset=result["dataset"],
+            split=result["split"],
+        )
+        added.append(run_id)
+    return added
+
+
+def previous_records(pipeline: PipelineConfig, arts: Mapping[str, Artifact], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The registry's previous run of this pipeline on each dataset (None when there is none)."""
+    from eval.registry import load_registry, previous_run
+
+    registry = load_registry()
+    out = {}
+    for source, art in arts.items():
+        run_id = evaluation_run_id(pipeline, art)
+        known = not registry.empty and run_id in set(registry["run_id"])
+        out[source] = previous_run(
+            registry, pipeline_model_label(pipeline), results[source]["dataset"], results[source]["split"],
+            before_run_id=run_id if known else None,
+        )  # fmt: skip
+    return out
+
+
+def regressions(pipeline: PipelineConfig, results: Mapping[str, Mapping[str, Any]], previous: Mapping[str, Any]) -> list[str]:
+    """Metric drops beyond the threshold that a paired test over queries finds significant."""
+    from eval.compare import compare_runs, find_regressions
+
+    found = []
+    for source, before in previous.items():
+        if before is None:
+            continue
+        comparison = compare_runs(before.per_query, results[source]["per_query"])
+        for metric in find_regressions(comparison, threshold=pipeline.regression_threshold):
+            found.append(
+                f"{source}: {metric.metric} {metric.mean_a:.4f} -> {metric.mean_b:.4f} "
+                f"(Δ {metric.delta:+.4f}, p={metric.p_randomization:.3g}, run {before.run_id})"
+            )
+    return found

@@ -1,0 +1,50 @@
+"""`retroflow pipeline` (the whole chain without Prefect) and `retroflow report` (a run's table)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from retroflow.artifacts import default_store_root
+from retroflow.console import emit_json, format_table
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser("pipeline", help="run the pretrain-to-beir chain in this process (no Prefect)")
+    run.add_argument("--config", type=Path, default=Path("configs/pipeline/quickstart.yaml"))
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field, e.g. pretrain.train.max_steps=5")
+    run.set_defaults(func=run_pipeline_command)
+    report = subparsers.add_parser("report", help="print the latest metric table of a pipeline run")
+    report.add_argument("name", help="pipeline name (e.g. quickstart)")
+    report.add_argument("--store", help="artifact store root (default $RETROFLOW_STORE or ./artifacts)")
+    report.set_defaults(func=report_command)
+
+
+def run_pipeline_command(args: argparse.Namespace) -> int:
+    from retroflow.pipeline import load_pipeline_config, read_evaluation, run_pipeline
+
+    pipeline = load_pipeline_config(args.config, args.set)
+    result = run_pipeline(pipeline)
+    rows = []
+    for source, art in result.evaluations.items():
+        evaluation = read_evaluation(art)
+        rows.append({"dataset": source, **{m: evaluation[m] for m in ("ndcg@10", "recall@100", "mrr@10", "map@100") if m in evaluation}})
+    print(format_table(rows))
+    emit_json({"pipeline": pipeline.name, "model": str(getattr(result.model, "path", result.model)), "metrics": rows})
+    return 0
+
+
+def report_command(args: argparse.Namespace) -> int:
+    root = Path(args.store or os.environ.get("RETROFLOW_STORE") or default_store_root())
+    latest = root / "runs" / args.name / "latest.json"
+    if not latest.is_file():
+        raise FileNotFoundError(f"no finished run of pipeline '{args.name}' under {root} ({latest} missing)")
+    summary = json.loads(latest.read_text())
+    print(format_table(summary["rows"]))
+    for line in summary.get("regressions", []):
+        print(f"REGRESSION: {line}")
+    print(f"report: {summary['report']}")
+    emit_json(summary)
+    return 0
