@@ -1,6 +1,17 @@
 """The evaluation stage: a model (dense encoder or BM25) on one dataset split -> metrics.
 
-Plain function (`evaluate`), used by the CLI (`retroflow evaluate`) and the Prefect flows.
+    evaluate(config: EvaluateConfig, dataset=None) -> dict      # means, per_query, run, ...
+    summary(result) -> dict                                      # without per_query / run
+    record_run(result, config, registry_path=None, run_id=None) -> run_id
+
+Suites (`config.suite`):
+- `beir` (default): a BEIR-format dataset, metrics from `eval.metrics` (nDCG/Recall/MRR/MAP@k).
+- `msmarco`: MS MARCO passage / TREC DL (`eval.msmarco`): official TSV directory or BEIR
+  layout; MRR@10, Recall@50/1000, nDCG@10; on graded qrels binary metrics count grade >= 2.
+- `nq`: DPR-style open-domain QA (`eval.nq`): passages + questions with answers; top-k
+  retrieval accuracy (`accuracy@k`) with DPR's answer matching.
+
+Plain functions, used by the CLI (`retroflow evaluate`) and the Prefect flows.
 """
 
 from __future__ import annotations
@@ -9,19 +20,26 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, model_validator
 
 from eval.datasets import BeirDataset, load_dataset
 from eval.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
-from retroflow.artifacts import atomic_write_text
+from eval.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
+from eval.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
+from retroflow.artifacts import atomic_write_text, code_version
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings
 from retrieval.search import Run, drop_self_hits, exact_search, to_run
 
 log = logging.getLogger(__name__)
+
+Suite = Literal["beir", "msmarco", "nq"]
+SUITE_METRICS: dict[str, tuple[str, ...]] = {"beir": tuple(DEFAULT_METRICS), "msmarco": MSMARCO_METRICS, "nq": NQ_METRICS}
+# Retrieval depth when the config does not say: NQ's accuracy needs only the top 100.
+SUITE_TOP_K = {"beir": 1000, "msmarco": 1000, "nq": 100}
 
 
 class BM25Config(StageConfig):
@@ -32,24 +50,58 @@ class BM25Config(StageConfig):
     stopwords: str | None = "en"
 
 
+class MsMarcoSettings(StageConfig):
+    graded_relevance_level: int = Field(
+        TREC_DL_RELEVANCE_LEVEL, ge=1, description="on graded qrels (TREC DL), lowest grade binary metrics count as relevant"
+    )
+
+
+class NQSettings(StageConfig):
+    passages: str | None = None  # psgs_w100.tsv-style file; None = find psgs*.tsv under `dataset`
+    questions: str | None = None  # nq-<split>.qa.csv / .json(l); None = find it under `dataset`
+    match: Literal["string", "regex"] = "string"  # DPR: string (NQ, TriviaQA, WebQ), regex (CuratedTREC)
+    match_title: bool = False  # DPR searches the passage text only
+
+
 class EvaluateConfig(StageConfig):
+    suite: Suite = "beir"
     model: str = "minilm"  # alias, local HF directory, hub id, or "bm25"
     dataset: str = "scifact"  # directory, name under $RETROFLOW_DATA_DIR, hf:BeIR/x, or zip URL
     split: str = "test"
-    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))
-    top_k: int = Field(1000, ge=1, description="retrieval depth per query")
+    metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))  # default: the suite's metrics
+    top_k: int = Field(1000, ge=1, description="retrieval depth per query (nq: default 100)")
     relevance_level: int = Field(1, ge=1, description="lowest grade counted as relevant by binary metrics")
-    ignore_identical_ids: bool = True
+    ignore_identical_ids: bool = True  # beir only: MS MARCO/NQ query and passage ids are separate namespaces
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     bm25: BM25Config = Field(default_factory=BM25Config)
     index: str | None = None  # FAISS index artifact directory; None = exact search
+    run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
+    msmarco: MsMarcoSettings = Field(default_factory=MsMarcoSettings)
+    nq: NQSettings = Field(default_factory=NQSettings)
 
-    @field_validator("metrics")
+    @model_validator(mode="before")
     @classmethod
-    def _known_metrics(cls, names: list[str]) -> list[str]:
-        for name in names:
-            parse_metric(name)
-        return names
+    def _suite_defaults(cls, data: Any) -> Any:
+        """Metrics and depth the config leaves out default to the suite's."""
+        if isinstance(data, dict):
+            suite = data.get("suite", "beir")
+            if suite in SUITE_METRICS:
+                data = dict(data)
+                data.setdefault("metrics", list(SUITE_METRICS[suite]))
+                data.setdefault("top_k", SUITE_TOP_K[suite])
+        return data
+
+    @model_validator(mode="after")
+    def _known_metrics(self) -> "EvaluateConfig":
+        for name in self.metrics:
+            if self.suite == "nq":
+                if parse_accuracy_metric(name) > self.top_k:
+                    raise ValueError(f"metric {name} needs top_k >= {parse_accuracy_metric(name)} (top_k is {self.top_k})")
+            else:
+                parse_metric(name)
+        if self.suite == "nq" and self.run_file:
+            raise ValueError("run_file is not supported by the nq suite")
+        return self
 
 
 def retrieve_bm25(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
@@ -87,23 +139,73 @@ def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: Evalua
     }
 
 
-def evaluate(config: EvaluateConfig, dataset: BeirDataset | None = None) -> dict[str, Any]:
+def retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
+    if config.run_file:
+        wanted = set(queries)
+        run = {qid: hits for qid, hits in read_run(config.run_file).items() if qid in wanted}
+        return run, {}
+    if config.model == "bm25":
+        return retrieve_bm25(dataset, queries, config)
+    return retrieve_dense(dataset, queries, config)
+
+
+def warn_shallow_cutoffs(config: EvaluateConfig) -> None:
+    deepest = max((parse_metric(m)[1] for m in config.metrics), default=0)
+    if deepest > config.top_k:
+        log.warning("a metric cuts off at %d but only the top %d documents are retrieved (top_k)", deepest, config.top_k)
+
+
+def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = None) -> dict[str, Any]:
     """Run retrieval for one dataset split and score it. Returns metrics + per-query values."""
-    dataset = dataset or load_dataset(config.dataset)
+    if config.suite == "nq":
+        return evaluate_nq(config, dataset)
+    warn_shallow_cutoffs(config)
+    if dataset is None:
+        dataset = load_msmarco(config.dataset) if config.suite == "msmarco" else load_dataset(config.dataset)
     qrels = dataset.split_qrels(config.split)
     queries = dataset.split_queries(config.split)
     log.info("evaluating %s on %s/%s: %d queries, %d docs", config.model, dataset.name, config.split, len(queries), dataset.num_docs)
     started = time.perf_counter()
-    if config.model == "bm25":
-        run, extra = retrieve_bm25(dataset, queries, config)
-    else:
-        run, extra = retrieve_dense(dataset, queries, config)
-    if config.ignore_identical_ids:
+    run, extra = retrieve(dataset, queries, config)
+    relevance_level = config.relevance_level
+    if config.suite == "msmarco":
+        # Query and passage ids are separate number ranges in MS MARCO: an equal id is no self-hit.
+        relevance_level = binary_relevance_level(qrels, config.relevance_level, config.msmarco.graded_relevance_level)
+    elif config.ignore_identical_ids:
         run = drop_self_hits(run)
-    means, per_query = evaluate_run(qrels, run, config.metrics, config.relevance_level)
+    means, per_query = evaluate_run(qrels, run, config.metrics, relevance_level)
     return {
         **means,
+        "suite": config.suite,
         "num_queries": len(queries),
+        "num_scored_queries": len(next(iter(per_query.values()), {})),
+        "num_docs": dataset.num_docs,
+        "relevance_level": relevance_level,
+        "encode_docs_per_s": extra.pop("encode_docs_per_s", None),
+        "model": config.model,
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "split": config.split,
+        "seconds": round(time.perf_counter() - started, 2),
+        **extra,
+        "per_query": per_query,
+        "run": run,
+    }
+
+
+def evaluate_nq(config: EvaluateConfig, dataset: NQDataset | None = None) -> dict[str, Any]:
+    """DPR retriever evaluation: top-k accuracy of answer-string matches."""
+    if dataset is None:
+        dataset = load_nq(config.dataset, config.split, config.nq.passages, config.nq.questions)
+    log.info("evaluating %s on %s/%s: %d questions, %d passages", config.model, dataset.name, config.split, len(dataset.questions), dataset.num_docs)
+    started = time.perf_counter()
+    run, extra = retrieve(dataset.corpus, dataset.questions, config)
+    passage_text = dataset.passage_text(include_title=config.nq.match_title)
+    means, per_query = score_answers(run, dataset.answers, passage_text, config.metrics, config.nq.match)
+    return {
+        **means,
+        "suite": "nq",
+        "num_queries": len(dataset.questions),
         "num_docs": dataset.num_docs,
         "encode_docs_per_s": extra.pop("encode_docs_per_s", None),
         "model": config.model,
@@ -115,6 +217,25 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | None = None) -> dict
         "per_query": per_query,
         "run": run,
     }
+
+
+def record_run(result: dict[str, Any], config: EvaluateConfig, registry_path: str | Path | None = None, run_id: str | None = None) -> str:
+    """Append `result` to the run registry (default `$RETROFLOW_REGISTRY` or runs/registry.parquet)."""
+    from eval.registry import append_run
+
+    model = f"run:{config.run_file}" if config.run_file else config.model
+    return append_run(
+        registry_path,
+        result,
+        run_id=run_id,
+        config_hash=config.fingerprint(),
+        code_version=code_version("eval", "retrieval"),
+        model=model,
+        index=config.index,
+        dataset=result["dataset"],
+        split=config.split,
+        suite=config.suite,
+    )
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:

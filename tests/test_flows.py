@@ -1,0 +1,138 @@
+"""The Prefect flow as users run it: cached, restartable, with artifacts in the UI's database.
+
+One `prefect_test_harness` (a temporary local server on SQLite) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "pipeline" / "tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="module")
+def data_dir(scifact_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "scifact").symlink_to(scifact_small)
+    return root
+
+
+@pytest.fixture()
+def store(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("RETROFLOW_REGISTRY", str(tmp_path / "registry.parquet"))
+    return tmp_path / "store"
+
+
+def task_states(flow_run_id) -> dict[str, str]:
+    """{task name without the run suffix: state name} for one flow run."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def read():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            return {r.name.rsplit("-", 1)[0] + f"#{i}": r.state.name for i, r in enumerate(sorted(runs, key=lambda r: r.name))}
+
+    return asyncio.run(read())
+
+
+def states_by_step(flow_run_id) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for name, state in task_states(flow_run_id).items():
+        out.setdefault(name.split("#")[0], set()).add(state)
+    return out
+
+
+def run_flow(*overrides: str):
+    from flows.pretrain_to_beir import pretrain_to_beir
+
+    started = time.perf_counter()
+    state = pretrain_to_beir(TINY, list(overrides), return_state=True)
+    return state, time.perf_counter() - started
+
+
+def test_tiny_flow_runs_then_comes_back_from_cache(harness, store):
+    state, _ = run_flow()
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["rows"][0]["dataset"] == "scifact" and 0 <= summary["rows"][0]["ndcg@10"] <= 1
+    assert (store / "runs" / "tiny" / "report.md").is_file()
+
+    again, seconds = run_flow()
+    assert again.is_completed()
+    steps = states_by_step(again.state_details.flow_run_id)
+    assert steps and all(states == {"Cached"} for states in steps.values()), steps
+    assert seconds < 10, f"cached re-run took {seconds:.1f} s"
+
+
+def test_changing_only_evaluation_reruns_only_evaluation(harness, store):
+    assert run_flow()[0].is_completed()
+    state, _ = run_flow("evaluate.top_k=50")
+    steps = states_by_step(state.state_details.flow_run_id)
+    assert steps.pop("evaluate") == {"Completed"}
+    assert all(states == {"Cached"} for states in steps.values()), steps
+
+
+def test_deleted_artifact_is_rebuilt_not_trusted(harness, store):
+    import shutil
+
+    assert run_flow()[0].is_completed()
+    pretrain_dirs = [p for p in (store / "pretrain").iterdir() if (p / "manifest.json").is_file()]
+    shutil.rmtree(pretrain_dirs[0])
+    state, _ = run_flow()
+    assert state.is_completed(), state.message
+    assert states_by_step(state.state_details.flow_run_id)["pretrain"] == {"Completed"}
+
+
+def test_failed_downstream_stage_rerun_does_not_repeat_pretraining(harness, store, monkeypatch):
+    import retroflow.pipeline as pipeline
+
+    real = pipeline.step_evaluate
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(pipeline, "step_evaluate", broken)
+    failed, _ = run_flow()
+    assert failed.is_failed()
+    monkeypatch.setattr(pipeline, "step_evaluate", real)
+    state, _ = run_flow()
+    assert state.is_completed(), state.message
+    steps = states_by_step(state.state_details.flow_run_id)
+    assert steps["pretrain"] == {"Cached"} and steps["evaluate"] == {"Completed"}
+
+
+def test_run_artifacts_are_published(harness, store):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    assert run_flow()[0].is_completed()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-tiny", "report-tiny"])))
+
+    kinds = {a.key: a.type for a in asyncio.run(read())}
+    assert kinds.get("metrics-tiny") == "table" and kinds.get("report-tiny") == "markdown"

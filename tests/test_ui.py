@@ -1,0 +1,78 @@
+"""The Prefect UI shows a run's metric table (runs only where headless Chromium is installed).
+
+Starts a real local Prefect server on a free port (SQLite in a temp PREFECT_HOME), publishes a
+metrics table artifact the way the flow does, and checks it in the rendered page. The
+screenshot is kept under the pytest temp directory (path printed) as a test artifact.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from ui_check import check_page, find_chromium  # noqa: E402
+
+pytestmark = [pytest.mark.chromium, pytest.mark.skipif(find_chromium() is None, reason="headless Chromium not installed")]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def prefect_server(tmp_path: Path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_CLIENT_SERVER_VERSION_CHECK_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        for _ in range(180):
+            try:
+                urllib.request.urlopen(api + "/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        else:
+            pytest.fail("local Prefect server did not start in 180 s")
+        yield f"http://127.0.0.1:{port}", env
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_metric_table_artifact_is_shown_in_the_ui(prefect_server, tmp_path):
+    ui, env = prefect_server
+    publish = (
+        "from prefect.artifacts import create_table_artifact\n"
+        "from eval.report import metric_rows\n"
+        "rows = metric_rows({'scifact': {'model': 'minilm', 'num_queries': 300, 'ndcg@10': 0.6451, 'recall@100': 0.925}},"
+        " {'scifact': {'ndcg@10': 0.6400}})\n"
+        "create_table_artifact(key='metrics-uitest', table=rows, description='ui test')\n"
+    )
+    subprocess.run([sys.executable, "-c", publish], env={**env, "PREFECT_API_URL": ui + "/api"}, check=True, cwd=REPO)
+    screenshot = tmp_path / "ui-metrics.png"
+    missing = check_page(f"{ui}/artifacts/key/metrics-uitest", ["ndcg@10", "0.6451", "scifact"], screenshot)
+    print(f"screenshot: {screenshot}")
+    assert not missing, f"not shown in the UI: {missing}"
+    assert screenshot.stat().st_size > 10_000
