@@ -48,7 +48,7 @@ def task_executor(pipeline: PipelineConfig):
     return execute
 
 
-@flow(name="pretrain-to-beir", log_prints=True)
+@flow(name="pretrain-to-beir")
 def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
     """Prepare data -> RetroMAE pretraining -> negatives -> teacher -> fine-tuning -> sharded
     encoding -> index (+ autotune) -> evaluation on each dataset -> report."""

@@ -40,7 +40,7 @@ def model_reference(model: str):
     return external_model(model)
 
 
-@flow(name="reevaluate", log_prints=True)
+@flow(name="reevaluate")
 def reevaluate(
     model: str = "minilm",
     datasets: list[str] | None = None,

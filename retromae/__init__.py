@@ -1,0 +1,1 @@
+"""RetroMAE: retrieval-oriented pretraining with a masked auto-encoder (model, collator, trainer)."""

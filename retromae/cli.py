@@ -1,0 +1,67 @@
+"""`retroflow pretrain`: RetroMAE pretraining from a YAML config (directly into --output, or into the artifact store)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from retroflow.artifacts import ArtifactStore, default_store_root
+from retroflow.config import load_config
+from retroflow.console import emit_json
+
+
+def add_commands(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "pretrain",
+        help="RetroMAE (or plain MLM) pretraining of a BERT-like encoder",
+        description="Pretrain an encoder with RetroMAE. With --output the run writes DIR/encoder (HF model + "
+        "tokenizer), DIR/decoder and DIR/checkpoints; without it the result goes to the artifact store "
+        "($RETROFLOW_STORE, default ./artifacts). Multi-process: torchrun --nproc_per_node N -m retroflow.cli pretrain ...",
+    )
+    parser.add_argument("--config", required=True, type=Path, help="YAML file, e.g. configs/pretrain/tiny.yaml")
+    parser.add_argument("--output", type=Path, help="train directly into this directory")
+    parser.add_argument("--max-steps", type=int, help="override train.max_steps")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.lr=5e-5 (repeatable)")
+    parser.set_defaults(func=run)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from retromae.config import PretrainConfig
+    from retromae.stage import pretrain_to_store, run_pretrain
+    from retromae.trainer import list_checkpoints
+
+    overrides = list(args.overrides)
+    if args.max_steps is not None:
+        overrides.append(f"train.max_steps={args.max_steps}")
+    config = load_config(PretrainConfig, args.config, overrides)
+
+    if args.output is None:
+        artifact = pretrain_to_store(config, ArtifactStore(default_store_root()))
+        metrics = artifact.metrics
+        output_dir = artifact.path
+        print(f"pretrain artifact: {artifact.path}")
+    else:
+        partial = args.output
+        if list_checkpoints(partial / "checkpoints") and not args.resume:
+            raise ValueError(f"{partial / 'checkpoints'} already holds checkpoints: pass --resume to continue, or use a new --output")
+        metrics = run_pretrain(config, args.output, partial, resume=args.resume)
+        output_dir = args.output
+    if _is_main_process():
+        emit_json({
+            "final_loss": metrics.get("final_loss"),
+            "steps": metrics.get("steps"),
+            "output_dir": str(output_dir),
+            "encoder_dir": str(Path(output_dir) / "encoder"),
+            "steps_per_s": metrics.get("steps_per_s"),
+            "objective": metrics.get("objective"),
+            "resumed_from": metrics.get("resumed_from"),
+            "processes": metrics.get("processes"),
+        })
+    return 0

@@ -1,0 +1,112 @@
+"""`PretrainConfig`: every knob of a RetroMAE pretraining run, validated at load time.
+
+The ablation switches (`objective`, `decoding`, `decoder_layers`, `encoder_mask_ratio`,
+`decoder_mask_ratio`) sit at the top level so a YAML file reads like the paper's table.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from retroflow.config import StageConfig
+
+log = logging.getLogger("retroflow.retromae")
+
+# The paper's recommended ranges; values outside them are allowed (ablations) but warned about.
+PAPER_ENCODER_RANGE = (0.15, 0.30)
+PAPER_DECODER_RANGE = (0.50, 0.70)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelSection(_Section):
+    """Where the encoder comes from.
+
+    `init` set: continue pretraining that checkpoint (an alias such as `minilm`, a local HF
+    directory, or a previous pretrain output directory, whose decoder is then reused).
+    `init` null: train from scratch with the `preset` architecture and either an existing
+    `tokenizer` or a WordPiece tokenizer trained on the corpus.
+    """
+
+    init: str | None = "minilm"
+    preset: Literal["tiny", "small", "base"] = "small"
+    tokenizer: str | None = None
+    vocab_size: int = Field(30522, ge=128, description="size of a WordPiece vocab trained from scratch")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="override hidden/attention dropout")
+
+
+class DataSection(_Section):
+    """Pretraining text: a BEIR corpus.jsonl and/or plain text / jsonl / parquet files."""
+
+    beir_corpus: str | None = None
+    files: list[str] = Field(default_factory=list)
+    max_seq_length: int = Field(128, ge=8, le=8192)
+    max_docs: int | None = Field(None, ge=1, description="use only the first N documents")
+    min_chunk_tokens: int = Field(8, ge=1, description="drop trailing chunks shorter than this")
+    cache_dir: str | None = Field(None, description="tokenised dataset cache (default ~/.cache/retroflow)")
+
+
+class TrainSection(_Section):
+    seed: int = 42
+    max_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch per optimizer step (all processes, all micro-batches)")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    gradient_checkpointing: bool = False
+    save_every: int = Field(500, ge=1, description="checkpoint every N optimizer steps")
+    log_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class PretrainConfig(StageConfig):
+    objective: Literal["retromae", "mlm"] = "retromae"
+    decoding: Literal["enhanced", "basic"] = "enhanced"
+    decoder_layers: int = Field(1, ge=1)
+    encoder_mask_ratio: float = Field(0.3, gt=0, lt=1)
+    decoder_mask_ratio: float = Field(0.5, gt=0, lt=1)
+    whole_word_mask: bool = False
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainConfig":
+        if self.model.init is None and self.model.preset is None:
+            raise ValueError("set model.init (a checkpoint) or model.preset (from scratch)")
+        per_step = self.train.grad_accum_steps
+        if self.train.batch_size % per_step:
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by "
+                f"train.grad_accum_steps={per_step}"
+            )
+        return self
+
+    def warn_outside_paper(self) -> list[str]:
+        """Warnings for legal but unusual settings (called once at the start of a run)."""
+        notes = []
+        lo, hi = PAPER_ENCODER_RANGE
+        if not lo <= self.encoder_mask_ratio <= hi:
+            notes.append(f"encoder_mask_ratio={self.encoder_mask_ratio} is outside the paper's {lo}-{hi}")
+        lo, hi = PAPER_DECODER_RANGE
+        if self.objective == "retromae" and not lo <= self.decoder_mask_ratio <= hi:
+            notes.append(f"decoder_mask_ratio={self.decoder_mask_ratio} is outside the paper's {lo}-{hi}")
+        for note in notes:
+            log.warning("%s", note)
+        return notes
+
+    def data_sources(self) -> list[Path]:
+        sources = [Path(p) for p in self.data.files]
+        if self.data.beir_corpus:
+            sources.insert(0, Path(self.data.beir_corpus))
+        return sources

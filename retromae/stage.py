@@ -1,0 +1,134 @@
+"""The pretrain stage: config -> data -> model -> trainer -> encoder/ + decoder/ + loss_history.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Mapping
+
+from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version
+from retroflow.devices import seed_everything
+from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
+from retromae.config import PretrainConfig
+from retromae.data import load_pretraining_chunks, read_texts, train_wordpiece
+from retromae.model import RetroMAEModel, describe, load_retromae, resolve_checkpoint, scratch_mlm
+from retromae.trainer import PretrainTrainer, make_accelerator
+
+log = logging.getLogger("retroflow.retromae")
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def load_tokenizer(config: PretrainConfig, texts: list[str], partial_dir: Path, accelerator):
+    """The run's tokenizer; one trained from scratch is kept in partial_dir so a resume reuses it."""
+    from transformers import AutoTokenizer
+
+    if config.model.init is not None:
+        path = resolve_checkpoint(config.model.init)
+        return AutoTokenizer.from_pretrained(path / "encoder" if (path / "encoder").is_dir() else path)
+    if config.model.tokenizer is not None:
+        name = config.model.tokenizer  # a tokenizer-only directory has no config.json: load it as is
+        return AutoTokenizer.from_pretrained(name if Path(name).is_dir() else resolve_checkpoint(name))
+    saved = partial_dir / TOKENIZER_DIR
+    with accelerator.main_process_first():
+        if not (saved / "tokenizer_config.json").is_file():
+            train_wordpiece(texts, config.model.vocab_size).save_pretrained(saved)
+    return AutoTokenizer.from_pretrained(saved)
+
+
+def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
+    m = config.model
+    if m.init is not None:
+        return load_retromae(resolve_checkpoint(m.init), config.objective, config.decoding, config.decoder_layers, m.dropout)
+    mlm = scratch_mlm(m.preset, len(tokenizer), tokenizer.pad_token_id, config.data.max_seq_length, m.dropout)
+    log.info("from scratch: preset %s, vocab %d", m.preset, len(tokenizer))
+    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers)
+
+
+def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
+    return RetroMAECollator(
+        special=SpecialIds.from_tokenizer(tokenizer),
+        max_length=config.data.max_seq_length,
+        encoder_mask_ratio=config.encoder_mask_ratio,
+        decoder_mask_ratio=config.decoder_mask_ratio,
+        objective=config.objective,
+        decoding=config.decoding,
+        continuation=continuation_table(tokenizer) if config.whole_word_mask else None,
+        seed=config.train.seed,
+    )
+
+
+def run_pretrain(
+    config: PretrainConfig,
+    out_dir: Path,
+    partial_dir: Path,
+    text_files: list[Path] | None = None,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Pretrain and write out_dir/encoder (HF model + tokenizer), out_dir/decoder, out_dir/loss_history.json.
+
+    Checkpoints go to partial_dir/checkpoints and are resumed from when present (resume=True).
+    `stop_after` ends the loop early without saving the final model (used to test resumption).
+    """
+    out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    config.warn_outside_paper()
+    accelerator = make_accelerator(config.train)
+    seed_everything(config.train.seed)
+    sources = [Path(p) for p in text_files] if text_files else config.data_sources()
+    texts = read_texts(sources, config.data.max_docs)
+    tokenizer = load_tokenizer(config, texts, partial_dir, accelerator)
+    with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
+        dataset = load_pretraining_chunks(sources, tokenizer, config.data, texts=texts)
+    seed_everything(config.train.seed)  # identical initial weights on every process
+    model = build_model(config, tokenizer)
+    if config.train.gradient_checkpointing:
+        model.mlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("%s; %d chunks from %d documents; %d process(es) on %s",
+             describe(model), len(dataset), len(texts), accelerator.num_processes, accelerator.device)
+    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), config.train, partial_dir / "checkpoints")
+    result = trainer.train(resume=resume, stop_after=stop_after)
+    metrics = {
+        "final_loss": result.final_loss(),
+        "initial_loss": (sum(result.loss_history[:10]) / max(len(result.loss_history[:10]), 1)) if result.loss_history else None,
+        "steps": result.steps,
+        "steps_per_s": round(result.steps_per_s, 4),
+        "resumed_from": result.resumed_from,
+        "chunks": len(dataset),
+        "documents": len(texts),
+        "processes": accelerator.num_processes,
+        "objective": config.objective,
+        "decoding": config.decoding if config.objective == "retromae" else None,
+        "loss_history": result.loss_history,
+    }
+    if stop_after is not None and result.steps < config.train.max_steps:
+        return metrics
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        accelerator.unwrap_model(trainer.model).save(out_dir, tokenizer)
+        history = {k: getattr(result, k) for k in ("loss_history", "encoder_loss_history", "decoder_loss_history")}
+        atomic_write_text(out_dir / "loss_history.json", json.dumps(history))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def pretrain_to_store(
+    config: PretrainConfig,
+    store: ArtifactStore,
+    text_files: list[Path] | None = None,
+    inputs: Mapping[str, Artifact] | None = None,
+) -> Artifact:
+    """Build (or reuse) the `pretrain` artifact. Explicit text files are folded into the config
+    so the cache key changes with the data; pass the corpus artifact as `inputs` to key on its content."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("the artifact store is single-process: under torchrun use `retroflow pretrain --output DIR`")
+    if text_files:
+        data = {**config.canonical()["data"], "files": [str(Path(p).resolve()) for p in text_files], "beir_corpus": None}
+        config = PretrainConfig.model_validate({**config.canonical(), "data": data})
+
+    def body(out_dir: Path, partial_dir: Path) -> dict:
+        return run_pretrain(config, out_dir, partial_dir)
+
+    return store.build("pretrain", config, dict(inputs or {}), code_version("retromae"), body)

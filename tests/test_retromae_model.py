@@ -1,0 +1,95 @@
+"""RetroMAE model structure: one shared-weight decoder layer, who sees what, save/load round trip."""
+
+import torch
+from transformers import AutoModel, BertTokenizer
+
+from retromae.collator import IGNORE
+from retromae.model import RetroMAEModel, load_retromae, resolve_checkpoint, scratch_mlm
+from retromae.testing import FAKE_SPECIAL, fake_collator, random_features
+
+
+def _model(seed=0, **kwargs) -> RetroMAEModel:
+    torch.manual_seed(seed)
+    model = RetroMAEModel(scratch_mlm("tiny", FAKE_SPECIAL.vocab_size, FAKE_SPECIAL.pad, 64, dropout=0.0), **kwargs)
+    return model.eval()
+
+
+def test_default_decoder_is_one_layer_sharing_embeddings_and_head():
+    model = _model()
+    assert len(model.decoder) == 1
+    bert = model.mlm.bert
+    assert model.embeddings is bert.embeddings
+    assert model.head.predictions.decoder.weight is bert.embeddings.word_embeddings.weight
+    own = {id(p) for p in model.decoder.parameters()}
+    shared = {id(p) for p in model.mlm.parameters()}
+    assert own.isdisjoint(shared)
+    assert {id(p) for p in model.parameters()} == own | shared, "the decoder has no embedding/head copies"
+    assert len(_model(objective="mlm").decoder) == 0
+    assert len(_model(decoder_layers=2).decoder) == 2
+
+
+def _decoder_grads(model, batch):
+    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+    decoded = model.decode(hidden[:, 0], batch["decoder_input_ids"], batch["attention_mask"], batch.get("decoder_attention_mask"))
+    decoded.retain_grad()
+    model.masked_lm_loss(decoded, batch["decoder_labels"]).backward()
+    return decoded.grad.abs().sum(-1) > 0
+
+
+def test_enhanced_decoding_every_token_is_a_target():
+    batch = fake_collator()(random_features(6, seed=1))
+    touched = _decoder_grads(_model(), batch)
+    eligible = batch["decoder_labels"] != IGNORE
+    assert torch.equal(touched, eligible)
+    assert eligible.sum() == (batch["attention_mask"].sum() - 2 * 6)  # all but [CLS]/[SEP]
+
+
+def test_basic_decoding_only_masked_tokens_are_targets():
+    batch = fake_collator(decoding="basic")(random_features(6, seed=2))
+    touched = _decoder_grads(_model(decoding="basic"), batch)
+    assert torch.equal(touched, batch["decoder_input_ids"] == FAKE_SPECIAL.mask)
+
+
+def test_enhanced_row_never_sees_its_own_token():
+    """Changing token i in the content stream must not change decoder row i (with 2 layers too)."""
+    model = _model(decoder_layers=2)
+    batch = fake_collator()(random_features(1, seed=3, min_len=20, max_len=20))
+    sentence = model.encode(batch["input_ids"], batch["attention_mask"])[:, 0]
+    args = (batch["attention_mask"], batch["decoder_attention_mask"])
+    base = model.decode(sentence, batch["decoder_input_ids"], *args)
+    for i in (1, 7, 15):
+        changed = batch["decoder_input_ids"].clone()
+        changed[0, i] = (changed[0, i] + 1) % FAKE_SPECIAL.vocab_size
+        out = model.decode(sentence, changed, *args)
+        assert torch.allclose(out[0, i], base[0, i], atol=1e-6)
+        visible_rows = batch["decoder_attention_mask"][0, :, i]
+        assert not torch.allclose(out[0, visible_rows], base[0, visible_rows]), "visible rows should react"
+
+
+def test_loss_is_sum_of_encoder_and_decoder_losses():
+    batch = fake_collator()(random_features(4, seed=4))
+    out = _model()(**batch)
+    assert torch.allclose(out.loss, out.encoder_loss + out.decoder_loss)
+    assert abs(out.encoder_loss.item() - torch.log(torch.tensor(500.0)).item()) < 1.0  # ~uniform at init
+
+
+def test_save_load_round_trip(tmp_path):
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(495)])}
+    tokenizer = BertTokenizer(vocab=vocab)
+    model = _model()
+    with torch.no_grad():  # make the head differ from a fresh init so restoring it is observable
+        model.head.predictions.bias.add_(0.5)
+    model.save(tmp_path, tokenizer)
+    batch = fake_collator()(random_features(3, seed=5))
+    expected = model.encode(batch["input_ids"], batch["attention_mask"])[:, 0]
+    encoder = AutoModel.from_pretrained(tmp_path / "encoder").eval()
+    got = encoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[:, 0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert resolve_checkpoint(str(tmp_path)) == tmp_path  # a pretrain output can be `model.init`
+    reloaded = load_retromae(tmp_path, "retromae", "enhanced", 1, dropout=0.0).eval()
+    assert torch.allclose(reloaded(**batch).loss, model(**batch).loss, atol=1e-5)
+    assert reloaded.head.predictions.decoder.weight is reloaded.embeddings.word_embeddings.weight
+    assert (tmp_path / "encoder" / "tokenizer_config.json").is_file()
+    from retrieval.models import read_sentence_transformer_settings
+
+    assert read_sentence_transformer_settings(tmp_path / "encoder").pooling == "cls"
