@@ -197,6 +197,60 @@ def step_evaluate(
     return store.build("evaluate", run_config, inputs, code_version("eval"), body, key_config=config)
 
 
+def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef | None = None) -> Artifact:
+    """Hard negatives for the training split (BM25, or dense with `model`), with provenance."""
+    from retrieval.negatives import run_mine_negatives
+
+    dense = config.method == "dense"
+    inputs: dict[str, Any] = {"data": data, **({"model": model} if dense and model is not None else {})}
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        return run_mine_negatives(config, open_dataset(data), out_dir, model_path=model_dir(model) if dense and model else None)
+
+    return store.build("negatives", config, inputs, code_version("retrieval"), body)
+
+
+def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact, negatives: Artifact, teacher_init: ModelRef) -> Artifact:
+    """Cross-encoder teacher trained on the same data and negatives; its candidate scores cached."""
+    from retrieval.negatives import NEGATIVES_FILE
+    from retrieval.teacher import run_train_teacher
+
+    run_config = config.with_overrides(init=str(model_dir(teacher_init)))
+
+    def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        return run_train_teacher(run_config, open_dataset(data), negatives.file(NEGATIVES_FILE), out_dir, partial_dir)
+
+    inputs = {"data": data, "negatives": negatives, "init": teacher_init}
+    return store.build("teacher", run_config, inputs, code_version("retrieval"), body, key_config=config)
+
+
+def step_finetune(
+    store: ArtifactStore,
+    config: StageConfig,
+    data: Artifact,
+    model: ModelRef,
+    negatives: Artifact | None = None,
+    teacher: Artifact | None = None,
+) -> Artifact:
+    """DPR fine-tuning (in-batch + hard negatives, ANCE rounds, optional distillation)."""
+    from retrieval.finetune import run_finetune
+    from retrieval.negatives import NEGATIVES_FILE
+    from retrieval.teacher import SCORES_FILE
+
+    inputs: dict[str, Any] = {"data": data, "model": model}
+    inputs.update({"negatives": negatives} if negatives else {})
+    inputs.update({"teacher": teacher} if teacher else {})
+
+    def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        return run_finetune(
+            config, open_dataset(data), model_dir(model), out_dir, partial_dir,
+            negatives_file=negatives.file(NEGATIVES_FILE) if negatives else None,
+            teacher_scores_file=teacher.file(SCORES_FILE) if teacher else None,
+        )  # fmt: skip
+
+    return store.build("finetune", config, inputs, code_version("retrieval"), body)
+
+
 def model_label(model: ModelRef) -> str:
     return model.name if isinstance(model, ExternalInput) else f"{model.stage}/{model.key}"
 
@@ -212,6 +266,9 @@ def read_evaluation(art: Artifact) -> dict[str, Any]:
 STEP_CODE = {
     "prepare-data": ("eval.datasets", "retroflow.pipeline"),
     "pretrain": ("retromae", "retroflow.pipeline"),
+    "mine-negatives": ("retrieval", "retroflow.pipeline"),
+    "train-teacher": ("retrieval", "retroflow.pipeline"),
+    "finetune": ("retrieval", "retroflow.pipeline"),
     "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
 }
 
@@ -249,6 +306,8 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
         config = stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
         model = execute("pretrain", step_pretrain, store, config, train_data)
         produced["pretrain"] = model
+    if pipeline.stages.finetune:
+        model = run_finetuning(pipeline, store, execute, train_data, model, produced)
     evaluations = {}
     evaluate_config = eval_config(pipeline)
     for source in pipeline.eval_datasets:
@@ -256,6 +315,31 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
         evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, None)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
     return PipelineResult(model=model, evaluations=evaluations, artifacts=produced)
+
+
+def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, data: Artifact, model: ModelRef, produced: dict[str, Any]) -> ModelRef:
+    """Negatives -> (teacher) -> DPR fine-tuning, each a step; returns the fine-tuned model."""
+    from retrieval.finetune import FinetuneConfig
+    from retrieval.negatives import MineNegativesConfig
+    from retrieval.teacher import TeacherConfig
+
+    placeholders = {"dataset": "<input:data>", "split": pipeline.train_split}
+    negatives = teacher = None
+    if pipeline.stages.negatives:
+        config = stage_config(MineNegativesConfig, pipeline, "negatives", **placeholders, model=None)
+        negatives = execute("mine-negatives", step_mine_negatives, store, config, data, model)
+        produced["negatives"] = negatives
+    if pipeline.stages.teacher:
+        if negatives is None:
+            raise ConfigError(f"pipeline '{pipeline.name}': the teacher needs stages.negatives on")
+        config = stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
+        init = external_model(pipeline.teacher.get("init") or pipeline.model)
+        teacher = execute("train-teacher", step_train_teacher, store, config, data, negatives, init)
+        produced["teacher"] = teacher
+    config = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
+    finetuned = execute("finetune", step_finetune, store, config, data, model, negatives, teacher)
+    produced["finetune"] = finetuned
+    return finetuned
 
 
 def pretrain_init(pipeline: PipelineConfig) -> dict[str, Any]:
