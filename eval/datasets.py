@@ -128,8 +128,14 @@ def load_dataset(
     `on_unknown_ids`: "error" (default) or "drop" qrels rows whose query or doc is unknown.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if is_normalised_dir(Path(source)):  # a pipeline `data` artifact or a cache entry
+        return read_normalised(Path(source))
     local = resolve_local_source(str(source), cache, checksum)
     return normalise(local, cache, name=dataset_name(str(source)), on_unknown_ids=on_unknown_ids)
+
+
+def is_normalised_dir(path: Path) -> bool:
+    return all((path / name).is_file() for name in ("dataset.json", "corpus.parquet", "queries.parquet", "qrels.parquet"))
 
 
 def dataset_name(source: str) -> str:

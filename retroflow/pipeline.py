@@ -57,6 +57,7 @@ class PipelineConfig(StageConfig):
     tune: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
+    train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -168,11 +169,15 @@ def open_dataset(data: Artifact):
     return read_normalised(data.path)
 
 
-def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact) -> Artifact:
+def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact, processes: int = 1) -> Artifact:
     from retromae.stage import run_pretrain
 
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
-        return run_pretrain(config, out_dir, partial_dir, text_files=[data.file("corpus.parquet")])
+        corpus = data.file("corpus.parquet")
+        if processes > 1:
+            run_config = config.with_overrides(data={"beir_corpus": None, "files": [str(corpus)]})
+            return launch_torchrun("pretrain", run_config, processes, out_dir, partial_dir)
+        return run_pretrain(config, out_dir, partial_dir, text_files=[corpus])
 
     return store.build("pretrain", config, {"data": data}, code_version("retromae"), body)
 
@@ -231,6 +236,7 @@ def step_finetune(
     model: ModelRef,
     negatives: Artifact | None = None,
     teacher: Artifact | None = None,
+    processes: int = 1,
 ) -> Artifact:
     """DPR fine-tuning (in-batch + hard negatives, ANCE rounds, optional distillation)."""
     from retrieval.finetune import run_finetune
@@ -242,6 +248,11 @@ def step_finetune(
     inputs.update({"teacher": teacher} if teacher else {})
 
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        if processes > 1:
+            files = ["--negatives", str(negatives.file(NEGATIVES_FILE))] if negatives else []
+            files += ["--teacher-scores", str(teacher.file(SCORES_FILE))] if teacher else []
+            args = ["--dataset", str(data.path), "--model", str(model_dir(model)), *files]
+            return launch_torchrun("finetune", config, processes, out_dir, partial_dir, *args)
         return run_finetune(
             config, open_dataset(data), model_dir(model), out_dir, partial_dir,
             negatives_file=negatives.file(NEGATIVES_FILE) if negatives else None,
@@ -249,6 +260,34 @@ def step_finetune(
         )  # fmt: skip
 
     return store.build("finetune", config, inputs, code_version("retrieval"), body)
+
+
+def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: Path, partial_dir: Path, *extra: str) -> dict[str, Any]:
+    """Run a training command under torchrun (one process per GPU; gloo on CPU).
+
+    The run trains into `partial_dir/run` (checkpoints included, so a re-run resumes) and its
+    outputs, not its checkpoints, are moved into `out_dir`. Metrics come from the JSON line.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    run_dir = partial_dir / "run"
+    config_file = partial_dir / f"{command}.yaml"
+    config_file.write_text(yaml.safe_dump(config.canonical(), sort_keys=True))
+    resume = ["--resume"] if any(run_dir.glob("*/checkpoint-*")) or any(run_dir.glob("checkpoints/*")) else []
+    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+           "-m", "retroflow.cli", command, "--config", str(config_file), "--output", str(run_dir), *resume, *extra]  # fmt: skip
+    log.info("launching %s", " ".join(cli))
+    finished = subprocess.run(cli, stdout=subprocess.PIPE, text=True, check=False)
+    if finished.returncode != 0:
+        raise RuntimeError(f"torchrun {command} failed with exit code {finished.returncode}")
+    metrics = json.loads(finished.stdout.strip().splitlines()[-1])
+    for item in run_dir.iterdir():
+        if item.name not in ("checkpoints", "partial"):
+            shutil.move(str(item), out_dir / item.name)
+    return metrics
 
 
 def model_label(model: ModelRef) -> str:
@@ -304,7 +343,7 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
         from retromae.config import PretrainConfig
 
         config = stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
-        model = execute("pretrain", step_pretrain, store, config, train_data)
+        model = execute("pretrain", step_pretrain, store, config, train_data, pipeline.train_processes)
         produced["pretrain"] = model
     if pipeline.stages.finetune:
         model = run_finetuning(pipeline, store, execute, train_data, model, produced)
@@ -337,7 +376,7 @@ def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, data
         teacher = execute("train-teacher", step_train_teacher, store, config, data, negatives, init)
         produced["teacher"] = teacher
     config = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
-    finetuned = execute("finetune", step_finetune, store, config, data, model, negatives, teacher)
+    finetuned = execute("finetune", step_finetune, store, config, data, model, negatives, teacher, pipeline.train_processes)
     produced["finetune"] = finetuned
     return finetuned
 
