@@ -37,15 +37,25 @@ def artifact_key(*parts: str) -> str:
 
 
 def task_executor(pipeline: PipelineConfig):
+    """(execute, execute_map): run steps as cached tasks; mapped steps go to the task runner."""
     store = store_for(pipeline)
     tasks: dict[str, Any] = {}
 
-    def execute(step: str, fn, *args):
+    def task_for(step: str, fn):
         if step not in tasks:
             tasks[step] = make_task(step, fn, store)
-        return tasks[step](*args)
+        return tasks[step]
 
-    return execute
+    def execute(step: str, fn, *args):
+        return task_for(step, fn)(*args)
+
+    def execute_map(step: str, fn, calls: list[tuple]) -> list:
+        if not calls:
+            return []
+        futures = task_for(step, fn).map(*[list(column) for column in zip(*calls)])
+        return [future.result() for future in futures]
+
+    return execute, execute_map
 
 
 @flow(name="pretrain-to-beir")
@@ -53,7 +63,7 @@ def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None =
     """Prepare data -> RetroMAE pretraining -> negatives -> teacher -> fine-tuning -> sharded
     encoding -> index (+ autotune) -> evaluation on each dataset -> report."""
     pipeline = load_pipeline_config(config, overrides)
-    result = run_pipeline(pipeline, task_executor(pipeline))
+    result = run_pipeline(pipeline, *task_executor(pipeline))
     return publish_report(pipeline, result)
 
 

@@ -66,7 +66,7 @@ def reevaluate(
     from retroflow.pipeline import apply_data_dir
 
     apply_data_dir(pipeline)
-    execute = task_executor(pipeline)
+    execute, _ = task_executor(pipeline)
     artifact_store = store_for(pipeline)
     model_ref = model_reference(model)
     index_ref = Artifact.open(index) if index else None

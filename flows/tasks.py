@@ -46,7 +46,11 @@ def cache_index_dir(store: ArtifactStore) -> Path:
     return store.root / ".prefect" / "index"
 
 
+ORDERING_ONLY = {"after"}  # parameters that only sequence steps; never part of a key
+
+
 def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
+    parameters = {k: v for k, v in parameters.items() if k not in ORDERING_ONLY}
     payload = {
         "step": step,
         "code": code_version(*STEP_CODE.get(step, ("retroflow",))),

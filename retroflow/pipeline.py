@@ -262,6 +262,68 @@ def step_finetune(
     return store.build("finetune", config, inputs, code_version("retrieval"), body)
 
 
+def encode_inputs(data: Artifact, model: ModelRef) -> dict[str, Any]:
+    return {"data": data, "model": model}
+
+
+def encode_run_config(config: StageConfig, data: Artifact, model: ModelRef) -> StageConfig:
+    return config.with_overrides(model=str(model_dir(model)), dataset=str(data.path))
+
+
+def encode_shards_dir(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef) -> Path:
+    """Where the shards of this encoding live until merged (the artifact's `.partial` directory)."""
+    key = store.key_for("encode", config, encode_inputs(data, model), code_version("retrieval"))
+    return store.partial_dir("encode", key)
+
+
+def encode_shard_count(config: StageConfig, data: Artifact) -> int:
+    from retrieval.shards import plan_shards
+
+    return len(plan_shards(data.manifest["metrics"]["num_docs"], config.shard_size))
+
+
+def step_encode_shard(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef, shard: int) -> dict[str, Any]:
+    """One shard of the corpus encoding (atomic; a finished shard is skipped). One task per shard."""
+    from retrieval.shards import run_encode_shard
+
+    shards_dir = encode_shards_dir(store, config, data, model)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    return run_encode_shard(encode_run_config(config, data, model), open_dataset(data), shard, shards_dir)
+
+
+def step_merge_embeddings(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef, after: list | None = None) -> Artifact:
+    """Merge the finished shards into the `encode` artifact (encoding any shard still missing).
+
+    `after` (the shard steps' results) only orders this step after them; it is not an input."""
+    from retrieval.shards import run_encode
+
+    run_config = encode_run_config(config, data, model)
+
+    def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        return run_encode(run_config, open_dataset(data), out_dir, partial_dir)
+
+    return store.build("encode", run_config, encode_inputs(data, model), code_version("retrieval"), body, key_config=config)
+
+
+def step_build_index(store: ArtifactStore, config: StageConfig, embeddings: Artifact) -> Artifact:
+    from retrieval.index import run_build_index
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        return run_build_index(config, embeddings.path, out_dir)
+
+    return store.build("index", config, {"embeddings": embeddings}, code_version("retrieval"), body)
+
+
+def step_tune_index(store: ArtifactStore, config: StageConfig, index: Artifact, embeddings: Artifact) -> Artifact:
+    """Sweep efSearch / nprobe against exact search; the tuned index keeps the chosen setting."""
+    from retrieval.autotune import run_tune_index
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        return run_tune_index(config, index.path, embeddings.path, None, out_dir)
+
+    return store.build("tune", config, {"index": index, "embeddings": embeddings}, code_version("retrieval"), body)
+
+
 def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: Path, partial_dir: Path, *extra: str) -> dict[str, Any]:
     """Run a training command under torchrun (one process per GPU; gloo on CPU).
 
@@ -308,12 +370,20 @@ STEP_CODE = {
     "mine-negatives": ("retrieval", "retroflow.pipeline"),
     "train-teacher": ("retrieval", "retroflow.pipeline"),
     "finetune": ("retrieval", "retroflow.pipeline"),
+    "encode-shard": ("retrieval", "retroflow.pipeline"),
+    "merge-embeddings": ("retrieval", "retroflow.pipeline"),
+    "build-index": ("retrieval", "retroflow.pipeline"),
+    "tune-index": ("retrieval", "retroflow.pipeline"),
     "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
 }
 
 
 def direct(step: str, fn, *args):
     return fn(*args)
+
+
+def direct_map(step: str, fn, calls: list[tuple]) -> list:
+    return [fn(*args) for args in calls]
 
 
 @dataclass
@@ -330,9 +400,10 @@ def eval_config(pipeline: PipelineConfig) -> StageConfig:
     return validate_config(EvaluateConfig, section, source=f"pipeline '{pipeline.name}', section 'evaluate'")
 
 
-def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
-    """Run every switched-on stage in order. `execute(step, fn, *args)` runs one step
-    (directly, or as a cached Prefect task)."""
+def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_map) -> PipelineResult:
+    """Run every switched-on stage in order. `execute(step, fn, *args)` runs one step and
+    `execute_map(step, fn, [args, ...])` many independent ones (directly, or as cached
+    Prefect tasks that a distributed task runner may spread over machines)."""
     apply_data_dir(pipeline)
     store = store_for(pipeline)
     produced: dict[str, Any] = {}
@@ -351,9 +422,29 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct) -> PipelineResult:
     evaluate_config = eval_config(pipeline)
     for source in pipeline.eval_datasets:
         data = train_data if source == pipeline.train_dataset else execute("prepare-data", step_prepare_data, store, source)
-        evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, None)
+        produced[f"data:{source}"] = data
+        index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
+        evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, index)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
     return PipelineResult(model=model, evaluations=evaluations, artifacts=produced)
+
+
+def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef, produced: dict[str, Any], source: str) -> Artifact:
+    """Sharded encoding (one step per shard) -> merged embeddings -> FAISS index (-> tuned)."""
+    from retrieval.autotune import TuneConfig
+    from retrieval.index import IndexConfig
+    from retrieval.shards import EncodeConfig
+
+    encode_config = stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
+    calls = [(store, encode_config, data, model, shard) for shard in range(encode_shard_count(encode_config, data))]
+    shards = execute_map("encode-shard", step_encode_shard, calls)
+    embeddings = execute("merge-embeddings", step_merge_embeddings, store, encode_config, data, model, shards)
+    index = execute("build-index", step_build_index, store, stage_config(IndexConfig, pipeline, "index"), embeddings)
+    produced[f"encode:{source}"], produced[f"index:{source}"] = embeddings, index
+    if pipeline.stages.tune:
+        index = execute("tune-index", step_tune_index, store, stage_config(TuneConfig, pipeline, "tune"), index, embeddings)
+        produced[f"tune:{source}"] = index
+    return index
 
 
 def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, data: Artifact, model: ModelRef, produced: dict[str, Any]) -> ModelRef:
