@@ -4,12 +4,16 @@ Pooling comes from the model's sentence-transformers config when it has one (mea
 MiniLM), else [CLS] (the RetroMAE / DPR convention); either can be overridden. Texts are
 tokenised once, sorted by token length and cut into batches under a token budget, so
 padding is minimal and short texts go through in large batches.
+
+BERT-family models run through `retrieval.encoder_fused` (same fp32 arithmetic, less overhead:
+see bench/README.md `## encode`); `EncoderSettings(backend="hf")` forces transformers' forward.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
@@ -20,11 +24,13 @@ from tqdm.auto import tqdm
 
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
+from retrieval import encoder_fused
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path
 
 log = logging.getLogger(__name__)
 
 Pooling = Literal["auto", "cls", "mean", "max"]
+Backend = Literal["auto", "fused", "hf"]
 
 
 class EncoderSettings(StageConfig):
@@ -41,6 +47,7 @@ class EncoderSettings(StageConfig):
     query_prefix: str = ""
     passage_prefix: str = ""
     show_progress: bool = True
+    backend: Backend = "auto"  # auto = fused BERT forward when the model is a plain BERT, else hf
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
@@ -70,7 +77,7 @@ class Encoder:
     """A query/passage encoder: `encode_queries(texts)` and `encode_passages(texts)` -> float32 arrays."""
 
     def __init__(self, model_name_or_path: str | Path, settings: EncoderSettings | None = None):
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.settings = settings or EncoderSettings()
         self.model_path = resolve_model_path(model_name_or_path)
@@ -81,15 +88,16 @@ class Encoder:
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.precision)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = AutoModel.from_pretrained(self.model_path).to(self.device).eval()
+        self.model = load_encoder_model(self.model_path).to(self.device).eval()
+        self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
         model_max = st.max_seq_length or min(getattr(self.model.config, "max_position_embeddings", 512), 512)
         self.query_max_length = self.settings.query_max_length or model_max
         self.passage_max_length = self.settings.passage_max_length or model_max
         self.last_docs_per_s: float | None = None
         log.info(
-            "encoder %s: pooling=%s normalize=%s max_len q/p=%d/%d device=%s dtype=%s",
+            "encoder %s: pooling=%s normalize=%s max_len q/p=%d/%d device=%s dtype=%s backend=%s",
             self.name, self.pooling, self.normalize, self.query_max_length, self.passage_max_length,
-            self.device, str(self.dtype).replace("torch.", ""),
+            self.device, str(self.dtype).replace("torch.", ""), self.backend,
         )  # fmt: skip
 
     @property
@@ -114,24 +122,96 @@ class Encoder:
         batches = length_sorted_batches([len(x) for x in ids], self.settings.batch_size, self.settings.max_tokens_per_batch)
         progress = tqdm(total=len(ids), desc=desc, unit="doc", disable=not self.settings.show_progress, leave=False)
         with torch.inference_mode():
+            # Re-read the weights on every call: the model may have been trained since the last one.
+            forward = encoder_fused.FusedBert.from_model(self.model) if self.backend == "fused" else self._hf_forward
             for batch in batches:
-                out[batch] = self._encode_batch([ids[i] for i in batch])
+                out[batch] = self._encode_batch([ids[i] for i in batch], forward)
                 progress.update(len(batch))
         progress.close()
         elapsed = time.perf_counter() - started
         self.last_docs_per_s = len(ids) / elapsed if elapsed > 0 else None
         return out
 
-    def _encode_batch(self, ids: list[list[int]]) -> np.ndarray:
-        padded = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
-        input_ids = padded["input_ids"].to(self.device)
-        attention_mask = padded["attention_mask"].to(self.device)
+    def _hf_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    def _encode_batch(self, ids: list[list[int]], forward=None) -> np.ndarray:
+        input_ids, attention_mask = pad_batch(ids, self.tokenizer.pad_token_id or 0)
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with autocast(self.device, self.dtype):
-            hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            hidden = (forward or self._hf_forward)(input_ids, attention_mask)
         vectors = pool(hidden.float(), attention_mask, self.pooling)
         if self.normalize:
             vectors = F.normalize(vectors, p=2, dim=-1)
         return vectors.cpu().numpy()
+
+
+def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token id lists to the longest one: (input_ids, attention_mask) int64 tensors."""
+    longest = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), longest), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        attention_mask[row, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+def choose_backend(model: torch.nn.Module, requested: str, dtype: torch.dtype = torch.float32) -> str:
+    """'fused' for plain BERT encoders in fp32 (where it was measured faster and exact), else 'hf'.
+
+    Half precision (GPU) stays on transformers' forward under autocast, which keeps layer norms
+    and softmax in fp32; the fused forward writes into preallocated outputs, which autocast
+    does not support.
+    """
+    if requested == "hf":
+        return "hf"
+    problem = None
+    if not encoder_fused.supports(model):
+        problem = f"supports plain BERT encoders only, not {type(model).__name__}"
+    elif dtype != torch.float32:
+        problem = f"runs in fp32 only, not {str(dtype).replace('torch.', '')}"
+    if problem is None:
+        return "fused"
+    if requested == "fused":
+        raise ValueError(f"backend 'fused' {problem}; use backend 'auto' or 'hf'")
+    return "hf"
+
+
+@contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bar and load report (we report what matters ourselves)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_encoder_model(model_path: Path) -> torch.nn.Module:
+    """The bare encoder of a checkpoint (MLM / pretraining heads dropped without a noisy report).
+
+    Heads in the checkpoint (e.g. `cls.predictions.*` of a RetroMAE or BERT MLM checkpoint) are
+    expected to be unused; weights the encoder needs but the checkpoint lacks are not, so those
+    are still logged as a warning: they mean a randomly initialised encoder.
+    """
+    from transformers import AutoModel
+
+    with _quiet_transformers():
+        model, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
+    # The pooler (a dense layer over [CLS] for next-sentence prediction) is never used for
+    # encoding, and MLM checkpoints don't have one: its absence is no news.
+    missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
+    if missing:
+        log.warning("%s: %d encoder weights missing from the checkpoint (randomly initialised): %s",
+                    model_path, len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))  # fmt: skip
+    return model
 
 
 def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:
