@@ -91,8 +91,11 @@ def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden
     dest.mkdir(parents=True, exist_ok=True)
     wordpiece = BertWordPieceTokenizer(lowercase=True)
     wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-    wordpiece.save_model(str(dest))
-    tokenizer = BertTokenizerFast(vocab_file=str(dest / "vocab.txt"), do_lower_case=True)
+    # transformers 5 ignores `vocab_file` for fast tokenizers: wrap the trained tokenizer itself.
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=wordpiece._tokenizer,
+        unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
+    )  # fmt: skip
     tokenizer.save_pretrained(dest)
     torch.manual_seed(seed)
     config = BertConfig(

@@ -1,0 +1,254 @@
+"""Autotuning of search-time knobs (efSearch, nprobe, refine k_factor) against exact search.
+
+Stage function (plain, no Prefect):
+
+    run_tune_index(config: TuneConfig, index_dir: Path, embeddings_dir: Path,
+                   query_vectors: np.ndarray | None, out_dir: Path) -> dict
+        Sweep the knobs the index exposes on a sample of queries, measure recall@k against an
+        exact (Flat) search over the same embeddings and batched queries/s, keep the Pareto
+        front, pick the fastest setting whose recall meets `target_recall`. `out_dir` becomes a
+        complete index directory (files hard-linked from `index_dir`; out_dir == index_dir tunes
+        in place) whose index.json carries the chosen search_params, so `search_with_index` uses
+        them; plus tune.csv, tune.json and tune.png (recall vs QPS).
+
+    With `query_vectors=None` the queries are corpus vectors sampled at random; their nearest
+    neighbour is themselves, which makes recall slightly optimistic. Pass real query vectors
+    when there are any.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from pydantic import Field
+
+from retroflow.artifacts import atomic_write_bytes, atomic_write_text
+from retroflow.config import StageConfig
+from retrieval.index import META_FILE, METRICS, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
+from retrieval.shards import Embeddings, open_embeddings
+
+log = logging.getLogger(__name__)
+
+
+class TuneConfig(StageConfig):
+    """`retroflow index tune`: what to sweep and what recall the chosen setting must reach."""
+
+    target_recall: float = Field(0.95, gt=0, le=1, description="recall@k against exact search the choice must reach")
+    k: int = Field(10, ge=1)
+    num_queries: int = Field(1000, ge=1, description="queries sampled for the sweep")
+    ef_search: list[int] = Field(default_factory=lambda: [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
+    nprobe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    k_factor: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
+    batch_size: int = Field(1024, ge=1, description="queries per search call when timing")
+    repeats: int = Field(3, ge=1, description="timings per setting; the best is kept (less noise on shared cores)")
+    exact_batch_size: int = Field(100_000, ge=1, description="corpus rows per block of the exact search")
+    device: str = "auto"
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------------------
+# Ground truth and measurement
+# ---------------------------------------------------------------------------------------
+
+
+def exact_topk(embeddings: Embeddings, queries: np.ndarray, k: int, metric: str, block: int) -> tuple[np.ndarray, float]:
+    """Exact top-k positions by scanning the corpus in blocks (memory-bounded), and the seconds spent searching."""
+    search_seconds = 0.0
+    heap = faiss.ResultHeap(len(queries), k, keep_max=(metric == "ip"))
+    offset = 0
+    for vectors in embeddings.iter_batches(block):
+        flat = faiss.IndexFlat(vectors.shape[1], METRICS[metric])
+        flat.add(vectors)
+        started = time.perf_counter()
+        scores, positions = flat.search(queries, min(k, len(vectors)))
+        search_seconds += time.perf_counter() - started
+        if scores.shape[1] < k:  # a block smaller than k: pad so the heap sees full rows
+            pad = k - scores.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf if metric == "ip" else np.inf)
+            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(scores, np.where(positions >= 0, positions + offset, -1))
+        offset += len(vectors)
+    heap.finalize()
+    return heap.I, search_seconds
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    """Mean fraction of the exact top-k found in the approximate top-k (k-recall@k)."""
+    hits = [len(set(f[:k][f[:k] >= 0]) & set(t[:k][t[:k] >= 0])) / max(int((t[:k] >= 0).sum()), 1) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if hits else 0.0
+
+
+def candidate_settings(loaded_index: "faiss.Index", config: TuneConfig) -> list[dict[str, int]]:
+    """Cartesian product of the configured values of every knob this index has."""
+    available = knob_ranges(loaded_index)
+    nlist = ivf_nlist(loaded_index)
+    grids: dict[str, list[int]] = {}
+    if "efSearch" in available:
+        grids["efSearch"] = sorted(set(config.ef_search))
+    if "quantizer_efSearch" in available:
+        grids["quantizer_efSearch"] = sorted({v for v in config.ef_search if v >= 16})[:4] or [64]
+    if "nprobe" in available:
+        grids["nprobe"] = sorted({v for v in config.nprobe if v <= nlist}) or [nlist]
+    if "k_factor_rf" in available:
+        grids["k_factor_rf"] = sorted(set(config.k_factor))
+    if not grids:
+        return [{}]  # exact indexes (Flat, SQ, PQ without IVF): nothing to tune
+    names = list(grids)
+    return [dict(zip(names, values)) for values in itertools.product(*(grids[n] for n in names))]
+
+
+def measure(loaded, queries: np.ndarray, truth: np.ndarray, params: dict[str, int], config: TuneConfig) -> dict[str, Any]:
+    search_loaded(loaded, queries[: min(len(queries), 32)], config.k, params)  # warm caches
+    best = float("inf")
+    for _ in range(config.repeats):
+        started = time.perf_counter()
+        _, found = search_loaded(loaded, queries, config.k, params, batch_size=config.batch_size)
+        best = min(best, time.perf_counter() - started)
+    return {**params, "recall": round(recall_at_k(found, truth, config.k), 5), "qps": round(len(queries) / best, 1)}
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Settings no other setting beats on both recall and QPS (sorted by QPS, fastest first)."""
+    front, best_recall = [], -1.0
+    for row in sorted(rows, key=lambda r: (-r["qps"], -r["recall"])):
+        if row["recall"] > best_recall:
+            front.append(row)
+            best_recall = row["recall"]
+    return front
+
+
+def choose(rows: list[dict[str, Any]], target: float) -> tuple[dict[str, Any], bool]:
+    """Fastest setting reaching `target` recall; else the most accurate one (target not met)."""
+    meeting = [r for r in rows if r["recall"] >= target]
+    if meeting:
+        return max(meeting, key=lambda r: (r["qps"], r["recall"])), True
+    return max(rows, key=lambda r: (r["recall"], r["qps"])), False
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------
+
+
+def table_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], front: list[dict[str, Any]], chosen: dict[str, Any], target: float,
+                  exact_qps: float, title: str, path: Path) -> None:  # fmt: skip
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([r["recall"] for r in rows], [r["qps"] for r in rows], s=14, color="0.7", label="settings")
+    ax.plot([r["recall"] for r in front], [r["qps"] for r in front], "o-", color="tab:blue", label="Pareto front")
+    ax.scatter([chosen["recall"]], [chosen["qps"]], marker="*", s=220, color="tab:red", zorder=5, label="chosen")
+    ax.axvline(target, color="tab:red", linestyle="--", linewidth=1, label=f"target {target}")
+    ax.axhline(exact_qps, color="0.3", linestyle=":", linewidth=1, label="exact (Flat) QPS")
+    ax.set_yscale("log")
+    ax.set_xlabel("recall@k vs exact search")
+    ax.set_ylabel("queries / s (batched, log)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def sample_queries(embeddings: Embeddings, query_vectors: np.ndarray | None, config: TuneConfig) -> tuple[np.ndarray, str]:
+    rng = np.random.default_rng(config.seed)
+    if query_vectors is not None:
+        query_vectors = np.asarray(query_vectors, dtype=np.float32)
+        take = np.sort(rng.choice(len(query_vectors), size=min(config.num_queries, len(query_vectors)), replace=False))
+        return np.ascontiguousarray(query_vectors[take]), "given"
+    take = np.sort(rng.choice(embeddings.num_docs, size=min(config.num_queries, embeddings.num_docs), replace=False))
+    return embeddings.rows(take), "sampled from corpus"
+
+
+# ---------------------------------------------------------------------------------------
+# Stage
+# ---------------------------------------------------------------------------------------
+
+
+def run_tune_index(
+    config: TuneConfig,
+    index_dir: Path,
+    embeddings_dir: Path,
+    query_vectors: np.ndarray | None,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Sweep, choose, and write a tuned index directory to `out_dir` (see the module docstring)."""
+    index_dir, out_dir = Path(index_dir), Path(out_dir)
+    meta = read_index_meta(index_dir)
+    embeddings = open_embeddings(embeddings_dir)
+    if embeddings.num_docs != meta["ntotal"] or embeddings.dim != meta["dim"]:
+        raise ValueError(f"{embeddings_dir} ({embeddings.num_docs} x {embeddings.dim}) is not what {index_dir} was built from ({meta['ntotal']} x {meta['dim']})")
+    queries, query_source = sample_queries(embeddings, query_vectors, config)
+    k = min(config.k, embeddings.num_docs)
+    config = config.with_overrides(k=k)
+    truth, exact_seconds = exact_topk(embeddings, queries, k, meta["metric"], config.exact_batch_size)
+    exact_qps = len(queries) / exact_seconds
+
+    loaded = load_index(index_dir, config.device)
+    settings = candidate_settings(loaded.parts[0], config)
+    log.info("tuning %s: %d settings x %d queries (target recall@%d >= %s)", meta["factory"], len(settings), len(queries), k, config.target_recall)
+    rows = [measure(loaded, queries, truth, params, config) for params in settings]
+    front = pareto_front(rows)
+    front_keys = {json.dumps({n: r[n] for n in r if n not in ("recall", "qps")}, sort_keys=True) for r in front}
+    for row in rows:
+        row["pareto"] = json.dumps({n: row[n] for n in row if n not in ("recall", "qps", "pareto")}, sort_keys=True) in front_keys
+    chosen, met = choose(rows, config.target_recall)
+    if not met:
+        log.warning("no setting of %s reaches recall %.3f (best %.4f): keeping the most accurate", meta["factory"], config.target_recall, chosen["recall"])
+    params = {n: chosen[n] for n in chosen if n not in ("recall", "qps", "pareto")}
+
+    if out_dir.resolve() != index_dir.resolve():
+        copy_index_dir(index_dir, out_dir)
+    knob_names = sorted({n for r in rows for n in r} - {"recall", "qps", "pareto"})
+    columns = knob_names + ["recall", "qps", "pareto"]
+    atomic_write_text(out_dir / "tune.csv", table_csv(rows, columns))
+    summary = {
+        "factory": meta["factory"],
+        "target_recall": config.target_recall,
+        "target_met": met,
+        "k": k,
+        "num_queries": len(queries),
+        "query_source": query_source,
+        "exact_qps": round(exact_qps, 1),
+        "chosen": chosen,
+        "search_params": params,
+        "speedup_vs_exact": round(chosen["qps"] / exact_qps, 2),
+        "pareto_front": front,
+        "rows": rows,
+        "device": "gpu" if loaded.on_gpu else "cpu",
+    }
+    atomic_write_text(out_dir / "tune.json", json.dumps(summary, indent=2))
+    plot_tradeoff(rows, front, chosen, config.target_recall, exact_qps, f"{meta['factory']}  ({meta['ntotal']} vectors, {len(queries)} queries)", out_dir / "tune.png")
+    tuned_meta = {**meta, "search_params": params, "tuned": True,
+                  "tuning": {k_: summary[k_] for k_ in ("target_recall", "target_met", "k", "num_queries", "query_source", "exact_qps", "speedup_vs_exact")}
+                  | {"recall": chosen["recall"], "qps": chosen["qps"]}}  # fmt: skip
+    atomic_write_text(out_dir / META_FILE, json.dumps(tuned_meta, indent=2, default=str))  # last: the directory is complete
+    return {k_: summary[k_] for k_ in ("factory", "target_recall", "target_met", "search_params", "exact_qps", "speedup_vs_exact", "num_queries", "query_source")} | {
+        "recall": chosen["recall"],
+        "qps": chosen["qps"],
+        "settings_tried": len(rows),
+        "pareto_size": len(front),
+    }

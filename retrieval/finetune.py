@@ -1,0 +1,677 @@
+"""DPR fine-tuning with in-batch + hard negatives, ANCE-style negative refresh, and distillation.
+
+Stage function (plain, no Prefect; the lead's flow wraps it in `ArtifactStore.build`):
+
+    run_finetune(config: FinetuneConfig, dataset: BeirDataset | None, model_path: Path,
+                 out_dir: Path, partial_dir: Path, negatives_file: Path | None = None,
+                 teacher_scores_file: Path | None = None, *, resume: bool = True,
+                 stop_after: int | None = None, training_set: TrainingSet | None = None) -> dict
+
+writes `out_dir/model` (HF weights + tokenizer + sentence-transformers files, so both
+`SentenceTransformer(out_dir/model)` and `retroflow evaluate --model out_dir/model` load it;
+with `model.shared_encoder: false`, `out_dir/query_model` and `out_dir/passage_model`),
+`out_dir/loss_history.json`, and returns metrics (final_loss, steps, loss_history, ...).
+Checkpoints (model, optimizer, scheduler, RNG, loss history) go to `partial_dir/checkpoints`
+every `train.save_every` steps and a re-run resumes from the latest one; ANCE rounds write their
+re-mined negatives to `partial_dir/ance/` so a resumed run reuses them.
+
+Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`.
+
+Design notes
+- The data order is a pure function of (seed, step): step s takes slots s*B..(s+1)*B-1 of
+  per-epoch permutations of the queries; the positive and the hard negatives of a slot are
+  drawn from an RNG seeded with (seed, slot). A resumed run therefore replays exactly the
+  batches the killed run would have seen, and every DDP rank can compute the doc ids of the
+  whole global batch without communication (used to mask in-batch false negatives).
+- One forward call encodes queries and passages together, so DDP sees one forward per backward.
+- Training pools and normalises exactly as the saved sentence-transformers config says, so the
+  trained similarity is the one used at search time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from retroflow.artifacts import atomic_write_text
+from retroflow.config import StageConfig
+from retroflow.devices import pick_device, pick_dtype, seed_everything
+from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
+from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
+from retrieval.negatives import MineNegativesConfig, mine_negatives, read_negatives, write_negatives
+from retrieval.training_data import TrainingSet, beir_training_set, dev_split
+
+log = logging.getLogger("retroflow.finetune")
+
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class ModelSection(_Section):
+    pooling: Literal["auto", "cls", "mean"] = "auto"  # auto = the init model's sentence-transformers config, else cls
+    normalize: bool | None = None  # None = as the init model's sentence-transformers config says
+    shared_encoder: bool = True  # False: separate query and passage encoders (DPR's original setup)
+    query_max_length: int = Field(64, ge=4)
+    passage_max_length: int = Field(256, ge=8, description="passage tokens seen in training")
+    # what the saved sentence-transformers config declares (used at encoding time); None = passage_max_length.
+    # Training on shorter passages than the model serves is a cheap, common trade on CPUs.
+    serve_max_length: int | None = Field(None, ge=8)
+    gradient_checkpointing: bool = False
+
+
+class DataSection(_Section):
+    split: str = "train"
+    min_grade: int = Field(1, ge=1)
+    dev_fraction: float = Field(0.0, ge=0, lt=1, description="train queries held out as dev (never trained on)")
+    dev_seed: int = 0
+    max_queries: int | None = Field(None, ge=1, description="use only the first N training queries")
+
+
+class NegativesSection(_Section):
+    hard_negatives: int = Field(1, ge=0, description="hard negatives per query in each batch")
+    # used when run_finetune gets no negatives file and hard_negatives > 0
+    mine: MineNegativesConfig = Field(default_factory=MineNegativesConfig)
+
+
+class TrainSection(_Section):
+    seed: int = 42
+    epochs: float | None = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="overrides epochs")
+    batch_size: int = Field(32, ge=1, description="queries per optimizer step (all processes, all micro-batches)")
+    grad_accum_steps: int = Field(1, ge=1)
+    lr: float = Field(2e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    temperature: float | None = Field(None, gt=0, description="None = 0.05 for normalised embeddings, else 1")
+    mask_false_negatives: bool = True  # hide in-batch passages judged relevant to the query
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    save_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+
+
+class AnceSection(_Section):
+    rounds: int = Field(0, ge=0, description="number of negative refreshes (0 = off)")
+    refresh_every: int | None = Field(None, ge=1, description="steps between refreshes; None = total / (rounds + 1)")
+    rank_start: int = Field(0, ge=0)
+    rank_end: int = Field(100, ge=1)
+    max_negatives: int | None = Field(None, ge=1)
+    index: Literal["flat", "hnsw"] = "flat"
+    encode_batch_size: int = Field(64, ge=1)
+
+
+class DistillSection(_Section):
+    loss: Literal["none", "kl", "margin_mse"] = "none"
+    temperature: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0, description="weight of the distillation term")
+    contrastive_weight: float = Field(1.0, ge=0, description="weight of the in-batch contrastive term")
+
+
+class FinetuneConfig(StageConfig):
+    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
+    init: str = "minilm"  # used by the CLI; the stage function receives model_path
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    negatives: NegativesSection = Field(default_factory=NegativesSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    ance: AnceSection = Field(default_factory=AnceSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FinetuneConfig":
+        if self.train.batch_size % self.train.grad_accum_steps:
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum_steps={self.train.grad_accum_steps}")
+        if self.train.epochs is None and self.train.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps")
+        if self.distill.loss != "none" and self.negatives.hard_negatives < 1:
+            raise ValueError("distillation needs negatives.hard_negatives >= 1 (the candidate list is positive + negatives)")
+        if self.distill.loss != "none" and self.ance.rounds:
+            raise ValueError("ance.rounds > 0 with distillation: refreshed negatives have no teacher scores; use one or the other")
+        if self.ance.rank_end <= self.ance.rank_start:
+            raise ValueError("ance.rank_end must be larger than ance.rank_start")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- model
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class BiEncoder(torch.nn.Module):
+    """Query and passage towers (one shared module by default); forward encodes both in one call."""
+
+    def __init__(self, query_model, passage_model, pooling: str, normalize: bool):
+        super().__init__()
+        self.query_model = query_model
+        # registered only when separate: a shared tower must appear once in the state dict
+        self.separate_passage_model = passage_model
+        self.shared = passage_model is None
+        self.pooling, self.normalize = pooling, normalize
+
+    @property
+    def passage_model(self):
+        return self.query_model if self.shared else self.separate_passage_model
+
+    def _embed(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        vectors = pool_hidden(hidden.float(), batch["attention_mask"], self.pooling)
+        return F.normalize(vectors, dim=-1) if self.normalize else vectors
+
+    def forward(self, queries: dict[str, torch.Tensor], passages: dict[str, torch.Tensor]):
+        return self._embed(self.query_model, queries), self._embed(self.passage_model, passages)
+
+
+def load_backbone(path: Path, gradient_checkpointing: bool):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path)
+    if getattr(model, "pooler", None) is not None:
+        # BERT's pooler is unused by cls/mean pooling: frozen, so DDP does not wait for its gradients
+        model.pooler.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool, float]:
+    st = read_sentence_transformer_settings(model_path)
+    pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling if st.pooling in ("cls", "mean") else "cls")
+    normalize = config.model.normalize if config.model.normalize is not None else st.normalize
+    temperature = config.train.temperature or (0.05 if normalize else 1.0)
+    return pooling, normalize, temperature
+
+
+def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int) -> None:
+    """HF weights + tokenizer + sentence-transformers files, written to a temp dir then renamed."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_sentence_transformer_files(tmp, pooling, normalize, max_seq_length, int(model.config.hidden_size))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+# ---------------------------------------------------------------------------------------- data plan
+
+
+@dataclass
+class Sample:
+    qid: str
+    query: str
+    positive: str
+    negatives: list[str]
+
+
+class BatchPlan:
+    """Global batch of step s: a pure function of (seed, step, negatives pool)."""
+
+    def __init__(self, train: TrainingSet, batch_size: int, hard_negatives: int, seed: int):
+        self.train, self.batch_size, self.n, self.seed = train, batch_size, hard_negatives, seed
+        self.examples = train.examples
+        self.all_doc_ids = sorted(train.passages)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))}
+        return self._perms[epoch]
+
+    def sample(self, slot: int, pools: dict[str, list[str]]) -> Sample:
+        count = len(self.examples)
+        example = self.examples[int(self.permutation(slot // count)[slot % count])]
+        rng = np.random.default_rng([self.seed, 1, slot])
+        positive = example.positives[int(rng.integers(len(example.positives)))]
+        pool = pools.get(example.qid) or list(example.negatives)
+        if self.n == 0:
+            chosen: list[str] = []
+        elif len(pool) >= self.n:
+            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=False)]
+        elif pool:
+            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=True)]
+        else:  # no mined negative for this query: random passages that are not its positives
+            banned = self.train.positives_of(example.qid) | set(example.positives)
+            chosen = []
+            while len(chosen) < self.n:
+                doc = self.all_doc_ids[int(rng.integers(len(self.all_doc_ids)))]
+                if doc not in banned:
+                    chosen.append(doc)
+        return Sample(example.qid, example.query, positive, chosen)
+
+    def global_batch(self, step: int, pools: dict[str, list[str]]) -> list[Sample]:
+        return [self.sample(slot, pools) for slot in range(step * self.batch_size, (step + 1) * self.batch_size)]
+
+
+def micro_batches(batch: list[Sample], rank: int, world: int, accum: int) -> list[list[list[Sample]]]:
+    """[micro][rank] -> samples: rank r's contiguous share cut into `accum` micro-batches."""
+    if len(batch) % (world * accum):
+        raise ValueError(f"batch_size {len(batch)} does not split into {world} processes x {accum} micro-batches")
+    share = len(batch) // world
+    micro = share // accum
+    return [[batch[r * share + m * micro : r * share + (m + 1) * micro] for r in range(world)] for m in range(accum)]
+
+
+def false_negative_mask(local: list[Sample], everyone: list[list[Sample]], train: TrainingSet, group: int) -> torch.Tensor:
+    """(B_local, P_global) True where a passage is judged relevant to the query (but is not its label)."""
+    doc_ids = [d for rank_samples in everyone for s in rank_samples for d in [s.positive, *s.negatives]]
+    mask = torch.zeros(len(local), len(doc_ids), dtype=torch.bool)
+    for i, sample in enumerate(local):
+        relevant = train.positives_of(sample.qid) | {sample.positive}
+        for j, doc in enumerate(doc_ids):
+            mask[i, j] = doc in relevant
+    return mask  # the label column is re-enabled inside contrastive_loss
+
+
+# ---------------------------------------------------------------------------------------- teacher scores
+
+
+TEACHER_FORMAT = "retroflow-teacher-scores/1"
+
+
+def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
+    """(provenance, {qid: {doc id: score}}) from a teacher scores file (see retrieval.teacher)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher scores file not found: {path}")
+    scores: dict[str, dict[str, float]] = {}
+    provenance: dict[str, Any] | None = None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg})") from None
+            if number == 1:
+                if record.get("format") != TEACHER_FORMAT:
+                    raise ValueError(f"{path}, line 1: not a retroflow teacher scores file")
+                provenance = record["provenance"]
+                continue
+            if len(record.get("doc_ids", [])) != len(record.get("scores", [None])):
+                raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
+            scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}
+    if provenance is None:
+        raise ValueError(f"{path}: empty teacher scores file")
+    return provenance, scores
+
+
+# ---------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class FinetuneResult:
+    steps: int = 0
+    loss_history: list[float] = field(default_factory=list)
+    distill_loss_history: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    steps_run: int = 0
+    resumed_from: int | None = None
+    ance_rounds_done: int = 0
+
+    def final_loss(self, window: int = 10) -> float:
+        tail = self.loss_history[-window:]
+        return float(sum(tail) / len(tail)) if tail else math.nan
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / TRAINER_STATE).is_file()]
+    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def make_accelerator(train: TrainSection):
+    from accelerate import Accelerator
+
+    device = pick_device(train.device)
+    dtype = pick_dtype(device, train.precision)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def total_steps(config: FinetuneConfig, num_examples: int) -> int:
+    if config.train.max_steps is not None:
+        return config.train.max_steps
+    return max(1, math.ceil(config.train.epochs * num_examples / config.train.batch_size))
+
+
+def refresh_steps(config: FinetuneConfig, steps: int) -> list[int]:
+    """Steps after which ANCE re-mines negatives (strictly inside the run)."""
+    rounds = config.ance.rounds
+    if not rounds:
+        return []
+    every = config.ance.refresh_every or max(1, steps // (rounds + 1))
+    return [every * (i + 1) for i in range(rounds) if every * (i + 1) < steps]
+
+
+class FinetuneTrainer:
+    def __init__(self, config: FinetuneConfig, model_path: Path, train: TrainingSet, partial_dir: Path, dataset=None):
+        from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+
+        self.config, self.train_set, self.dataset = config, train, dataset
+        self.partial_dir = Path(partial_dir)
+        self.checkpoint_dir = self.partial_dir / "checkpoints"
+        self.acc = make_accelerator(config.train)
+        seed_everything(config.train.seed)
+        self.pooling, self.normalize, self.temperature = resolve_pooling(config, model_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        gc = config.model.gradient_checkpointing
+        query_model = load_backbone(model_path, gc)
+        passage_model = None if config.model.shared_encoder else load_backbone(model_path, gc)
+        model = BiEncoder(query_model, passage_model, self.pooling, self.normalize)
+        self.steps = total_steps(config, len(train))
+        optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
+        # the scheduler is not `prepare`d: accelerate would step it once per process
+        self.scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * self.steps), self.steps)
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.acc.register_for_checkpointing(self.scheduler)
+        self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed)
+        self.pools: dict[str, list[str]] = {}
+        self.teacher: dict[str, dict[str, float]] | None = None
+        self.result = FinetuneResult()
+
+    # ------------------------------------------------------------------------ inputs
+    def set_pools(self, pools: dict[str, list[str]]) -> None:
+        self.pools = pools
+
+    def set_teacher(self, scores: dict[str, dict[str, float]]) -> None:
+        """Distillation: negatives are drawn from each query's teacher-scored candidates."""
+        self.teacher = scores
+        self.pools = {qid: [d for d in docs if d not in self.train_set.positives_of(qid)] for qid, docs in scores.items()}
+
+    def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
+        return {"input_ids": batch["input_ids"].to(self.acc.device), "attention_mask": batch["attention_mask"].to(self.acc.device)}
+
+    def _teacher_matrix(self, samples: list[Sample]) -> torch.Tensor:
+        rows = []
+        for s in samples:
+            scores = self.teacher.get(s.qid, {})
+            missing = [d for d in [s.positive, *s.negatives] if d not in scores]
+            if missing:
+                raise ValueError(f"teacher scores have no score for query '{s.qid}', passage '{missing[0]}'")
+            rows.append([scores[d] for d in [s.positive, *s.negatives]])
+        return torch.tensor(rows, dtype=torch.float32, device=self.acc.device)
+
+    # ------------------------------------------------------------------------ one step
+    def micro_loss(self, local: list[Sample], everyone: list[list[Sample]]) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        group = 1 + cfg.negatives.hard_negatives
+        queries = self._tokenize([s.query for s in local], cfg.model.query_max_length)
+        texts = [self.train_set.passages[d] for s in local for d in [s.positive, *s.negatives]]
+        passages = self._tokenize(texts, cfg.model.passage_max_length)
+        q, p = self.model(queries, passages)
+        mask = false_negative_mask(local, everyone, self.train_set, group).to(q.device) if cfg.train.mask_false_negatives else None
+        loss, _, _ = contrastive_loss(q, p, group, self.temperature, mask=mask)
+        distill = torch.zeros((), device=q.device)
+        if self.teacher is not None:
+            student = group_scores(q, p, group, self.temperature)
+            teacher = self._teacher_matrix(local)
+            if cfg.distill.loss == "kl":
+                distill = kl_distillation_loss(student, teacher, cfg.distill.temperature)
+            else:
+                distill = margin_mse_loss(student, teacher)
+            loss = cfg.distill.contrastive_weight * loss + cfg.distill.weight * distill
+        return loss, distill.detach()
+
+    def train_step(self, step: int) -> tuple[float, float]:
+        from contextlib import nullcontext
+
+        rank, world = rank_and_world()
+        accum = self.config.train.grad_accum_steps
+        chunks = micro_batches(self.plan.global_batch(step, self.pools), rank, world, accum)
+        totals = torch.zeros(2, device=self.acc.device)
+        for i, everyone in enumerate(chunks):
+            sync = self.acc.no_sync(self.model) if i < accum - 1 else nullcontext()
+            with sync:
+                loss, distill = self.micro_loss(everyone[rank], everyone)
+                self.acc.backward(loss / accum)
+            totals += torch.stack([loss.detach().float(), distill.float()]) / accum
+        if self.config.train.max_grad_norm:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if world > 1:
+            totals = self.acc.reduce(totals, reduction="mean")
+        return float(totals[0]), float(totals[1])
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
+        tmp = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        self.acc.save_state(str(tmp))
+        if self.acc.is_main_process:
+            state = {"step": step, "loss_history": self.result.loss_history,
+                     "distill_loss_history": self.result.distill_loss_history}  # fmt: skip
+            (tmp / TRAINER_STATE).write_text(json.dumps(state))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in list_checkpoints(self.checkpoint_dir)[: -self.config.train.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+            log.info("checkpoint saved: %s", final)
+        self.acc.wait_for_everyone()
+        return final
+
+    def maybe_resume(self) -> int:
+        found = list_checkpoints(self.checkpoint_dir)
+        if not found:
+            return 0
+        latest = found[-1]
+        self.acc.load_state(str(latest))
+        state = json.loads((latest / TRAINER_STATE).read_text())
+        self.result.loss_history = list(state["loss_history"])
+        self.result.distill_loss_history = list(state.get("distill_loss_history", []))
+        self.result.steps = self.result.resumed_from = int(state["step"])
+        log.info("resumed from %s (step %d)", latest, state["step"])
+        return int(state["step"])
+
+    # ------------------------------------------------------------------------ ANCE
+    def unwrapped(self) -> BiEncoder:
+        return self.acc.unwrap_model(self.model)
+
+    def ance_refresh(self, round_index: int) -> dict[str, list[str]]:
+        """Re-encode the corpus with the current weights and re-mine dense negatives (cached per round)."""
+        ance_dir = self.partial_dir / "ance"
+        negatives_path = ance_dir / f"negatives-round-{round_index}.jsonl"
+        if self.acc.is_main_process and not negatives_path.is_file():
+            if self.dataset is None:
+                raise ValueError("ANCE refresh needs a BEIR dataset (a corpus to re-encode)")
+            model_dir = ance_dir / f"round-{round_index}-model"
+            self.save_passage_encoder(model_dir)
+            cfg = self.config
+            mine_cfg = MineNegativesConfig(
+                split=cfg.data.split, method="dense", rank_start=cfg.ance.rank_start, rank_end=cfg.ance.rank_end,
+                max_negatives=cfg.ance.max_negatives, min_grade=cfg.data.min_grade, index=cfg.ance.index,
+                encoder={"batch_size": cfg.ance.encode_batch_size, "show_progress": False,
+                         "device": str(self.acc.device), "query_max_length": cfg.model.query_max_length},
+            )  # fmt: skip
+            started = time.perf_counter()
+            was_training = self.model.training
+            mined = mine_negatives(mine_cfg, self.dataset, model_dir, query_ids=[ex.qid for ex in self.train_set.examples])
+            self.model.train(was_training)
+            mined.provenance["ance_round"] = round_index
+            write_negatives(negatives_path, mined)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            log.info("ANCE round %d: re-mined negatives in %.1fs", round_index, time.perf_counter() - started)
+        self.acc.wait_for_everyone()
+        return read_negatives(negatives_path).negatives
+
+    def save_passage_encoder(self, dest: Path) -> None:
+        model = self.unwrapped()
+        m = self.config.model
+        save_encoder(model.passage_model, self.tokenizer, dest, self.pooling, self.normalize, m.serve_max_length or m.passage_max_length)
+
+    # ------------------------------------------------------------------------ loop
+    def train(self, resume: bool = True, stop_after: int | None = None) -> FinetuneResult:
+        from tqdm.auto import tqdm
+
+        start = self.maybe_resume() if resume else 0
+        refreshes = refresh_steps(self.config, self.steps)
+        done = [s for s in refreshes if s <= start]
+        if done:  # resumed after a refresh: continue with that round's negatives
+            self.pools = self.ance_refresh(len(done))
+        self.result.ance_rounds_done = len(done)
+        self.model.train()
+        bar = tqdm(total=self.steps, initial=start, desc="finetune", disable=not self.acc.is_main_process, dynamic_ncols=True)
+        began = time.perf_counter()
+        for step in range(start, self.steps):
+            if step in refreshes and step > start:  # a refresh at `start` already happened above
+                round_index = refreshes.index(step) + 1
+                self.pools = self.ance_refresh(round_index)
+                self.result.ance_rounds_done = round_index
+            loss, distill = self.train_step(step)
+            self.result.loss_history.append(loss)
+            self.result.distill_loss_history.append(distill)
+            self.result.steps = step + 1
+            self.result.steps_run += 1
+            bar.update(1)
+            if (step + 1) % self.config.train.log_every == 0 or step + 1 == self.steps:
+                log.info("step %d/%d loss %.4f distill %.4f lr %.2e", step + 1, self.steps, loss, distill, self.scheduler.get_last_lr()[0])
+            if (step + 1) % self.config.train.save_every == 0 and step + 1 < self.steps:
+                self.save_checkpoint(step + 1)
+            if stop_after is not None and step + 1 >= stop_after:
+                break
+        bar.close()
+        self.result.seconds = time.perf_counter() - began
+        return self.result
+
+    def save(self, out_dir: Path) -> list[str]:
+        if not self.acc.is_main_process:
+            return []
+        model, m = self.unwrapped(), self.config.model
+        serve = m.serve_max_length or m.passage_max_length
+        if model.shared:
+            save_encoder(model.query_model, self.tokenizer, out_dir / "model", self.pooling, self.normalize, serve)
+            return ["model"]
+        save_encoder(model.query_model, self.tokenizer, out_dir / "query_model", self.pooling, self.normalize, max(m.query_max_length, serve))
+        save_encoder(model.passage_model, self.tokenizer, out_dir / "passage_model", self.pooling, self.normalize, serve)
+        return ["query_model", "passage_model"]
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+
+def training_queries(config: FinetuneConfig, dataset, training_set: TrainingSet | None) -> TrainingSet:
+    """The training examples: the split's judged queries minus the dev hold-out (and max_queries)."""
+    train = training_set or beir_training_set(dataset, config.data.split, config.data.min_grade)
+    keep, _ = dev_split([ex.qid for ex in train.examples], config.data.dev_fraction, config.data.dev_seed)
+    if config.data.max_queries:
+        keep = keep[: config.data.max_queries]
+    return train.subset(keep)
+
+
+def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_dir: Path, negatives_file: Path | None):
+    """Hard-negative pools per query (+ provenance): from the file, or mined with BM25 into partial_dir."""
+    if config.negatives.hard_negatives == 0:
+        return {}, None
+    if negatives_file is None:
+        if dataset is None:
+            return {}, {"method": "given by the training data"}
+        negatives_file = Path(partial_dir) / "negatives.jsonl"
+        if not negatives_file.is_file():
+            mine_cfg = config.negatives.mine.model_copy(update={"split": config.data.split})
+            write_negatives(negatives_file, mine_negatives(mine_cfg, dataset, query_ids=[ex.qid for ex in train.examples]))
+    mined = read_negatives(negatives_file)
+    fingerprint = mined.provenance.get("dataset_fingerprint")
+    if dataset is not None and fingerprint and fingerprint != dataset.fingerprint:
+        raise ValueError(f"{negatives_file} was mined on dataset {fingerprint[:12]}, not on {dataset.name} ({dataset.fingerprint[:12]})")
+    pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
+    return pools, mined.provenance
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    dataset,
+    model_path: Path,
+    out_dir: Path,
+    partial_dir: Path,
+    negatives_file: Path | None = None,
+    teacher_scores_file: Path | None = None,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    training_set: TrainingSet | None = None,
+) -> dict:
+    """Fine-tune `model_path` into `out_dir/model`; see the module docstring for files and resumption."""
+    out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    model_path = resolve_model_path(model_path)
+    if (config.distill.loss == "none") != (teacher_scores_file is None):
+        raise ValueError("distill.loss and teacher_scores_file go together: set both (distillation) or neither")
+    train = training_queries(config, dataset, training_set)
+    trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
+    provenance = None
+    if teacher_scores_file is not None:
+        provenance, scores = read_teacher_scores(teacher_scores_file)
+        trainer.set_teacher(scores)
+    else:
+        pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)
+        trainer.set_pools(pools)
+    log.info("fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
+             model_path, len(train), trainer.steps, trainer.pooling, trainer.normalize, trainer.temperature)  # fmt: skip
+    result = trainer.train(resume=resume, stop_after=stop_after)
+    metrics = {
+        "final_loss": result.final_loss(),
+        "steps": result.steps,
+        "total_steps": trainer.steps,
+        "loss_history": result.loss_history,
+        "distill_loss_history": result.distill_loss_history if teacher_scores_file else [],
+        "seconds": round(result.seconds, 2),
+        "steps_per_s": result.steps_run / result.seconds if result.seconds > 0 else None,
+        "resumed_from": result.resumed_from,
+        "ance_rounds_done": result.ance_rounds_done,
+        "num_train_queries": len(train),
+        "pooling": trainer.pooling,
+        "normalize": trainer.normalize,
+        "temperature": trainer.temperature,
+        "processes": trainer.acc.num_processes,
+        "negatives_provenance": provenance,
+        "distill": config.distill.loss,
+        "init": str(model_path),
+    }
+    if stop_after is not None and result.steps < trainer.steps:
+        metrics["stopped_early"] = True
+        return metrics
+    trainer.acc.wait_for_everyone()
+    if trainer.acc.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        metrics["outputs"] = trainer.save(out_dir)
+        atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": result.loss_history, "distill": metrics["distill_loss_history"]}))
+    trainer.acc.wait_for_everyone()
+    return metrics

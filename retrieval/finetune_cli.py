@@ -1,0 +1,136 @@
+"""`retroflow mine-negatives`, `retroflow train-teacher`, `retroflow finetune`.
+
+Each command loads a YAML config (flags and `--set key=value` override it), runs the stage
+function into `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume`
+continues a killed run) and prints a JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from retroflow.artifacts import atomic_write_text
+from retroflow.config import load_config
+from retroflow.console import emit_json, format_table
+
+PARTIAL = "partial"
+
+
+def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--dataset", help="BEIR directory or name (overrides the config's `dataset`)")
+    parser.add_argument("--output", type=Path, required=True, help="directory the stage writes into")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.lr=5e-5 (repeatable)")
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    mine = subparsers.add_parser(
+        "mine-negatives", help="mine hard negatives with BM25 or a dense model",
+        description="Mine hard negatives for a dataset's training queries from a rank window, excluding every "
+        "judged positive. Writes DIR/negatives.jsonl (first line: provenance).",
+    )  # fmt: skip
+    _common(mine, "YAML MineNegativesConfig, e.g. configs/finetune/mine-bm25.yaml")
+    mine.add_argument("--method", choices=["bm25", "dense"])
+    mine.add_argument("--model", help="dense mining: alias or model directory")
+    mine.set_defaults(func=run_mine_command)
+
+    teacher = subparsers.add_parser(
+        "train-teacher", help="train a cross-encoder teacher and cache its candidate scores",
+        description="Train a cross-encoder on the training queries + mined negatives, then score each query's "
+        "candidates. Writes DIR/teacher/ and DIR/teacher_scores.jsonl.",
+    )  # fmt: skip
+    _common(teacher, "YAML TeacherConfig, e.g. configs/finetune/teacher-tiny.yaml")
+    teacher.add_argument("--negatives", type=Path, required=True, help="negatives.jsonl from mine-negatives")
+    teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
+    teacher.set_defaults(func=run_teacher_command)
+
+    finetune = subparsers.add_parser(
+        "finetune", help="DPR fine-tuning (hard negatives, ANCE refresh, distillation)",
+        description="Fine-tune a bi-encoder on a dataset's training qrels. Writes DIR/model (HF + "
+        "sentence-transformers files), DIR/metrics.json. Multi-process: "
+        "torchrun --nproc_per_node N -m retroflow.cli finetune ...",
+    )  # fmt: skip
+    _common(finetune, "YAML FinetuneConfig, e.g. configs/finetune/tiny.yaml")
+    finetune.add_argument("--model", help="encoder to start from (alias, HF dir, pretrain output); overrides `init`")
+    finetune.add_argument("--negatives", type=Path, help="negatives.jsonl (default: mine with BM25 as negatives.mine says)")
+    finetune.add_argument("--teacher-scores", type=Path, help="teacher_scores.jsonl: distil (set distill.loss)")
+    finetune.add_argument("--max-steps", type=int, help="override train.max_steps")
+    finetune.add_argument("--seed", type=int, help="override train.seed")
+    finetune.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
+    finetune.set_defaults(func=run_finetune_command)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _load_dataset(name: str):
+    from eval.datasets import load_dataset
+
+    return load_dataset(name)
+
+
+def _partial_dir(output: Path, resume: bool) -> Path:
+    partial = output / PARTIAL
+    if _is_main_process() and partial.is_dir() and any(partial.iterdir()) and not resume:
+        raise ValueError(f"{partial} holds an unfinished run: pass --resume to continue it, or use a new --output")
+    partial.mkdir(parents=True, exist_ok=True)
+    return partial
+
+
+def _finish(output: Path, metrics: dict) -> None:
+    if _is_main_process():
+        short = {k: v for k, v in metrics.items() if k not in ("loss_history", "distill_loss_history")}
+        atomic_write_text(output / "metrics.json", json.dumps(metrics, indent=2, default=str))
+        shutil.rmtree(output / PARTIAL, ignore_errors=True)
+        emit_json({**short, "output_dir": str(output)})
+
+
+def run_mine_command(args: argparse.Namespace) -> int:
+    from retrieval.negatives import MineNegativesConfig, run_mine_negatives
+
+    overrides = list(args.overrides)
+    for flag in ("dataset", "method", "model"):
+        if getattr(args, flag):
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    config = load_config(MineNegativesConfig, args.config, overrides)
+    metrics = run_mine_negatives(config, _load_dataset(config.dataset), args.output)
+    print(format_table([{k: metrics[k] for k in ("method", "queries", "negatives", "mean_per_query")}]))
+    atomic_write_text(args.output / "metrics.json", json.dumps(metrics, indent=2))
+    emit_json({**metrics, "output_dir": str(args.output)})
+    return 0
+
+
+def run_teacher_command(args: argparse.Namespace) -> int:
+    from retrieval.teacher import TeacherConfig, run_train_teacher
+
+    overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
+    config = load_config(TeacherConfig, args.config, overrides)
+    partial = _partial_dir(args.output, args.resume)
+    metrics = run_train_teacher(config, _load_dataset(config.dataset), args.negatives, args.output, partial, resume=args.resume)
+    _finish(args.output, metrics)
+    return 0
+
+
+def run_finetune_command(args: argparse.Namespace) -> int:
+    from retrieval.finetune import FinetuneConfig, run_finetune
+
+    overrides = list(args.overrides)
+    for flag, key in (("dataset", "dataset"), ("model", "init"), ("max_steps", "train.max_steps"), ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    config = load_config(FinetuneConfig, args.config, overrides)
+    partial = _partial_dir(args.output, args.resume)
+    metrics = run_finetune(
+        config, _load_dataset(config.dataset), config.init, args.output, partial,
+        negatives_file=args.negatives, teacher_scores_file=args.teacher_scores, resume=args.resume,
+    )  # fmt: skip
+    if _is_main_process():
+        print(format_table([{"steps": metrics["steps"], "final_loss": metrics["final_loss"], "queries": metrics["num_train_queries"]}]))
+    _finish(args.output, metrics)
+    return 0

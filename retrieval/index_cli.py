@@ -1,0 +1,256 @@
+"""`retroflow encode`, `retroflow index build|tune`, `retroflow search`: thin wrappers over the stage functions.
+
+    retroflow encode --model minilm --dataset scifact --output runs/scifact-minilm [--shard-size 50000]
+                     [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
+    retroflow index build --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
+    retroflow index tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
+    retroflow search --index DIR --query "text" [--query ...] | --dataset D --split test --output run.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retroflow.config import load_config
+from retroflow.console import emit_json, format_table
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    _add_encode(subparsers)
+    _add_index(subparsers)
+    _add_search(subparsers)
+
+
+def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (repeatable)")
+
+
+def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list[str]:
+    overrides = list(args.set)
+    for flag, key in pairs:
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return overrides
+
+
+# ---------------------------------------------------------------------------------------
+# encode
+# ---------------------------------------------------------------------------------------
+
+
+def _add_encode(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "encode",
+        help="encode a corpus into sharded, resumable embeddings",
+        description="Encode every passage of a BEIR corpus in fixed-size shards. Finished shards survive a "
+        "kill (re-run the same command to resume). Parallel: run `--worker I --num-workers N` in N processes "
+        "(or machines sharing OUTPUT), then the command without --worker to merge; or --devices cuda:0,cuda:1.",
+    )
+    _common(parser, "YAML EncodeConfig, e.g. configs/index/encode-scifact.yaml")
+    parser.add_argument("--model", help="alias (minilm), local HF model dir or hub id")
+    parser.add_argument("--dataset", help="BEIR directory, name, hf:BeIR/NAME or zip URL")
+    parser.add_argument("--output", type=Path, required=True, help="embeddings directory (shards go to OUTPUT/shards until merged)")
+    parser.add_argument("--shard-size", type=int)
+    parser.add_argument("--dtype", choices=["float32", "float16"])
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--no-merge", action="store_true", help="keep per-shard files instead of one embeddings.npy")
+    parser.add_argument("--worker", type=int, help="encode only this worker's shards (no merge)")
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--devices", help="comma-separated devices, one worker process each (cuda:0,cuda:1)")
+    parser.set_defaults(func=run_encode_command)
+
+
+def run_encode_command(args: argparse.Namespace) -> int:
+    from eval.datasets import load_dataset
+    from retrieval.shards import META_FILE, EncodeConfig, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+
+    overrides = _overrides(args, [("model", "model"), ("dataset", "dataset"), ("shard_size", "shard_size"), ("dtype", "dtype"),
+                                  ("batch_size", "encoder.batch_size")])  # fmt: skip
+    if args.no_merge:
+        overrides.append("merge=false")
+    config = load_config(EncodeConfig, args.config, overrides)
+    dataset = load_dataset(config.dataset)
+    out_dir, shards_dir = args.output, args.output / "shards"
+    if (out_dir / META_FILE).is_file():
+        existing = json.loads((out_dir / META_FILE).read_text())
+        if existing.get("compat_key") != compatibility_key(config, dataset):
+            raise ValueError(f"{out_dir} already holds embeddings from a different model/config/dataset; choose another --output")
+        print(f"{out_dir} is already complete ({existing['num_docs']} vectors)")
+        emit_json({"output": str(out_dir), "num_docs": existing["num_docs"], "dim": existing["dim"], "skipped": True})
+        return 0
+    if args.worker is not None:
+        plan = plan_shards(dataset.num_docs, config.shard_size)
+        mine = worker_shards(len(plan), args.worker, args.num_workers)
+        stats = encode_shards(config, dataset, shards_dir, mine)
+        emit_json({"output": str(shards_dir), "worker": args.worker, "num_workers": args.num_workers, **stats})
+        return 0
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    metrics = run_encode(config, dataset, out_dir, shards_dir, devices=devices)
+    shutil.rmtree(shards_dir, ignore_errors=True)  # merged (or moved) into OUTPUT: drop the second copy
+    print(format_table([{k: metrics.get(k) for k in ("num_docs", "dim", "dtype", "num_shards", "shards_encoded", "shards_skipped", "docs_per_s")}]))
+    emit_json({"output": str(out_dir), **metrics})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# index build / tune
+# ---------------------------------------------------------------------------------------
+
+
+def _add_index(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("index", help="build or tune a FAISS index over an embeddings directory")
+    commands = parser.add_subparsers(dest="index_command", metavar="{build,tune}")
+    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
+
+    build = commands.add_parser("build", help="train + fill a FAISS index from a factory string",
+                                description="Build a FAISS index (Flat, HNSW32, IVF1024,PQ48, OPQ48,IVF1024,PQ48, SQ8, ...).")  # fmt: skip
+    _common(build, "YAML IndexConfig, e.g. configs/index/hnsw32.yaml")
+    build.add_argument("--embeddings", type=Path, required=True, help="directory written by `retroflow encode`")
+    build.add_argument("--factory", help="FAISS index_factory string")
+    build.add_argument("--output", type=Path, help="index directory (default: beside the embeddings, named after the factory)")
+    build.add_argument("--num-shards", type=int, help="sub-indexes searched together with IndexShards")
+    build.add_argument("--metric", choices=["ip", "l2"])
+    build.set_defaults(func=run_index_build_command)
+
+    tune = commands.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
+                               description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
+    _common(tune, "YAML TuneConfig, e.g. configs/index/tune.yaml")
+    tune.add_argument("--index", type=Path, required=True)
+    tune.add_argument("--embeddings", type=Path, help="default: the directory the index was built from")
+    tune.add_argument("--queries", type=Path, help=".npy query vectors")
+    tune.add_argument("--dataset", help="encode this dataset's queries (with the index's model) as tuning queries")
+    tune.add_argument("--split", default="test")
+    tune.add_argument("--model", help="query encoder (default: the model recorded in the index)")
+    tune.add_argument("--output", type=Path, help="tuned index directory (default: tune --index in place)")
+    tune.add_argument("--target-recall", type=float)
+    tune.add_argument("--num-queries", type=int)
+    tune.add_argument("--k", type=int)
+    tune.set_defaults(func=run_index_tune_command)
+
+
+def factory_slug(factory: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", factory).strip("-").lower()
+
+
+def run_index_build_command(args: argparse.Namespace) -> int:
+    from retrieval.index import IndexConfig, run_build_index
+
+    config = load_config(IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")]))
+    embeddings = args.embeddings.resolve()
+    out_dir = args.output or embeddings.parent / f"{embeddings.name}.index-{factory_slug(config.factory)}"
+    metrics = run_build_index(config, embeddings, out_dir)
+    print(format_table([{k: metrics[k] for k in ("factory", "ntotal", "num_shards", "bytes_per_vector", "train_seconds", "add_seconds")}]))
+    emit_json({"output": str(out_dir), **metrics})
+    return 0
+
+
+def query_encoder(index_meta: dict[str, Any], model: str | None):
+    """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
+    from retrieval.encoder import Encoder, EncoderSettings
+
+    recorded = index_meta.get("embeddings", {})
+    name = model or recorded.get("model")
+    if not name:
+        raise ValueError("the index does not record its model: pass --model")
+    settings = dict(recorded.get("encoder") or {})
+    settings.update({"show_progress": False, "device": "auto"})
+    return Encoder(name, EncoderSettings(**settings))
+
+
+def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str, model: str | None) -> tuple[list[str], np.ndarray]:
+    from eval.datasets import load_dataset
+
+    queries = load_dataset(dataset_source).split_queries(split)
+    return list(queries), query_encoder(meta, model).encode_queries(list(queries.values()))
+
+
+def run_index_tune_command(args: argparse.Namespace) -> int:
+    from retrieval.autotune import TuneConfig, run_tune_index
+    from retrieval.index import read_index_meta
+
+    config = load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))
+    meta = read_index_meta(args.index)
+    embeddings = args.embeddings or Path(meta["embeddings"]["path"])
+    if args.queries:
+        query_vectors = np.load(args.queries)
+    elif args.dataset:
+        _, query_vectors = _dataset_query_vectors(meta, args.dataset, args.split, args.model)
+    else:
+        query_vectors = None
+    out_dir = args.output or args.index
+    metrics = run_tune_index(config, args.index, embeddings, query_vectors, out_dir)
+    print(format_table(json.loads((Path(out_dir) / "tune.json").read_text())["pareto_front"]))
+    emit_json({"output": str(out_dir), "plot": str(Path(out_dir) / "tune.png"), **metrics})
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# search
+# ---------------------------------------------------------------------------------------
+
+
+def _add_search(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("search", help="search an index with text queries or a dataset's queries",
+                                   description="Encode queries with the index's model and search the index.")  # fmt: skip
+    parser.add_argument("--index", type=Path, required=True)
+    parser.add_argument("--query", action="append", default=[], help="query text (repeatable)")
+    parser.add_argument("--dataset", help="search every query of this dataset split instead")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--model", help="query encoder (default: the model recorded in the index)")
+    parser.add_argument("-k", "--k", type=int, default=10)
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="search knob, e.g. nprobe=64 or efSearch=256")
+    parser.add_argument("--output", type=Path, help="write the run {qid: {docid: score}} as JSON")
+    parser.set_defaults(func=run_search_command)
+
+
+def run_search_command(args: argparse.Namespace) -> int:
+    from retroflow.artifacts import atomic_write_text
+    from retrieval.index import read_index_meta, search_with_index
+
+    meta = read_index_meta(args.index)
+    params = None
+    if args.param:
+        params = dict(meta.get("search_params", {}))
+        for text in args.param:
+            name, _, value = text.partition("=")
+            params[name.strip()] = float(value)
+    if args.dataset:
+        qids, vectors = _dataset_query_vectors(meta, args.dataset, args.split, args.model)
+    elif args.query:
+        qids, vectors = [f"q{i}" for i in range(len(args.query))], query_encoder(meta, args.model).encode_queries(args.query)
+    else:
+        raise ValueError("give --query TEXT (repeatable) or --dataset")
+    started = time.perf_counter()
+    scores, ids = search_with_index(args.index, vectors, args.k, params=params)
+    seconds = time.perf_counter() - started
+    run = {qid: {d: float(s) for d, s in zip(row_ids, row_scores) if d is not None} for qid, row_ids, row_scores in zip(qids, ids, scores)}
+    if args.query:
+        rows = [{"query": q, "rank": r + 1, "doc_id": d, "score": float(s)}
+                for q, row_ids, row_scores in zip(args.query, ids, scores) for r, (d, s) in enumerate(zip(row_ids, row_scores)) if d is not None]  # fmt: skip
+        print(format_table(rows))
+    if args.output:
+        atomic_write_text(args.output, json.dumps(run))
+    emit_json({
+        "index": str(args.index),
+        "factory": meta["factory"],
+        "num_queries": len(qids),
+        "k": args.k,
+        "search_params": params if params is not None else meta.get("search_params"),
+        "queries_per_s": round(len(qids) / seconds, 1) if seconds > 0 else None,
+        "top": [next(iter(run[q]), None) for q in qids[:5]],
+        "output": str(args.output) if args.output else None,
+    })  # fmt: skip
+    return 0

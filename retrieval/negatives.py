@@ -1,0 +1,247 @@
+"""Hard-negative mining with BM25 (`bm25s`) or a dense model (FAISS flat / HNSW), saved with provenance.
+
+Stage function (plain, no Prefect):
+
+    run_mine_negatives(config: MineNegativesConfig, dataset: BeirDataset, out_dir: Path,
+                       model_path: Path | None = None) -> dict
+
+writes `out_dir/negatives.jsonl` and returns metrics. For every training query the retriever's
+ranked list is cut to the rank window `[rank_start, rank_end)` (0-based ranks of the full list,
+so the top `rank_start` hits are skipped as likely unlabelled positives), and every document
+judged relevant to that query in *any* split is removed, as is a document whose id equals the
+query id. The file's first line is a header with the provenance (method, model/index settings,
+dataset fingerprint, window); each further line is `{"qid", "negatives", "scores", "ranks"}`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from retroflow.artifacts import atomic_write_text
+from retroflow.config import StageConfig
+from retrieval.encoder import EncoderSettings
+from retrieval.training_data import beir_training_set, judged_positives
+
+log = logging.getLogger(__name__)
+
+NEGATIVES_FILE = "negatives.jsonl"
+FORMAT = "retroflow-negatives/1"
+
+
+class BM25Section(StageConfig):
+    k1: float = Field(0.9, gt=0)
+    b: float = Field(0.4, ge=0, le=1)
+    method: str = "lucene"
+    stemmer_language: str | None = "english"
+    stopwords: str | None = "en"
+
+
+class MineNegativesConfig(StageConfig):
+    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
+    split: str = "train"
+    method: Literal["bm25", "dense"] = "bm25"
+    model: str | None = None  # dense: alias or model directory (run_mine_negatives' model_path wins)
+    rank_start: int = Field(10, ge=0, description="skip hits ranked above this (0-based)")
+    rank_end: int = Field(100, ge=1, description="last rank (exclusive) taken from")
+    max_negatives: int | None = Field(None, ge=1, description="keep at most this many per query (best first)")
+    min_grade: int = Field(1, ge=1)
+    index: Literal["flat", "hnsw"] = "flat"  # dense search: exact (FAISS flat IP) or HNSW
+    hnsw_m: int = Field(32, ge=4)
+    bm25: BM25Section = Field(default_factory=BM25Section)
+    encoder: EncoderSettings = Field(default_factory=lambda: EncoderSettings(show_progress=False))
+
+    @model_validator(mode="after")
+    def _window(self) -> "MineNegativesConfig":
+        if self.rank_end <= self.rank_start:
+            raise ValueError(f"rank_end ({self.rank_end}) must be larger than rank_start ({self.rank_start})")
+        return self
+
+
+@dataclass
+class MinedNegatives:
+    provenance: dict[str, Any]
+    negatives: dict[str, list[str]]  # qid -> doc ids, best-ranked first
+    scores: dict[str, list[float]]
+    ranks: dict[str, list[int]]
+
+
+# ---------------------------------------------------------------------------------------- file format
+
+
+def write_negatives(path: Path, mined: MinedNegatives) -> None:
+    lines = [json.dumps({"format": FORMAT, "provenance": mined.provenance})]
+    for qid in mined.negatives:
+        lines.append(json.dumps({
+            "qid": qid,
+            "negatives": mined.negatives[qid],
+            "scores": [round(float(s), 6) for s in mined.scores.get(qid, [])],
+            "ranks": mined.ranks.get(qid, []),
+        }))  # fmt: skip
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+def read_negatives(path: Path) -> MinedNegatives:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"negatives file not found: {path}")
+    negatives, scores, ranks, provenance = {}, {}, {}, None
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg})") from None
+            if number == 1:
+                if record.get("format") != FORMAT:
+                    raise ValueError(f"{path}, line 1: not a retroflow negatives file (format {record.get('format')!r})")
+                provenance = record["provenance"]
+                continue
+            if "qid" not in record or not isinstance(record.get("negatives"), list):
+                raise ValueError(f"{path}, line {number}: needs fields 'qid' and 'negatives' (a list)")
+            qid = str(record["qid"])
+            negatives[qid] = [str(d) for d in record["negatives"]]
+            scores[qid] = record.get("scores", [])
+            ranks[qid] = record.get("ranks", [])
+    if provenance is None:
+        raise ValueError(f"{path}: empty negatives file")
+    return MinedNegatives(provenance, negatives, scores, ranks)
+
+
+# ---------------------------------------------------------------------------------------- selection
+
+
+def select_window(
+    qids: Sequence[str],
+    ranked_doc_ids: Sequence[Sequence[str]],
+    ranked_scores: Sequence[Sequence[float]],
+    positives: Mapping[str, set[str]],
+    rank_start: int,
+    rank_end: int,
+    max_negatives: int | None = None,
+) -> tuple[dict[str, list[str]], dict[str, list[float]], dict[str, list[int]]]:
+    """Keep hits with rank in [rank_start, rank_end) that are not judged positives (nor the query itself)."""
+    negatives, scores, ranks = {}, {}, {}
+    for qid, docs, doc_scores in zip(qids, ranked_doc_ids, ranked_scores):
+        banned = positives.get(qid, set())
+        kept = [
+            (d, float(s), r)
+            for r, (d, s) in enumerate(zip(docs, doc_scores))
+            if rank_start <= r < rank_end and d is not None and d not in banned and d != qid
+        ]
+        if max_negatives is not None:
+            kept = kept[:max_negatives]
+        negatives[qid] = [d for d, _, _ in kept]
+        scores[qid] = [s for _, s, _ in kept]
+        ranks[qid] = [r for _, _, r in kept]
+    return negatives, scores, ranks
+
+
+# ---------------------------------------------------------------------------------------- retrievers
+
+
+def rank_bm25(config: MineNegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str]):
+    from retrieval.bm25 import BM25Retriever, BM25Settings
+
+    retriever = BM25Retriever(doc_ids, doc_texts, BM25Settings(**config.bm25.canonical()))
+    indices, scores = retriever.search_arrays(list(queries), config.rank_end)
+    # bm25s pads with score 0 when fewer documents match: those are not hits
+    ranked = [[doc_ids[j] if s > 0 else None for j, s in zip(row, srow)] for row, srow in zip(indices, scores)]
+    return ranked, scores.tolist()
+
+
+def dense_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, index: str = "flat", hnsw_m: int = 32):
+    import faiss
+
+    from retrieval.search import exact_search, search_index
+
+    if index == "flat":
+        return exact_search(doc_vectors, query_vectors, k)
+    hnsw = faiss.IndexHNSWFlat(doc_vectors.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsw.hnsw.efSearch = max(64, k)
+    hnsw.add(np.ascontiguousarray(doc_vectors, dtype=np.float32))
+    return search_index(hnsw, query_vectors, k)
+
+
+def rank_dense(config: MineNegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None):
+    """Encode with retroflow's Encoder (pooling as the model's sentence-transformers config says)."""
+    from retrieval.encoder import Encoder
+
+    encoder = Encoder(model, config.encoder)
+    if doc_vectors is None:
+        doc_vectors = encoder.encode_passages(list(doc_texts))
+    query_vectors = encoder.encode_queries(list(queries))
+    scores, indices = dense_search(doc_vectors, query_vectors, config.rank_end, config.index, config.hnsw_m)
+    ranked = [[doc_ids[j] if j >= 0 else None for j in row] for row in indices]
+    return ranked, scores.tolist(), {"pooling": encoder.pooling, "normalize": encoder.normalize}
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+
+def mine_negatives(
+    config: MineNegativesConfig, dataset, model_path: Path | str | None = None, query_ids: Sequence[str] | None = None
+) -> MinedNegatives:
+    """Mine negatives for the judged queries of `config.split` (or just `query_ids`)."""
+    train = beir_training_set(dataset, config.split, config.min_grade, on_missing_positive="skip", query_ids=query_ids)
+    qids = [ex.qid for ex in train.examples]
+    queries = [ex.query for ex in train.examples]
+    doc_ids, doc_texts = dataset.doc_ids(), dataset.doc_texts()
+    provenance: dict[str, Any] = {
+        "method": config.method,
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "split": config.split,
+        "rank_start": config.rank_start,
+        "rank_end": config.rank_end,
+        "max_negatives": config.max_negatives,
+        "excluded": "documents judged relevant (grade >= %d) to the query in any split; the query id itself" % config.min_grade,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if config.method == "bm25":
+        ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries)
+        provenance["index"] = {"kind": "bm25s", **config.bm25.canonical()}
+    else:
+        model = model_path if model_path is not None else config.model
+        if model is None:
+            raise ValueError("dense mining needs a model: set `model` in the config or pass model_path")
+        ranked, scores, enc = rank_dense(config, model, doc_ids, doc_texts, queries)
+        provenance["model"] = str(model)
+        provenance["index"] = {"kind": f"faiss-{config.index}", "metric": "inner_product", **enc}
+    negatives, kept_scores, ranks = select_window(
+        qids, ranked, scores, judged_positives(dataset, config.min_grade), config.rank_start, config.rank_end, config.max_negatives
+    )
+    return MinedNegatives(provenance, negatives, kept_scores, ranks)
+
+
+def negatives_metrics(mined: MinedNegatives) -> dict[str, Any]:
+    counts = [len(v) for v in mined.negatives.values()]
+    return {
+        "queries": len(counts),
+        "negatives": int(sum(counts)),
+        "mean_per_query": float(np.mean(counts)) if counts else 0.0,
+        "queries_without_negatives": int(sum(c == 0 for c in counts)),
+        "method": mined.provenance["method"],
+    }
+
+
+def run_mine_negatives(config: MineNegativesConfig, dataset, out_dir: Path, model_path: Path | None = None) -> dict:
+    """Mine hard negatives and write `out_dir/negatives.jsonl` (with a provenance header)."""
+    started = time.perf_counter()
+    mined = mine_negatives(config, dataset, model_path)
+    out_dir = Path(out_dir)
+    write_negatives(out_dir / NEGATIVES_FILE, mined)
+    metrics = negatives_metrics(mined)
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    metrics["negatives_file"] = str(out_dir / NEGATIVES_FILE)
+    log.info("mined %d negatives for %d queries (%s)", metrics["negatives"], metrics["queries"], config.method)
+    return metrics

@@ -1,0 +1,520 @@
+"""Sharded, resumable corpus encoding: a corpus -> fixed-size shards of vectors -> one embeddings directory.
+
+Stage functions (plain, no Prefect; the flow maps one task per shard):
+
+    plan_shards(num_docs: int, shard_size: int) -> list[range]
+    run_encode_shard(config: EncodeConfig, dataset: BeirDataset, shard_index: int, out_dir: Path,
+                     encoder: Encoder | None = None) -> dict
+        Encode one shard into `out_dir/shard-NNNNN/` atomically; skipped when already there.
+        Safe to call from separate processes/machines sharing `out_dir`.
+    encode_shards(config, dataset, shards_dir: Path, shard_indices=None, encoder=None) -> dict
+        Several shards in this process, with a docs/s progress bar.
+    run_encode(config: EncodeConfig, dataset: BeirDataset, out_dir: Path, partial_dir: Path,
+               *, devices: list[str] | None = None) -> dict
+        All shards (finished ones in `partial_dir` are kept, so a killed run resumes), then merge
+        into `out_dir`. `devices=["cuda:0", "cuda:1"]` runs one worker process per device.
+    merge_shards(shards_dir: Path, out_dir: Path, num_shards: int, merge: bool = True,
+                 extra_meta: dict | None = None) -> dict
+    open_embeddings(path: str | Path) -> Embeddings    (memory-mapped vectors + ids + meta)
+
+On disk (every file written under a temporary name, then renamed):
+
+    shard-00003/embeddings.npy   (n, dim) float32 or float16, memory-mappable
+    shard-00003/ids.parquet      column `_id`, row i = vector i
+    shard-00003/shard.json       range, model, dtype, compatibility key, docs/s
+    <out>/embeddings.npy + ids.parquet          (merge: true)  or  <out>/shard-*/ (merge: false)
+    <out>/embeddings.json        written last: its presence means the directory is complete
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+from tqdm.auto import tqdm
+
+from eval.datasets import BeirDataset
+from retroflow.artifacts import atomic_write_text
+from retroflow.config import StageConfig, hash_json
+from retrieval.encoder import Encoder, EncoderSettings
+
+log = logging.getLogger(__name__)
+
+FORMAT = "retroflow-embeddings/1"
+META_FILE = "embeddings.json"
+VECTORS_FILE = "embeddings.npy"
+IDS_FILE = "ids.parquet"
+SHARD_META = "shard.json"
+
+# Encoder settings that change only speed or where it runs, not the vectors: shards encoded
+# with different values of these (e.g. one worker per GPU) may be mixed in one corpus.
+_RUNTIME_ONLY = {"batch_size", "max_tokens_per_batch", "device", "precision", "show_progress"}
+
+
+class EncodeConfig(StageConfig):
+    """`retroflow encode`: which model encodes which corpus, and how the output is laid out."""
+
+    model: str = "minilm"
+    dataset: str = "scifact"
+    shard_size: int = Field(50_000, ge=1, description="documents per shard (the unit of resume and of parallelism)")
+    dtype: Literal["float32", "float16"] = "float32"
+    merge: bool = Field(True, description="one embeddings.npy; false keeps per-shard files (for 100M-scale corpora)")
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+
+
+@dataclasses.dataclass
+class Embeddings:
+    """An embeddings directory opened for reading: vectors stay on disk (memory-mapped)."""
+
+    path: Path
+    meta: dict[str, Any]
+    parts: list[np.ndarray]  # one memmap per shard, or a single one when merged
+    ids: pa.ChunkedArray
+
+    @property
+    def num_docs(self) -> int:
+        return int(sum(len(p) for p in self.parts))
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["dim"])
+
+    def vectors(self) -> np.ndarray:
+        """All vectors as one array (a memmap when merged; a float32 copy when sharded)."""
+        if len(self.parts) == 1:
+            return self.parts[0]
+        return np.concatenate([np.asarray(p, dtype=np.float32) for p in self.parts])
+
+    def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
+        """float32 batches in id order, never more than `batch_size` rows in memory."""
+        for part in self.parts:
+            for start in range(0, len(part), batch_size):
+                yield np.ascontiguousarray(part[start : start + batch_size], dtype=np.float32)
+
+    def rows(self, indices: np.ndarray) -> np.ndarray:
+        """float32 rows at global positions `indices` (sorted internally for sequential reads)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        out = np.empty((len(indices), self.dim), dtype=np.float32)
+        offsets = np.cumsum([0] + [len(p) for p in self.parts])
+        sorted_idx = indices[order]
+        for part_no, part in enumerate(self.parts):
+            lo, hi = np.searchsorted(sorted_idx, [offsets[part_no], offsets[part_no + 1]])
+            if hi > lo:
+                out[order[lo:hi]] = part[sorted_idx[lo:hi] - offsets[part_no]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# Planning and compatibility
+# ---------------------------------------------------------------------------------------
+
+
+def plan_shards(num_docs: int, shard_size: int) -> list[range]:
+    """Contiguous document ranges of `shard_size` (the last one shorter); fixed for a corpus."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return [range(start, min(start + shard_size, num_docs)) for start in range(0, num_docs, shard_size)]
+
+
+def worker_shards(num_shards: int, worker: int, num_workers: int) -> list[int]:
+    """Round-robin assignment of shards to workers (worker i of n takes i, i+n, i+2n, ...)."""
+    if not 0 <= worker < num_workers:
+        raise ValueError(f"worker must be in [0, {num_workers}), got {worker}")
+    return list(range(worker, num_shards, num_workers))
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
+
+
+def compatibility_key(config: EncodeConfig, dataset: BeirDataset) -> str:
+    """Shards with the same key hold interchangeable vectors (same model, text, layout)."""
+    encoder = {k: v for k, v in config.encoder.canonical().items() if k not in _RUNTIME_ONLY}
+    return hash_json(
+        {
+            "model": config.model,
+            "encoder": encoder,
+            "dtype": config.dtype,
+            "shard_size": config.shard_size,
+            "dataset": dataset.fingerprint,
+        }
+    )[:16]
+
+
+# ---------------------------------------------------------------------------------------
+# One shard
+# ---------------------------------------------------------------------------------------
+
+
+def read_shard_meta(shard_dir: Path) -> dict[str, Any] | None:
+    """The shard's metadata if the shard is complete and consistent, else None."""
+    meta_file = shard_dir / SHARD_META
+    if not meta_file.is_file():
+        return None
+    try:
+        meta = json.loads(meta_file.read_text())
+        vectors = np.load(shard_dir / VECTORS_FILE, mmap_mode="r")
+        num_ids = pq.read_metadata(shard_dir / IDS_FILE).num_rows
+    except (OSError, ValueError, json.JSONDecodeError, pa.ArrowInvalid):
+        return None
+    if vectors.shape != (meta["num_docs"], meta["dim"]) or num_ids != meta["num_docs"]:
+        return None
+    return meta
+
+
+def _check_compatible(meta: dict[str, Any], key: str, shard_dir: Path) -> None:
+    if meta.get("compat_key") != key:
+        raise ValueError(
+            f"{shard_dir} was encoded with a different model/encoder/dtype/shard_size/dataset "
+            f"(key {meta.get('compat_key')} != {key}); use a fresh output directory or delete the old shards"
+        )
+
+
+def shard_texts(dataset: BeirDataset, rows: range) -> list[str]:
+    """The shard's passages, joined exactly as `BeirDataset.doc_texts` does for the whole corpus."""
+    part = dataclasses.replace(dataset, corpus=dataset.corpus.slice(rows.start, len(rows)))
+    return part.doc_texts()
+
+
+def write_vectors(path: Path, vectors: np.ndarray) -> None:
+    """np.save to a temporary name in the same directory, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        np.save(handle, vectors)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_ids(path: Path, ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(pa.table({"_id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())}), tmp)
+    os.replace(tmp, path)
+
+
+def run_encode_shard(
+    config: EncodeConfig,
+    dataset: BeirDataset,
+    shard_index: int,
+    out_dir: Path,
+    encoder: Encoder | None = None,
+) -> dict[str, Any]:
+    """Encode shard `shard_index` into `out_dir/shard-NNNNN/`; a no-op if it is already complete.
+
+    The shard is built in a private temporary directory and renamed into place, so a kill
+    leaves either nothing or a whole shard, and two processes racing on one shard cannot
+    interleave their files (the loser discards its copy).
+    """
+    out_dir = Path(out_dir)
+    shards = plan_shards(dataset.num_docs, config.shard_size)
+    if not 0 <= shard_index < len(shards):
+        raise ValueError(f"shard {shard_index} out of range: {dataset.num_docs} docs make {len(shards)} shards")
+    rows = shards[shard_index]
+    key = compatibility_key(config, dataset)
+    final = out_dir / shard_name(shard_index)
+    existing = read_shard_meta(final)
+    if existing is not None:
+        _check_compatible(existing, key, final)
+        return {**existing, "skipped": True}
+    if final.exists():  # an incomplete or damaged shard (not ours: ours are renamed whole)
+        log.warning("%s is incomplete; re-encoding it", final)
+        shutil.rmtree(final)
+
+    encoder = encoder or Encoder(config.model, config.encoder)
+    started = time.perf_counter()
+    vectors = encoder.encode_passages(shard_texts(dataset, rows)).astype(config.dtype, copy=False)
+    seconds = time.perf_counter() - started
+    meta = {
+        "shard": shard_index,
+        "start": rows.start,
+        "stop": rows.stop,
+        "num_docs": len(rows),
+        "dim": int(vectors.shape[1]),
+        "dtype": config.dtype,
+        "model": config.model,
+        "pooling": encoder.pooling,
+        "normalize": bool(encoder.normalize),
+        "compat_key": key,
+        "seconds": round(seconds, 3),
+        "docs_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "host_pid": f"{os.uname().nodename}:{os.getpid()}",
+    }
+    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        write_vectors(tmp / VECTORS_FILE, vectors)
+        write_ids(tmp / IDS_FILE, dataset.corpus.column("_id").slice(rows.start, len(rows)))
+        atomic_write_text(tmp / SHARD_META, json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, final)
+        except OSError:  # another worker finished this shard first: keep theirs
+            if read_shard_meta(final) is None:
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return {**read_shard_meta(final), "skipped": True}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**meta, "skipped": False}
+
+
+# ---------------------------------------------------------------------------------------
+# Many shards
+# ---------------------------------------------------------------------------------------
+
+
+def encode_shards(
+    config: EncodeConfig,
+    dataset: BeirDataset,
+    shards_dir: Path,
+    shard_indices: Sequence[int] | None = None,
+    encoder: Encoder | None = None,
+) -> dict[str, Any]:
+    """Encode the given shards (default: all) in this process; finished shards are skipped."""
+    shards_dir = Path(shards_dir)
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    plan = plan_shards(dataset.num_docs, config.shard_size)
+    todo = list(range(len(plan))) if shard_indices is None else list(shard_indices)
+    key = compatibility_key(config, dataset)
+    done, pending = [], []
+    for index in todo:
+        meta = read_shard_meta(shards_dir / shard_name(index))
+        if meta is not None:
+            _check_compatible(meta, key, shards_dir / shard_name(index))
+            done.append(index)
+        else:
+            pending.append(index)
+    total_docs = sum(len(plan[i]) for i in todo)
+    done_docs = sum(len(plan[i]) for i in done)
+    if done:
+        log.info("resuming: %d of %d shards already encoded in %s", len(done), len(todo), shards_dir)
+    encoded_docs, started = 0, time.perf_counter()
+    if pending and encoder is None:
+        encoder = Encoder(config.model, config.encoder)
+    bar = tqdm(total=total_docs, initial=done_docs, desc="encode", unit="doc", unit_scale=True, dynamic_ncols=True,
+               disable=not config.encoder.show_progress)  # fmt: skip
+    for index in pending:
+        result = run_encode_shard(config, dataset, index, shards_dir, encoder=encoder)
+        if not result["skipped"]:
+            encoded_docs += result["num_docs"]
+        bar.update(result["num_docs"])
+        bar.set_postfix(shard=f"{index + 1}/{len(plan)}", docs_per_s=f"{encoded_docs / max(time.perf_counter() - started, 1e-9):.0f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    return {
+        "shards_total": len(plan),
+        "shards_requested": len(todo),
+        "shards_skipped": len(done),
+        "shards_encoded": len(pending),
+        "docs_encoded": encoded_docs,
+        "encode_seconds": round(seconds, 3),
+        "docs_per_s": round(encoded_docs / seconds, 2) if encoded_docs and seconds > 0 else None,
+    }
+
+
+def _worker_main(config_json: str, dataset_source: str, fingerprint: str, shards_dir: str, indices: list[int]) -> dict[str, Any]:
+    """Entry point of one encoding process (one per GPU): loads the dataset from its cache."""
+    from eval.datasets import load_dataset
+
+    config = EncodeConfig.model_validate_json(config_json)
+    dataset = load_dataset(dataset_source)
+    if dataset.fingerprint != fingerprint:
+        raise ValueError(f"worker loaded a different dataset from {dataset_source} (fingerprint {dataset.fingerprint})")
+    return encode_shards(config, dataset, Path(shards_dir), indices)
+
+
+def encode_in_processes(config: EncodeConfig, dataset: BeirDataset, shards_dir: Path, devices: Sequence[str]) -> dict[str, Any]:
+    """One worker process per device (`cuda:0`, `cuda:1`, ... or `cpu`), shards dealt round-robin."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    num_shards = len(plan_shards(dataset.num_docs, config.shard_size))
+    jobs = []
+    for worker, device in enumerate(devices):
+        worker_config = config.with_overrides(encoder={"device": device, "show_progress": False})
+        jobs.append((worker_config.model_dump_json(), config.dataset, dataset.fingerprint, str(shards_dir),
+                     worker_shards(num_shards, worker, len(devices))))  # fmt: skip
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=len(devices), mp_context=mp.get_context("spawn")) as pool:
+        results = list(pool.map(_worker_main, *zip(*jobs)))
+    seconds = time.perf_counter() - started
+    encoded = sum(r["docs_encoded"] for r in results)
+    return {
+        "shards_total": num_shards,
+        "shards_skipped": sum(r["shards_skipped"] for r in results),
+        "shards_encoded": sum(r["shards_encoded"] for r in results),
+        "docs_encoded": encoded,
+        "encode_seconds": round(seconds, 3),
+        "docs_per_s": round(encoded / seconds, 2) if encoded and seconds > 0 else None,
+        "workers": list(devices),
+    }
+
+
+def run_encode(
+    config: EncodeConfig,
+    dataset: BeirDataset,
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    devices: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Encode every shard into `partial_dir` (resuming), then merge them into `out_dir`."""
+    out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    if devices and len(devices) > 1:
+        stats = encode_in_processes(config, dataset, partial_dir, devices)
+    else:
+        if devices:
+            config = config.with_overrides(encoder={"device": devices[0]})
+        stats = encode_shards(config, dataset, partial_dir)
+    merged = merge_shards(
+        partial_dir,
+        out_dir,
+        stats["shards_total"],
+        merge=config.merge,
+        extra_meta={"model": config.model, "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+                    "encoder": config.encoder.canonical(), "shard_size": config.shard_size},  # fmt: skip
+    )
+    return {**stats, **merged}
+
+
+# ---------------------------------------------------------------------------------------
+# Merge and read
+# ---------------------------------------------------------------------------------------
+
+
+def _collect_shards(shards_dir: Path, num_shards: int) -> list[dict[str, Any]]:
+    metas, missing = [], []
+    for index in range(num_shards):
+        meta = read_shard_meta(shards_dir / shard_name(index))
+        (missing.append(index) if meta is None else metas.append(meta))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ValueError(f"{shards_dir}: {len(missing)} of {num_shards} shards missing or incomplete ({shown}); re-run encode to finish them")
+    keys = {m["compat_key"] for m in metas}
+    if len(keys) > 1:
+        raise ValueError(f"{shards_dir}: shards come from different encode configs ({sorted(keys)}); cannot merge")
+    for before, after in zip(metas, metas[1:]):
+        if before["stop"] != after["start"]:
+            raise ValueError(f"{shards_dir}: shard {after['shard']} starts at {after['start']}, expected {before['stop']}")
+    return metas
+
+
+def merge_shards(
+    shards_dir: Path,
+    out_dir: Path,
+    num_shards: int,
+    merge: bool = True,
+    extra_meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Check shards 0..num_shards-1 (complete, contiguous, unique ids) and publish them in `out_dir`.
+
+    merge=True streams them into one memory-mappable `embeddings.npy` (never all in RAM);
+    merge=False moves the shard directories as they are (no second copy on disk).
+    """
+    shards_dir, out_dir = Path(shards_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metas = _collect_shards(shards_dir, num_shards)
+    ids = pa.chunked_array([pq.read_table(shards_dir / shard_name(m["shard"]) / IDS_FILE).column("_id").combine_chunks() for m in metas])
+    num_docs = sum(m["num_docs"] for m in metas)
+    if len(ids) != num_docs or len(ids.unique()) != num_docs:
+        raise ValueError(f"{shards_dir}: {len(ids)} ids for {num_docs} vectors, {len(ids.unique())} distinct: duplicate or missing ids")
+    dim, dtype = metas[0]["dim"], metas[0]["dtype"]
+    if merge:
+        _concatenate_vectors(shards_dir, metas, out_dir / VECTORS_FILE, num_docs, dim, dtype)
+        write_ids(out_dir / IDS_FILE, ids)
+        layout, shard_list = "merged", []
+    else:
+        layout, shard_list = "sharded", []
+        for m in metas:
+            name = shard_name(m["shard"])
+            if shards_dir.resolve() != out_dir.resolve():
+                target = out_dir / name
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(shards_dir / name, target)
+            shard_list.append({"path": name, "num_docs": m["num_docs"]})
+    for stale in out_dir.glob(".shard-*.tmp-*"):  # left by killed workers; nobody writes now
+        shutil.rmtree(stale, ignore_errors=True)
+    seconds = [m["seconds"] for m in metas]
+    meta = {
+        "format": FORMAT,
+        "layout": layout,
+        "num_docs": num_docs,
+        "dim": dim,
+        "dtype": dtype,
+        "num_shards": num_shards,
+        "shards": shard_list,
+        "pooling": metas[0]["pooling"],
+        "normalize": metas[0]["normalize"],
+        "compat_key": metas[0]["compat_key"],
+        "encode_seconds_sum": round(sum(seconds), 3),
+        **(extra_meta or {}),
+    }
+    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))
+    return {"num_docs": num_docs, "dim": dim, "dtype": dtype, "num_shards": num_shards, "layout": layout,
+            "bytes": _vector_bytes(out_dir, meta)}  # fmt: skip
+
+
+def _concatenate_vectors(shards_dir: Path, metas: list[dict[str, Any]], path: Path, num_docs: int, dim: int, dtype: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num_docs, dim))
+    for m in metas:
+        merged[m["start"] : m["stop"]] = np.load(shards_dir / shard_name(m["shard"]) / VECTORS_FILE, mmap_mode="r")
+    merged.flush()
+    del merged
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _vector_bytes(out_dir: Path, meta: dict[str, Any]) -> int:
+    if meta["layout"] == "merged":
+        return (out_dir / VECTORS_FILE).stat().st_size
+    return sum((out_dir / s["path"] / VECTORS_FILE).stat().st_size for s in meta["shards"])
+
+
+def open_embeddings(path: str | Path) -> Embeddings:
+    """Open an embeddings directory written by `run_encode` (merged or sharded layout)."""
+    path = Path(path)
+    meta_file = path / META_FILE
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a finished embeddings directory ({META_FILE} missing): run `retroflow encode` first")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
+    if meta["layout"] == "merged":
+        parts = [np.load(path / VECTORS_FILE, mmap_mode="r")]
+        ids = pq.read_table(path / IDS_FILE).column("_id")
+    else:
+        parts = [np.load(path / s["path"] / VECTORS_FILE, mmap_mode="r") for s in meta["shards"]]
+        ids = pa.chunked_array([pq.read_table(path / s["path"] / IDS_FILE).column("_id").combine_chunks() for s in meta["shards"]])
+    embeddings = Embeddings(path=path, meta=meta, parts=parts, ids=ids)
+    if embeddings.num_docs != len(ids) or embeddings.num_docs != meta["num_docs"]:
+        raise ValueError(f"{path}: {embeddings.num_docs} vectors, {len(ids)} ids, meta says {meta['num_docs']}")
+    return embeddings
+
+
+def write_embeddings(out_dir: Path, vectors: np.ndarray, ids: Sequence[str], **meta: Any) -> Path:
+    """Publish in-memory vectors as a merged embeddings directory (benchmarks, tests, imports)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if len(vectors) != len(ids):
+        raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
+    write_vectors(out_dir / VECTORS_FILE, np.ascontiguousarray(vectors))
+    write_ids(out_dir / IDS_FILE, ids)
+    info = {"format": FORMAT, "layout": "merged", "num_docs": len(ids), "dim": int(vectors.shape[1]),
+            "dtype": str(vectors.dtype), "num_shards": 1, "shards": [], **meta}  # fmt: skip
+    atomic_write_text(out_dir / META_FILE, json.dumps(info, indent=2, default=str))
+    return out_dir

@@ -1,0 +1,267 @@
+"""Cross-encoder teacher: train on (query, positive, hard negatives), score candidates, cache the scores.
+
+Stage function (plain, no Prefect):
+
+    run_train_teacher(config: TeacherConfig, dataset: BeirDataset, negatives_file: Path,
+                      out_dir: Path, partial_dir: Path, *, resume: bool = True,
+                      stop_after: int | None = None) -> dict
+
+writes `out_dir/teacher/` (a Hugging Face sequence-classification model + tokenizer scoring
+`[CLS] query [SEP] passage [SEP]` with one logit) and `out_dir/teacher_scores.jsonl` (first line:
+format + provenance; then `{"qid", "doc_ids", "scores"}` per training query, candidates = the
+query's positives + its best-ranked `candidates_per_query` mined negatives). Distillation
+(`retrieval.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
+teacher never has to score again. Checkpoints (model, optimizer, scheduler, RNG, loss history)
+go to `partial_dir/checkpoints` and a re-run resumes from the latest.
+
+The teacher is trained listwise: each query's group (its positive first, then
+`negatives_per_query` hard negatives) is one softmax, cross-entropy on the positive -- the
+"localised contrastive estimation" recipe for rerankers, which matches how its scores are then
+used (a softmax over the same kind of candidate list).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from retroflow.artifacts import atomic_write_text
+from retroflow.config import StageConfig
+from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
+from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
+from retrieval.models import resolve_model_path
+from retrieval.negatives import read_negatives
+
+log = logging.getLogger("retroflow.teacher")
+
+TEACHER_DIR = "teacher"
+SCORES_FILE = "teacher_scores.jsonl"
+
+
+class TeacherConfig(StageConfig):
+    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
+    init: str = "minilm"  # any HF encoder; a fresh one-logit classification head is added
+    split: str = "train"
+    min_grade: int = Field(1, ge=1)
+    dev_fraction: float = Field(0.0, ge=0, lt=1, description="must equal the fine-tuning run's, so dev stays unseen")
+    dev_seed: int = 0
+    max_queries: int | None = Field(None, ge=1)
+    max_length: int = Field(320, ge=16, description="query + passage tokens")
+    negatives_per_query: int = Field(7, ge=1)
+    batch_size: int = Field(8, ge=1, description="queries per step (each brings 1 + negatives_per_query pairs)")
+    epochs: float | None = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    lr: float = Field(3e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 42
+    save_every: int = Field(200, ge=1)
+    log_every: int = Field(10, ge=1)
+    candidates_per_query: int = Field(20, ge=1, description="mined negatives scored per query (best-ranked first)")
+    score_batch_size: int = Field(64, ge=1)
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+
+def as_finetune_data(config: TeacherConfig) -> FinetuneConfig:
+    """Reuse the fine-tuning stage's query selection (split, dev hold-out) so both see the same queries."""
+    return FinetuneConfig(data={"split": config.split, "min_grade": config.min_grade, "dev_fraction": config.dev_fraction,
+                                "dev_seed": config.dev_seed, "max_queries": config.max_queries})  # fmt: skip
+
+
+def load_cross_encoder(init: str | Path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = resolve_model_path(init)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    return model, tokenizer
+
+
+def pair_batch(tokenizer, queries: list[str], passages: list[str], max_length: int, device) -> dict[str, torch.Tensor]:
+    # truncate the passage, never the query
+    enc = tokenizer(queries, passages, truncation="only_second", max_length=max_length, padding=True, return_tensors="pt")
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def score_pairs(model, tokenizer, queries: list[str], passages: list[str], max_length: int, batch_size: int, device, dtype) -> np.ndarray:
+    """One relevance logit per (query, passage) pair."""
+    model.eval()
+    out = np.empty(len(queries), dtype=np.float32)
+    # length-sorted batches: less padding, same results
+    order = np.argsort([-len(p) for p in passages], kind="stable")
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch = pair_batch(tokenizer, [queries[i] for i in idx], [passages[i] for i in idx], max_length, device)
+            with autocast(device, dtype):
+                logits = model(**batch).logits[:, 0]
+            out[idx] = logits.float().cpu().numpy()
+    return out
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    found = sorted(directory.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if directory.is_dir() else []
+    return found[-1] if found else None
+
+
+def run_train_teacher(
+    config: TeacherConfig,
+    dataset,
+    negatives_file: Path,
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train the cross-encoder, then score every training query's candidates into the scores file."""
+    from transformers import get_linear_schedule_with_warmup
+
+    out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    dtype = pick_dtype(device, config.precision)
+    train = training_queries(as_finetune_data(config), dataset, None)
+    mined = read_negatives(negatives_file)
+    pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
+    model, tokenizer = load_cross_encoder(config.init)
+    model.to(device)
+    steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
+    plan = BatchPlan(train, config.batch_size, config.negatives_per_query, config.seed)
+    checkpoints = partial_dir / "checkpoints"
+    start, losses, resumed_from = 0, [], None
+    latest = _latest_checkpoint(checkpoints) if resume else None
+    if latest is not None:
+        state = torch.load(latest, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = resumed_from = state["step"]
+        losses = list(state["loss_history"])
+        log.info("teacher resumed from %s", latest)
+    model.train()
+    group = 1 + config.negatives_per_query
+    began = time.perf_counter()
+    for step in range(start, steps):
+        samples = plan.global_batch(step, pools)
+        queries = [s.query for s in samples for _ in range(group)]
+        passages = [train.passages[d] for s in samples for d in [s.positive, *s.negatives]]
+        batch = pair_batch(tokenizer, queries, passages, config.max_length, device)
+        with autocast(device, dtype):
+            logits = model(**batch).logits[:, 0].float().view(len(samples), group)
+        loss = F.cross_entropy(logits, torch.zeros(len(samples), dtype=torch.long, device=device))
+        loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % config.log_every == 0:
+            log.info("teacher step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-config.log_every :]))
+        if (step + 1) % config.save_every == 0 and step + 1 < steps:
+            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, losses)
+        if stop_after is not None and step + 1 >= stop_after:
+            return {"steps": step + 1, "loss_history": losses, "stopped_early": True}
+    train_seconds = time.perf_counter() - began
+    scored = score_training_candidates(config, model, tokenizer, train, mined.negatives, device, dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f"{TEACHER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out_dir / TEACHER_DIR, ignore_errors=True)
+    tmp.rename(out_dir / TEACHER_DIR)
+    provenance = {
+        "teacher_init": config.init,
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "split": config.split,
+        "negatives": mined.provenance,
+        "candidates_per_query": config.candidates_per_query,
+        "max_length": config.max_length,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_teacher_scores(out_dir / SCORES_FILE, provenance, scored["scores"])
+    return {
+        "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
+        "steps": steps,
+        "loss_history": losses,
+        "train_seconds": round(train_seconds, 2),
+        "score_seconds": scored["seconds"],
+        "scored_pairs": scored["pairs"],
+        "train_mrr_of_positive": scored["mrr"],
+        "resumed_from": resumed_from,
+        "num_train_queries": len(train),
+        "scores_file": str(out_dir / SCORES_FILE),
+    }
+
+
+def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses: list[float]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "loss_history": losses}  # fmt: skip
+    tmp = directory / f".checkpoint-{step}.pt.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, directory / f"checkpoint-{step}.pt")
+    for old in sorted(directory.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-1]:
+        old.unlink()
+
+
+def score_training_candidates(config: TeacherConfig, model, tokenizer, train, negatives: dict[str, list[str]], device, dtype) -> dict:
+    """Teacher logits for each query's positives + best-ranked mined negatives; MRR of the positives."""
+    started = time.perf_counter()
+    queries, passages, owners = [], [], []
+    candidates: dict[str, list[str]] = {}
+    for ex in train.examples:
+        negs = [d for d in negatives.get(ex.qid, []) if d not in train.positives_of(ex.qid)][: config.candidates_per_query]
+        docs = list(dict.fromkeys([*ex.positives, *negs]))
+        candidates[ex.qid] = docs
+        for doc in docs:
+            queries.append(ex.query)
+            passages.append(train.passages[doc])
+            owners.append((ex.qid, doc))
+    logits = score_pairs(model, tokenizer, queries, passages, config.max_length, config.score_batch_size, device, dtype)
+    by_query: dict[str, dict[str, float]] = {}
+    for (qid, doc), value in zip(owners, logits):
+        by_query.setdefault(qid, {})[doc] = float(value)
+    reciprocal = []
+    for ex in train.examples:
+        ranked = sorted(by_query[ex.qid].items(), key=lambda kv: -kv[1])
+        first = next(i for i, (d, _) in enumerate(ranked) if d in set(ex.positives))
+        reciprocal.append(1.0 / (first + 1))
+    return {"scores": by_query, "pairs": len(owners), "mrr": float(np.mean(reciprocal)), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def write_teacher_scores(path: Path, provenance: dict, scores: dict[str, dict[str, float]]) -> None:
+    lines = [json.dumps({"format": TEACHER_FORMAT, "provenance": provenance})]
+    for qid, docs in scores.items():
+        lines.append(json.dumps({"qid": qid, "doc_ids": list(docs), "scores": [round(v, 5) for v in docs.values()]}))
+    atomic_write_text(Path(path), "\n".join(lines) + "\n")

@@ -1,0 +1,78 @@
+"""Hard-negative mining: rank window, never a judged positive, provenance, file round trip, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from eval.datasets import load_dataset
+from retroflow.config import ConfigError, load_config
+from retrieval.negatives import (
+    MineNegativesConfig,
+    read_negatives,
+    run_mine_negatives,
+    select_window,
+)
+from retrieval.training_data import judged_positives
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_window_drops_top_ranks_positives_and_self() -> None:
+    ranked = [["q1", "a", "pos", "b", "c", "d", None]]
+    scores = [[9, 8, 7, 6, 5, 4, 0]]
+    negatives, kept_scores, ranks = select_window(["q1"], ranked, scores, {"q1": {"pos"}}, 1, 5)
+    assert negatives == {"q1": ["a", "b", "c"]} and ranks == {"q1": [1, 3, 4]} and kept_scores["q1"] == [8, 6, 5]
+    capped, _, _ = select_window(["q1"], ranked, scores, {"q1": {"pos"}}, 0, 7, max_negatives=2)
+    assert capped == {"q1": ["a", "b"]}  # the query's own id is never a negative (ArguAna-style self hits)
+
+
+def test_bm25_negatives_never_contain_a_judged_positive(scifact_small: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(scifact_small)
+    config = MineNegativesConfig(method="bm25", rank_start=0, rank_end=60)
+    metrics = run_mine_negatives(config, dataset, tmp_path)
+    mined = read_negatives(tmp_path / "negatives.jsonl")
+    judged = judged_positives(dataset)
+    assert set(mined.negatives) == set(dataset.split_qrels("train"))
+    assert metrics["negatives"] > 50 * len(mined.negatives) * 0.5  # the window is mostly filled
+    for qid, docs in mined.negatives.items():
+        assert not set(docs) & judged[qid], qid
+        assert len(docs) == len(set(docs))
+        assert all(0 <= r < 60 for r in mined.ranks[qid])
+        assert mined.scores[qid] == sorted(mined.scores[qid], reverse=True)
+    prov = mined.provenance
+    assert prov["method"] == "bm25" and prov["index"]["kind"] == "bm25s"
+    assert prov["dataset_fingerprint"] == dataset.fingerprint and (prov["rank_start"], prov["rank_end"]) == (0, 60)
+
+
+def test_rank_window_skips_the_top(scifact_small: Path, tmp_path: Path) -> None:
+    dataset = load_dataset(scifact_small)
+    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=20), dataset, tmp_path / "all")
+    run_mine_negatives(MineNegativesConfig(rank_start=10, rank_end=20), dataset, tmp_path / "tail")
+    full = read_negatives(tmp_path / "all" / "negatives.jsonl")
+    tail = read_negatives(tmp_path / "tail" / "negatives.jsonl")
+    for qid, docs in tail.negatives.items():
+        assert all(r >= 10 for r in tail.ranks[qid])
+        assert docs == [d for d, r in zip(full.negatives[qid], full.ranks[qid]) if r >= 10]
+
+
+def test_bad_window_and_bad_file_are_clear_errors(tmp_path: Path) -> None:
+    path = tmp_path / "mine.yaml"
+    path.write_text("rank_start: 50\nrank_end: 10\n")
+    with pytest.raises(ConfigError, match="rank_end"):
+        load_config(MineNegativesConfig, path)
+    (tmp_path / "neg.jsonl").write_text('{"format": "retroflow-negatives/1", "provenance": {}}\n{"qid": "1"}\n')
+    with pytest.raises(ValueError, match="neg.jsonl, line 2: needs fields"):
+        read_negatives(tmp_path / "neg.jsonl")
+
+
+def test_cli_mine_negatives_prints_json_last(scifact_small: Path, tmp_path: Path, capsys) -> None:
+    from retroflow.cli import main
+
+    code = main(["mine-negatives", "--config", str(REPO / "configs/finetune/mine-bm25-scifact.yaml"),
+                 "--dataset", str(scifact_small), "--output", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["method"] == "bm25" and last["queries"] == 60 and Path(last["negatives_file"]).is_file()

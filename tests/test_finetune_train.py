@@ -1,0 +1,234 @@
+"""DPR fine-tuning on a small real SciFact subset with a tiny encoder: loss, resume, saved model, ANCE, teacher, distillation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eval.datasets import load_dataset
+from retroflow.config import ConfigError, load_config
+from retrieval.finetune import FinetuneConfig, run_finetune
+from retrieval.negatives import MineNegativesConfig, read_negatives, run_mine_negatives
+from retrieval.training_data import judged_positives
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs/finetune/tiny.yaml"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # 2 shared cores: one intra-op thread is both faster and steadier for these tiny models
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(scifact_small: Path, tmp_path_factory) -> Path:
+    """Random 2-layer x 64 BertModel with a WordPiece vocab trained on the subset (dropout on)."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    trainer = BertWordPieceTokenizer(lowercase=True)
+    trainer.train_from_iterator(texts, vocab_size=2000, min_frequency=1, show_progress=False,
+                                special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])  # fmt: skip
+    tokenizer = BertTokenizer(vocab=trainer.get_vocab(), do_lower_case=True)
+    dest = tmp_path_factory.mktemp("tiny-encoder")
+    tokenizer.save_pretrained(dest)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=256)  # fmt: skip
+    BertModel(config).save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def dataset(scifact_small: Path):
+    return load_dataset(scifact_small)
+
+
+def tiny_config(*overrides: str) -> FinetuneConfig:
+    return load_config(FinetuneConfig, TINY, list(overrides))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(dataset, tiny_encoder: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("tiny-run")
+    metrics = run_finetune(tiny_config(), dataset, tiny_encoder, out / "out", out / "partial")
+    return out, metrics
+
+
+def test_loss_falls_on_tiny_config(tiny_run) -> None:
+    _, metrics = tiny_run
+    losses = metrics["loss_history"]
+    assert metrics["steps"] == len(losses) == 24
+    # 8 queries x (1 positive + 1 hard negative) = 16 candidates: chance level is ln 16
+    assert np.mean(losses[:4]) == pytest.approx(np.log(16), abs=0.4)
+    assert np.mean(losses[-6:]) < np.mean(losses[:4]) - 0.5
+    assert metrics["negatives_provenance"]["method"] == "bm25"
+
+
+def test_resume_equals_uninterrupted(tiny_run, dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    full_dir, full = tiny_run
+    killed = run_finetune(tiny_config(), dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial", stop_after=16)
+    assert killed.get("stopped_early") and not (tmp_path / "out" / "model").exists()
+    resumed = run_finetune(tiny_config(), dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    assert resumed["resumed_from"] == 16
+    assert resumed["loss_history"] == full["loss_history"]
+    from safetensors.torch import load_file
+
+    a = load_file(full_dir / "out" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "out" / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_run, dataset) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from eval.evaluate import EvaluateConfig, evaluate
+    from retrieval.encoder import Encoder, EncoderSettings
+
+    model_dir = tiny_run[0] / "out" / "model"
+    assert (model_dir / "modules.json").is_file() and (model_dir / "1_Pooling" / "config.json").is_file()
+    assert json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
+    texts = dataset.doc_texts()[:12] + ["a short query about cells"]
+    ours = Encoder(model_dir, EncoderSettings(show_progress=False)).encode_passages(texts)
+    theirs = SentenceTransformer(str(model_dir), device="cpu").encode(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(ours, theirs, atol=2e-5)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
+    result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"]), dataset)
+    assert 0.0 <= result["ndcg@10"] <= 1.0 and result["pooling"] == "mean"
+
+
+def test_dense_mining_with_a_model_excludes_positives(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    config = MineNegativesConfig(method="dense", rank_start=2, rank_end=40, encoder={"pooling": "mean", "show_progress": False})
+    run_mine_negatives(config, dataset, tmp_path, model_path=tiny_encoder)
+    mined = read_negatives(tmp_path / "negatives.jsonl")
+    judged = judged_positives(dataset)
+    assert mined.provenance["model"] == str(tiny_encoder) and mined.provenance["index"]["kind"] == "faiss-flat"
+    assert all(not set(docs) & judged[q] and len(docs) >= 30 for q, docs in mined.negatives.items())
+
+
+def test_ance_refresh_remines_with_the_current_checkpoint(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    config = tiny_config("train.max_steps=6", "train.save_every=100", "ance.rounds=1", "ance.rank_start=1", "ance.rank_end=30")
+    metrics = run_finetune(config, dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    assert metrics["ance_rounds_done"] == 1 and metrics["steps"] == 6
+    refreshed = read_negatives(tmp_path / "partial" / "ance" / "negatives-round-1.jsonl")
+    assert refreshed.provenance["method"] == "dense" and refreshed.provenance["ance_round"] == 1
+    judged = judged_positives(dataset)
+    assert all(not set(docs) & judged[q] for q, docs in refreshed.negatives.items())
+    bm25 = read_negatives(tmp_path / "partial" / "negatives.jsonl")
+    assert any(refreshed.negatives[q] != bm25.negatives[q] for q in refreshed.negatives)
+
+
+def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    config = tiny_config("train.max_steps=2", "model.shared_encoder=false", "data.max_queries=16", "model.serve_max_length=96")
+    metrics = run_finetune(config, dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    assert metrics["outputs"] == ["query_model", "passage_model"]
+    saved = json.loads((tmp_path / "out" / "passage_model" / "sentence_bert_config.json").read_text())
+    assert saved["max_seq_length"] == 96 and (tmp_path / "out" / "query_model" / "modules.json").is_file()
+    from safetensors.torch import load_file
+
+    q = load_file(tmp_path / "out" / "query_model" / "model.safetensors")
+    p = load_file(tmp_path / "out" / "passage_model" / "model.safetensors")
+    assert any(not torch.equal(q[k], p[k]) for k in q)  # the towers were trained apart
+
+
+def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    from retrieval.finetune import read_teacher_scores
+    from retrieval.teacher import TeacherConfig, run_train_teacher
+
+    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    teacher_cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml", [f"init={tiny_encoder}"])
+    metrics = run_train_teacher(teacher_cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "teacher", tmp_path / "tp")
+    assert metrics["steps"] == 12 and all(np.isfinite(metrics["loss_history"]))
+    provenance, scores = read_teacher_scores(tmp_path / "teacher" / "teacher_scores.jsonl")
+    assert provenance["negatives"]["method"] == "bm25" and len(scores) == 32
+    train_qrels = dataset.split_qrels("train")
+    for qid, docs in scores.items():
+        positives = {d for d, g in train_qrels[qid].items() if g >= 1}
+        assert positives <= set(docs) and len(set(docs) - positives) == 4
+    assert (tmp_path / "teacher" / "teacher" / "config.json").is_file()
+
+    distill = tiny_config("train.max_steps=6", "data.max_queries=32", "distill.loss=kl", "distill.temperature=2.0")
+    out = run_finetune(distill, dataset, tiny_encoder, tmp_path / "student", tmp_path / "sp",
+                       teacher_scores_file=tmp_path / "teacher" / "teacher_scores.jsonl")  # fmt: skip
+    assert out["steps"] == 6 and all(v > 0 for v in out["distill_loss_history"])
+    with pytest.raises(ValueError, match="go together"):
+        run_finetune(distill, dataset, tiny_encoder, tmp_path / "x", tmp_path / "xp")
+
+
+def test_config_errors_name_the_field(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  batch_size: 10\n  grad_accum_steps: 3\n")
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        load_config(FinetuneConfig, bad)
+    bad.write_text("train:\n  lr: -1\n")
+    with pytest.raises(ConfigError, match="train.lr"):
+        load_config(FinetuneConfig, bad)
+    for name in ("tiny", "minilm-scifact", "minilm-scifact-distill", "msmarco-paper"):
+        load_config(FinetuneConfig, REPO / f"configs/finetune/{name}.yaml")
+
+
+def test_cli_finetune_prints_json_last(scifact_small: Path, tiny_encoder: Path, tmp_path: Path, capsys) -> None:
+    from retroflow.cli import main
+
+    code = main(["finetune", "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(tiny_encoder),
+                 "--output", str(tmp_path / "run"), "--max-steps", "3", "--set", "data.max_queries=16"])  # fmt: skip
+    assert code == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["steps"] == 3 and last["output_dir"] == str(tmp_path / "run")
+    assert (tmp_path / "run" / "model" / "config.json").is_file() and not (tmp_path / "run" / "partial").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path, tiny_encoder: Path, tmp_path: Path) -> None:
+    """torchrun x2 (gloo, CPU): gathered negatives + exact gradients reproduce the single-process run."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    model_dir = tmp_path / "no-dropout"  # dropout draws differ per rank; switch it off to compare exactly
+    config = AutoConfig.from_pretrained(tiny_encoder)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
+    AutoModel.from_pretrained(tiny_encoder, config=config).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(model_dir)
+    single = run_finetune(tiny_config("train.max_steps=4"), dataset, model_dir, tmp_path / "one", tmp_path / "one-p")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retroflow.cli", "finetune",
+           "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(model_dir),
+           "--output", str(tmp_path / "two"), "--max-steps", "4"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    last = json.loads(done.stdout.strip().splitlines()[-1])
+    assert last["processes"] == 2
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    np.testing.assert_allclose(two["loss_history"], single["loss_history"], rtol=1e-4)
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    from retrieval.teacher import TeacherConfig, run_train_teacher
+
+    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    negatives = tmp_path / "neg" / "negatives.jsonl"
+    cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml",
+                      [f"init={tiny_encoder}", "max_steps=8", "max_queries=16", "candidates_per_query=2"])  # fmt: skip
+    full = run_train_teacher(cfg, dataset, negatives, tmp_path / "a", tmp_path / "ap")
+    stopped = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp", stop_after=4)
+    assert stopped["stopped_early"]
+    resumed = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp")
+    assert resumed["resumed_from"] == 4 and resumed["loss_history"] == full["loss_history"]
+    assert (tmp_path / "a" / "teacher_scores.jsonl").read_text().splitlines()[1:] == \
+        (tmp_path / "b" / "teacher_scores.jsonl").read_text().splitlines()[1:]

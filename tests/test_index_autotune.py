@@ -1,0 +1,91 @@
+"""Autotuning of search knobs (retrieval/autotune.py): the choice meets its recall target, the front is Pareto."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrieval.autotune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
+from retrieval.index import IndexConfig, run_build_index, search_with_index
+from retrieval.search import exact_search
+from retrieval.shards import open_embeddings, write_embeddings
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune")
+    docs = clustered(4000, 32, 50, seed=0)
+    rng = np.random.default_rng(1)
+    queries = (docs[rng.choice(len(docs), 300, replace=False)] + 0.1 * rng.normal(size=(300, 32))).astype(np.float32)
+    emb = write_embeddings(root / "emb", docs, [f"d{i}" for i in range(len(docs))])
+    return root, emb, docs, queries
+
+
+def independent_recall(index_dir: Path, docs: np.ndarray, queries: np.ndarray, k: int = 10) -> float:
+    """Recall of the stored setting, measured through the public search API and a separate exact search."""
+    _, truth = exact_search(docs, queries, k)
+    _, found = search_with_index(index_dir, queries, k)
+    truth_ids = [{f"d{j}" for j in row} for row in truth]
+    return float(np.mean([len(set(f) & t) / k for f, t in zip(found, truth_ids)]))
+
+
+@pytest.mark.parametrize(("factory", "target"), [("HNSW16", 0.95), ("IVF64,Flat", 0.9)])
+def test_chosen_setting_meets_target_and_is_used_by_search(synthetic, factory, target):
+    root, emb, docs, queries = synthetic
+    index_dir, tuned = root / f"idx-{factory}", root / f"tuned-{factory}"
+    run_build_index(IndexConfig(factory=factory, ef_search=16, nprobe=1, ef_construction=40), emb, index_dir)
+    config = TuneConfig(target_recall=target, num_queries=300, repeats=1, ef_search=[8, 16, 32, 64, 128], nprobe=[1, 2, 4, 8, 16, 32, 64])
+    result = run_tune_index(config, index_dir, emb, queries, tuned)
+    assert result["target_met"] and result["recall"] >= target
+    stored = json.loads((tuned / "index.json").read_text())
+    assert stored["tuned"] and stored["search_params"] == result["search_params"]
+    assert json.loads((index_dir / "index.json").read_text())["tuned"] is False  # the source directory is untouched
+    assert independent_recall(tuned, docs, queries) >= target - 1e-9
+    rows = json.loads((tuned / "tune.json").read_text())["rows"]
+    meeting = [r for r in rows if r["recall"] >= target]
+    assert result["qps"] == max(r["qps"] for r in meeting)  # the fastest of those that qualify
+    assert (tuned / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len((tuned / "tune.csv").read_text().splitlines()) == len(rows) + 1
+
+
+def test_unreachable_target_is_reported_not_hidden(synthetic):
+    root, emb, docs, queries = synthetic
+    index_dir = root / "idx-pq"
+    run_build_index(IndexConfig(factory="IVF16,PQ4x4", nprobe=1), emb, index_dir)
+    result = run_tune_index(TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir)
+    assert result["target_met"] is False
+    rows = json.loads((index_dir / "tune.json").read_text())["rows"]
+    assert result["recall"] == max(r["recall"] for r in rows) < 0.999
+    assert json.loads((index_dir / "index.json").read_text())["tuning"]["target_met"] is False  # tuned in place
+
+
+def test_pareto_front_has_no_dominated_point():
+    rng = np.random.default_rng(0)
+    rows = [{"nprobe": i, "recall": float(r), "qps": float(q)} for i, (r, q) in enumerate(zip(rng.random(60), rng.random(60) * 1000))]
+    front = pareto_front(rows)
+    for point in front:
+        assert not any(o["recall"] >= point["recall"] and o["qps"] >= point["qps"] and o is not point
+                       and (o["recall"] > point["recall"] or o["qps"] > point["qps"]) for o in rows)  # fmt: skip
+    for other in rows:
+        if other not in front:
+            assert any(p["recall"] >= other["recall"] and p["qps"] >= other["qps"] for p in front)
+    chosen, met = choose(rows, 0.5)
+    assert met and chosen in front and chosen["qps"] == max(r["qps"] for r in rows if r["recall"] >= 0.5)
+
+
+def test_blockwise_exact_search_equals_one_pass(synthetic):
+    root, _, docs, queries = synthetic
+    emb = write_embeddings(root / "emb-small", docs[:500], [f"d{i}" for i in range(500)])
+    blocked, _ = exact_topk(open_embeddings(emb), queries[:50], 10, "ip", block=7)  # blocks smaller than k too
+    _, direct = exact_search(docs[:500], queries[:50], 10)
+    assert recall_at_k(blocked, direct, 10) == 1.0

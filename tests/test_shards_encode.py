@@ -1,0 +1,166 @@
+"""Sharded, resumable corpus encoding (retrieval/shards.py) on the real SciFact subset with a tiny BERT."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from eval.datasets import load_dataset
+from retrieval.encoder import Encoder
+from retrieval.shards import (
+    EncodeConfig,
+    encode_shards,
+    merge_shards,
+    open_embeddings,
+    plan_shards,
+    run_encode,
+    run_encode_shard,
+    shard_name,
+    shard_texts,
+    worker_shards,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dataset(scifact_small):
+    return load_dataset(scifact_small)
+
+
+@pytest.fixture(scope="module")
+def config(tiny_bert, scifact_small) -> EncodeConfig:
+    return EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False})
+
+
+@pytest.fixture(scope="module")
+def encoder(config) -> Encoder:
+    return Encoder(config.model, config.encoder)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, encoder) -> np.ndarray:
+    """The whole corpus encoded in one go: what any sharded run must reproduce."""
+    return encoder.encode_passages(dataset.doc_texts())
+
+
+def test_plan_covers_every_doc_once():
+    plan = plan_shards(1001, 250)
+    assert [len(r) for r in plan] == [250, 250, 250, 250, 1]
+    assert [i for r in plan for i in r] == list(range(1001))
+    assert plan_shards(0, 10) == []
+    with pytest.raises(ValueError, match="shard_size"):
+        plan_shards(10, 0)
+
+
+def test_worker_assignment_partitions_shards():
+    assigned = [worker_shards(10, w, 3) for w in range(3)]
+    assert sorted(i for a in assigned for i in a) == list(range(10))
+    with pytest.raises(ValueError):
+        worker_shards(10, 3, 3)
+
+
+def test_shard_texts_match_corpus_texts(dataset):
+    texts = dataset.doc_texts()
+    joined = [t for r in plan_shards(dataset.num_docs, 97) for t in shard_texts(dataset, r)]
+    assert joined == texts
+
+
+def test_resume_after_simulated_kill_has_no_duplicate_or_missing_ids(dataset, config, encoder, reference, tmp_path, monkeypatch):
+    partial, out = tmp_path / "partial", tmp_path / "out"
+    calls = {"n": 0}
+    real_encode = Encoder.encode_passages
+
+    def dies_on_third_shard(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_encode(self, texts)
+
+    monkeypatch.setattr(Encoder, "encode_passages", dies_on_third_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(config, dataset, out, partial)
+    finished = sorted(p.name for p in partial.iterdir() if p.name.startswith("shard-"))
+    assert finished == [shard_name(0), shard_name(1)]
+    assert not list(partial.glob(".shard-*"))  # the interrupted shard left no half-written files
+    mtimes = {name: (partial / name / "embeddings.npy").stat().st_mtime_ns for name in finished}
+    monkeypatch.setattr(Encoder, "encode_passages", real_encode)
+
+    metrics = run_encode(config, dataset, out, partial)
+    assert metrics["shards_skipped"] == 2
+    assert metrics["shards_encoded"] == len(plan_shards(dataset.num_docs, config.shard_size)) - 2
+    assert {name: (partial / name / "embeddings.npy").stat().st_mtime_ns for name in finished} == mtimes
+    emb = open_embeddings(out)
+    ids = emb.ids.to_pylist()
+    assert ids == dataset.doc_ids() and len(set(ids)) == len(ids)
+    np.testing.assert_allclose(emb.vectors(), reference, atol=1e-5)
+
+
+def test_two_workers_share_a_directory_and_merge(dataset, config, encoder, reference, tmp_path):
+    shards_dir = tmp_path / "shards"
+    num_shards = len(plan_shards(dataset.num_docs, config.shard_size))
+    for worker in range(2):  # what two processes/GPUs do, one after the other here
+        encode_shards(config, dataset, shards_dir, worker_shards(num_shards, worker, 2), encoder=encoder)
+    again = run_encode_shard(config, dataset, 1, shards_dir, encoder=encoder)  # a late duplicate task
+    assert again["skipped"] is True
+    merge_shards(shards_dir, tmp_path / "out", num_shards)
+    emb = open_embeddings(tmp_path / "out")
+    assert emb.ids.to_pylist() == dataset.doc_ids()
+    np.testing.assert_allclose(np.asarray(emb.vectors()), reference, atol=1e-5)
+
+
+def test_merge_refuses_missing_shard(dataset, config, encoder, tmp_path):
+    encode_shards(config, dataset, tmp_path, [0, 2], encoder=encoder)
+    with pytest.raises(ValueError, match=r"missing or incomplete \(1"):
+        merge_shards(tmp_path, tmp_path / "out", 3)
+
+
+def test_shards_from_another_config_are_not_mixed(dataset, config, encoder, tmp_path):
+    run_encode_shard(config, dataset, 0, tmp_path, encoder=encoder)
+    other = config.with_overrides(encoder={"pooling": "mean"})
+    with pytest.raises(ValueError, match="different model/encoder"):
+        run_encode_shard(other, dataset, 0, tmp_path, encoder=encoder)
+
+
+def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, reference, tmp_path):
+    cfg = config.with_overrides(dtype="float16", merge=False)
+    metrics = run_encode(cfg, dataset, tmp_path / "out", tmp_path / "partial")
+    assert metrics["layout"] == "sharded" and metrics["dtype"] == "float16"
+    emb = open_embeddings(tmp_path / "out")
+    assert all(isinstance(p, np.memmap) and p.dtype == np.float16 for p in emb.parts)
+    assert emb.ids.to_pylist() == dataset.doc_ids()
+    np.testing.assert_allclose(emb.vectors(), reference, atol=2e-2)
+    rows = np.array([5, 0, dataset.num_docs - 1, 70])
+    np.testing.assert_allclose(emb.rows(rows), reference[rows], atol=2e-2)
+
+
+@pytest.mark.slow
+def test_cli_encode_survives_sigkill(scifact_small, tiny_bert, dataset, tmp_path):
+    """`retroflow encode` killed with SIGKILL mid-run, then re-run: every id exactly once."""
+    out = tmp_path / "emb"
+    cmd = [sys.executable, "-m", "retroflow.cli", "encode", "--model", str(tiny_bert), "--dataset", str(scifact_small),
+           "--output", str(out), "--shard-size", "20", "--batch-size", "4"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 50
+    while time.time() < deadline and len(list((out / "shards").glob("shard-*"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list((out / "shards").glob("shard-*")))
+    assert 2 <= done_before < len(plan_shards(dataset.num_docs, 20)), "the kill should land mid-run"
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["shards_skipped"] >= done_before
+    ids = open_embeddings(out).ids.to_pylist()
+    assert ids == dataset.doc_ids() and len(set(ids)) == len(ids)
+    assert not (out / "shards").exists()
