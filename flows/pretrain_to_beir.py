@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from eval.report import loss_history, metric_rows, plot_loss_curves, run_report_markdown
+from flows.runners import task_runner_from_env
 from flows.tasks import make_task
 from retroflow.artifacts import atomic_write_text
 from retroflow.pipeline import (
@@ -58,7 +59,7 @@ def task_executor(pipeline: PipelineConfig):
     return execute, execute_map
 
 
-@flow(name="pretrain-to-beir")
+@flow(name="pretrain-to-beir", task_runner=task_runner_from_env())
 def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
     """Prepare data -> RetroMAE pretraining -> negatives -> teacher -> fine-tuning -> sharded
     encoding -> index (+ autotune) -> evaluation on each dataset -> report."""
@@ -95,7 +96,8 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
         extra,
     )
     create_markdown_artifact(key=artifact_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
-    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md")}
+    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md"),
+               "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
     for line in flagged:

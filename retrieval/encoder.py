@@ -12,6 +12,7 @@ see bench/README.md `## encode`); `EncoderSettings(backend="hf")` forces transfo
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,8 +78,6 @@ class Encoder:
     """A query/passage encoder: `encode_queries(texts)` and `encode_passages(texts)` -> float32 arrays."""
 
     def __init__(self, model_name_or_path: str | Path, settings: EncoderSettings | None = None):
-        from transformers import AutoTokenizer
-
         self.settings = settings or EncoderSettings()
         self.model_path = resolve_model_path(model_name_or_path)
         self.name = str(model_name_or_path)
@@ -87,7 +86,7 @@ class Encoder:
         self.normalize = self.settings.normalize if self.settings.normalize is not None else st.normalize
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.precision)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.tokenizer = load_tokenizer(self.model_path)
         self.model = load_encoder_model(self.model_path).to(self.device).eval()
         self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
         model_max = st.max_seq_length or min(getattr(self.model.config, "max_position_embeddings", 512), 512)
@@ -178,6 +177,9 @@ def choose_backend(model: torch.nn.Module, requested: str, dtype: torch.dtype = 
     return "hf"
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @contextmanager
 def _quiet_transformers():
     """Silence transformers' progress bar and load report (we report what matters ourselves)."""
@@ -194,6 +196,13 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
+def load_tokenizer(model_path: Path):
+    with _LOAD_LOCK:  # see load_encoder_model
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_path)
+
+
 def load_encoder_model(model_path: Path) -> torch.nn.Module:
     """The bare encoder of a checkpoint (MLM / pretraining heads dropped without a noisy report).
 
@@ -201,9 +210,13 @@ def load_encoder_model(model_path: Path) -> torch.nn.Module:
     expected to be unused; weights the encoder needs but the checkpoint lacks are not, so those
     are still logged as a warning: they mean a randomly initialised encoder.
     """
-    from transformers import AutoModel
+    # transformers' lazy imports and its loading flip process-wide switches (weight init off, log
+    # verbosity) and restore them on exit; two threads loading at once (mapped encoding tasks)
+    # can fail the import or leave the switches flipped for good, so that later models are built
+    # untied and uninitialised. One load at a time.
+    with _LOAD_LOCK, _quiet_transformers():
+        from transformers import AutoModel
 
-    with _quiet_transformers():
         model, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
     # The pooler (a dense layer over [CLS] for next-sentence prediction) is never used for
     # encoding, and MLM checkpoints don't have one: its absence is no news.

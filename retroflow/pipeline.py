@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -288,7 +288,8 @@ def step_encode_shard(store: ArtifactStore, config: StageConfig, data: Artifact,
 
     shards_dir = encode_shards_dir(store, config, data, model)
     shards_dir.mkdir(parents=True, exist_ok=True)
-    return run_encode_shard(encode_run_config(config, data, model), open_dataset(data), shard, shards_dir)
+    result = run_encode_shard(encode_run_config(config, data, model), open_dataset(data), shard, shards_dir)
+    return {**result, "worker_pid": os.getpid()}  # which process did it (distributed runners)
 
 
 def step_merge_embeddings(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef, after: list | None = None) -> Artifact:
@@ -391,6 +392,7 @@ class PipelineResult:
     model: ModelRef
     evaluations: dict[str, Artifact]
     artifacts: dict[str, Any]
+    shard_results: list[dict[str, Any]] = field(default_factory=list)
 
 
 def eval_config(pipeline: PipelineConfig) -> StageConfig:
@@ -426,7 +428,8 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
         index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
         evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, index)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
-    return PipelineResult(model=model, evaluations=evaluations, artifacts=produced)
+    shard_results = produced.pop("_shards", [])
+    return PipelineResult(model=model, evaluations=evaluations, artifacts=produced, shard_results=shard_results)
 
 
 def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef, produced: dict[str, Any], source: str) -> Artifact:
@@ -438,6 +441,7 @@ def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, 
     encode_config = stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
     calls = [(store, encode_config, data, model, shard) for shard in range(encode_shard_count(encode_config, data))]
     shards = execute_map("encode-shard", step_encode_shard, calls)
+    produced.setdefault("_shards", []).extend(shards)
     embeddings = execute("merge-embeddings", step_merge_embeddings, store, encode_config, data, model, shards)
     index = execute("build-index", step_build_index, store, stage_config(IndexConfig, pipeline, "index"), embeddings)
     produced[f"encode:{source}"], produced[f"index:{source}"] = embeddings, index

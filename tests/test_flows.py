@@ -136,3 +136,37 @@ def test_run_artifacts_are_published(harness, store):
 
     kinds = {a.key: a.type for a in asyncio.run(read())}
     assert kinds.get("metrics-tiny") == "table" and kinds.get("report-tiny") == "markdown"
+
+
+def test_shard_encoding_runs_on_a_two_process_dask_cluster(scifact_small, tmp_path):
+    """Scale-out: with RETROFLOW_TASK_RUNNER=dask the encoding shards go to 2 worker processes."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scifact").symlink_to(scifact_small)
+    env = {
+        **os.environ,
+        "RETROFLOW_TASK_RUNNER": "dask",
+        "RETROFLOW_DASK_WORKERS": "2",
+        "RETROFLOW_DATA_DIR": str(data),
+        "RETROFLOW_STORE": str(tmp_path / "store"),
+        "RETROFLOW_REGISTRY": str(tmp_path / "registry.parquet"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "PREFECT_API_URL": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    script = (
+        "import json; from flows.pretrain_to_beir import pretrain_to_beir;"
+        f"s = pretrain_to_beir({TINY!r}, ['stages.pretrain=false', 'stages.finetune=false', 'stages.negatives=false',"
+        " 'model=' + __import__('sys').argv[1], 'stages.tune=false']); print(json.dumps(s['shard_workers']))"
+    )
+    from retrieval.models import resolve_model_path
+
+    proc = subprocess.run([sys.executable, "-c", script, str(resolve_model_path("minilm"))], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    workers = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(workers) == 2 and os.getpid() not in workers, workers
