@@ -65,6 +65,12 @@ def states_by_step(flow_run_id) -> dict[str, set[str]]:
     return out
 
 
+def current_api_url() -> str:
+    from prefect.settings import get_current_settings
+
+    return str(get_current_settings().api.url)
+
+
 def run_flow(*overrides: str):
     from flows.pretrain_to_beir import pretrain_to_beir
 
@@ -138,7 +144,7 @@ def test_run_artifacts_are_published(harness, store):
     assert kinds.get("metrics-tiny") == "table" and kinds.get("report-tiny") == "markdown"
 
 
-def test_shard_encoding_runs_on_a_two_process_dask_cluster(scifact_small, tmp_path):
+def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):
     """Scale-out: with RETROFLOW_TASK_RUNNER=dask the encoding shards go to 2 worker processes."""
     import json
     import subprocess
@@ -154,8 +160,7 @@ def test_shard_encoding_runs_on_a_two_process_dask_cluster(scifact_small, tmp_pa
         "RETROFLOW_DATA_DIR": str(data),
         "RETROFLOW_STORE": str(tmp_path / "store"),
         "RETROFLOW_REGISTRY": str(tmp_path / "registry.parquet"),
-        "PREFECT_HOME": str(tmp_path / "prefect"),
-        "PREFECT_API_URL": "",
+        "PREFECT_API_URL": current_api_url(),  # the module's test server
         "OMP_NUM_THREADS": "1",
     }
     script = (
