@@ -42,14 +42,6 @@ SUITE_METRICS: dict[str, tuple[str, ...]] = {"beir": tuple(DEFAULT_METRICS), "ms
 SUITE_TOP_K = {"beir": 1000, "msmarco": 1000, "nq": 100}
 
 
-class BM25Config(StageConfig):
-    k1: float = Field(0.9, gt=0)
-    b: float = Field(0.4, ge=0, le=1)
-    method: str = "lucene"
-    stemmer_language: str | None = "english"
-    stopwords: str | None = "en"
-
-
 class MsMarcoSettings(StageConfig):
     graded_relevance_level: int = Field(
         TREC_DL_RELEVANCE_LEVEL, ge=1, description="on graded qrels (TREC DL), lowest grade binary metrics count as relevant"
@@ -73,7 +65,7 @@ class EvaluateConfig(StageConfig):
     relevance_level: int = Field(1, ge=1, description="lowest grade counted as relevant by binary metrics")
     ignore_identical_ids: bool = True  # beir only: MS MARCO/NQ query and passage ids are separate namespaces
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
-    bm25: BM25Config = Field(default_factory=BM25Config)
+    bm25: BM25Settings = Field(default_factory=BM25Settings)
     index: str | None = None  # FAISS index artifact directory; None = exact search
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
     msmarco: MsMarcoSettings = Field(default_factory=MsMarcoSettings)
@@ -106,7 +98,7 @@ class EvaluateConfig(StageConfig):
 
 def retrieve_bm25(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     started = time.perf_counter()
-    retriever = BM25Retriever(dataset.doc_ids(), dataset.doc_texts(), BM25Settings(**config.bm25.canonical()))
+    retriever = BM25Retriever(dataset.doc_ids(), dataset.doc_texts(), config.bm25)
     index_s = time.perf_counter() - started
     run = retriever.search(list(queries), list(queries.values()), config.top_k)
     return run, {"index_docs_per_s": dataset.num_docs / index_s if index_s else None}

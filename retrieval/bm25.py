@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import bm25s
 import numpy as np
+from pydantic import Field
 
+from retroflow.config import StageConfig
 from retrieval.search import Run
 
 
-@dataclass(frozen=True)
-class BM25Settings:
-    k1: float = 0.9
-    b: float = 0.4
+class BM25Settings(StageConfig):
+    """BM25 scoring and text processing; the `bm25` section of every config that uses BM25."""
+
+    k1: float = Field(0.9, gt=0)
+    b: float = Field(0.4, ge=0, le=1)
     method: str = "lucene"
     stemmer_language: str | None = "english"
     stopwords: str | None = "en"

@@ -27,6 +27,7 @@ from pydantic import Field, model_validator
 
 from retroflow.artifacts import atomic_write_text
 from retroflow.config import StageConfig
+from retrieval.bm25 import BM25Settings
 from retrieval.encoder import EncoderSettings
 from retrieval.training_data import beir_training_set, judged_positives
 
@@ -34,14 +35,6 @@ log = logging.getLogger(__name__)
 
 NEGATIVES_FILE = "negatives.jsonl"
 FORMAT = "retroflow-negatives/1"
-
-
-class BM25Section(StageConfig):
-    k1: float = Field(0.9, gt=0)
-    b: float = Field(0.4, ge=0, le=1)
-    method: str = "lucene"
-    stemmer_language: str | None = "english"
-    stopwords: str | None = "en"
 
 
 class MineNegativesConfig(StageConfig):
@@ -55,7 +48,7 @@ class MineNegativesConfig(StageConfig):
     min_grade: int = Field(1, ge=1)
     index: Literal["flat", "hnsw"] = "flat"  # dense search: exact (FAISS flat IP) or HNSW
     hnsw_m: int = Field(32, ge=4)
-    bm25: BM25Section = Field(default_factory=BM25Section)
+    bm25: BM25Settings = Field(default_factory=BM25Settings)
     encoder: EncoderSettings = Field(default_factory=lambda: EncoderSettings(show_progress=False))
 
     @model_validator(mode="after")
@@ -150,9 +143,9 @@ def select_window(
 
 
 def rank_bm25(config: MineNegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str]):
-    from retrieval.bm25 import BM25Retriever, BM25Settings
+    from retrieval.bm25 import BM25Retriever
 
-    retriever = BM25Retriever(doc_ids, doc_texts, BM25Settings(**config.bm25.canonical()))
+    retriever = BM25Retriever(doc_ids, doc_texts, config.bm25)
     indices, scores = retriever.search_arrays(list(queries), config.rank_end)
     # bm25s pads with score 0 when fewer documents match: those are not hits
     ranked = [[doc_ids[j] if s > 0 else None for j, s in zip(row, srow)] for row, srow in zip(indices, scores)]
