@@ -202,7 +202,12 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
     config.hidden_dropout_prob = config.attention_probs_dropout_prob = 0.0
     AutoModel.from_pretrained(tiny_encoder, config=config).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_encoder).save_pretrained(model_dir)
-    single = run_finetune(tiny_config("train.max_steps=4"), dataset, model_dir, tmp_path / "one", tmp_path / "one-p")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same thread count as each rank: identical float reduction order
+    try:
+        single = run_finetune(tiny_config("train.max_steps=4"), dataset, model_dir, tmp_path / "one", tmp_path / "one-p")
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retroflow.cli", "finetune",
            "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(model_dir),
@@ -215,7 +220,11 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
     np.testing.assert_allclose(two["loss_history"], single["loss_history"], rtol=1e-4)
     a = load_file(tmp_path / "one" / "model" / "model.safetensors")
     b = load_file(tmp_path / "two" / "model" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # Adam divides by sqrt(v), so float reduction-order differences between one big batch and two
+    # gathered halves grow to 1.0-1.5e-5 after 4 steps (measured); a real mismatch (misaligned
+    # negatives, a wrong gradient scale) moves weights by about the learning rate (5e-4 here).
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-4, f"largest weight difference {worst:.2e}"
 
 
 def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
