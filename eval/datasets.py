@@ -50,7 +50,7 @@ BEIR_MD5 = {
     "scidocs": "38121350fc3a4d2f48850f6aff52e4a9",
     "trec-covid": "ce62140cb23feb9becf6270d0d1fe6d1",
     "quora": "18fb154900ba42a600f84b839c173167",
-    "nq": "a4bdd6a2de2d2a5d0d0f5f1d0f86b20e",
+    "nq": "d4d3d2e48787a744b6f6e691ff534307",
     "msmarco": "444067daf65d982533ea17ebd59501e4",
 }
 
