@@ -49,7 +49,7 @@ from retroflow.config import StageConfig
 from retroflow.devices import pick_device, pick_dtype, seed_everything
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.negatives import MineNegativesConfig, mine_negatives, read_negatives, write_negatives
+from retrieval.negatives import MineNegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
 from retrieval.training_data import TrainingSet, beir_training_set, dev_split
 
 log = logging.getLogger("retroflow.finetune")
@@ -292,29 +292,12 @@ TEACHER_FORMAT = "retroflow-teacher-scores/1"
 
 def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
     """(provenance, {qid: {doc id: score}}) from a teacher scores file (see retrieval.teacher)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher scores file not found: {path}")
+    provenance, records = read_headed_jsonl(path, TEACHER_FORMAT, "teacher scores")
     scores: dict[str, dict[str, float]] = {}
-    provenance: dict[str, Any] | None = None
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg})") from None
-            if number == 1:
-                if record.get("format") != TEACHER_FORMAT:
-                    raise ValueError(f"{path}, line 1: not a retroflow teacher scores file")
-                provenance = record["provenance"]
-                continue
-            if len(record.get("doc_ids", [])) != len(record.get("scores", [None])):
-                raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
-            scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}
-    if provenance is None:
-        raise ValueError(f"{path}: empty teacher scores file")
+    for number, record in records:
+        if len(record.get("doc_ids", [])) != len(record.get("scores", [None])):
+            raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
+        scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}
     return provenance, scores
 
 

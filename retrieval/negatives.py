@@ -81,32 +81,32 @@ def write_negatives(path: Path, mined: MinedNegatives) -> None:
     atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
-def read_negatives(path: Path) -> MinedNegatives:
+def read_headed_jsonl(path: Path, expected_format: str, kind: str) -> tuple[dict[str, Any], list[tuple[int, dict]]]:
+    """(provenance, [(line number, record), ...]) of a retroflow JSONL file whose line 1 names its format."""
+    from eval.datasets import iter_jsonl_records
+
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"negatives file not found: {path}")
-    negatives, scores, ranks, provenance = {}, {}, {}, None
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: malformed JSON ({err.msg})") from None
-            if number == 1:
-                if record.get("format") != FORMAT:
-                    raise ValueError(f"{path}, line 1: not a retroflow negatives file (format {record.get('format')!r})")
-                provenance = record["provenance"]
-                continue
-            if "qid" not in record or not isinstance(record.get("negatives"), list):
-                raise ValueError(f"{path}, line {number}: needs fields 'qid' and 'negatives' (a list)")
-            qid = str(record["qid"])
-            negatives[qid] = [str(d) for d in record["negatives"]]
-            scores[qid] = record.get("scores", [])
-            ranks[qid] = record.get("ranks", [])
-    if provenance is None:
-        raise ValueError(f"{path}: empty negatives file")
+        raise FileNotFoundError(f"{kind} file not found: {path}")
+    records = list(iter_jsonl_records(path))  # errors name the file and line
+    if not records:
+        raise ValueError(f"{path}: empty {kind} file")
+    number, header = records[0]
+    if number != 1 or header.get("format") != expected_format:
+        raise ValueError(f"{path}, line 1: not a retroflow {kind} file (format {header.get('format')!r})")
+    return header["provenance"], records[1:]
+
+
+def read_negatives(path: Path) -> MinedNegatives:
+    provenance, records = read_headed_jsonl(path, FORMAT, "negatives")
+    negatives, scores, ranks = {}, {}, {}
+    for number, record in records:
+        if "qid" not in record or not isinstance(record.get("negatives"), list):
+            raise ValueError(f"{path}, line {number}: needs fields 'qid' and 'negatives' (a list)")
+        qid = str(record["qid"])
+        negatives[qid] = [str(d) for d in record["negatives"]]
+        scores[qid] = record.get("scores", [])
+        ranks[qid] = record.get("ranks", [])
     return MinedNegatives(provenance, negatives, scores, ranks)
 
 
