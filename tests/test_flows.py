@@ -59,8 +59,15 @@ def task_states(flow_run_id) -> dict[str, str]:
 
 
 def states_by_step(flow_run_id) -> dict[str, set[str]]:
+    """Final task states per step. Prefect 3 records task states asynchronously (events), so
+    a just-finished flow can still show a task as Pending for a moment: wait for final states."""
+    for _ in range(40):
+        states = task_states(flow_run_id)
+        if not any(state in ("Pending", "Running", "Scheduled") for state in states.values()):
+            break
+        time.sleep(0.5)
     out: dict[str, set[str]] = {}
-    for name, state in task_states(flow_run_id).items():
+    for name, state in states.items():
         out.setdefault(name.split("#")[0], set()).add(state)
     return out
 
