@@ -166,13 +166,22 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
     elif config.ignore_identical_ids:
         run = drop_self_hits(run)
     means, per_query = evaluate_run(qrels, run, config.metrics, relevance_level)
-    return {
-        **means,
-        "suite": config.suite,
+    counts = {
         "num_queries": len(queries),
         "num_scored_queries": len(next(iter(per_query.values()), {})),
         "num_docs": dataset.num_docs,
         "relevance_level": relevance_level,
+    }
+    return result_record(config, config.suite, dataset, counts, means, per_query, run, extra, started)
+
+
+def result_record(config: EvaluateConfig, suite: str, dataset, counts: dict[str, Any], means: dict[str, float],
+                  per_query: dict, run: dict, extra: dict[str, Any], started: float) -> dict[str, Any]:  # fmt: skip
+    """The result every suite returns: means, counts, identity, timings, per-query values and the run."""
+    return {
+        **means,
+        "suite": suite,
+        **counts,
         "encode_docs_per_s": extra.pop("encode_docs_per_s", None),
         "model": config.model,
         "dataset": dataset.name,
@@ -194,21 +203,8 @@ def evaluate_nq(config: EvaluateConfig, dataset: NQDataset | None = None) -> dic
     run, extra = retrieve(dataset.corpus, dataset.questions, config)
     passage_text = dataset.passage_text(include_title=config.nq.match_title)
     means, per_query = score_answers(run, dataset.answers, passage_text, config.metrics, config.nq.match)
-    return {
-        **means,
-        "suite": "nq",
-        "num_queries": len(dataset.questions),
-        "num_docs": dataset.num_docs,
-        "encode_docs_per_s": extra.pop("encode_docs_per_s", None),
-        "model": config.model,
-        "dataset": dataset.name,
-        "dataset_fingerprint": dataset.fingerprint,
-        "split": config.split,
-        "seconds": round(time.perf_counter() - started, 2),
-        **extra,
-        "per_query": per_query,
-        "run": run,
-    }
+    counts = {"num_queries": len(dataset.questions), "num_docs": dataset.num_docs}
+    return result_record(config, "nq", dataset, counts, means, per_query, run, extra, started)
 
 
 def record_run(result: dict[str, Any], config: EvaluateConfig, registry_path: str | Path | None = None, run_id: str | None = None) -> str:
