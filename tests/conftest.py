@@ -82,16 +82,40 @@ def scifact_small(scifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     return write_beir_subset(scifact_dir, tmp_path_factory.mktemp("scifact-small"), 30, 60, 300)
 
 
+def deterministic_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:
+    """Specials, every character (plain and ##), then the most frequent words, ties broken by spelling.
+
+    tokenizers' WordPiece trainer breaks frequency ties in hash-map order, so its vocabulary (and
+    every embedding of a tiny model built on it) changed from run to run.
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    normalizer, splitter = BertNormalizer(lowercase=True), BertPreTokenizer()
+    words = Counter(word for text in texts for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in words for c in word})
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+    known = set(tokens)
+    for word, _ in sorted(words.items(), key=lambda item: (-item[1], item[0])):
+        if len(tokens) >= vocab_size:
+            break
+        if word not in known:
+            tokens.append(word)
+            known.add(word)
+    return {token: i for i, token in enumerate(tokens)}
+
+
 def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A random BertModel + WordPiece tokenizer trained on `texts`, saved in HF format."""
+    """A random BertModel + a deterministic WordPiece tokenizer over `texts`, saved in HF format."""
     import torch
     from tokenizers import BertWordPieceTokenizer
     from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
 
     dest.mkdir(parents=True, exist_ok=True)
-    wordpiece = BertWordPieceTokenizer(lowercase=True)
-    wordpiece.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, show_progress=False)
-    # transformers 5 ignores `vocab_file` for fast tokenizers: wrap the trained tokenizer itself.
+    wordpiece = BertWordPieceTokenizer(vocab=deterministic_wordpiece_vocab(texts, vocab_size), lowercase=True)
+    # transformers 5 ignores `vocab_file` for fast tokenizers: wrap the tokenizer object itself.
     tokenizer = BertTokenizerFast(
         tokenizer_object=wordpiece._tokenizer,
         unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
@@ -105,6 +129,9 @@ def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden
         num_attention_heads=4,
         intermediate_size=hidden * 2,
         max_position_embeddings=256,
+        # At BERT's 0.02 every random [CLS] vector is nearly the same (97% of top-100 score gaps
+        # under 1e-5), so rankings were float-noise ties; 0.2 spreads the scores apart.
+        initializer_range=0.2,
     )
     BertForMaskedLM(config).save_pretrained(dest)
     return dest

@@ -30,15 +30,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tiny_encoder(scifact_small: Path, tmp_path_factory) -> Path:
-    """Random 2-layer x 64 BertModel with a WordPiece vocab trained on the subset (dropout on)."""
-    from tokenizers import BertWordPieceTokenizer
+    """Random 2-layer x 64 BertModel with a deterministic WordPiece vocab of the subset (dropout on)."""
+    from conftest import deterministic_wordpiece_vocab
     from transformers import BertConfig, BertModel, BertTokenizer
 
     texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train_from_iterator(texts, vocab_size=2000, min_frequency=1, show_progress=False,
-                                special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])  # fmt: skip
-    tokenizer = BertTokenizer(vocab=trainer.get_vocab(), do_lower_case=True)
+    tokenizer = BertTokenizer(vocab=deterministic_wordpiece_vocab(texts, 2000), do_lower_case=True)
     dest = tmp_path_factory.mktemp("tiny-encoder")
     tokenizer.save_pretrained(dest)
     torch.manual_seed(0)
