@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retroflow.artifacts import atomic_write_text
+from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
 from retroflow.config import StageConfig
 from retroflow.devices import pick_device, pick_dtype, seed_everything
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
@@ -54,8 +55,6 @@ from retrieval.training_data import TrainingSet, beir_training_set, dev_split
 
 log = logging.getLogger("retroflow.finetune")
 
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 class _Section(BaseModel):
@@ -319,13 +318,6 @@ class FinetuneResult:
         return float(sum(tail) / len(tail)) if tail else math.nan
 
 
-def list_checkpoints(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / TRAINER_STATE).is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
-
-
 def make_accelerator(train: TrainSection):
     from accelerate import Accelerator
 
@@ -453,36 +445,16 @@ class FinetuneTrainer:
 
     # ------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
-        self.acc.save_state(str(tmp))
-        if self.acc.is_main_process:
-            state = {"step": step, "loss_history": self.result.loss_history,
-                     "distill_loss_history": self.result.distill_loss_history}  # fmt: skip
-            (tmp / TRAINER_STATE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in list_checkpoints(self.checkpoint_dir)[: -self.config.train.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint saved: %s", final)
-        self.acc.wait_for_everyone()
-        return final
+        history = {"loss_history": self.result.loss_history, "distill_loss_history": self.result.distill_loss_history}
+        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.config.train.keep_checkpoints)
 
     def maybe_resume(self) -> int:
-        found = list_checkpoints(self.checkpoint_dir)
-        if not found:
+        state = load_latest_checkpoint(self.acc, self.checkpoint_dir)
+        if state is None:
             return 0
-        latest = found[-1]
-        self.acc.load_state(str(latest))
-        state = json.loads((latest / TRAINER_STATE).read_text())
         self.result.loss_history = list(state["loss_history"])
         self.result.distill_loss_history = list(state.get("distill_loss_history", []))
         self.result.steps = self.result.resumed_from = int(state["step"])
-        log.info("resumed from %s (step %d)", latest, state["step"])
         return int(state["step"])
 
     # ------------------------------------------------------------------------ ANCE

@@ -367,10 +367,10 @@ def read_evaluation(art: Artifact) -> dict[str, Any]:
 
 STEP_CODE = {
     "prepare-data": ("eval.datasets", "retroflow.pipeline"),
-    "pretrain": ("retromae", "retroflow.pipeline"),
+    "pretrain": ("retromae", "retroflow.checkpoints", "retroflow.pipeline"),
     "mine-negatives": ("retrieval", "retroflow.pipeline"),
     "train-teacher": ("retrieval", "retroflow.pipeline"),
-    "finetune": ("retrieval", "retroflow.pipeline"),
+    "finetune": ("retrieval", "retroflow.checkpoints", "retroflow.pipeline"),
     "encode-shard": ("retrieval", "retroflow.pipeline"),
     "merge-embeddings": ("retrieval", "retroflow.pipeline"),
     "build-index": ("retrieval", "retroflow.pipeline"),

@@ -35,7 +35,7 @@ def _is_main_process() -> bool:
 def run(args: argparse.Namespace) -> int:
     from retromae.config import PretrainConfig
     from retromae.stage import pretrain_to_store, run_pretrain
-    from retromae.trainer import list_checkpoints
+    from retroflow.checkpoints import list_checkpoints
 
     overrides = list(args.overrides)
     if args.max_steps is not None:

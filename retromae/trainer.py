@@ -10,10 +10,8 @@ and save_state/load_state (model, optimizer, scheduler, per-process RNG).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -26,13 +24,12 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
 from retroflow.devices import pick_device, pick_dtype
 from retromae.collator import IGNORE
 
 log = logging.getLogger("retroflow.retromae")
 
-TRAINER_STATE = "trainer_state.json"
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 def make_accelerator(train_cfg) -> Accelerator:
@@ -101,13 +98,6 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             continue
         (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / TRAINER_STATE).is_file()]
-    return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
 class PretrainTrainer:
@@ -202,41 +192,20 @@ class PretrainTrainer:
 
     # ---------------------------------------------------------------------------- checkpoints
     def save_checkpoint(self, step: int) -> Path:
-        """Every process writes its part (RNG state) into a tmp dir; the main process renames it."""
-        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}"
-        tmp = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
-        if self.acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.acc.wait_for_everyone()
+        history = {
+            "loss_history": self.result.loss_history,
+            "encoder_loss_history": self.result.encoder_loss_history,
+            "decoder_loss_history": self.result.decoder_loss_history,
+        }
         # torch pickles, not safetensors: the MLM output matrix shares storage with the embeddings
-        self.acc.save_state(str(tmp), safe_serialization=False)
-        if self.acc.is_main_process:
-            state = {
-                "step": step,
-                "loss_history": self.result.loss_history,
-                "encoder_loss_history": self.result.encoder_loss_history,
-                "decoder_loss_history": self.result.decoder_loss_history,
-            }
-            (tmp / TRAINER_STATE).write_text(json.dumps(state))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in list_checkpoints(self.checkpoint_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-            log.info("checkpoint saved: %s", final)
-        self.acc.wait_for_everyone()
-        return final
+        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.cfg.keep_checkpoints, safe_serialization=False)
 
     def _maybe_resume(self) -> int:
-        found = list_checkpoints(self.checkpoint_dir)
-        if not found:
+        state = load_latest_checkpoint(self.acc, self.checkpoint_dir)
+        if state is None:
             return 0
-        latest = found[-1]
-        self.acc.load_state(str(latest))
-        state = json.loads((latest / TRAINER_STATE).read_text())
         self.result.loss_history = list(state["loss_history"])
         self.result.encoder_loss_history = list(state.get("encoder_loss_history", []))
         self.result.decoder_loss_history = list(state.get("decoder_loss_history", []))
         self.result.steps = self.result.resumed_from = int(state["step"])
-        log.info("resumed from %s (step %d)", latest, state["step"])
         return int(state["step"])

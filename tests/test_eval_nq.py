@@ -230,7 +230,7 @@ def test_dense_nq_accuracy_at_full_depth_is_the_share_of_answerable_questions(tm
 def test_nfd_answer_matches_precomposed_passage_in_the_file_pipeline(tmp_path: Path) -> None:
     root = tmp_path / "nq"
     root.mkdir()
-    (root / "psgs_w100.tsv").write_text(f"id\ttext\ttitle\n1\tSong by Beyonc\u00e9 and Jay-Z\tSong\n2\tunrelated\tX\n")
+    (root / "psgs_w100.tsv").write_text("id\ttext\ttitle\n1\tSong by Beyonc\u00e9 and Jay-Z\tSong\n2\tunrelated\tX\n")
     decomposed = unicodedata.normalize("NFD", "Beyoncé")
     (root / "nq-test.qa.csv").write_text(f"who sang it\t{[decomposed]!r}\n")
     means, _ = score_answers({"0": {"1": 1.0}}, load_nq(root).answers, load_nq(root).passage_text(), ["accuracy@1"])
