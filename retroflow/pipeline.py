@@ -160,7 +160,7 @@ def step_prepare_data(store: ArtifactStore, source: str) -> Artifact:
             shutil.copy2(dataset.path / name, out_dir / name)
         return {"num_docs": dataset.num_docs, "splits": {s: len(q) for s, q in dataset.qrels.items()}, "name": dataset.name}
 
-    return store.build("data", config, {}, code_version("eval.datasets"), body)
+    return store.build("data", config, {}, step_code("prepare-data"), body)
 
 
 def open_dataset(data: Artifact):
@@ -179,7 +179,7 @@ def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact, pro
             return launch_torchrun("pretrain", run_config, processes, out_dir, partial_dir)
         return run_pretrain(config, out_dir, partial_dir, text_files=[corpus])
 
-    return store.build("pretrain", config, {"data": data}, code_version("retromae"), body)
+    return store.build("pretrain", config, {"data": data}, step_code("pretrain"), body)
 
 
 def step_evaluate(
@@ -199,7 +199,7 @@ def step_evaluate(
         return {k: v for k, v in result.items() if k not in ("per_query", "run")}
 
     # config (without machine-specific paths) is the key; the inputs enter by fingerprint.
-    return store.build("evaluate", run_config, inputs, code_version("eval"), body, key_config=config)
+    return store.build("evaluate", run_config, inputs, step_code("evaluate"), body, key_config=config)
 
 
 def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef | None = None) -> Artifact:
@@ -212,7 +212,7 @@ def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifac
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_mine_negatives(config, open_dataset(data), out_dir, model_path=model_dir(model) if dense and model else None)
 
-    return store.build("negatives", config, inputs, code_version("retrieval"), body)
+    return store.build("negatives", config, inputs, step_code("mine-negatives"), body)
 
 
 def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact, negatives: Artifact, teacher_init: ModelRef) -> Artifact:
@@ -226,7 +226,7 @@ def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact
         return run_train_teacher(run_config, open_dataset(data), negatives.file(NEGATIVES_FILE), out_dir, partial_dir)
 
     inputs = {"data": data, "negatives": negatives, "init": teacher_init}
-    return store.build("teacher", run_config, inputs, code_version("retrieval"), body, key_config=config)
+    return store.build("teacher", run_config, inputs, step_code("train-teacher"), body, key_config=config)
 
 
 def step_finetune(
@@ -259,7 +259,7 @@ def step_finetune(
             teacher_scores_file=teacher.file(SCORES_FILE) if teacher else None,
         )  # fmt: skip
 
-    return store.build("finetune", config, inputs, code_version("retrieval"), body)
+    return store.build("finetune", config, inputs, step_code("finetune"), body)
 
 
 def encode_inputs(data: Artifact, model: ModelRef) -> dict[str, Any]:
@@ -272,7 +272,7 @@ def encode_run_config(config: StageConfig, data: Artifact, model: ModelRef) -> S
 
 def encode_shards_dir(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef) -> Path:
     """Where the shards of this encoding live until merged (the artifact's `.partial` directory)."""
-    key = store.key_for("encode", config, encode_inputs(data, model), code_version("retrieval"))
+    key = store.key_for("encode", config, encode_inputs(data, model), step_code("merge-embeddings"))  # the encode artifact's own key
     return store.partial_dir("encode", key)
 
 
@@ -303,7 +303,7 @@ def step_merge_embeddings(store: ArtifactStore, config: StageConfig, data: Artif
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         return run_encode(run_config, open_dataset(data), out_dir, partial_dir)
 
-    return store.build("encode", run_config, encode_inputs(data, model), code_version("retrieval"), body, key_config=config)
+    return store.build("encode", run_config, encode_inputs(data, model), step_code("merge-embeddings"), body, key_config=config)
 
 
 def step_build_index(store: ArtifactStore, config: StageConfig, embeddings: Artifact) -> Artifact:
@@ -312,7 +312,7 @@ def step_build_index(store: ArtifactStore, config: StageConfig, embeddings: Arti
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_build_index(config, embeddings.path, out_dir)
 
-    return store.build("index", config, {"embeddings": embeddings}, code_version("retrieval"), body)
+    return store.build("index", config, {"embeddings": embeddings}, step_code("build-index"), body)
 
 
 def step_tune_index(store: ArtifactStore, config: StageConfig, index: Artifact, embeddings: Artifact) -> Artifact:
@@ -322,7 +322,7 @@ def step_tune_index(store: ArtifactStore, config: StageConfig, index: Artifact, 
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_tune_index(config, index.path, embeddings.path, None, out_dir)
 
-    return store.build("tune", config, {"index": index, "embeddings": embeddings}, code_version("retrieval"), body)
+    return store.build("tune", config, {"index": index, "embeddings": embeddings}, step_code("tune-index"), body)
 
 
 def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: Path, partial_dir: Path, *extra: str) -> dict[str, Any]:
@@ -369,7 +369,7 @@ STEP_CODE = {
     "prepare-data": ("eval.datasets", "retroflow.pipeline"),
     "pretrain": ("retromae", "retroflow.checkpoints", "retroflow.pipeline"),
     "mine-negatives": ("retrieval", "retroflow.pipeline"),
-    "train-teacher": ("retrieval", "retroflow.pipeline"),
+    "train-teacher": ("retrieval", "retroflow.pipeline"),  # its loop is its own (retrieval.teacher)
     "finetune": ("retrieval", "retroflow.checkpoints", "retroflow.pipeline"),
     "encode-shard": ("retrieval", "retroflow.pipeline"),
     "merge-embeddings": ("retrieval", "retroflow.pipeline"),
@@ -377,6 +377,11 @@ STEP_CODE = {
     "tune-index": ("retrieval", "retroflow.pipeline"),
     "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
 }
+
+
+def step_code(step: str) -> str:
+    """The code version in a step's cache key: the source of the packages it runs."""
+    return code_version(*STEP_CODE[step])
 
 
 def direct(step: str, fn, *args):
