@@ -1,11 +1,12 @@
 """SciFact fine-tuning experiment: untouched MiniLM vs DPR with BM25 negatives vs + cross-encoder distillation.
 
-    python bench/finetune_scifact.py [--seeds 1 2 3] [--skip-distill]
+    python bench/finetune_scifact.py [--seeds 1 2 3] [--skip-distill | --skip-dpr] [--teacher-configs A.yaml B.yaml | --teacher-dirs DIR]
 
 Protocol (no tuning on test): 10% of SciFact's train queries (seeded) are held out as dev and
 never trained on (`data.dev_fraction` in the configs); the hyperparameters in
 configs/finetune/minilm-scifact*.yaml were fixed beforehand and dev nDCG@10 is reported as the
-check. Each variant is trained with 3 seeds; every model is evaluated on the full corpus
+check. The cross-encoder teacher is the one thing chosen on dev: each --teacher-configs candidate
+reranks BM25's top 20 for the dev queries and the best by nDCG@10 is distilled. Each variant is trained with 3 seeds; every model is evaluated on the full corpus
 (5,183 docs, exact inner-product search, top 1000) for both test and dev queries from one
 corpus encoding. References in the same run: BM25 (bm25s), the untouched model, and
 sentence-transformers' own encoding of each fine-tuned model (max abs difference to ours).
@@ -90,6 +91,26 @@ def evaluate_bm25(dataset, splits: dict) -> dict:
     return out
 
 
+def evaluate_teacher(teacher_dir: Path, dataset, qrels: dict, depth: int, max_length: int) -> dict:
+    """The cross-encoder reranking BM25's top `depth` for `qrels`' queries (a dev check of the teacher)."""
+    import torch
+
+    from retrieval.teacher import load_cross_encoder, score_pairs
+
+    model, tokenizer = load_cross_encoder(teacher_dir)
+    queries = query_texts(dataset, qrels)
+    bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(list(queries), list(queries.values()), depth))
+    text = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
+    pairs = [(q, d) for q, hits in bm25.items() for d in hits]
+    started = time.perf_counter()
+    scores = score_pairs(model, tokenizer, [queries[q] for q, _ in pairs], [text[d] for _, d in pairs], max_length, 32, torch.device("cpu"), torch.float32)
+    reranked: dict[str, dict[str, float]] = {}
+    for (q, d), score in zip(pairs, scores):
+        reranked.setdefault(q, {})[d] = float(score)
+    return {f"bm25_top{depth}": evaluate_run(qrels, bm25, METRICS)[0], f"teacher_rerank_top{depth}": evaluate_run(qrels, reranked, METRICS)[0],
+            "queries": len(queries), "pairs": len(pairs), "score_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+
+
 def st_agreement(model_dir: Path, texts: list[str]) -> float:
     """Max |difference| between sentence-transformers' and retroflow's embeddings of `texts`."""
     from sentence_transformers import SentenceTransformer
@@ -116,15 +137,26 @@ def summarise(rows: list[dict], split: str, metric: str) -> dict:
     }
 
 
+def teacher_candidates(args, work: Path) -> dict[str, tuple[str | None, Path]]:
+    """{name: (config to train, or None for an already-trained teacher; its directory)}."""
+    if args.teacher_dirs:
+        return {f"dir-{d.name}": (None, d) for d in args.teacher_dirs}
+    return {Path(c).stem: (c, work / "teachers" / Path(c).stem) for c in args.teacher_configs}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "data" / "scifact"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--config", default=str(REPO / "configs/finetune/minilm-scifact.yaml"))
     parser.add_argument("--distill-config", default=str(REPO / "configs/finetune/minilm-scifact-distill.yaml"))
-    parser.add_argument("--teacher-config", default=str(REPO / "configs/finetune/teacher-minilm-scifact.yaml"))
+    parser.add_argument("--teacher-configs", nargs="+", help="teacher candidates; the best on dev (reranking BM25's top 20) is distilled",
+                        default=[str(REPO / f"configs/finetune/{name}.yaml") for name in ("teacher-minilm-scifact", "teacher-minilm-scifact-3ep")])  # fmt: skip
+    parser.add_argument("--teacher-dirs", nargs="+", type=Path, default=[],
+                        help="already-trained teachers instead (the pipeline's teacher artifact or a `retroflow train-teacher` output)")  # fmt: skip
     parser.add_argument("--mine-config", default=str(REPO / "configs/finetune/mine-bm25-scifact.yaml"))
     parser.add_argument("--skip-distill", action="store_true")
+    parser.add_argument("--skip-dpr", action="store_true", help="only the distillation arm (with its references)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is steadier on busy shared cores)")
     parser.add_argument("--work", type=Path, default=REPO / "bench/results/finetune_scifact_work")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/finetune_scifact.json")
@@ -141,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     dpr_cfg = load_config(FinetuneConfig, args.config, [f"dataset={args.dataset}"])
     splits = split_qrels(dataset, dpr_cfg)
     report: dict = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "seeds": args.seeds,
-                    "configs": {"dpr": args.config, "distill": args.distill_config, "teacher": args.teacher_config,
+                    "configs": {"dpr": args.config, "distill": args.distill_config, "teachers": args.teacher_configs,
                                 "mine": args.mine_config},
                     "dev_queries": len(splits["dev"]), "test_queries": len(splits["test"]), "complete": False}  # fmt: skip
 
@@ -177,26 +209,44 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(run_dir / "partial", ignore_errors=True)  # checkpoints: ~0.3 GB a run
         return result
 
+    report["untouched"] = cached(work / "untouched.json", lambda: evaluate_model("minilm", dataset, splits, work / "untouched_docs.npy"))
+    save()
     report["dpr"] = []
-    for seed in args.seeds:
+    for seed in [] if args.skip_dpr else args.seeds:
         report["dpr"].append(train_and_eval("dpr", dpr_cfg, seed, negatives_file=negatives))
-        # after the first model: the untouched corpus vectors may already be cached by then
-        report["untouched"] = cached(work / "untouched.json", lambda: evaluate_model("minilm", dataset, splits, work / "untouched_docs.npy"))
         report["dpr_summary"] = {m: summarise(report["dpr"], s, m) for s in ("test", "dev") for m in METRICS[:1]}
         save()
 
     if not args.skip_distill:
-        teacher_cfg = load_config(TeacherConfig, args.teacher_config, [f"dataset={args.dataset}"])
-        teacher_dir = work / "teacher"
-        report["teacher"] = cached(
-            teacher_dir / "result.json",
-            lambda: {k: v for k, v in run_train_teacher(teacher_cfg, dataset, negatives, teacher_dir, teacher_dir / "partial").items() if k != "loss_history"},
-        )
-        save()
+        report["teachers"] = {}
+        for name, (teacher_config, teacher_dir) in teacher_candidates(args, work).items():
+            entry: dict = {"config": teacher_config, "dir": str(teacher_dir)}
+            if teacher_config is not None:
+                teacher_cfg = load_config(TeacherConfig, teacher_config, [f"dataset={args.dataset}"])
+                max_length = teacher_cfg.max_length
+
+                def train_teacher(cfg=teacher_cfg, out=teacher_dir) -> dict:
+                    trained = run_train_teacher(cfg, dataset, negatives, out, out / "partial")
+                    shutil.rmtree(out / "partial", ignore_errors=True)
+                    return {k: v for k, v in trained.items() if k != "loss_history"}
+
+                entry["train"] = cached(teacher_dir / "result.json", train_teacher)
+            else:  # trained elsewhere (the pipeline's teacher artifact): its manifest says how
+                manifest = json.loads((teacher_dir / "manifest.json").read_text()) if (teacher_dir / "manifest.json").is_file() else {}
+                entry["train"] = {k: v for k, v in manifest.get("metrics", {}).items() if k != "loss_history"}
+                entry["train_config"] = manifest.get("config")
+                max_length = (manifest.get("config") or {}).get("max_length", 192)
+            entry["dev"] = cached(work / "teachers" / name / "dev.json",
+                                  lambda d=teacher_dir, n=max_length: evaluate_teacher(d / "teacher", dataset, splits["dev"], 20, n))  # fmt: skip
+            report["teachers"][name] = entry
+            save()
+        chosen = max(report["teachers"], key=lambda n: report["teachers"][n]["dev"]["teacher_rerank_top20"]["ndcg@10"])
+        report["teacher_chosen_on_dev"] = chosen
+        scores_file = Path(report["teachers"][chosen]["dir"]) / "teacher_scores.jsonl"
         distill_cfg = load_config(FinetuneConfig, args.distill_config, [f"dataset={args.dataset}"])
         report["distill"] = []
         for seed in args.seeds:
-            report["distill"].append(train_and_eval("distill", distill_cfg, seed, teacher_scores_file=teacher_dir / "teacher_scores.jsonl"))
+            report["distill"].append(train_and_eval(f"distill-{chosen}", distill_cfg, seed, teacher_scores_file=scores_file))
             save()
 
     table = []

@@ -290,25 +290,28 @@ def qrels_dir_for(root: Path) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
-def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+def open_text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without newline) for a UTF-8 (optionally .gz) file; blank lines skipped."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                raise DatasetError(
-                    f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DatasetError(f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(record, dict):
-                raise DatasetError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
-            yield number, record
+                raise DatasetError(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+            if line.strip():
+                yield number, line
+
+
+def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    for number, line in open_text_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DatasetError(f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
+        if not isinstance(record, dict):
+            raise DatasetError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        yield number, record
 
 
 def iter_parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -360,31 +363,22 @@ QRELS_COLUMNS = ("query-id", "corpus-id", "score")
 
 def read_qrels_tsv(path: Path) -> list[tuple[int, str, str, int]]:
     rows = []
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DatasetError(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x})") from None
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if number == 1 and parts[0] == "query-id":
-                continue
-            if len(parts) == 4:  # TREC qrels: qid 0 docid grade
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                raise DatasetError(
-                    f"{path}, line {number}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}"
-                )
-            qid, docid, score = parts
-            try:
-                grade = int(float(score)) if float(score).is_integer() else None
-            except ValueError:
-                grade = None
-            if grade is None:
-                raise DatasetError(f"{path}, line {number}: field 'score' is not an integer: {score!r}")
-            rows.append((number, qid, docid, grade))
+    for number, line in open_text_lines(path):
+        parts = line.split("\t")
+        if number == 1 and parts[0] == "query-id":
+            continue
+        if len(parts) == 4:  # TREC qrels: qid 0 docid grade
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            raise DatasetError(f"{path}, line {number}: expected 3 tab-separated fields (query-id, corpus-id, score), got {len(parts)}")
+        qid, docid, score = parts
+        try:
+            grade = int(float(score)) if float(score).is_integer() else None
+        except ValueError:
+            grade = None
+        if grade is None:
+            raise DatasetError(f"{path}, line {number}: field 'score' is not an integer: {score!r}")
+        rows.append((number, qid, docid, grade))
     return rows
 
 

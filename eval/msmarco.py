@@ -27,7 +27,6 @@ as gains.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -43,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from eval.datasets import BeirDataset, DatasetError, default_cache_dir, load_dataset
+from eval.datasets import BeirDataset, DatasetError, default_cache_dir, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +61,6 @@ TREC_DL_QRELS_FILES = {"2019qrels-pass": "dl19", "2020qrels-pass": "dl20"}
 # ---------------------------------------------------------------------------------------
 # Low-level TSV reading: a fast Arrow path, and a line-by-line path that finds the bad line
 # ---------------------------------------------------------------------------------------
-
-
-def open_text_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line without newline) for a UTF-8 (optionally .gz) file; blank lines skipped."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as err:
-                raise DatasetError(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
-            if line.strip():
-                yield number, line
 
 
 def split_fields(path: Path, number: int, line: str, names: tuple[str, ...]) -> list[str]:

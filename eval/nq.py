@@ -48,7 +48,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import regex
 
-from eval.datasets import BeirDataset, DatasetError, default_cache_dir
+from eval.datasets import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -217,22 +217,17 @@ def qa_record(record: object, where: str) -> tuple[str | None, str, list[str]]:
 def read_qa_json(path: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
     """DPR's `nq-<split>.json` (one JSON list) or `.jsonl` (a record per line)."""
     records: list[tuple[str, object]] = []
-    with open_text(path) as handle:
-        if ".jsonl" in path.name:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        records.append((f"{path}, line {number}", json.loads(line)))
-                    except json.JSONDecodeError as err:
-                        raise DatasetError(f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno})") from None
-        else:
+    if ".jsonl" in path.name:
+        records = [(f"{path}, line {number}", record) for number, record in iter_jsonl_records(path)]
+    else:
+        with open_text(path) as handle:
             try:
                 data = json.load(handle)
             except json.JSONDecodeError as err:
                 raise DatasetError(f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})") from None
-            if not isinstance(data, list):
-                raise DatasetError(f"{path}: expected a JSON list of question records, got {type(data).__name__}")
-            records = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a JSON list of question records, got {type(data).__name__}")
+        records = [(f"{path}, record {i}", r) for i, r in enumerate(data)]
     questions: dict[str, str] = {}
     answers: dict[str, list[str]] = {}
     for index, (where, record) in enumerate(records):

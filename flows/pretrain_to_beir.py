@@ -13,7 +13,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from eval.report import loss_history, metric_rows, plot_loss_curves, run_report_markdown
 from flows.runners import task_runner_from_env
-from flows.tasks import make_task
+from flows.tasks import artifact_key, make_task
 from retroflow.artifacts import atomic_write_text
 from retroflow.pipeline import (
     PipelineConfig,
@@ -28,12 +28,6 @@ from retroflow.pipeline import (
 )
 
 DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
-
-
-def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
-    text = "-".join(parts).lower()
-    return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:100]
 
 
 def task_executor(pipeline: PipelineConfig):
@@ -67,6 +61,12 @@ def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None =
     return publish_report(pipeline, result)
 
 
+def embedded_png(title: str, path) -> str:
+    """Markdown showing a PNG inline (the Prefect UI renders data URIs) plus where the file is."""
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    return f"![{title}](data:image/png;base64,{encoded})\n\nFile: `{path}`"
+
+
 def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str, Any]:
     logger = get_run_logger()
     evaluations = {name: read_evaluation(art) for name, art in result.evaluations.items()}
@@ -84,8 +84,10 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
     plot = plot_loss_curves(curves, run_dir / "loss.png")
     extra = {}
     if plot:
-        encoded = base64.b64encode(plot.read_bytes()).decode()
-        extra["Training loss"] = f"![training loss](data:image/png;base64,{encoded})\n\nFile: `{plot}`"
+        extra["Training loss"] = embedded_png("training loss", plot)
+    for name, art in result.artifacts.items():
+        if name.startswith("tune:") and art.file("tune.png").is_file():
+            extra[f"Recall vs QPS ({name.removeprefix('tune:')})"] = embedded_png("recall@10 vs queries/s", art.file("tune.png"))
     markdown = run_report_markdown(
         pipeline.name,
         pipeline.canonical(),

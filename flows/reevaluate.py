@@ -15,7 +15,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from eval.report import markdown_table, metric_rows
-from flows.pretrain_to_beir import artifact_key, task_executor
+from flows.pretrain_to_beir import task_executor
+from flows.tasks import artifact_key
 from retroflow.artifacts import Artifact
 from retroflow.pipeline import (
     PipelineConfig,

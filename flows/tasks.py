@@ -12,16 +12,21 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from prefect import task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
 from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version, verify_artifact
 from retroflow.config import StageConfig
 from retroflow.pipeline import STEP_CODE, ExternalInput
+from retroflow.progress import reporting_progress_to
+
+log = logging.getLogger("retroflow.flows")
 
 RETRY_DELAYS = [5, 30, 120]  # back-off for transient errors (I/O, a busy GPU, a flaky store)
 
@@ -32,7 +37,7 @@ def canonical_argument(value: Any) -> Any:
     if isinstance(value, (Artifact, ExternalInput)):
         return {"input": value.fingerprint}
     if isinstance(value, ArtifactStore):
-        return {"store": str(value.root)}
+        return {"store": value.location}
     if isinstance(value, (list, tuple)):
         return [canonical_argument(v) for v in value]
     if isinstance(value, dict):
@@ -92,7 +97,8 @@ def make_task(step: str, fn: Callable[..., Any], store: ArtifactStore, task_name
 
     def run_and_record(*args: Any, **kwargs: Any) -> Any:
         bound = signature.bind(*args, **kwargs)
-        result = fn(*bound.args, **bound.kwargs)
+        with reporting_progress_to(ProgressArtifacts(step)):
+            result = fn(*bound.args, **bound.kwargs)
         record_artifacts(store, step_cache_key(step, dict(bound.arguments)), result)
         return result
 
@@ -109,6 +115,38 @@ def make_task(step: str, fn: Callable[..., Any], store: ArtifactStore, task_name
         retry_delay_seconds=RETRY_DELAYS[:2],
         retry_condition_fn=is_transient_failure,
     )
+
+
+class ProgressArtifacts:
+    """Publishes a task's progress bars (training steps, encoded documents) as Prefect progress
+    artifacts, one per bar label, updated at most every `min_interval` seconds and at the end."""
+
+    def __init__(self, step: str, min_interval: float = 5.0) -> None:
+        self.step, self.min_interval = step, min_interval
+        self.ids: dict[str, Any] = {}
+        self.last: dict[str, float] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if label in self.ids and done < total and now - self.last[label] < self.min_interval:
+            return
+        self.last[label] = now
+        percent = 100.0 * done / total
+        description = f"{self.step}: {label} {done}/{total}"
+        try:
+            if label in self.ids:
+                update_progress_artifact(self.ids[label], progress=percent, description=description)
+            else:
+                key = artifact_key("progress", self.step) if label in self.step else artifact_key("progress", self.step, label)
+                self.ids[label] = create_progress_artifact(percent, key=key, description=description)
+        except Exception as exc:  # progress is a courtesy: it must never fail the stage
+            log.debug("progress artifact for %s not published: %s", self.step, exc)
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    text = "-".join(parts).lower()
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:100]
 
 
 def is_transient_failure(_task, _task_run, state) -> bool:

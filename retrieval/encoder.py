@@ -21,10 +21,10 @@ from typing import Iterator, Literal, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
+from retroflow.progress import progress_bar
 from retrieval import encoder_fused
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path
 
@@ -119,7 +119,7 @@ class Encoder:
         ids = self.tokenize(texts, max_length, prefix)
         out = np.empty((len(ids), self.dim), dtype=np.float32)
         batches = length_sorted_batches([len(x) for x in ids], self.settings.batch_size, self.settings.max_tokens_per_batch)
-        progress = tqdm(total=len(ids), desc=desc, unit="doc", disable=not self.settings.show_progress, leave=False)
+        progress = progress_bar(total=len(ids), desc=desc, unit="doc", disable=not self.settings.show_progress, leave=False)
         with torch.inference_mode():
             # Re-read the weights on every call: the model may have been trained since the last one.
             forward = encoder_fused.FusedBert.from_model(self.model) if self.backend == "fused" else self._hf_forward

@@ -48,6 +48,7 @@ from retroflow.artifacts import atomic_write_text
 from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
 from retroflow.config import StageConfig
 from retroflow.devices import pick_device, pick_dtype, seed_everything
+from retroflow.progress import progress_bar
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retrieval.negatives import MineNegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
@@ -495,8 +496,6 @@ class FinetuneTrainer:
 
     # ------------------------------------------------------------------------ loop
     def train(self, resume: bool = True, stop_after: int | None = None) -> FinetuneResult:
-        from tqdm.auto import tqdm
-
         start = self.maybe_resume() if resume else 0
         refreshes = refresh_steps(self.config, self.steps)
         done = [s for s in refreshes if s <= start]
@@ -504,7 +503,7 @@ class FinetuneTrainer:
             self.pools = self.ance_refresh(len(done))
         self.result.ance_rounds_done = len(done)
         self.model.train()
-        bar = tqdm(total=self.steps, initial=start, desc="finetune", disable=not self.acc.is_main_process, dynamic_ncols=True)
+        bar = progress_bar(total=self.steps, initial=start, desc="finetune", disable=not self.acc.is_main_process, dynamic_ncols=True)
         began = time.perf_counter()
         for step in range(start, self.steps):
             if step in refreshes and step > start:  # a refresh at `start` already happened above

@@ -42,11 +42,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
-from tqdm.auto import tqdm
 
 from eval.datasets import BeirDataset
 from retroflow.artifacts import atomic_write_text
 from retroflow.config import StageConfig, hash_json
+from retroflow.progress import progress_bar
 from retrieval.encoder import Encoder, EncoderSettings
 
 log = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def encode_shards(
     encoded_docs, started = 0, time.perf_counter()
     if pending and encoder is None:
         encoder = Encoder(config.model, config.encoder)
-    bar = tqdm(total=total_docs, initial=done_docs, desc="encode", unit="doc", unit_scale=True, dynamic_ncols=True,
+    bar = progress_bar(total=total_docs, initial=done_docs, desc="encode", unit="doc", unit_scale=True, dynamic_ncols=True,
                disable=not config.encoder.show_progress)  # fmt: skip
     for index in pending:
         result = run_encode_shard(config, dataset, index, shards_dir, encoder=encoder)

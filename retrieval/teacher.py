@@ -40,6 +40,7 @@ from pydantic import Field
 from retroflow.artifacts import atomic_write_text
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
+from retroflow.progress import progress_bar
 from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
 from retrieval.models import resolve_model_path
 from retrieval.negatives import read_negatives
@@ -169,6 +170,7 @@ def run_train_teacher(
     model.train()
     group = 1 + config.negatives_per_query
     began = time.perf_counter()
+    bar = progress_bar(total=steps, initial=start, desc="teacher", dynamic_ncols=True)
     for step in range(start, steps):
         samples = plan.global_batch(step, pools)
         queries = [s.query for s in samples for _ in range(group)]
@@ -184,12 +186,15 @@ def run_train_teacher(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        bar.update(1)
         if (step + 1) % config.log_every == 0:
             log.info("teacher step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-config.log_every :]))
         if (step + 1) % config.save_every == 0 and step + 1 < steps:
             save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, losses)
         if stop_after is not None and step + 1 >= stop_after:
+            bar.close()
             return {"steps": step + 1, "loss_history": losses, "stopped_early": True}
+    bar.close()
     train_seconds = time.perf_counter() - began
     scored = score_training_candidates(config, model, tokenizer, train, mined.negatives, device, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)

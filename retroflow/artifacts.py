@@ -4,6 +4,9 @@ key = sha256(stage, canonical config, input fingerprints, stage code version). A
 under its final name is always complete: stages write into `<key>.tmp-<pid>/` and rename it
 into place; in-stage checkpoints live in `<key>.partial/`, which a re-run resumes from and
 which is removed on success.
+
+The root may also be an fsspec URL (`s3://bucket/retroflow`, `gs://...`, `file:///shared/...`):
+the store then mirrors a local working copy to it (see `ArtifactStore`).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -22,6 +26,7 @@ from retroflow import __version__
 from retroflow.config import StageConfig, hash_json
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("retroflow.artifacts")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -126,10 +131,30 @@ StageBody = Callable[[Path, Path], Mapping[str, Any] | None]
 
 
 class ArtifactStore:
-    """Local directory store (the default). Remote fsspec URLs are mirrored, see `flows`."""
+    """A local directory (the default), or a local working copy mirrored to an fsspec URL.
 
-    def __init__(self, root: str | Path):
-        self.root = Path(os.path.expanduser(str(root))).resolve()
+    With a URL, stages still read and write local files (torch, FAISS and Arrow need them) in
+    `cache` (default `$RETROFLOW_STORE_CACHE`, else `$RETROFLOW_CACHE/store/<hash of the URL>`).
+    Every finished artifact is uploaded, its files first and its manifest last, so a remote
+    manifest always means a complete upload; a lookup that misses locally downloads the remote
+    copy and checks every file's sha256 before trusting it. Machines that share one URL thus
+    share every finished stage. In-stage checkpoints (`.partial/`) stay on the local disk.
+    """
+
+    def __init__(self, root: str | Path, cache: str | Path | None = None):
+        text = str(root)
+        self.remote: str | None = None
+        if "://" in text:
+            self.remote = text.rstrip("/")
+            digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
+            default = Path(os.environ.get("RETROFLOW_CACHE", "~/.cache/retroflow")) / "store" / digest
+            text = str(cache or os.environ.get("RETROFLOW_STORE_CACHE") or default)
+        self.root = Path(os.path.expanduser(text)).resolve()
+
+    @property
+    def location(self) -> str:
+        """What identifies the store: its URL when mirrored, else its directory."""
+        return self.remote or str(self.root)
 
     def path_for(self, stage: str, key: str) -> Path:
         return self.root / stage / key
@@ -142,9 +167,50 @@ class ArtifactStore:
 
     def lookup(self, stage: str, key: str, full_verify: bool = False) -> Artifact | None:
         path = self.path_for(stage, key)
-        if not path.is_dir() or verify_artifact(path, full=full_verify):
+        if path.is_dir() and not verify_artifact(path, full=full_verify):
+            return Artifact(stage, key, path)
+        return self._download(stage, key) if self.remote else None
+
+    # ------------------------------------------------------------------ remote mirror
+    def _remote_dir(self, stage: str, key: str):
+        import fsspec
+
+        fs, base = fsspec.core.url_to_fs(self.remote)
+        return fs, f"{base.rstrip('/')}/{stage}/{key}"
+
+    def _upload(self, art: Artifact) -> None:
+        fs, dest = self._remote_dir(art.stage, art.key)
+        for rel in [*art.manifest["files"], MANIFEST]:  # the manifest last: it marks the upload complete
+            target = f"{dest}/{rel}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.put_file(str(art.path / rel), target)
+        log.info("uploaded %s/%s to %s", art.stage, art.key, self.remote)
+
+    def _download(self, stage: str, key: str) -> Artifact | None:
+        fs, src = self._remote_dir(stage, key)
+        if not fs.exists(f"{src}/{MANIFEST}"):
             return None
-        return Artifact(stage, key, path)
+        manifest = fs.cat_file(f"{src}/{MANIFEST}")
+        final = self.path_for(stage, key)
+        tmp = final.parent / f"{key}.download-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for rel in json.loads(manifest).get("files", {}):
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{src}/{rel}", str(tmp / rel))
+            (tmp / MANIFEST).write_bytes(manifest)
+            problems = verify_artifact(tmp, full=True)
+        except (OSError, json.JSONDecodeError) as err:
+            problems = [f"download failed: {err}"]
+        if problems:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("remote copy of %s/%s in %s not used (rebuilding): %s", stage, key, self.remote, "; ".join(problems[:3]))
+            return None
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        log.info("downloaded %s/%s from %s", stage, key, self.remote)
+        return Artifact(stage, key, final)
 
     def build(
         self,
@@ -191,7 +257,10 @@ class ArtifactStore:
         )
         os.replace(tmp, final)
         shutil.rmtree(partial, ignore_errors=True)
-        return Artifact(stage, key, final)
+        artifact = Artifact(stage, key, final)
+        if self.remote:
+            self._upload(artifact)
+        return artifact
 
 
 def write_manifest(
@@ -270,8 +339,9 @@ def lineage(artifact: Artifact) -> list[dict[str, Any]]:
     return chain
 
 
-def default_store_root() -> Path:
-    return Path(os.environ.get("RETROFLOW_STORE", "artifacts")).resolve()
+def default_store() -> ArtifactStore:
+    """The store named by `$RETROFLOW_STORE` (a directory or an fsspec URL), else `./artifacts`."""
+    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or "artifacts")
 
 
 def iter_stage_artifacts(store: ArtifactStore, stage: str) -> Iterable[Artifact]:

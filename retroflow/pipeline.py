@@ -40,7 +40,7 @@ class StageSwitches(StageConfig):
 
 class PipelineConfig(StageConfig):
     name: str = "quickstart"
-    store: str = Field("artifacts", description="artifact store root (RETROFLOW_STORE overrides when set)")
+    store: str = Field("artifacts", description="artifact store: a directory or an fsspec URL such as s3://bucket/prefix (RETROFLOW_STORE overrides)")
     data_dir: str | None = Field(None, description="where bare dataset names are found (else RETROFLOW_DATA_DIR)")
     model: str = "minilm"
     train_dataset: str = "scifact"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
-from retroflow.artifacts import default_store_root
+from retroflow.artifacts import ArtifactStore, default_store
 from retroflow.console import emit_json, format_table
 
 
@@ -37,7 +36,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
-    root = Path(args.store or os.environ.get("RETROFLOW_STORE") or default_store_root())
+    root = ArtifactStore(args.store).root if args.store else default_store().root
     latest = root / "runs" / args.name / "latest.json"
     if not latest.is_file():
         raise FileNotFoundError(f"no finished run of pipeline '{args.name}' under {root} ({latest} missing)")

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from retroflow.artifacts import ArtifactStore, default_store_root
+from retroflow.artifacts import default_store
 from retroflow.config import load_config
 from retroflow.console import emit_json
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(PretrainConfig, args.config, overrides)
 
     if args.output is None:
-        artifact = pretrain_to_store(config, ArtifactStore(default_store_root()))
+        artifact = pretrain_to_store(config, default_store())
         metrics = artifact.metrics
         output_dir = artifact.path
         print(f"pretrain artifact: {artifact.path}")

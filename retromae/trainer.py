@@ -21,11 +21,11 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
 from retroflow.devices import pick_device, pick_dtype
+from retroflow.progress import progress_bar
 from retromae.collator import IGNORE
 
 log = logging.getLogger("retroflow.retromae")
@@ -164,7 +164,7 @@ class PretrainTrainer:
         start = self._maybe_resume() if resume else 0
         total = self.cfg.max_steps
         self.model.train()
-        bar = tqdm(total=total, initial=start, desc="pretrain", disable=not self.acc.is_main_process, dynamic_ncols=True)
+        bar = progress_bar(total=total, initial=start, desc="pretrain", disable=not self.acc.is_main_process, dynamic_ncols=True)
         began, window_start = time.perf_counter(), time.perf_counter()
         for step in range(start, total):
             loss, enc, dec = self.train_step(step)

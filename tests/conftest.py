@@ -10,6 +10,7 @@ import os
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,6 +81,14 @@ def write_beir_subset(src: Path, dest: Path, n_test: int, n_train: int, n_extra_
 def scifact_small(scifact_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """~30 test + 60 train SciFact queries over ~400 real documents (BEIR layout)."""
     return write_beir_subset(scifact_dir, tmp_path_factory.mktemp("scifact-small"), 30, 60, 300)
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
+    """Unit vectors around random centres: a stand-in for real embeddings' cluster structure."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(clusters, dim))
+    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 def deterministic_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str, int]:

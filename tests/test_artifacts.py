@@ -87,3 +87,27 @@ def test_config_errors_name_file_and_field(tmp_path):
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(ToyConfig, None, ["size=7", "name=big"])
     assert cfg.size == 7 and cfg.name == "big"
+
+
+def test_a_remote_store_shares_finished_artifacts_between_machines(tmp_path):
+    """Two machines (separate local working copies) on one fsspec URL: the second one downloads
+    what the first built instead of building it again; an incomplete or damaged upload is not trusted."""
+    url = f"file://{tmp_path / 'remote'}"
+    calls: list = []
+    first = ArtifactStore(url, cache=tmp_path / "machine-a").build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert (tmp_path / "remote" / "toy" / first.key / "manifest.json").is_file()
+
+    second = ArtifactStore(url, cache=tmp_path / "machine-b").build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert len(calls) == 1, "the second machine rebuilt instead of downloading"
+    assert second.path.parent.parent == (tmp_path / "machine-b").resolve()
+    assert second.fingerprint == first.fingerprint and (second.path / "numbers.txt").read_text() == "1 2 3"
+    assert not verify_artifact(second.path, full=True)
+
+    (tmp_path / "remote" / "toy" / first.key / "numbers.txt").write_text("1 2")  # damaged in the bucket
+    third = ArtifactStore(url, cache=tmp_path / "machine-c").build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert len(calls) == 2 and (third.path / "numbers.txt").read_text() == "1 2 3"
+    assert (tmp_path / "remote" / "toy" / first.key / "numbers.txt").read_text() == "1 2 3"  # the rebuild re-uploads
+
+    (tmp_path / "remote" / "toy" / first.key / "manifest.json").unlink()  # an upload that never finished
+    ArtifactStore(url, cache=tmp_path / "machine-d").build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
+    assert len(calls) == 3

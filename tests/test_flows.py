@@ -139,17 +139,28 @@ def test_failed_downstream_stage_rerun_does_not_repeat_pretraining(harness, stor
 
 
 def test_run_artifacts_are_published(harness, store):
+    """Metrics table and report; progress artifacts of the training and encoding stages end at
+    100%; the report embeds the training-loss and the autotuner's recall-vs-QPS plots."""
     from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    assert run_flow()[0].is_completed()
+    state, _ = run_flow()
+    assert state.is_completed()
 
     async def read():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["metrics-tiny", "report-tiny"])))
+            run_filter = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=run_filter))
 
-    kinds = {a.key: a.type for a in asyncio.run(read())}
+    artifacts = sorted(asyncio.run(read()), key=lambda a: a.updated)
+    kinds = {a.key: a.type for a in artifacts}
     assert kinds.get("metrics-tiny") == "table" and kinds.get("report-tiny") == "markdown"
+    progress = {a.key: a.data for a in artifacts if a.type == "progress"}
+    for key in ("progress-pretrain", "progress-train-teacher", "progress-finetune", "progress-encode-shard-passages"):
+        assert progress.get(key) == 100.0, (key, progress)
+    report = next(a.data for a in artifacts if a.key == "report-tiny")
+    assert "## Training loss" in report and "## Recall vs QPS (scifact)" in report
+    assert report.count("data:image/png;base64,") == 2
 
 
 def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):

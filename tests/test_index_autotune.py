@@ -8,17 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import clustered
 from retrieval.autotune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
 from retrieval.index import IndexConfig, run_build_index, search_with_index
 from retrieval.search import exact_search
 from retrieval.shards import open_embeddings, write_embeddings
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

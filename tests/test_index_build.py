@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pytest
 
+from conftest import clustered
 from retroflow.config import ConfigError, load_config
 from retrieval.index import (
     IndexConfig,
@@ -23,14 +24,6 @@ from retrieval.search import exact_search
 from retrieval.shards import write_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def clustered(n: int, dim: int, clusters: int, seed: int, spread: float = 0.35) -> np.ndarray:
-    """Unit vectors around random centres: a stand-in for real embeddings' cluster structure."""
-    rng = np.random.default_rng(seed)
-    centres = rng.normal(size=(clusters, dim))
-    x = centres[rng.integers(0, clusters, n)] + spread * rng.normal(size=(n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
