@@ -19,7 +19,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from ui_check import check_page, find_chromium  # noqa: E402
+from ui_check import check_page, find_chromium, latest_artifact_url  # noqa: E402
 
 pytestmark = [pytest.mark.chromium, pytest.mark.skipif(find_chromium() is None, reason="headless Chromium not installed")]
 
@@ -62,17 +62,24 @@ def prefect_server(tmp_path: Path):
 
 
 def test_metric_table_artifact_is_shown_in_the_ui(prefect_server, tmp_path):
+    """The table a flow run publishes is rendered on its artifact page: header and values."""
     ui, env = prefect_server
     publish = (
+        "from prefect import flow\n"
         "from prefect.artifacts import create_table_artifact\n"
         "from eval.report import metric_rows\n"
-        "rows = metric_rows({'scifact': {'model': 'minilm', 'num_queries': 300, 'ndcg@10': 0.6451, 'recall@100': 0.925}},"
+        "@flow(name='uitest')\n"
+        "def publish():\n"
+        "    rows = metric_rows({'scifact': {'model': 'minilm', 'num_queries': 300, 'ndcg@10': 0.6451, 'recall@100': 0.925}},"
         " {'scifact': {'ndcg@10': 0.6400}})\n"
-        "create_table_artifact(key='metrics-uitest', table=rows, description='pretrain-to-beir/uitest: metrics per dataset')\n"
+        "    create_table_artifact(key='metrics-uitest', table=rows, description='pretrain-to-beir/uitest: metrics per dataset')\n"
+        "publish()\n"
     )
-    subprocess.run([sys.executable, "-c", publish], env={**env, "PREFECT_API_URL": ui + "/api"}, check=True, cwd=REPO)
+    subprocess.run([sys.executable, "-c", publish], env={**env, "PREFECT_API_URL": ui + "/api"}, check=True, cwd=REPO,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     screenshot = tmp_path / "ui-metrics.png"
-    missing = check_page(f"{ui}/artifacts/key/metrics-uitest", ["metrics-uitest", "metrics per dataset"], screenshot)
+    expected = ["metrics-uitest", "metrics per dataset", "ndcg@10", "0.6451", "scifact"]
+    missing = check_page(latest_artifact_url(ui, "metrics-uitest"), expected, screenshot)
     print(f"screenshot: {screenshot}")
     assert not missing, f"not shown in the UI: {missing}"
     assert screenshot.stat().st_size > 10_000
