@@ -6,7 +6,7 @@ Protocol (no tuning on test): 10% of SciFact's train queries (seeded) are held o
 never trained on (`data.dev_fraction` in the configs); the hyperparameters in
 configs/finetune/minilm-scifact*.yaml were fixed beforehand and dev nDCG@10 is reported as the
 check. The cross-encoder teacher is the one thing chosen on dev: each --teacher-configs candidate
-reranks BM25's top 20 for the dev queries and the best by nDCG@10 is distilled. Each variant is trained with 3 seeds; every model is evaluated on the full corpus
+reranks BM25's top 20 for the dev queries (`retrieval.teacher.rerank_dev_check`) and the best by nDCG@10 is distilled. Each variant is trained with 3 seeds; every model is evaluated on the full corpus
 (5,183 docs, exact inner-product search, top 1000) for both test and dev queries from one
 corpus encoding. References in the same run: BM25 (bm25s), the untouched model, and
 sentence-transformers' own encoding of each fine-tuned model (max abs difference to ours).
@@ -91,24 +91,15 @@ def evaluate_bm25(dataset, splits: dict) -> dict:
     return out
 
 
-def evaluate_teacher(teacher_dir: Path, dataset, qrels: dict, depth: int, max_length: int) -> dict:
-    """The cross-encoder reranking BM25's top `depth` for `qrels`' queries (a dev check of the teacher)."""
+def evaluate_teacher(teacher_dir: Path, dataset, dev_fraction: float, dev_seed: int, depth: int, max_length: int) -> dict:
+    """The cross-encoder reranking BM25's top `depth` for the held-out dev queries (the library's dev check)."""
     import torch
 
-    from retrieval.teacher import load_cross_encoder, score_pairs
+    from retrieval.teacher import load_cross_encoder, rerank_dev_check
 
     model, tokenizer = load_cross_encoder(teacher_dir)
-    queries = query_texts(dataset, qrels)
-    bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(list(queries), list(queries.values()), depth))
-    text = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
-    pairs = [(q, d) for q, hits in bm25.items() for d in hits]
-    started = time.perf_counter()
-    scores = score_pairs(model, tokenizer, [queries[q] for q, _ in pairs], [text[d] for _, d in pairs], max_length, 32, torch.device("cpu"), torch.float32)
-    reranked: dict[str, dict[str, float]] = {}
-    for (q, d), score in zip(pairs, scores):
-        reranked.setdefault(q, {})[d] = float(score)
-    return {f"bm25_top{depth}": evaluate_run(qrels, bm25, METRICS)[0], f"teacher_rerank_top{depth}": evaluate_run(qrels, reranked, METRICS)[0],
-            "queries": len(queries), "pairs": len(pairs), "score_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    config = TeacherConfig(dev_fraction=dev_fraction, dev_seed=dev_seed, dev_check_depth=depth, max_length=max_length, score_batch_size=32)
+    return rerank_dev_check(config, model, tokenizer, dataset, torch.device("cpu"), torch.float32)
 
 
 def st_agreement(model_dir: Path, texts: list[str]) -> float:
@@ -236,11 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 entry["train"] = {k: v for k, v in manifest.get("metrics", {}).items() if k != "loss_history"}
                 entry["train_config"] = manifest.get("config")
                 max_length = (manifest.get("config") or {}).get("max_length", 192)
-            entry["dev"] = cached(work / "teachers" / name / "dev.json",
-                                  lambda d=teacher_dir, n=max_length: evaluate_teacher(d / "teacher", dataset, splits["dev"], 20, n))  # fmt: skip
+            entry["dev"] = cached(work / "teachers" / name / "dev-check.json",
+                                  lambda d=teacher_dir, n=max_length: evaluate_teacher(d / "teacher", dataset, dpr_cfg.data.dev_fraction,
+                                                                                       dpr_cfg.data.dev_seed, 20, n))  # fmt: skip
             report["teachers"][name] = entry
             save()
-        chosen = max(report["teachers"], key=lambda n: report["teachers"][n]["dev"]["teacher_rerank_top20"]["ndcg@10"])
+        chosen = max(report["teachers"], key=lambda n: report["teachers"][n]["dev"]["dev_teacher_rerank_ndcg@10"])
         report["teacher_chosen_on_dev"] = chosen
         scores_file = Path(report["teachers"][chosen]["dir"]) / "teacher_scores.jsonl"
         distill_cfg = load_config(FinetuneConfig, args.distill_config, [f"dataset={args.dataset}"])

@@ -44,6 +44,7 @@ from retroflow.progress import progress_bar
 from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
 from retrieval.models import resolve_model_path
 from retrieval.negatives import read_negatives
+from retrieval.training_data import beir_training_set, dev_split
 
 log = logging.getLogger("retroflow.teacher")
 
@@ -72,6 +73,8 @@ class TeacherConfig(StageConfig):
     save_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     candidates_per_query: int = Field(20, ge=1, description="mined negatives scored per query (best-ranked first)")
+    dev_check_depth: int = Field(20, ge=0, description="rerank BM25's top N for the held-out dev queries and report the "
+                                 "teacher's nDCG@10 beside BM25's (0 = off; needs dev_fraction > 0)")  # fmt: skip
     score_batch_size: int = Field(64, ge=1)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -215,7 +218,9 @@ def run_train_teacher(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_teacher_scores(out_dir / SCORES_FILE, provenance, scored["scores"])
+    dev_check = rerank_dev_check(config, model, tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
     return {
+        **dev_check,
         "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
         "steps": steps,
         "loss_history": losses,
@@ -225,7 +230,7 @@ def run_train_teacher(
         "train_mrr_of_positive": scored["mrr"],
         "resumed_from": resumed_from,
         "num_train_queries": len(train),
-        "scores_file": str(out_dir / SCORES_FILE),
+        "scores_file": SCORES_FILE,  # relative to the output directory (a stage writes into a temporary one)
     }
 
 
@@ -263,6 +268,37 @@ def score_training_candidates(config: TeacherConfig, model, tokenizer, train, ne
         first = next(i for i, (d, _) in enumerate(ranked) if d in set(ex.positives))
         reciprocal.append(1.0 / (first + 1))
     return {"scores": by_query, "pairs": len(owners), "mrr": float(np.mean(reciprocal)), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, dtype) -> dict[str, float | int]:
+    """nDCG@10 of BM25's top `dev_check_depth` for the held-out dev queries, as BM25 ranks them
+    and as the teacher reranks them. A teacher below BM25 would teach the student worse
+    rankings than the negatives' own source, so that case is logged as a warning."""
+    from eval.metrics import evaluate_run
+    from retrieval.bm25 import BM25Retriever
+    from retrieval.search import drop_self_hits
+
+    started = time.perf_counter()
+    judged = beir_training_set(dataset, config.split, config.min_grade)
+    _, dev = dev_split([ex.qid for ex in judged.examples], config.dev_fraction, config.dev_seed)
+    query_text = {ex.qid: ex.query for ex in judged.examples}
+    qrels = {q: rels for q, rels in dataset.split_qrels(config.split).items() if q in set(dev)}
+    first_stage = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [query_text[q] for q in dev], config.dev_check_depth))
+    passage = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
+    pairs = [(q, d) for q, hits in first_stage.items() for d in hits]
+    logits = score_pairs(model, tokenizer, [query_text[q] for q, _ in pairs], [passage[d] for _, d in pairs],
+                         config.max_length, config.score_batch_size, device, dtype)  # fmt: skip
+    reranked: dict[str, dict[str, float]] = {}
+    for (q, d), value in zip(pairs, logits):
+        reranked.setdefault(q, {})[d] = float(value)
+    bm25 = evaluate_run(qrels, first_stage, ["ndcg@10"])[0]["ndcg@10"]
+    teacher = evaluate_run(qrels, reranked, ["ndcg@10"])[0]["ndcg@10"]
+    log.info("teacher on %d dev queries: BM25 top-%d nDCG@10 %.4f, reranked by the teacher %.4f", len(dev), config.dev_check_depth, bm25, teacher)
+    if teacher < bm25:
+        log.warning("the teacher reranks the dev queries worse than BM25 (nDCG@10 %.4f < %.4f): distilling from it will "
+                    "likely hurt; train it longer or from a stronger checkpoint", teacher, bm25)  # fmt: skip
+    return {"dev_queries": len(dev), "dev_bm25_ndcg@10": round(bm25, 4), "dev_teacher_rerank_ndcg@10": round(teacher, 4),
+            "dev_check_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 
 def write_teacher_scores(path: Path, provenance: dict, scores: dict[str, dict[str, float]]) -> None:

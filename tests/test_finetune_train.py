@@ -11,7 +11,7 @@ import torch
 
 from eval.datasets import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import FinetuneConfig, run_finetune
+from retrieval.finetune import FinetuneConfig, read_teacher_scores, run_finetune
 from retrieval.negatives import MineNegativesConfig, read_negatives, run_mine_negatives
 from retrieval.training_data import judged_positives
 
@@ -138,7 +138,6 @@ def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_pa
 
 
 def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    from retrieval.finetune import read_teacher_scores
     from retrieval.teacher import TeacherConfig, run_train_teacher
 
     run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
@@ -159,6 +158,30 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
     assert out["steps"] == 6 and all(v > 0 for v in out["distill_loss_history"])
     with pytest.raises(ValueError, match="go together"):
         run_finetune(distill, dataset, tiny_encoder, tmp_path / "x", tmp_path / "xp")
+
+
+def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
+    """With a dev hold-out the teacher reports BM25's and its own nDCG@10 on exactly those queries."""
+    from eval.metrics import evaluate_run
+    from retrieval.bm25 import BM25Retriever
+    from retrieval.search import drop_self_hits
+    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training_data import dev_split
+
+    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml",
+                      [f"init={tiny_encoder}", "max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"])  # fmt: skip
+    metrics = run_train_teacher(cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "t", tmp_path / "tp")
+
+    train = dataset.split_qrels("train")
+    _, dev = dev_split(list(train), 0.25, 0)
+    _, scores = read_teacher_scores(tmp_path / "t" / "teacher_scores.jsonl")
+    assert metrics["dev_queries"] == len(dev) > 0 and not set(dev) & set(scores)  # dev never trained on
+    text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
+    bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [text[q] for q in dev], 10))
+    expected = evaluate_run({q: train[q] for q in dev}, bm25, ["ndcg@10"])[0]["ndcg@10"]
+    assert metrics["dev_bm25_ndcg@10"] == pytest.approx(expected, abs=1e-4)
+    assert 0.0 <= metrics["dev_teacher_rerank_ndcg@10"] <= 1.0
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
