@@ -35,7 +35,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retroflow.artifacts import atomic_write_text, sha256_file
+from retroflow.artifacts import atomic_write_text, cache_root, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,6 @@ BEIR_MD5 = {
 }
 
 DATA_DIR_ENV = "RETROFLOW_DATA_DIR"
-CACHE_DIR_ENV = "RETROFLOW_CACHE"
 
 
 class DatasetError(ValueError):
@@ -114,7 +113,7 @@ class BeirDataset:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV, Path.home() / ".cache" / "retroflow")).expanduser()
+    return cache_root()
 
 
 def load_dataset(

@@ -282,11 +282,11 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     judged = beir_training_set(dataset, config.split, config.min_grade)
     _, dev = dev_split([ex.qid for ex in judged.examples], config.dev_fraction, config.dev_seed)
     query_text = {ex.qid: ex.query for ex in judged.examples}
-    qrels = {q: rels for q, rels in dataset.split_qrels(config.split).items() if q in set(dev)}
+    all_qrels = dataset.split_qrels(config.split)
+    qrels = {q: all_qrels[q] for q in dev}
     first_stage = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [query_text[q] for q in dev], config.dev_check_depth))
-    passage = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
     pairs = [(q, d) for q, hits in first_stage.items() for d in hits]
-    logits = score_pairs(model, tokenizer, [query_text[q] for q, _ in pairs], [passage[d] for _, d in pairs],
+    logits = score_pairs(model, tokenizer, [query_text[q] for q, _ in pairs], [judged.passages[d] for _, d in pairs],
                          config.max_length, config.score_batch_size, device, dtype)  # fmt: skip
     reranked: dict[str, dict[str, float]] = {}
     for (q, d), value in zip(pairs, logits):

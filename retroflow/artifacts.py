@@ -29,6 +29,11 @@ MANIFEST = "manifest.json"
 log = logging.getLogger("retroflow.artifacts")
 
 
+def cache_root() -> Path:
+    """`$RETROFLOW_CACHE`, else `~/.cache/retroflow`: normalised datasets, token caches, store working copies."""
+    return Path(os.environ.get("RETROFLOW_CACHE", Path.home() / ".cache" / "retroflow")).expanduser()
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -147,7 +152,7 @@ class ArtifactStore:
         if "://" in text:
             self.remote = text.rstrip("/")
             digest = hashlib.sha256(self.remote.encode()).hexdigest()[:16]
-            default = Path(os.environ.get("RETROFLOW_CACHE", "~/.cache/retroflow")) / "store" / digest
+            default = cache_root() / "store" / digest
             text = str(cache or os.environ.get("RETROFLOW_STORE_CACHE") or default)
         self.root = Path(os.path.expanduser(text)).resolve()
 

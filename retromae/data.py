@@ -17,6 +17,8 @@ from typing import Iterable, Iterator
 
 import datasets
 
+from retroflow.artifacts import cache_root
+
 log = logging.getLogger("retroflow.retromae")
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -100,7 +102,7 @@ def texts_digest(texts: list[str]) -> str:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RETROFLOW_CACHE", Path.home() / ".cache" / "retroflow")) / "pretrain-tokens"
+    return cache_root() / "pretrain-tokens"
 
 
 def tokenize_corpus(
