@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,19 +104,30 @@ def check_page(url: str, expect: list[str], screenshot: Path | None, wait_s: flo
     if binary is None:
         raise FileNotFoundError("no Chromium found (Debian: apt-get install chromium)")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="retroflow-chromium-") as profile:
+    # Chromium's helper processes can still write to the profile after the browser exits, so
+    # the whole process group is stopped and a late write cannot fail the profile's clean-up.
+    with tempfile.TemporaryDirectory(prefix="retroflow-chromium-", ignore_cleanup_errors=True) as profile:
         command = [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "about:blank"]
-        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             ws_url = page_target(port, time.monotonic() + 60)
             text = asyncio.run(render(ws_url, url, expect, wait_s, screenshot))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process_group(proc)
     return [t for t in expect if t not in text]
+
+
+def stop_process_group(proc: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def latest_artifact_url(ui: str, key: str) -> str:
