@@ -32,7 +32,9 @@ from retroflow.artifacts import atomic_write_text, code_version
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings
+from retrieval.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
 from retrieval.search import Run, drop_self_hits, exact_search, to_run
+from retrieval.shards import corpus_vectors
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,7 @@ class NQSettings(StageConfig):
 
 class EvaluateConfig(StageConfig):
     suite: Suite = "beir"
-    model: str = "minilm"  # alias, local HF directory, hub id, or "bm25"
+    model: str = "minilm"  # alias, local HF directory, hub id, "bm25", or "hybrid:<dense model>" (BM25 fused with it)
     dataset: str = "scifact"  # directory, name under $RETROFLOW_DATA_DIR, hf:BeIR/x, or zip URL
     split: str = "test"
     metrics: list[str] = Field(default_factory=lambda: list(DEFAULT_METRICS))  # default: the suite's metrics
@@ -66,7 +68,9 @@ class EvaluateConfig(StageConfig):
     ignore_identical_ids: bool = True  # beir only: MS MARCO/NQ query and passage ids are separate namespaces
     encoder: EncoderSettings = Field(default_factory=EncoderSettings)
     bm25: BM25Settings = Field(default_factory=BM25Settings)
+    fusion: FusionSettings = Field(default_factory=FusionSettings)  # used by hybrid:<model>
     index: str | None = None  # FAISS index artifact directory; None = exact search
+    embeddings: str | None = None  # exact search over this encode artifact's vectors instead of encoding the corpus
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
     msmarco: MsMarcoSettings = Field(default_factory=MsMarcoSettings)
     nq: NQSettings = Field(default_factory=NQSettings)
@@ -93,6 +97,10 @@ class EvaluateConfig(StageConfig):
                 parse_metric(name)
         if self.suite == "nq" and self.run_file:
             raise ValueError("run_file is not supported by the nq suite")
+        if self.model.startswith(HYBRID_PREFIX) and not self.model[len(HYBRID_PREFIX):]:
+            raise ValueError("model 'hybrid:' needs a dense model after the colon, e.g. hybrid:minilm")
+        if self.model.startswith(HYBRID_PREFIX) and self.run_file:
+            raise ValueError("a hybrid model retrieves with BM25 itself; it cannot score a run_file")
         return self
 
 
@@ -117,8 +125,8 @@ def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: Evalua
         run = {qid: {d: float(s) for d, s in zip(ids, row) if d is not None} for qid, ids, row in zip(queries, hit_ids, scores)}
         docs_per_s = None
     else:
-        doc_vectors = encoder.encode_passages(dataset.doc_texts())
-        docs_per_s = encoder.last_docs_per_s
+        doc_vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings else encoder.encode_passages(dataset.doc_texts())
+        docs_per_s = None if config.embeddings else encoder.last_docs_per_s
         started = time.perf_counter()
         scores, indices = exact_search(doc_vectors, query_vectors, config.top_k)
         search_s = time.perf_counter() - started
@@ -131,6 +139,26 @@ def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: Evalua
     }
 
 
+def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
+    """BM25 fused with the dense model; the weight comes from the dev hold-out (or the corpus), never from `queries`."""
+    dense_model = config.model[len(HYBRID_PREFIX):]
+    encoder = Encoder(dense_model, config.encoder)
+    texts = dataset.doc_texts()
+    vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings and not config.index else None
+    dense = DenseSide(encoder, dataset.doc_ids(), texts, index=config.index, doc_vectors=vectors)
+    bm25 = BM25Retriever(dataset.doc_ids(), texts, config.bm25)
+    searcher = HybridSearcher(dense, bm25, config.fusion, texts, config.bm25)
+    held_out = dev_hold_out(dataset, config.fusion, evaluated_split=config.split)
+    dev_queries, dev_qrels = held_out if held_out else (None, None)
+    if dev_queries and set(dev_queries) & set(queries):
+        raise ValueError(f"fusion: dev queries of split '{config.fusion.dev_split}' overlap the evaluated queries; "
+                         "the weight would be chosen on the test queries")  # fmt: skip
+    selection = searcher.select_weight(dev_queries, dev_qrels)
+    log.info("hybrid %s: %s fusion, weight %s chosen on %s", dense_model, selection["method"], selection["weight"], selection["chosen_on"])
+    run = searcher.search(queries, selection["weight"])
+    return run, {"fusion": selection, "dense_model": dense_model, "pooling": encoder.pooling, "normalize": encoder.normalize}
+
+
 def retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     if config.run_file:
         wanted = set(queries)
@@ -138,6 +166,8 @@ def retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConf
         return run, {}
     if config.model == "bm25":
         return retrieve_bm25(dataset, queries, config)
+    if config.model.startswith(HYBRID_PREFIX):
+        return retrieve_hybrid(dataset, queries, config)
     return retrieve_dense(dataset, queries, config)
 
 

@@ -15,25 +15,46 @@ from retroflow.artifacts import Artifact, lineage
 REPORT_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100")
 
 
+DELTA_METRICS = ("ndcg@10", "recall@100")
+
+
 def metric_rows(
     results: Mapping[str, Mapping[str, Any]],
     previous: Mapping[str, Mapping[str, float]] | None = None,
     metrics: Sequence[str] = REPORT_METRICS,
+    references: Mapping[str, Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per dataset: each metric, and beside it the previous run's value and the delta."""
+    """Per dataset: the produced model's row (each metric, the previous run's value and delta),
+    then one row per reference system (hybrid, init, hybrid(init), BM25); every row carries its
+    delta against the init model, so the table says whether training helped."""
     rows = []
     for dataset, result in results.items():
-        row: dict[str, Any] = {"dataset": dataset, "model": result.get("model"), "queries": result.get("num_queries")}
+        refs = (references or {}).get(dataset) or {}
+        init = refs.get("init")
+        row = system_row(dataset, "model", result, metrics, init)
         before = (previous or {}).get(dataset) or {}
         for metric in metrics:
-            if metric not in result:
-                continue
-            row[metric] = round(float(result[metric]), 4)
-            if metric in before:
+            if metric in result and metric in before:
                 row[f"{metric} (prev)"] = round(float(before[metric]), 4)
-                row[f"{metric} Δ"] = round(float(result[metric]) - float(before[metric]), 4)
+                row[f"{metric} Δ prev"] = round(float(result[metric]) - float(before[metric]), 4)
         rows.append(row)
+        rows.extend(system_row(dataset, name, ref, metrics, init) for name, ref in refs.items())
     return rows
+
+
+def system_row(dataset: str, system: str, result: Mapping[str, Any], metrics: Sequence[str], init: Mapping[str, Any] | None) -> dict[str, Any]:
+    row: dict[str, Any] = {"dataset": dataset, "system": system, "model": result.get("model"), "queries": result.get("num_queries")}
+    for metric in metrics:
+        if metric in result:
+            row[metric] = round(float(result[metric]), 4)
+    for metric in DELTA_METRICS:
+        if init is not None and metric in result and metric in init:
+            row[f"{metric} Δ init"] = round(float(result[metric]) - float(init[metric]), 4)
+    fusion = result.get("fusion")
+    if isinstance(fusion, Mapping):
+        weight = fusion.get("weight")
+        row["fusion"] = f"{fusion.get('method')} w={weight} ({fusion.get('chosen_on')})" if weight is not None else str(fusion.get("method"))
+    return row
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

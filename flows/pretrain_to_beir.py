@@ -18,6 +18,7 @@ from retroflow.artifacts import atomic_write_text
 from retroflow.pipeline import (
     PipelineConfig,
     PipelineResult,
+    export_model,
     load_pipeline_config,
     previous_records,
     read_evaluation,
@@ -72,12 +73,13 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
     evaluations = {name: read_evaluation(art) for name, art in result.evaluations.items()}
     record_evaluations(pipeline, result.evaluations, evaluations)
     previous = previous_records(pipeline, result.evaluations, evaluations)
-    rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None})
+    references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
+    rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None}, references=references)
     flagged = regressions(pipeline, evaluations, previous)
     create_table_artifact(
         key=artifact_key("metrics", pipeline.name),
         table=rows,
-        description=f"pretrain-to-beir/{pipeline.name}: metrics per dataset, with the previous run's values and deltas",
+        description=f"pretrain-to-beir/{pipeline.name}: the model, its init, BM25 and the hybrids per dataset; deltas against the init and the previous run",
     )
     curves = {stage: loss_history(art) for stage, art in result.artifacts.items() if stage in ("pretrain", "finetune", "teacher")}
     run_dir = store_for(pipeline).root / "runs" / pipeline.name
@@ -85,6 +87,9 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
     extra = {}
     if plot:
         extra["Training loss"] = embedded_png("training loss", plot)
+    gate = result.artifacts["finetune"].metrics.get("distill_gate") if "finetune" in result.artifacts else None
+    if gate:
+        extra["Distillation gate"] = ("Distilled from the teacher: " if gate["distilled"] else "**Not distilled**: ") + gate["reason"]
     for name, art in result.artifacts.items():
         if name.startswith("tune:") and art.file("tune.png").is_file():
             extra[f"Recall vs QPS ({name.removeprefix('tune:')})"] = embedded_png("recall@10 vs queries/s", art.file("tune.png"))
@@ -92,13 +97,15 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
         pipeline.name,
         pipeline.canonical(),
         rows,
-        list(result.evaluations.values()),
+        [*result.evaluations.values(), *(a for refs in result.references.values() for a in refs.values())],
         flagged,
         extra,
     )
     create_markdown_artifact(key=artifact_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
     summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md"),
                "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
+    exported = export_model(pipeline, result, rows)
+    summary["model_dir"] = str(exported) if exported else None
     atomic_write_text(run_dir / "report.md", markdown)
     atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
     for line in flagged:

@@ -28,6 +28,9 @@ class BM25Retriever:
         self.doc_ids = list(doc_ids)
         self.stemmer = self._make_stemmer()
         tokens = bm25s.tokenize(list(doc_texts), stopwords=self.settings.stopwords, stemmer=self.stemmer, show_progress=False)
+        if not self.doc_ids or not tokens.vocab:
+            raise ValueError(f"BM25 cannot index this corpus: {len(self.doc_ids)} documents and no indexable term in them "
+                             "(empty texts, or stopwords only); BM25 and hybrid retrieval need document text")  # fmt: skip
         self.model = bm25s.BM25(k1=self.settings.k1, b=self.settings.b, method=self.settings.method)
         self.model.index(tokens, show_progress=False)
 

@@ -45,8 +45,8 @@ class EncoderSettings(StageConfig):
     max_tokens_per_batch: int = 16384  # padded tokens per batch
     device: str = "auto"
     precision: str = "auto"  # auto = bf16/fp16 on GPU, fp32 on CPU
-    query_prefix: str = ""
-    passage_prefix: str = ""
+    query_prefix: str | None = None  # None = the model's saved "query" prompt (config_sentence_transformers.json), else none
+    passage_prefix: str | None = None  # None = its "document" prompt
     show_progress: bool = True
     backend: Backend = "auto"  # auto = fused BERT forward when the model is a plain BERT, else hf
 
@@ -84,6 +84,9 @@ class Encoder:
         st = read_sentence_transformer_settings(self.model_path)
         self.pooling = self.settings.pooling if self.settings.pooling != "auto" else (st.pooling or "cls")
         self.normalize = self.settings.normalize if self.settings.normalize is not None else st.normalize
+        # train and serve agree: a fine-tuned model's prefixes travel in its directory
+        self.query_prefix = self.settings.query_prefix if self.settings.query_prefix is not None else st.query_prefix
+        self.passage_prefix = self.settings.passage_prefix if self.settings.passage_prefix is not None else st.passage_prefix
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.precision)
         self.tokenizer = load_tokenizer(self.model_path)
@@ -104,10 +107,10 @@ class Encoder:
         return int(self.model.config.hidden_size)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encode(texts, self.query_max_length, self.settings.query_prefix, desc="queries")
+        return self.encode(texts, self.query_max_length, self.query_prefix, desc="queries")
 
     def encode_passages(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encode(texts, self.passage_max_length, self.settings.passage_prefix, desc="passages")
+        return self.encode(texts, self.passage_max_length, self.passage_prefix, desc="passages")
 
     def tokenize(self, texts: Sequence[str], max_length: int, prefix: str = "") -> list[list[int]]:
         if prefix:

@@ -72,6 +72,9 @@ class ModelSection(_Section):
     # Training on shorter passages than the model serves is a cheap, common trade on CPUs.
     serve_max_length: int | None = Field(None, ge=8)
     gradient_checkpointing: bool = False
+    # e5/bge-style instructions; saved as the model's sentence-transformers prompts so serving uses them too
+    query_prefix: str = ""
+    passage_prefix: str = ""
 
 
 class DataSection(_Section):
@@ -80,6 +83,9 @@ class DataSection(_Section):
     dev_fraction: float = Field(0.0, ge=0, lt=1, description="train queries held out as dev (never trained on)")
     dev_seed: int = 0
     max_queries: int | None = Field(None, ge=1, description="use only the first N training queries")
+    rows: Literal["per_positive", "per_query"] = Field(
+        "per_positive", description="per_positive: one training row per (query, judged positive), as sentence-transformers "
+        "recipes do; per_query: one row per query with a random positive each time")  # fmt: skip
 
 
 class NegativesSection(_Section):
@@ -119,9 +125,15 @@ class AnceSection(_Section):
 
 class DistillSection(_Section):
     loss: Literal["none", "kl", "margin_mse"] = "none"
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="kl: both distributions are softmax(scores / temperature)")
+    standardize: bool = Field(True, description="kl: z-score the teacher's scores over each query's candidates first "
+                              "(teachers' score scales differ; the temperature then sets the teacher's sharpness)")  # fmt: skip
+    teacher_temperature: float = Field(0.5, gt=0, description="kl with standardize: teacher = softmax(z / teacher_temperature)")
     weight: float = Field(1.0, ge=0, description="weight of the distillation term")
     contrastive_weight: float = Field(1.0, ge=0, description="weight of the in-batch contrastive term")
+    false_negative_fraction: float | None = Field(0.9, gt=0, le=1, description="drop a candidate negative whose teacher "
+                                                  "score reaches this fraction of the query's best positive (likely unjudged relevant); None = keep all")  # fmt: skip
+    gate: bool = Field(True, description="distil only if the teacher's dev check beats BM25 and the student's own dev score")
 
 
 class FinetuneConfig(StageConfig):
@@ -203,13 +215,13 @@ def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool
     return pooling, normalize, temperature
 
 
-def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int) -> None:
+def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int, prefixes: tuple[str, str] = ("", "")) -> None:
     """HF weights + tokenizer + sentence-transformers files, written to a temp dir then renamed."""
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    write_sentence_transformer_files(tmp, pooling, normalize, max_seq_length, int(model.config.hidden_size))
+    write_sentence_transformer_files(tmp, pooling, normalize, max_seq_length, int(model.config.hidden_size), prompts=prefixes)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
@@ -228,22 +240,32 @@ class Sample:
 class BatchPlan:
     """Global batch of step s: a pure function of (seed, step, negatives pool)."""
 
-    def __init__(self, train: TrainingSet, batch_size: int, hard_negatives: int, seed: int):
+    def __init__(self, train: TrainingSet, batch_size: int, hard_negatives: int, seed: int, rows: str = "per_query"):
         self.train, self.batch_size, self.n, self.seed = train, batch_size, hard_negatives, seed
         self.examples = train.examples
         self.all_doc_ids = sorted(train.passages)
+        # a row = (example index, its positive or None = a random one each time it comes round)
+        if rows == "per_positive":
+            self.rows = [(i, p) for i, ex in enumerate(self.examples) for p in ex.positives]
+        else:
+            self.rows = [(i, None) for i in range(len(self.examples))]
         self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))}
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
         return self._perms[epoch]
 
     def sample(self, slot: int, pools: dict[str, list[str]]) -> Sample:
-        count = len(self.examples)
-        example = self.examples[int(self.permutation(slot // count)[slot % count])]
+        count = len(self.rows)
+        index, positive = self.rows[int(self.permutation(slot // count)[slot % count])]
+        example = self.examples[index]
         rng = np.random.default_rng([self.seed, 1, slot])
-        positive = example.positives[int(rng.integers(len(example.positives)))]
+        if positive is None:
+            positive = example.positives[int(rng.integers(len(example.positives)))]
         pool = pools.get(example.qid) or list(example.negatives)
         if self.n == 0:
             chosen: list[str] = []
@@ -299,6 +321,44 @@ def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str,
             raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
         scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}
     return provenance, scores
+
+
+def standardized(scores: torch.Tensor) -> torch.Tensor:
+    """Per-row z-scores (a row of equal scores becomes zeros)."""
+    centred = scores - scores.mean(-1, keepdim=True)
+    return centred / scores.std(-1, keepdim=True).clamp(min=1e-6)
+
+
+def teacher_pools(scores: dict[str, dict[str, float]], train: TrainingSet, false_negative_fraction: float | None, min_keep: int = 1) -> dict[str, list[str]]:
+    """Each query's teacher-scored candidates that are not judged positive, minus those the teacher
+    scores at `false_negative_fraction` of the best positive or more (likely unjudged relevant).
+    When that leaves fewer than `min_keep`, the `min_keep` lowest-scored candidates are kept (a
+    query whose positive the teacher ranks low would otherwise lose every negative)."""
+    pools = {}
+    for qid, docs in scores.items():
+        positives = train.positives_of(qid)
+        candidates = [d for d in docs if d not in positives]
+        best = max((docs[d] for d in positives if d in docs), default=None)
+        if false_negative_fraction is None or best is None or best <= 0:
+            pools[qid] = candidates
+            continue
+        kept = [d for d in candidates if docs[d] < false_negative_fraction * best]
+        pools[qid] = kept if len(kept) >= min_keep else sorted(candidates, key=lambda d: docs[d])[:min_keep]
+    return pools
+
+
+def distillation_gate(provenance: dict[str, Any] | None) -> tuple[bool, str]:
+    """(distil?, why) from the teacher's dev check: it must beat BM25 and the student's own dev score."""
+    check = (provenance or {}).get("dev_check") or {}
+    teacher = check.get("dev_teacher_ndcg@10", check.get("dev_teacher_rerank_ndcg@10"))
+    if teacher is None:
+        return True, "the teacher has no dev check (dev_fraction 0): distilling ungated"
+    rivals = {"BM25": check.get("dev_bm25_ndcg@10"), "its dense model (the init)": check.get("dev_dense_ndcg@10")}
+    for name, value in rivals.items():
+        if value is not None and teacher < value:
+            return False, f"the teacher's dev nDCG@10 {teacher:.4f} is below {name}'s {value:.4f}: trained without distillation"
+    known = ", ".join(f"{n} {v:.4f}" for n, v in rivals.items() if v is not None)
+    return True, f"the teacher's dev nDCG@10 {teacher:.4f} beats {known}: distilling"
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -367,13 +427,13 @@ class FinetuneTrainer:
         query_model = load_backbone(model_path, gc)
         passage_model = None if config.model.shared_encoder else load_backbone(model_path, gc)
         model = BiEncoder(query_model, passage_model, self.pooling, self.normalize)
-        self.steps = total_steps(config, len(train))
+        self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed, config.data.rows)
+        self.steps = total_steps(config, len(self.plan))
         optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
         # the scheduler is not `prepare`d: accelerate would step it once per process
         self.scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * self.steps), self.steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.acc.register_for_checkpointing(self.scheduler)
-        self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed)
         self.pools: dict[str, list[str]] = {}
         self.teacher: dict[str, dict[str, float]] | None = None
         self.result = FinetuneResult()
@@ -382,12 +442,14 @@ class FinetuneTrainer:
     def set_pools(self, pools: dict[str, list[str]]) -> None:
         self.pools = pools
 
-    def set_teacher(self, scores: dict[str, dict[str, float]]) -> None:
-        """Distillation: negatives are drawn from each query's teacher-scored candidates."""
-        self.teacher = scores
-        self.pools = {qid: [d for d in docs if d not in self.train_set.positives_of(qid)] for qid, docs in scores.items()}
+    def set_teacher(self, scores: dict[str, dict[str, float]], distill: bool = True) -> None:
+        """Negatives are drawn from each query's teacher-scored candidates (minus likely false
+        negatives); with `distill` the teacher's scores are also distilled."""
+        self.teacher = scores if distill else None
+        self.pools = teacher_pools(scores, self.train_set, self.config.distill.false_negative_fraction, max(1, self.config.negatives.hard_negatives))
 
-    def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    def _tokenize(self, texts: list[str], max_length: int, prefix: str = "") -> dict[str, torch.Tensor]:
+        texts = [prefix + t for t in texts] if prefix else texts
         batch = self.tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
         return {"input_ids": batch["input_ids"].to(self.acc.device), "attention_mask": batch["attention_mask"].to(self.acc.device)}
 
@@ -405,9 +467,9 @@ class FinetuneTrainer:
     def micro_loss(self, local: list[Sample], everyone: list[list[Sample]]) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         group = 1 + cfg.negatives.hard_negatives
-        queries = self._tokenize([s.query for s in local], cfg.model.query_max_length)
+        queries = self._tokenize([s.query for s in local], cfg.model.query_max_length, cfg.model.query_prefix)
         texts = [self.train_set.passages[d] for s in local for d in [s.positive, *s.negatives]]
-        passages = self._tokenize(texts, cfg.model.passage_max_length)
+        passages = self._tokenize(texts, cfg.model.passage_max_length, cfg.model.passage_prefix)
         q, p = self.model(queries, passages)
         mask = false_negative_mask(local, everyone, self.train_set, group).to(q.device) if cfg.train.mask_false_negatives else None
         loss, _, _ = contrastive_loss(q, p, group, self.temperature, mask=mask)
@@ -416,6 +478,8 @@ class FinetuneTrainer:
             student = group_scores(q, p, group, self.temperature)
             teacher = self._teacher_matrix(local)
             if cfg.distill.loss == "kl":
+                if cfg.distill.standardize:
+                    teacher = standardized(teacher) / cfg.distill.teacher_temperature
                 distill = kl_distillation_loss(student, teacher, cfg.distill.temperature)
             else:
                 distill = margin_mse_loss(student, teacher)
@@ -459,6 +523,10 @@ class FinetuneTrainer:
         return int(state["step"])
 
     # ------------------------------------------------------------------------ ANCE
+    @property
+    def prefixes(self) -> tuple[str, str]:
+        return self.config.model.query_prefix, self.config.model.passage_prefix
+
     def unwrapped(self) -> BiEncoder:
         return self.acc.unwrap_model(self.model)
 
@@ -492,7 +560,7 @@ class FinetuneTrainer:
     def save_passage_encoder(self, dest: Path) -> None:
         model = self.unwrapped()
         m = self.config.model
-        save_encoder(model.passage_model, self.tokenizer, dest, self.pooling, self.normalize, m.serve_max_length or m.passage_max_length)
+        save_encoder(model.passage_model, self.tokenizer, dest, self.pooling, self.normalize, m.serve_max_length or m.passage_max_length, self.prefixes)
 
     # ------------------------------------------------------------------------ loop
     def train(self, resume: bool = True, stop_after: int | None = None) -> FinetuneResult:
@@ -532,10 +600,10 @@ class FinetuneTrainer:
         model, m = self.unwrapped(), self.config.model
         serve = m.serve_max_length or m.passage_max_length
         if model.shared:
-            save_encoder(model.query_model, self.tokenizer, out_dir / "model", self.pooling, self.normalize, serve)
+            save_encoder(model.query_model, self.tokenizer, out_dir / "model", self.pooling, self.normalize, serve, self.prefixes)
             return ["model"]
-        save_encoder(model.query_model, self.tokenizer, out_dir / "query_model", self.pooling, self.normalize, max(m.query_max_length, serve))
-        save_encoder(model.passage_model, self.tokenizer, out_dir / "passage_model", self.pooling, self.normalize, serve)
+        save_encoder(model.query_model, self.tokenizer, out_dir / "query_model", self.pooling, self.normalize, max(m.query_max_length, serve), self.prefixes)
+        save_encoder(model.passage_model, self.tokenizer, out_dir / "passage_model", self.pooling, self.normalize, serve, self.prefixes)
         return ["query_model", "passage_model"]
 
 
@@ -570,6 +638,26 @@ def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_d
     return pools, mined.provenance
 
 
+def write_training_card(model_dir: Path, config: FinetuneConfig, dataset, model_path: Path, metrics: dict) -> None:
+    """The saved model's README.md: base model, data, this stage's config and training figures."""
+    from retroflow.model_card import card_from_model_dir, write_model_card
+
+    keys = ("steps", "num_train_queries", "num_train_rows", "final_loss", "seconds", "temperature", "distill", "distill_gate")
+    name = getattr(dataset, "name", None) or config.dataset
+    base = str(model_path) if str(config.init).startswith("<input") else str(config.init)
+    card = card_from_model_dir(model_dir, name=f"{Path(base).name} fine-tuned on {name}", base_model=base,
+                               datasets=[name], configs={"finetune": config.canonical()},
+                               training={k: metrics.get(k) for k in keys if metrics.get(k) is not None})  # fmt: skip
+    write_model_card(model_dir, card)
+
+
+def check_teacher_dataset(path: Path, provenance: dict[str, Any], dataset) -> None:
+    fingerprint = provenance.get("dataset_fingerprint")
+    if dataset is not None and fingerprint and fingerprint != dataset.fingerprint:
+        raise ValueError(f"{path}: these teacher scores were made on dataset {provenance.get('dataset')} "
+                         f"({fingerprint[:12]}), not on {dataset.name} ({dataset.fingerprint[:12]})")  # fmt: skip
+
+
 def run_finetune(
     config: FinetuneConfig,
     dataset,
@@ -590,22 +678,27 @@ def run_finetune(
         raise ValueError("distill.loss and teacher_scores_file go together: set both (distillation) or neither")
     train = training_queries(config, dataset, training_set)
     trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
-    provenance = None
+    provenance, gate = None, None
     if teacher_scores_file is not None:
         provenance, scores = read_teacher_scores(teacher_scores_file)
-        trainer.set_teacher(scores)
+        check_teacher_dataset(teacher_scores_file, provenance, dataset)
+        distil, reason = distillation_gate(provenance) if config.distill.gate else (True, "distillation gate off (distill.gate: false)")
+        (log.info if distil else log.warning)("distillation gate: %s", reason)
+        gate = {"distilled": distil, "reason": reason}
+        trainer.set_teacher(scores, distill=distil)
     else:
         pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)
         trainer.set_pools(pools)
     log.info("fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
              model_path, len(train), trainer.steps, trainer.pooling, trainer.normalize, trainer.temperature)  # fmt: skip
     result = trainer.train(resume=resume, stop_after=stop_after)
+    distilled = trainer.teacher is not None
     metrics = {
         "final_loss": result.final_loss(),
         "steps": result.steps,
         "total_steps": trainer.steps,
         "loss_history": result.loss_history,
-        "distill_loss_history": result.distill_loss_history if teacher_scores_file else [],
+        "distill_loss_history": result.distill_loss_history if distilled else [],
         "seconds": round(result.seconds, 2),
         "steps_per_s": result.steps_run / result.seconds if result.seconds > 0 else None,
         "resumed_from": result.resumed_from,
@@ -616,7 +709,9 @@ def run_finetune(
         "temperature": trainer.temperature,
         "processes": trainer.acc.num_processes,
         "negatives_provenance": provenance,
-        "distill": config.distill.loss,
+        "distill": config.distill.loss if trainer.teacher is not None else "none",
+        "distill_gate": gate,
+        "num_train_rows": len(trainer.plan),
         "init": str(model_path),
     }
     if stop_after is not None and result.steps < trainer.steps:
@@ -626,6 +721,8 @@ def run_finetune(
     if trainer.acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics["outputs"] = trainer.save(out_dir)
+        for output in metrics["outputs"]:
+            write_training_card(out_dir / output, config, dataset, model_path, metrics)
         atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": result.loss_history, "distill": metrics["distill_loss_history"]}))
     trainer.acc.wait_for_everyone()
     return metrics

@@ -40,12 +40,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     mine.set_defaults(func=run_mine_command)
 
     teacher = subparsers.add_parser(
-        "train-teacher", help="train a cross-encoder teacher and cache its candidate scores",
-        description="Train a cross-encoder on the training queries + mined negatives, then score each query's "
-        "candidates. Writes DIR/teacher/ and DIR/teacher_scores.jsonl.",
+        "train-teacher", help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
+        description="kind fusion: fuse BM25 with the dense model `init` (weight chosen on the dev hold-out) and score "
+        "each query's fused top candidates. kind cross_encoder: train a cross-encoder on the training queries + mined "
+        "negatives, then score each query's candidates (DIR/teacher/). Both write DIR/teacher_scores.jsonl.",
     )  # fmt: skip
-    _common(teacher, "YAML TeacherConfig, e.g. configs/finetune/teacher-tiny.yaml")
-    teacher.add_argument("--negatives", type=Path, required=True, help="negatives.jsonl from mine-negatives")
+    _common(teacher, "YAML TeacherConfig, e.g. configs/finetune/teacher-fusion-scifact.yaml")
+    teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from mine-negatives (cross_encoder kind)")
     teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
     teacher.set_defaults(func=run_teacher_command)
 
@@ -111,6 +112,8 @@ def run_teacher_command(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
     config = load_config(TeacherConfig, args.config, overrides)
+    if config.kind == "cross_encoder" and args.negatives is None:
+        raise ValueError("train-teacher: the cross_encoder kind trains on mined negatives: pass --negatives FILE")
     partial = _partial_dir(args.output, args.resume)
     metrics = run_train_teacher(config, _load_dataset(config.dataset), args.negatives, args.output, partial, resume=args.resume)
     _finish(args.output, metrics)

@@ -63,6 +63,8 @@ class SentenceTransformerSettings:
     pooling: str | None = None  # "mean" | "cls" | "max" | None (not a sentence-transformers dir)
     normalize: bool = False
     max_seq_length: int | None = None
+    query_prefix: str = ""  # the "query" / "document" prompts of config_sentence_transformers.json
+    passage_prefix: str = ""
 
 
 def read_sentence_transformer_settings(model_dir: Path) -> SentenceTransformerSettings:
@@ -87,10 +89,16 @@ def read_sentence_transformer_settings(model_dir: Path) -> SentenceTransformerSe
     bert_config = model_dir / "sentence_bert_config.json"
     if bert_config.is_file():
         max_len = json.loads(bert_config.read_text()).get("max_seq_length")
-    return SentenceTransformerSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len)
+    prompts = {}
+    st_config = model_dir / "config_sentence_transformers.json"
+    if st_config.is_file():
+        prompts = json.loads(st_config.read_text()).get("prompts") or {}
+    return SentenceTransformerSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len,
+                                       query_prefix=prompts.get("query", ""), passage_prefix=prompts.get("document", prompts.get("passage", "")))
 
 
-def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: bool, max_seq_length: int, dim: int) -> None:
+def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: bool, max_seq_length: int, dim: int,
+                                     prompts: tuple[str, str] = ("", "")) -> None:
     """Write modules.json + pooling config so `SentenceTransformer(model_dir)` loads the model as we use it."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -113,3 +121,6 @@ def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: b
     (model_dir / "sentence_bert_config.json").write_text(
         json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
     )
+    if any(prompts):  # sentence-transformers' own place for them: `model.encode(q, prompt_name="query")`
+        st_config = {"prompts": {"query": prompts[0], "document": prompts[1]}, "default_prompt_name": None}
+        (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))

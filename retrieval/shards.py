@@ -506,6 +506,14 @@ def open_embeddings(path: str | Path) -> Embeddings:
     return embeddings
 
 
+def corpus_vectors(embeddings_dir: str | Path, doc_ids: Sequence[str]) -> np.ndarray:
+    """An embeddings directory's vectors as float32, checked to be this corpus' documents in order."""
+    embeddings = open_embeddings(embeddings_dir)
+    if embeddings.ids.to_pylist() != list(doc_ids):
+        raise ValueError(f"{embeddings_dir}: its ids are not this corpus' documents in corpus order; encode this dataset")
+    return np.asarray(embeddings.vectors(), dtype=np.float32)
+
+
 def write_embeddings(out_dir: Path, vectors: np.ndarray, ids: Sequence[str], **meta: Any) -> Path:
     """Publish in-memory vectors as a merged embeddings directory (benchmarks, tests, imports)."""
     out_dir = Path(out_dir)

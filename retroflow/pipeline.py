@@ -38,6 +38,14 @@ class StageSwitches(StageConfig):
     tune: bool = True
 
 
+class ReferenceSwitches(StageConfig):
+    """Systems evaluated beside the produced model on every dataset (each a cached evaluation)."""
+
+    init: bool = Field(True, description="the untouched init model (exact search)")
+    bm25: bool = True
+    hybrid: bool = Field(True, description="BM25 fused with the produced model (and with the init model)")
+
+
 class PipelineConfig(StageConfig):
     name: str = "quickstart"
     store: str = Field("artifacts", description="artifact store: a directory or an fsspec URL such as s3://bucket/prefix (RETROFLOW_STORE overrides)")
@@ -48,6 +56,7 @@ class PipelineConfig(StageConfig):
     eval_datasets: list[str] = Field(default_factory=lambda: ["scifact"])
     eval_split: str = "test"
     stages: StageSwitches = Field(default_factory=StageSwitches)
+    references: ReferenceSwitches = Field(default_factory=ReferenceSwitches)
     pretrain: dict[str, Any] = Field(default_factory=dict)
     negatives: dict[str, Any] = Field(default_factory=dict)
     teacher: dict[str, Any] = Field(default_factory=dict)
@@ -182,24 +191,48 @@ def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact, pro
     return store.build("pretrain", config, {"data": data}, step_code("pretrain"), body)
 
 
-def step_evaluate(
-    store: ArtifactStore, config: StageConfig, model: ModelRef, data: Artifact, index: Artifact | None = None
-) -> Artifact:
-    """Score `model` (through `index` when given) on `data`; the result carries per-query values."""
-    from eval.evaluate import evaluate, write_result
+SYSTEMS = ("dense", "hybrid", "bm25")
 
-    fixed = {"model": str(model_dir(model)), "dataset": str(data.path), "index": str(index.path) if index else None}
+
+def step_evaluate(
+    store: ArtifactStore,
+    config: StageConfig,
+    model: ModelRef | None,
+    data: Artifact,
+    index: Artifact | None = None,
+    system: str = "dense",
+    embeddings: Artifact | None = None,
+) -> Artifact:
+    """Score a system on `data`: `model` through `index` (or exact search over `embeddings`, or
+    encoding the corpus), BM25 fused with it (`system="hybrid"`), or BM25 alone. The result
+    carries per-query values."""
+    from eval.evaluate import evaluate, write_result
+    from retrieval.hybrid import HYBRID_PREFIX
+
+    if system not in SYSTEMS:
+        raise ValueError(f"unknown system {system!r} (one of {', '.join(SYSTEMS)})")
+    if system != "bm25" and model is None:
+        raise ValueError(f"system {system!r} needs a model")
+    path = "" if system == "bm25" else str(model_dir(model))
+    named = {"dense": path, "hybrid": HYBRID_PREFIX + path, "bm25": "bm25"}[system]
+    fixed = {"model": named, "dataset": str(data.path), "index": str(index.path) if index else None,
+             "embeddings": str(embeddings.path) if embeddings else None}  # fmt: skip
     run_config = config.with_overrides(**fixed)
-    inputs: dict[str, Any] = {"model": model, "data": data, **({"index": index} if index else {})}
+    inputs: dict[str, Any] = {"data": data, **({"model": model} if system != "bm25" else {})}
+    inputs.update({"index": index} if index else {})
+    inputs.update({"embeddings": embeddings} if embeddings else {})
+    label = "bm25" if system == "bm25" else model_label(model)
 
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         result = evaluate(run_config, dataset=open_dataset(data))
-        result["model"] = model_label(model)
+        result["model"] = label if system != "hybrid" else f"hybrid({label})"
+        result["system"] = system
         write_result(result, out_dir / "result.json")
         return {k: v for k, v in result.items() if k not in ("per_query", "run")}
 
-    # config (without machine-specific paths) is the key; the inputs enter by fingerprint.
-    return store.build("evaluate", run_config, inputs, step_code("evaluate"), body, key_config=config)
+    # config (without machine-specific paths, with the system) is the key; the inputs enter by fingerprint.
+    key_config = config.with_overrides(model={"dense": "<input:model>", "hybrid": HYBRID_PREFIX + "<input:model>", "bm25": "bm25"}[system])
+    return store.build("evaluate", run_config, inputs, step_code("evaluate"), body, key_config=key_config)
 
 
 def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef | None = None) -> Artifact:
@@ -215,17 +248,24 @@ def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifac
     return store.build("negatives", config, inputs, step_code("mine-negatives"), body)
 
 
-def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact, negatives: Artifact, teacher_init: ModelRef) -> Artifact:
-    """Cross-encoder teacher trained on the same data and negatives; its candidate scores cached."""
+def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact, negatives: Artifact | None, teacher_init: ModelRef,
+                       embeddings: Artifact | None = None) -> Artifact:  # fmt: skip
+    """The distillation teacher's candidate scores: a cross-encoder trained on the same data and
+    negatives, or (kind fusion) BM25 fused with `teacher_init` over its corpus `embeddings`."""
     from retrieval.negatives import NEGATIVES_FILE
-    from retrieval.teacher import run_train_teacher
+    from retrieval.teacher import run_fusion_teacher, run_train_teacher
 
     run_config = config.with_overrides(init=str(model_dir(teacher_init)))
+    fusion = config.kind == "fusion"
 
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+        if fusion:
+            return run_fusion_teacher(run_config, open_dataset(data), out_dir, embeddings.path if embeddings else None)
         return run_train_teacher(run_config, open_dataset(data), negatives.file(NEGATIVES_FILE), out_dir, partial_dir)
 
-    inputs = {"data": data, "negatives": negatives, "init": teacher_init}
+    inputs: dict[str, Any] = {"data": data, "init": teacher_init}
+    inputs.update({"embeddings": embeddings} if fusion and embeddings else {})
+    inputs.update({"negatives": negatives} if not fusion else {})
     return store.build("teacher", run_config, inputs, step_code("train-teacher"), body, key_config=config)
 
 
@@ -398,6 +438,8 @@ class PipelineResult:
     evaluations: dict[str, Artifact]
     artifacts: dict[str, Any]
     shard_results: list[dict[str, Any]] = field(default_factory=list)
+    # per dataset: the reference systems evaluated beside the model ("hybrid", "init", "hybrid(init)", "bm25")
+    references: dict[str, dict[str, Artifact]] = field(default_factory=dict)
 
 
 def eval_config(pipeline: PipelineConfig) -> StageConfig:
@@ -416,7 +458,8 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
     produced: dict[str, Any] = {}
     train_data = execute("prepare-data", step_prepare_data, store, pipeline.train_dataset)
     produced["data:" + pipeline.train_dataset] = train_data
-    model: ModelRef = external_model(pipeline.model)
+    init_model: ModelRef = external_model(pipeline.model)
+    model: ModelRef = init_model
     if pipeline.stages.pretrain:
         from retromae.config import PretrainConfig
 
@@ -424,23 +467,41 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
         model = execute("pretrain", step_pretrain, store, config, train_data, pipeline.train_processes)
         produced["pretrain"] = model
     if pipeline.stages.finetune:
-        model = run_finetuning(pipeline, store, execute, train_data, model, produced)
-    evaluations = {}
+        model = run_finetuning(pipeline, store, execute, execute_map, train_data, model, init_model, produced)
+    evaluations, references = {}, {}
     evaluate_config = eval_config(pipeline)
     for source in pipeline.eval_datasets:
         data = train_data if source == pipeline.train_dataset else execute("prepare-data", step_prepare_data, store, source)
         produced[f"data:{source}"] = data
         index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
         evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, index)
+        references[source] = evaluate_references(pipeline, store, execute, execute_map, evaluate_config, data, model, index, init_model, produced, source)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
     shard_results = produced.pop("_shards", [])
-    return PipelineResult(model=model, evaluations=evaluations, artifacts=produced, shard_results=shard_results)
+    return PipelineResult(model=model, evaluations=evaluations, artifacts=produced, shard_results=shard_results, references=references)
 
 
-def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef, produced: dict[str, Any], source: str) -> Artifact:
-    """Sharded encoding (one step per shard) -> merged embeddings -> FAISS index (-> tuned)."""
-    from retrieval.autotune import TuneConfig
-    from retrieval.index import IndexConfig
+def evaluate_references(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, config: StageConfig, data: Artifact,
+                        model: ModelRef, index: Artifact | None, init_model: ModelRef, produced: dict[str, Any], source: str) -> dict[str, Artifact]:  # fmt: skip
+    """The systems the produced model is compared with on `data`: hybrid(model), the init model,
+    hybrid(init) and BM25. Keyed by content like every step, so each is computed once per dataset."""
+    switches, out = pipeline.references, {}
+    if switches.hybrid:
+        out["hybrid"] = execute("evaluate", step_evaluate, store, config, model, data, index, "hybrid")
+    if switches.init and model is not init_model:
+        init_vectors = encode_corpus(pipeline, store, execute, execute_map, data, init_model, produced, f"init:{source}")
+        out["init"] = execute("evaluate", step_evaluate, store, config, init_model, data, None, "dense", init_vectors)
+        if switches.hybrid:
+            out["hybrid(init)"] = execute("evaluate", step_evaluate, store, config, init_model, data, None, "hybrid", init_vectors)
+    if switches.bm25:
+        out["bm25"] = execute("evaluate", step_evaluate, store, config, None, data, None, "bm25")
+    produced.update({f"evaluate-{name}:{source}": art for name, art in out.items()})
+    return out
+
+
+def encode_corpus(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef,
+                  produced: dict[str, Any], label: str) -> Artifact:  # fmt: skip
+    """Sharded encoding (one step per shard) -> merged `encode` artifact."""
     from retrieval.shards import EncodeConfig
 
     encode_config = stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
@@ -448,15 +509,26 @@ def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, 
     shards = execute_map("encode-shard", step_encode_shard, calls)
     produced.setdefault("_shards", []).extend(shards)
     embeddings = execute("merge-embeddings", step_merge_embeddings, store, encode_config, data, model, shards)
+    produced[f"encode:{label}"] = embeddings
+    return embeddings
+
+
+def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef, produced: dict[str, Any], source: str) -> Artifact:
+    """Sharded encoding (one step per shard) -> merged embeddings -> FAISS index (-> tuned)."""
+    from retrieval.autotune import TuneConfig
+    from retrieval.index import IndexConfig
+
+    embeddings = encode_corpus(pipeline, store, execute, execute_map, data, model, produced, source)
     index = execute("build-index", step_build_index, store, stage_config(IndexConfig, pipeline, "index"), embeddings)
-    produced[f"encode:{source}"], produced[f"index:{source}"] = embeddings, index
+    produced[f"index:{source}"] = index
     if pipeline.stages.tune:
         index = execute("tune-index", step_tune_index, store, stage_config(TuneConfig, pipeline, "tune"), index, embeddings)
         produced[f"tune:{source}"] = index
     return index
 
 
-def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, data: Artifact, model: ModelRef, produced: dict[str, Any]) -> ModelRef:
+def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef,
+                   init_model: ModelRef, produced: dict[str, Any]) -> ModelRef:  # fmt: skip
     """Negatives -> (teacher) -> DPR fine-tuning, each a step; returns the fine-tuned model."""
     from retrieval.finetune import FinetuneConfig
     from retrieval.negatives import MineNegativesConfig
@@ -469,11 +541,14 @@ def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, data
         negatives = execute("mine-negatives", step_mine_negatives, store, config, data, model)
         produced["negatives"] = negatives
     if pipeline.stages.teacher:
-        if negatives is None:
-            raise ConfigError(f"pipeline '{pipeline.name}': the teacher needs stages.negatives on")
         config = stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
-        init = external_model(pipeline.teacher.get("init") or pipeline.model)
-        teacher = execute("train-teacher", step_train_teacher, store, config, data, negatives, init)
+        if negatives is None and config.kind == "cross_encoder":
+            raise ConfigError(f"pipeline '{pipeline.name}': the cross-encoder teacher needs stages.negatives on")
+        named = pipeline.teacher.get("init")
+        init = external_model(named) if named else init_model
+        # the fusion teacher's dense side is the init model: its corpus encoding is the one the init reference uses
+        vectors = encode_corpus(pipeline, store, execute, execute_map, data, init, produced, f"init:{pipeline.train_dataset}") if config.kind == "fusion" else None
+        teacher = execute("train-teacher", step_train_teacher, store, config, data, negatives, init, vectors)
         produced["teacher"] = teacher
     config = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
     finetuned = execute("finetune", step_finetune, store, config, data, model, negatives, teacher, pipeline.train_processes)
@@ -495,6 +570,44 @@ def config_digest(pipeline: PipelineConfig) -> str:
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[dict[str, Any]]) -> Path | None:
+    """Copy (hard-link) the produced model to `runs/<name>/model/` with a model card that holds
+    the evaluation table and the lineage; the artifact itself stays untouched (content-addressed)."""
+    from retroflow.artifacts import lineage
+    from retroflow.model_card import card_from_model_dir, write_model_card
+
+    if isinstance(result.model, ExternalInput):
+        return None
+    source = model_dir(result.model)
+    dest = store_for(pipeline).root / "runs" / pipeline.name / "model"
+    tmp = dest.with_name("model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, copy_function=_link_or_copy)
+    (tmp / "README.md").unlink(missing_ok=True)  # a hard link to the artifact's own card: never write through it
+    stages = {step["stage"]: step for step in lineage(result.model)}
+    configs = {}
+    for stage in ("pretrain", "teacher", "finetune"):
+        if stage in stages and hasattr(pipeline, stage):
+            configs[stage] = getattr(pipeline, stage)
+    card = card_from_model_dir(
+        tmp, name=f"retroflow {pipeline.name}: {pipeline.model} trained on {pipeline.train_dataset}", base_model=pipeline.model,
+        datasets=[pipeline.train_dataset], configs=configs, evaluation=rows,
+        training={k: v for k, v in result.model.metrics.items() if k in ("steps", "num_train_queries", "num_train_rows", "final_loss", "seconds", "distill", "distill_gate")},
+        lineage=[{"stage": s["stage"], "key": s["key"], "path": s["path"]} for s in lineage(result.model)],
+    )  # fmt: skip
+    write_model_card(tmp, card)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # ---------------------------------------------------------------------------------------

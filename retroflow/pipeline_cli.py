@@ -22,16 +22,19 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
-    from retroflow.pipeline import load_pipeline_config, read_evaluation, run_pipeline
+    from retroflow.pipeline import export_model, load_pipeline_config, read_evaluation, run_pipeline
 
     pipeline = load_pipeline_config(args.config, args.set)
     result = run_pipeline(pipeline)
-    rows = []
-    for source, art in result.evaluations.items():
-        evaluation = read_evaluation(art)
-        rows.append({"dataset": source, **{m: evaluation[m] for m in ("ndcg@10", "recall@100", "mrr@10", "map@100") if m in evaluation}})
+    from eval.report import metric_rows
+
+    evaluations = {source: read_evaluation(art) for source, art in result.evaluations.items()}
+    references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
+    rows = metric_rows(evaluations, references=references)
+    exported = export_model(pipeline, result, rows)
     print(format_table(rows))
-    emit_json({"pipeline": pipeline.name, "model": str(getattr(result.model, "path", result.model)), "metrics": rows})
+    emit_json({"pipeline": pipeline.name, "model": str(getattr(result.model, "path", result.model)),
+               "model_dir": str(exported) if exported else None, "metrics": rows})
     return 0
 
 

@@ -161,6 +161,7 @@ def test_run_artifacts_are_published(harness, store):
     report = next(a.data for a in artifacts if a.key == "report-tiny")
     assert "## Training loss" in report and "## Recall vs QPS (scifact)" in report
     assert report.count("data:image/png;base64,") == 2
+    assert "## Distillation gate" in report and "## Metrics" in report and "| bm25 |" in report
 
 
 def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):

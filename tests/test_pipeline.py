@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,44 @@ def test_tiny_pipeline_runs_end_to_end_without_prefect(scifact_small, tmp_path, 
     assert finetuned["inputs"]["teacher"]["stage"] == "teacher"
     assert finetuned["metrics"]["distill_loss_history"], "the student was distilled from the teacher's scores"
     evaluation = read_evaluation(result.evaluations["scifact"])
-    assert evaluation["num_queries"] == 30 and 0 <= evaluation["ndcg@10"] <= 1
+    assert evaluation["num_queries"] == 30 and evaluation["system"] == "dense"
     lineage_inputs = result.evaluations["scifact"].manifest["inputs"]
     assert lineage_inputs["model"]["stage"] == "finetune"
+
+    # beside the model: its hybrid, the init model (over the encoding the fusion teacher used), hybrid(init), BM25
+    refs = result.references["scifact"]
+    assert set(refs) == {"hybrid", "init", "hybrid(init)", "bm25"}
+    results = {name: read_evaluation(art) for name, art in refs.items()}
+    assert results["init"]["model"] == "minilm" and results["bm25"]["model"] == "bm25"
+    assert results["hybrid"]["fusion"]["chosen_on"] == "dev"
+    assert refs["init"].manifest["inputs"]["embeddings"]["key"] == result.artifacts["teacher"].manifest["inputs"]["embeddings"]["key"]
+    from eval.report import metric_rows
+
+    rows = metric_rows({"scifact": evaluation}, references={"scifact": results})
+    assert [r["system"] for r in rows] == ["model", "hybrid", "init", "hybrid(init)", "bm25"]
+    assert rows[0]["ndcg@10 Δ init"] == pytest.approx(evaluation["ndcg@10"] - results["init"]["ndcg@10"], abs=1e-4)
+    assert rows[2]["ndcg@10 Δ init"] == 0.0
+
+    # a second run is all cache hits: the references are computed once per dataset
+    again = run_pipeline(config)
+    assert {n: a.key for n, a in again.references["scifact"].items()} == {n: a.key for n, a in refs.items()}
+
+
+def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_small, tmp_path, monkeypatch, capsys):
+    from retroflow.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scifact").symlink_to(scifact_small)
+    monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+    # no pretraining: minilm is fine-tuned for 2 steps; no index: exact search
+    overrides = ["--set", "stages.pretrain=false", "--set", "stages.teacher=false", "--set", "finetune.distill.loss=none",
+                 "--set", "stages.index=false", "--set", "references.init=false", "--set", "references.hybrid=false",
+                 "--set", "finetune.train.max_steps=2"]  # fmt: skip
+    assert main(["pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    card = (tmp_path / "store" / "runs" / "tiny" / "model" / "README.md").read_text()
+    assert summary["model_dir"].endswith("runs/tiny/model")
+    assert "## Evaluation" in card and "| scifact | model |" in card and "| scifact | bm25 |" in card
+    assert "base_model: minilm" in card and "### `finetune` config" in card

@@ -70,15 +70,16 @@ def test_metric_table_artifact_is_shown_in_the_ui(prefect_server, tmp_path):
         "from eval.report import metric_rows\n"
         "@flow(name='uitest')\n"
         "def publish():\n"
-        "    rows = metric_rows({'scifact': {'model': 'minilm', 'num_queries': 300, 'ndcg@10': 0.6451, 'recall@100': 0.925}},"
-        " {'scifact': {'ndcg@10': 0.6400}})\n"
+        "    rows = metric_rows({'scifact': {'model': 'finetune/abc', 'num_queries': 300, 'ndcg@10': 0.6612, 'recall@100': 0.93}},"
+        " {'scifact': {'ndcg@10': 0.6400}}, references={'scifact': {'init': {'model': 'minilm', 'num_queries': 300, 'ndcg@10': 0.6451,"
+        " 'recall@100': 0.925}, 'bm25': {'model': 'bm25', 'num_queries': 300, 'ndcg@10': 0.6762, 'recall@100': 0.91}}})\n"
         "    create_table_artifact(key='metrics-uitest', table=rows, description='pretrain-to-beir/uitest: metrics per dataset')\n"
         "publish()\n"
     )
     subprocess.run([sys.executable, "-c", publish], env={**env, "PREFECT_API_URL": ui + "/api"}, check=True, cwd=REPO,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     screenshot = tmp_path / "ui-metrics.png"
-    expected = ["metrics-uitest", "metrics per dataset", "ndcg@10", "0.6451", "scifact"]
+    expected = ["metrics-uitest", "metrics per dataset", "ndcg@10", "0.6612", "0.6451", "0.6762", "ndcg@10 Δ init", "0.0161", "bm25"]
     missing = check_page(latest_artifact_url(ui, "metrics-uitest"), expected, screenshot)
     print(f"screenshot: {screenshot}")
     assert not missing, f"not shown in the UI: {missing}"
