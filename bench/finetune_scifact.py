@@ -173,8 +173,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.with_overrides(train={"seed": seed})
 
         def build() -> dict:
-            metrics = run_finetune(cfg, dataset, cfg.init, run_dir, run_dir / "partial", **files)
             model = run_dir / "model"
+            if (model / "config.json").is_file() and (run_dir / "metrics.json").is_file():
+                # trained before (a `retroflow finetune --output run_dir` with this config and seed): evaluate only
+                metrics = json.loads((run_dir / "metrics.json").read_text())
+            else:
+                metrics = run_finetune(cfg, dataset, cfg.init, run_dir, run_dir / "partial", **files)
             result = {
                 "seed": seed,
                 "train": {k: metrics.get(k) for k in ("final_loss", "steps", "seconds", "num_train_queries", "num_train_rows", "temperature", "distill", "distill_gate")},

@@ -295,7 +295,8 @@ def open_text_lines(path: Path) -> Iterator[tuple[int, str]]:
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8").rstrip("\r\n")
+                # utf-8-sig on the first line: a byte-order mark (Windows editors) is not part of the first field
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
                 raise DatasetError(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
             if line.strip():
@@ -337,7 +338,11 @@ def read_id_text_records(paths: list[Path], kind: str, with_title: bool) -> dict
             for required in ("_id", "text"):
                 if record.get(required) is None:
                     raise DatasetError(f"{where}: missing field '{required}' in {kind} record")
+            if not isinstance(record["_id"], (str, int)) or isinstance(record["_id"], bool):
+                raise DatasetError(f"{where}: field '_id' must be a string (or an integer), got {type(record['_id']).__name__}")
             doc_id = str(record["_id"])
+            if not doc_id.strip():
+                raise DatasetError(f"{where}: field '_id' is empty")
             if not isinstance(record["text"], str):
                 raise DatasetError(f"{where}: field 'text' must be a string, got {type(record['text']).__name__}")
             if doc_id in first_seen:
@@ -411,8 +416,13 @@ def check_qrels_ids(
     rows: list[tuple[int, str, str, int]], path: Path, query_ids: set[str], doc_ids: set[str], on_unknown: str
 ) -> dict[str, dict[str, int]]:
     qrels: dict[str, dict[str, int]] = {}
+    first_line: dict[tuple[str, str], int] = {}
     dropped = 0
     for number, qid, docid, grade in rows:
+        if (qid, docid) in first_line and qrels.get(qid, {}).get(docid, grade) != grade:
+            raise DatasetError(f"{path}, line {number}: query-id '{qid}', corpus-id '{docid}' is graded {grade} here but "
+                               f"{qrels[qid][docid]} at line {first_line[(qid, docid)]}; conflicting judgments")  # fmt: skip
+        first_line.setdefault((qid, docid), number)
         problem = None
         if qid not in query_ids:
             problem = f"query-id '{qid}' is not in the queries file"

@@ -141,13 +141,19 @@ def score_pairs(model, tokenizer, queries: list[str], passages: list[str], max_l
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    # tensors, lists and numbers only: the checkpoint loads with torch.load(weights_only=True), no pickle
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+            "python": [version, list(internal), gauss]}  # fmt: skip
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
@@ -188,7 +194,7 @@ def run_train_teacher(
     start, losses, resumed_from = 0, [], None
     latest = _latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
-        state = torch.load(latest, weights_only=False)
+        state = torch.load(latest, weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -501,8 +501,11 @@ def evaluate_references(pipeline: PipelineConfig, store: ArtifactStore, execute,
 
 def encode_corpus(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef,
                   produced: dict[str, Any], label: str) -> Artifact:  # fmt: skip
-    """Sharded encoding (one step per shard) -> merged `encode` artifact."""
+    """Sharded encoding (one step per shard) -> merged `encode` artifact (once per run and label)."""
     from retrieval.shards import EncodeConfig
+
+    if f"encode:{label}" in produced:  # e.g. the init model's encoding, made for the fusion teacher
+        return produced[f"encode:{label}"]
 
     encode_config = stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
     calls = [(store, encode_config, data, model, shard) for shard in range(encode_shard_count(encode_config, data))]

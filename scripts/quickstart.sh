@@ -22,8 +22,9 @@ mkdir -p "$PREFECT_HOME"
 
 stop() {
   if [ -f "$PIDS" ]; then
-    while read -r pid; do kill "$pid" 2>/dev/null || true; done < "$PIDS"
-    rm -f "$PIDS"
+    # each was started with setsid: its process group holds the flow runs it spawned, so stop the group
+    while read -r pid; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done < "$PIDS"
+    rm -f "$PIDS" "$PREFECT_HOME/worker.pid"
     echo "quickstart: stopped the Prefect server and worker"
   else
     echo "quickstart: nothing to stop"
@@ -57,9 +58,12 @@ for pool in local gpu; do
   prefect work-pool inspect "$pool" > /dev/null 2>&1 || prefect work-pool create "$pool" --type process > /dev/null
 done
 prefect --no-prompt deploy --all > "$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
-if ! pgrep -f "prefect worker start --pool local" > /dev/null; then
+# only a worker this script started (recorded in worker.pid) counts: one found by name may serve another server
+own_worker_alive() { [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; }
+if ! own_worker_alive; then
   setsid nohup prefect worker start --pool local --limit 1 > "$PREFECT_HOME/worker.log" 2>&1 &
   echo $! >> "$PIDS"
+  echo $! > "$PREFECT_HOME/worker.pid"
 fi
 echo "quickstart: running pretrain-to-beir/$DEPLOYMENT (worker log: $PREFECT_HOME/worker.log)"
 prefect deployment run "pretrain-to-beir/$DEPLOYMENT" --watch --watch-interval 5 > "$PREFECT_HOME/run.log" 2>&1 || {

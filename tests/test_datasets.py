@@ -71,6 +71,8 @@ def test_missing_title_defaults_to_empty_and_doc_texts_join_like_beir(tmp_path):
         ([GOOD_CORPUS[0], GOOD_CORPUS[1], GOOD_CORPUS[0]], r"corpus\.jsonl, line 3: duplicate _id 'd1' \(first seen at line 1\)"),
         ([GOOD_CORPUS[0], "[1, 2]"], r"line 2: expected a JSON object"),
         ([GOOD_CORPUS[0], json.dumps({"_id": "d2", "text": 5})], r"line 2: field 'text' must be a string"),
+        ([GOOD_CORPUS[0], json.dumps({"_id": " ", "text": "blank id"})], r"line 2: field '_id' is empty"),
+        ([GOOD_CORPUS[0], json.dumps({"_id": ["d2"], "text": "list id"})], r"line 2: field '_id' must be a string \(or an integer\), got list"),
     ],
 )
 def test_bad_corpus_lines_are_named(tmp_path, corpus, message):
@@ -96,11 +98,19 @@ def test_empty_corpus_is_an_error(tmp_path):
         ("query-id\tcorpus-id\tscore\nq1\td7\t1\n", r"test\.tsv, line 2: corpus-id 'd7' is not in the corpus"),
         ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test\.tsv, line 2: field 'score' is not an integer: 'high'"),
         ("query-id\tcorpus-id\tscore\nq1\td1\n", r"test\.tsv, line 2: expected 3 tab-separated fields"),
+        ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq1\td1\t0\n",
+         r"test\.tsv, line 4: query-id 'q1', corpus-id 'd1' is graded 0 here but 1 at line 2; conflicting judgments"),
     ],
 )
 def test_bad_qrels_rows_are_named(tmp_path, qrels, message):
     with pytest.raises(DatasetError, match=message):
         load_dataset(write_dataset(tmp_path / "d", GOOD_CORPUS, qrels={"test": qrels}), cache_dir=tmp_path / "cache")
+
+
+def test_byte_order_mark_and_identical_duplicate_judgments_are_accepted(tmp_path):
+    qrels = {"test": "\ufeffquery-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td1\t1\nq2\td2\t1\n"}
+    ds = load_dataset(write_dataset(tmp_path / "d", GOOD_CORPUS, qrels=qrels), cache_dir=tmp_path / "cache")
+    assert ds.split_qrels("test") == {"q1": {"d1": 1}, "q2": {"d2": 1}}
 
 
 def test_unknown_ids_can_be_dropped_on_request(tmp_path):
