@@ -151,3 +151,14 @@ def tiny_bert(scifact_small: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """Tiny random BERT (2 layers x 64, MLM head included) with a SciFact WordPiece vocab."""
     texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
     return build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """2 shared cores: one intra-op thread is both faster and steadier for small training runs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -19,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs/finetune/tiny.yaml"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread is both faster and steadier for these tiny models
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ bench/finetune_scifact.py.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from eval.datasets import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
@@ -19,12 +18,7 @@ from retrieval.finetune import FinetuneConfig, run_finetune
 ENCODER = {"show_progress": False, "passage_max_length": 64, "query_max_length": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_finetuning_beats_the_untouched_model_on_held_out_queries(scifact_small, tmp_path):
