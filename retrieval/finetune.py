@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from retroflow.artifacts import atomic_write_text
 from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
 from retroflow.config import StageConfig
-from retroflow.devices import pick_device, pick_dtype, seed_everything
+from retroflow.devices import pick_device, pick_dtype, step_optimizer, seed_everything
 from retroflow.progress import progress_bar
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
@@ -501,8 +501,7 @@ class FinetuneTrainer:
             totals += torch.stack([loss.detach().float(), distill.float()]) / accum
         if self.config.train.max_grad_norm:
             self.acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        step_optimizer(self.optimizer, self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         if world > 1:
             totals = self.acc.reduce(totals, reduction="mean")

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from transformers import get_linear_schedule_with_warmup
 
 from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
-from retroflow.devices import pick_device, pick_dtype
+from retroflow.devices import pick_device, pick_dtype, step_optimizer
 from retroflow.progress import progress_bar
 from retromae.collator import IGNORE
 
@@ -153,8 +153,7 @@ class PretrainTrainer:
                 totals[2] += out.decoder_loss.detach().float()
         if self.cfg.max_grad_norm:
             self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        step_optimizer(self.optimizer, self.scheduler)
         self.optimizer.zero_grad(set_to_none=True)
         totals = self.acc.reduce(totals, reduction="mean") if world > 1 else totals
         return tuple(float(x) for x in totals)
