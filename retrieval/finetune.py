@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import nullcontext
 import math
 import shutil
 import time
@@ -106,6 +107,9 @@ class TrainSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     temperature: float | None = Field(None, gt=0, description="None = 0.05 for normalised embeddings, else 1")
     mask_false_negatives: bool = True  # hide in-batch passages judged relevant to the query
+    grad_cache_chunk: int | None = Field(None, ge=1, description="GradCache: embed the batch in chunks of this many "
+                                         "queries without a graph, take the loss over the whole batch, then backpropagate "
+                                         "chunk by chunk; the same gradient as one big batch, in a chunk's memory (one process)")  # fmt: skip
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     save_every: int = Field(500, ge=1)
@@ -156,6 +160,8 @@ class FinetuneConfig(StageConfig):
             raise ValueError("distillation needs negatives.hard_negatives >= 1 (the candidate list is positive + negatives)")
         if self.distill.loss != "none" and self.ance.rounds:
             raise ValueError("ance.rounds > 0 with distillation: refreshed negatives have no teacher scores; use one or the other")
+        if self.train.grad_cache_chunk and self.train.grad_accum_steps > 1:
+            raise ValueError("train.grad_cache_chunk replaces train.grad_accum_steps (whose micro-batches see only their own negatives): set one")
         if self.ance.rank_end <= self.ance.rank_start:
             raise ValueError("ance.rank_end must be larger than ance.rank_start")
         return self
@@ -323,6 +329,16 @@ def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str,
     return provenance, scores
 
 
+def rng_snapshot() -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def rng_restore(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def standardized(scores: torch.Tensor) -> torch.Tensor:
     """Per-row z-scores (a row of equal scores becomes zeros)."""
     centred = scores - scores.mean(-1, keepdim=True)
@@ -464,13 +480,21 @@ class FinetuneTrainer:
         return torch.tensor(rows, dtype=torch.float32, device=self.acc.device)
 
     # ------------------------------------------------------------------------ one step
+    def embed(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query embeddings (B, d), passage embeddings (B * group, d)): each sample's positive, then its negatives."""
+        cfg = self.config
+        queries = self._tokenize([s.query for s in samples], cfg.model.query_max_length, cfg.model.query_prefix)
+        texts = [self.train_set.passages[d] for s in samples for d in [s.positive, *s.negatives]]
+        passages = self._tokenize(texts, cfg.model.passage_max_length, cfg.model.passage_prefix)
+        return self.model(queries, passages)
+
     def micro_loss(self, local: list[Sample], everyone: list[list[Sample]]) -> tuple[torch.Tensor, torch.Tensor]:
+        q, p = self.embed(local)
+        return self.loss_of(local, everyone, q, p)
+
+    def loss_of(self, local: list[Sample], everyone: list[list[Sample]], q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         group = 1 + cfg.negatives.hard_negatives
-        queries = self._tokenize([s.query for s in local], cfg.model.query_max_length, cfg.model.query_prefix)
-        texts = [self.train_set.passages[d] for s in local for d in [s.positive, *s.negatives]]
-        passages = self._tokenize(texts, cfg.model.passage_max_length, cfg.model.passage_prefix)
-        q, p = self.model(queries, passages)
         mask = false_negative_mask(local, everyone, self.train_set, group).to(q.device) if cfg.train.mask_false_negatives else None
         loss, _, _ = contrastive_loss(q, p, group, self.temperature, mask=mask)
         distill = torch.zeros((), device=q.device)
@@ -486,10 +510,46 @@ class FinetuneTrainer:
             loss = cfg.distill.contrastive_weight * loss + cfg.distill.weight * distill
         return loss, distill.detach()
 
-    def train_step(self, step: int) -> tuple[float, float]:
-        from contextlib import nullcontext
+    def grad_cache_backward(self, samples: list[Sample]) -> tuple[torch.Tensor, torch.Tensor]:
+        """GradCache (Gao et al., 2021): the whole batch's loss and gradient, one chunk's activations at a time.
 
+        1. embed each chunk without a graph, keeping its RNG state (dropout is replayed in 3);
+        2. loss over all embeddings (every in-batch negative), backward to the embeddings only;
+        3. re-embed each chunk with a graph under the same RNG state and backpropagate the cached
+           embedding gradients into the weights."""
+        chunk = self.config.train.grad_cache_chunk
+        pieces = [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
+        states, queries, passages = [], [], []
+        for piece in pieces:
+            states.append(rng_snapshot())
+            with torch.no_grad():
+                q, p = self.embed(piece)
+            queries.append(q)
+            passages.append(p)
+        q_all = torch.cat(queries).requires_grad_(True)
+        p_all = torch.cat(passages).requires_grad_(True)
+        loss, distill = self.loss_of(samples, [samples], q_all, p_all)
+        loss.backward()
+        group = 1 + self.config.negatives.hard_negatives
+        start = 0
+        for i, (piece, state) in enumerate(zip(pieces, states)):
+            rng_restore(state)
+            sync = self.acc.no_sync(self.model) if i < len(pieces) - 1 else nullcontext()
+            with sync:
+                q, p = self.embed(piece)
+                end = start + len(piece)
+                surrogate = (q * q_all.grad[start:end]).sum() + (p * p_all.grad[start * group : end * group]).sum()
+                self.acc.backward(surrogate)
+            start = end
+        return loss.detach(), distill
+
+    def train_step(self, step: int) -> tuple[float, float]:
         rank, world = rank_and_world()
+        if self.config.train.grad_cache_chunk:
+            if world > 1:
+                raise ValueError("train.grad_cache_chunk runs in one process; with several, raise batch_size per process instead")
+            loss, distill = self.grad_cache_backward(self.plan.global_batch(step, self.pools))
+            return self.finish_step(torch.stack([loss.float(), distill.float()]), world)
         accum = self.config.train.grad_accum_steps
         chunks = micro_batches(self.plan.global_batch(step, self.pools), rank, world, accum)
         totals = torch.zeros(2, device=self.acc.device)
@@ -499,6 +559,9 @@ class FinetuneTrainer:
                 loss, distill = self.micro_loss(everyone[rank], everyone)
                 self.acc.backward(loss / accum)
             totals += torch.stack([loss.detach().float(), distill.float()]) / accum
+        return self.finish_step(totals, world)
+
+    def finish_step(self, totals: torch.Tensor, world: int) -> tuple[float, float]:
         if self.config.train.max_grad_norm:
             self.acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
         step_optimizer(self.optimizer, self.scheduler)

@@ -1,0 +1,75 @@
+"""GradCache: chunked embedding + cached gradients give the gradient of one big batch."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eval.datasets import load_dataset
+from retroflow.config import ConfigError, load_config
+from retrieval.finetune import FinetuneConfig, FinetuneTrainer, training_queries
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def no_dropout_encoder(scifact_small: Path, tmp_path_factory) -> Path:
+    from conftest import deterministic_wordpiece_vocab
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    tokenizer = BertTokenizer(vocab=deterministic_wordpiece_vocab(texts, 2000), do_lower_case=True)
+    dest = tmp_path_factory.mktemp("no-dropout-encoder")
+    tokenizer.save_pretrained(dest)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
+    BertModel(config).save_pretrained(dest)
+    return dest
+
+
+def gradients(trainer: FinetuneTrainer, use_cache: bool) -> dict[str, torch.Tensor]:
+    samples = trainer.plan.global_batch(0, trainer.pools)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if use_cache:
+        trainer.grad_cache_backward(samples)
+    else:
+        loss, _ = trainer.micro_loss(samples, [samples])
+        trainer.acc.backward(loss)
+    return {n: p.grad.clone() for n, p in trainer.unwrapped().named_parameters() if p.grad is not None}
+
+
+def test_grad_cache_gradient_equals_the_full_batch_gradient(scifact_small, no_dropout_encoder, tmp_path):
+    dataset = load_dataset(scifact_small)
+    overrides = ["train.batch_size=8", "negatives.hard_negatives=1", "train.max_steps=1"]
+    plain_cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", overrides)
+    cached_cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", [*overrides, "train.grad_cache_chunk=3"])
+    train = training_queries(plain_cfg, dataset, None)
+    pools = {ex.qid: [d for d in dataset.doc_ids()[:20] if d not in train.positives_of(ex.qid)] for ex in train.examples}
+    grads = []
+    for cfg in (plain_cfg, cached_cfg):
+        trainer = FinetuneTrainer(cfg, no_dropout_encoder, train, tmp_path / "partial", dataset)
+        trainer.set_pools(pools)
+        grads.append(gradients(trainer, use_cache=cfg.train.grad_cache_chunk is not None))
+    plain, cached = grads
+    assert plain.keys() == cached.keys() and len(plain) > 10
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_grad_cache_and_gradient_accumulation_are_exclusive():
+    with pytest.raises(ConfigError, match="grad_cache_chunk replaces train.grad_accum_steps"):
+        load_config(FinetuneConfig, None, ["train.grad_cache_chunk=4", "train.grad_accum_steps=2", "train.batch_size=8"])
+
+
+def test_a_grad_cache_run_trains_and_saves(scifact_small, no_dropout_encoder, tmp_path):
+    from retrieval.finetune import run_finetune
+
+    cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=3", "train.grad_cache_chunk=4"])
+    metrics = run_finetune(cfg, load_dataset(scifact_small), no_dropout_encoder, tmp_path / "out", tmp_path / "partial")
+    assert metrics["steps"] == 3 and len(metrics["loss_history"]) == 3
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
