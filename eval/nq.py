@@ -262,9 +262,11 @@ def read_passages(path: str | Path) -> pa.Table:
     if not path.is_file():
         raise DatasetError(f"{path}: passages file not found")
     try:
+        # One line is one passage: quoting is off while splitting, so a stray `"` can never swallow
+        # the lines after it (CSV quoting would silently merge them); quotes are undone per field below.
         table = pacsv.read_csv(
             path,
-            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char='"', double_quote=True),
+            parse_options=pacsv.ParseOptions(delimiter="\t", quote_char=False),
             convert_options=pacsv.ConvertOptions(column_types={n: pa.string() for n in PASSAGE_COLUMNS}),
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -273,7 +275,7 @@ def read_passages(path: str | Path) -> pa.Table:
     missing = [c for c in PASSAGE_COLUMNS if c not in table.column_names]
     if missing:
         raise DatasetError(f"{path}, line 1: header must name the columns id, text, title; missing {', '.join(missing)}")
-    table = pa.table({"_id": table.column("id"), "title": table.column("title"), "text": table.column("text")})
+    table = pa.table({"_id": table.column("id"), "title": unquote(table.column("title")), "text": unquote(table.column("text"))})
     for name in ("_id", "text"):
         nulls = table.column(name).null_count
         if nulls:
@@ -290,13 +292,20 @@ def read_passages(path: str | Path) -> pa.Table:
     return table.combine_chunks()
 
 
+def unquote(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    '''CSV-style quoted fields (a field in double quotes, inner quotes doubled) -> their text; other fields unchanged.'''
+    quoted = pc.and_(pc.and_(pc.starts_with(column, '"'), pc.ends_with(column, '"')), pc.greater_equal(pc.utf8_length(column), 2))
+    inner = pc.replace_substring(pc.utf8_slice_codeunits(column, 1, -1), '""', '"')
+    return pc.if_else(quoted, inner, column)
+
+
 def locate_passage_error(path: Path) -> None:
-    """Arrow's CSV errors have no line number: re-read with the csv module to name the line."""
+    """Arrow's CSV errors have no line number: re-read line by line to name the line."""
     with open_text(path) as handle:
-        reader = csv.reader(handle, delimiter="\t")
-        for row in reader:
-            if row and len(row) != 3:
-                raise DatasetError(f"{path}, line {reader.line_num}: expected 3 tab-separated fields (id, text, title), got {len(row)}")
+        for number, line in enumerate(handle, start=1):
+            fields = line.rstrip("\r\n").split("\t")
+            if line.strip() and len(fields) != 3:
+                raise DatasetError(f"{path}, line {number}: expected 3 tab-separated fields (id, text, title), got {len(fields)}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -235,3 +235,11 @@ def test_nfd_answer_matches_precomposed_passage_in_the_file_pipeline(tmp_path: P
     (root / "nq-test.qa.csv").write_text(f"who sang it\t{[decomposed]!r}\n")
     means, _ = score_answers({"0": {"1": 1.0}}, load_nq(root).answers, load_nq(root).passage_text(), ["accuracy@1"])
     assert means["accuracy@1"] == 1.0
+
+
+def test_a_stray_quote_never_merges_passages(tmp_path: Path) -> None:
+    path = tmp_path / "psgs_w100.tsv"
+    path.write_text('id\ttext\ttitle\n1\t"5\'11"" tall, she said ""hi"""\tA\n2\t"an unclosed quote starts this\tB\n3\tplain\tC\n4\tlast\tD\n')
+    table = read_passages(path)
+    assert table.column("_id").to_pylist() == ["1", "2", "3", "4"]  # nothing swallowed after the stray quote
+    assert table.column("text").to_pylist() == ['5\'11" tall, she said "hi"', '"an unclosed quote starts this', "plain", "last"]
