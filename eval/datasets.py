@@ -451,9 +451,12 @@ def locate_files(root: Path) -> tuple[list[Path], list[Path], Path]:
     return corpus, queries, qrels_dir_for(root)
 
 
+VALIDATION_VERSION = "2"  # bump when validation or parsing changes: cached normalisations are then redone
+
+
 def source_signature(files: list[Path]) -> str:
     parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha256("\n".join(sorted(parts)).encode()).hexdigest()[:24]
+    return hashlib.sha256("\n".join([f"validation {VALIDATION_VERSION}", *sorted(parts)]).encode()).hexdigest()[:24]
 
 
 def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error") -> BeirDataset:

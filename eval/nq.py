@@ -369,9 +369,12 @@ def locate_nq_files(source: str | Path | None, split: str, passages: str | None,
     return passage_path, question_path
 
 
+PARSER_VERSION = "2"  # bump when parsing changes what a file yields: cached parses are then redone
+
+
 def file_signature(paths: Sequence[Path]) -> str:
     parts = sorted(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return hashlib.sha256("\n".join([f"parser {PARSER_VERSION}", *parts]).encode()).hexdigest()[:24]
 
 
 def content_hash(paths: Sequence[Path]) -> str:
