@@ -70,7 +70,35 @@ class PipelineConfig(StageConfig):
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
-    return load_config(PipelineConfig, path, overrides)
+    """Load the pipeline and validate every stage section now, not when the stage starts
+    (a typo in `finetune` must not wait for pretraining to finish)."""
+    pipeline = load_config(PipelineConfig, path, overrides)
+    try:
+        validate_sections(pipeline)
+    except ConfigError as err:
+        raise ConfigError(f"{path or '<defaults>'}: {err}") from None
+    return pipeline
+
+
+def validate_sections(pipeline: PipelineConfig) -> None:
+    """Each stage section through its own config class, with the placeholders the chain fills in."""
+    from retromae.config import PretrainConfig
+    from retrieval.autotune import TuneConfig
+    from retrieval.finetune import FinetuneConfig
+    from retrieval.index import IndexConfig
+    from retrieval.negatives import MineNegativesConfig
+    from retrieval.shards import EncodeConfig
+    from retrieval.teacher import TeacherConfig
+
+    placeholders = {"dataset": "<input:data>", "split": pipeline.train_split}
+    stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
+    stage_config(MineNegativesConfig, pipeline, "negatives", **placeholders, model=None)
+    stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
+    stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
+    stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
+    stage_config(IndexConfig, pipeline, "index")
+    stage_config(TuneConfig, pipeline, "tune")
+    eval_config(pipeline)
 
 
 def stage_config(cls: type[StageConfig], pipeline: PipelineConfig, section: str, **fixed: Any) -> StageConfig:

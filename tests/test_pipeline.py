@@ -28,6 +28,15 @@ def test_pipeline_config_errors_name_the_field(tmp_path):
     assert "stages.pretrain" in str(info.value) and "evaluat" in str(info.value)
 
 
+def test_a_typo_in_a_late_stage_section_is_reported_at_load(tmp_path):
+    bad = tmp_path / "p.yaml"
+    bad.write_text("name: x\nfinetune: {train: {lr: 2.0e-5, batchsize: 32}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(bad)
+    message = str(info.value)
+    assert str(bad) in message and "section 'finetune'" in message and "train.batchsize" in message
+
+
 class Record:
     def __init__(self, per_query, run_id="old"):
         self.per_query, self.run_id = per_query, run_id
