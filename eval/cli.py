@@ -38,7 +38,7 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--config", type=Path, help="YAML EvaluateConfig (flags below override it)")
     parser.add_argument("--suite", choices=["beir", "msmarco", "nq"], help="evaluation suite (default beir)")
-    parser.add_argument("--model", help="alias (minilm), local HF model dir, hub id, or bm25")
+    parser.add_argument("--model", help="alias (minilm), local HF model dir, hub id, bm25, or hybrid:<dense model>")
     parser.add_argument("--dataset", help="dataset directory (BEIR, MS MARCO TSV or DPR layout), name under $RETROFLOW_DATA_DIR, hf:BeIR/NAME, or zip URL")
     parser.add_argument("--split", help="qrels split (default test)")
     parser.add_argument("--metrics", help="comma-separated, e.g. ndcg@10,recall@100,mrr@10,map@100 (nq: accuracy@20,...)")
@@ -47,6 +47,8 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--index", help="search through this FAISS index artifact instead of exact search")
     parser.add_argument("--run-file", help="score this ranking file (MS MARCO 'qid pid rank' or TREC format) instead of retrieving")
+    parser.add_argument("--on-unknown-ids", choices=["error", "drop"], help="qrels rows naming unknown queries/documents: fail (default) or drop them")
+    parser.add_argument("--checksum", help="sha256:<hex> (or md5:<hex>) of a zip-URL dataset, verified before it is unpacked")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. encoder.passage_max_length=256, nq.passages=PATH")
     parser.add_argument("--output", type=Path, help="also write the result (with per-query scores) to this JSON file")
     add_registry_argument(parser)
@@ -57,7 +59,8 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     overrides = list(args.set)
-    flags = (("suite", "suite"), ("model", "model"), ("dataset", "dataset"), ("split", "split"), ("top_k", "top_k"), ("index", "index"), ("run_file", "run_file"))
+    flags = (("suite", "suite"), ("model", "model"), ("dataset", "dataset"), ("split", "split"), ("top_k", "top_k"), ("index", "index"),
+             ("run_file", "run_file"), ("on_unknown_ids", "on_unknown_ids"), ("checksum", "checksum"))  # fmt: skip
     for flag, key in flags:
         value = getattr(args, flag, None)
         if value is not None:

@@ -72,6 +72,8 @@ class EvaluateConfig(StageConfig):
     index: str | None = None  # FAISS index artifact directory; None = exact search
     embeddings: str | None = None  # exact search over this encode artifact's vectors instead of encoding the corpus
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
+    on_unknown_ids: Literal["error", "drop"] = "error"  # beir: qrels rows naming unknown queries/documents
+    checksum: str | None = None  # beir zip URLs: the archive's "sha256:<hex>", checked before unpacking
     msmarco: MsMarcoSettings = Field(default_factory=MsMarcoSettings)
     nq: NQSettings = Field(default_factory=NQSettings)
 
@@ -183,7 +185,8 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
         return evaluate_nq(config, dataset)
     warn_shallow_cutoffs(config)
     if dataset is None:
-        dataset = load_msmarco(config.dataset) if config.suite == "msmarco" else load_dataset(config.dataset)
+        dataset = (load_msmarco(config.dataset) if config.suite == "msmarco"
+                   else load_dataset(config.dataset, checksum=config.checksum, on_unknown_ids=config.on_unknown_ids))  # fmt: skip
     qrels = dataset.split_qrels(config.split)
     queries = dataset.split_queries(config.split)
     log.info("evaluating %s on %s/%s: %d queries, %d docs", config.model, dataset.name, config.split, len(queries), dataset.num_docs)

@@ -52,3 +52,17 @@ def test_unknown_config_key_names_the_field(tmp_path):
     cfg.write_text("model: bm25\ntopk: 10\n")
     proc = subprocess.run([sys.executable, "-m", "retroflow.cli", "evaluate", "--config", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2 and "field 'topk'" in proc.stderr and str(cfg) in proc.stderr
+
+
+def test_on_unknown_ids_flag_drops_qrels_rows_naming_unknown_documents(tmp_path, capsys):
+    root = tmp_path / "d"
+    (root / "qrels").mkdir(parents=True)
+    (root / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "the alphabet has letters"}) + "\n" + json.dumps({"_id": "d2", "text": "numbers count things"}) + "\n")
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "alphabet letters"}) + "\n")
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n")
+    base = ["evaluate", "--model", "bm25", "--dataset", str(root), "--no-registry"]
+    proc = subprocess.run([sys.executable, "-m", "retroflow.cli", *base], capture_output=True, text=True)
+    assert proc.returncode == 2 and "corpus-id 'd9' is not in the corpus" in proc.stderr
+    assert main([*base, "--on-unknown-ids", "drop"]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert result["num_queries"] == 1 and result["ndcg@10"] == 1.0
