@@ -17,7 +17,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -239,16 +241,30 @@ class ArtifactStore:
         if cached is not None:
             return cached
         final = self.path_for(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # One builder per key at a time: a second identical run waits here, then finds the
+        # first one's artifact; runs of other keys never touch this key's partial directory.
+        with key_lock(final.parent / f"{key}.lock"):
+            cached = self.lookup(stage, key)
+            if cached is not None:
+                return cached
+            return self._build_locked(stage, key, final, config, inputs, code, body, extra_manifest)
+
+    def _build_locked(self, stage, key, final, config, inputs, code, body, extra_manifest) -> Artifact:
         if final.exists():  # present but failed verification: rebuild from scratch
             shutil.rmtree(final)
         partial = self.partial_dir(stage, key)
         partial.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{key}.tmp-{os.getpid()}"
+        tmp = final.parent / f"{key}.tmp-{os.getpid()}-{threading.get_ident()}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         started = time.time()
-        metrics = body(tmp, partial) or {}
+        try:
+            metrics = body(tmp, partial) or {}
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints in `partial` stay for the re-run
+            raise
         write_manifest(
             tmp,
             stage=stage,
@@ -266,6 +282,23 @@ class ArtifactStore:
         if self.remote:
             self._upload(artifact)
         return artifact
+
+
+@contextmanager
+def key_lock(path: Path):
+    """An exclusive advisory lock (flock) on `path`, held for the block; waits for another holder.
+    Local filesystems only (NFS flock support varies); where fcntl is missing, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_manifest(
