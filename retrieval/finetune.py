@@ -449,7 +449,6 @@ class FinetuneTrainer:
         # the scheduler is not `prepare`d: accelerate would step it once per process
         self.scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * self.steps), self.steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.acc.register_for_checkpointing(self.scheduler)
         self.pools: dict[str, list[str]] = {}
         self.teacher: dict[str, dict[str, float]] | None = None
         self.result = FinetuneResult()
@@ -573,10 +572,11 @@ class FinetuneTrainer:
     # ------------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, step: int) -> Path:
         history = {"loss_history": self.result.loss_history, "distill_loss_history": self.result.distill_loss_history}
-        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.config.train.keep_checkpoints)
+        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.config.train.keep_checkpoints,
+                               model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
 
     def maybe_resume(self) -> int:
-        state = load_latest_checkpoint(self.acc, self.checkpoint_dir)
+        state = load_latest_checkpoint(self.acc, self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if state is None:
             return 0
         self.result.loss_history = list(state["loss_history"])

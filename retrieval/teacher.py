@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from retroflow.artifacts import atomic_write_text
+from retroflow.checkpoints import rng_state, safe_load, set_rng_state
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
@@ -140,22 +141,6 @@ def score_pairs(model, tokenizer, queries: list[str], passages: list[str], max_l
     return out
 
 
-def _rng_state() -> dict:
-    # tensors, lists and numbers only: the checkpoint loads with torch.load(weights_only=True), no pickle
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss = random.getstate()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-            "python": [version, list(internal), gauss]}  # fmt: skip
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
 def _latest_checkpoint(directory: Path) -> Path | None:
     found = sorted(directory.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if directory.is_dir() else []
     return found[-1] if found else None
@@ -194,11 +179,11 @@ def run_train_teacher(
     start, losses, resumed_from = 0, [], None
     latest = _latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
-        state = torch.load(latest, weights_only=True)
+        state = safe_load(latest)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         start = resumed_from = state["step"]
         losses = list(state["loss_history"])
         log.info("teacher resumed from %s", latest)
@@ -271,7 +256,7 @@ def run_train_teacher(
 def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses: list[float]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": _rng_state(), "loss_history": losses}  # fmt: skip
+             "scheduler": scheduler.state_dict(), "rng": rng_state(), "loss_history": losses}  # fmt: skip
     tmp = directory / f".checkpoint-{step}.pt.tmp"
     torch.save(state, tmp)
     os.replace(tmp, directory / f"checkpoint-{step}.pt")

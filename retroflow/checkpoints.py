@@ -1,22 +1,44 @@
-"""Training checkpoints shared by the pretraining and fine-tuning trainers.
+"""Training checkpoints shared by the pretraining and fine-tuning trainers, loaded without unpickling.
 
-A checkpoint is accelerate's `save_state` (model, optimizer, scheduler, every process's RNG) plus
-a small JSON trainer state (step, loss histories). It is written to `checkpoint-N.tmp` and renamed
-only once every process has written its part, so a run killed mid-save resumes from the previous
-complete checkpoint; a directory without the trainer state is never taken for a checkpoint.
+A checkpoint directory `checkpoint-N/` holds:
+
+    model.safetensors         the unwrapped model's weights (shared tensors stored once)
+    optimizer.pt              the optimizer's state dict: tensors and numbers only
+    rng-<rank>.pt             each process's torch / CUDA / numpy / python RNG states as tensors and lists
+    scaler.pt                 the fp16 grad scaler's state, when there is one
+    scheduler.json            the LR scheduler's state dict (numbers)
+    trainer_state.json        step and loss histories; written last
+
+Everything is read back with safetensors, `json` or `torch.load(weights_only=True)`, so a file
+planted in a checkpoint directory cannot run code on `--resume` (it fails to load, with an error
+naming it). The directory is written as `checkpoint-N.tmp` and renamed only once every process
+has written its part, so a run killed mid-save resumes from the previous complete checkpoint; a
+directory without the trainer state is never taken for a checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 log = logging.getLogger("retroflow.checkpoints")
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+SCHEDULER_FILE = "scheduler.json"
+SCALER_FILE = "scaler.pt"
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds something other than tensors, numbers, strings and containers."""
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -27,15 +49,53 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
-def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, safe_serialization: bool = True) -> Path:
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(internal), gauss],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def safe_load(path: Path):
+    """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError and friends: whatever it is, it is not ours
+        raise UnsafeCheckpointError(f"{path}: not a plain-tensor checkpoint file ({type(err).__name__}); refusing to load it") from None
+
+
+def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, *, model, optimizer, scheduler) -> Path:
     """Collective: every process must call it. Keeps the newest `keep` checkpoints."""
+    from safetensors.torch import save_model
+
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     tmp = directory / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=safe_serialization)
+    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
         shutil.rmtree(final, ignore_errors=True)
@@ -47,12 +107,22 @@ def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict
     return final
 
 
-def load_latest_checkpoint(accelerator, directory: Path) -> dict | None:
-    """Restore the newest complete checkpoint into `accelerator`'s objects; its trainer state, or None."""
+def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, scheduler) -> dict | None:
+    """Restore the newest complete checkpoint into the objects; its trainer state, or None."""
+    from safetensors.torch import load_model
+
     found = list_checkpoints(directory)
     if not found:
         return None
-    accelerator.load_state(str(found[-1]))
-    state = json.loads((found[-1] / TRAINER_STATE).read_text())
-    log.info("resumed from %s (step %d)", found[-1], state["step"])
+    path = found[-1]
+    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE))
+    optimizer.load_state_dict(safe_load(path / OPTIMIZER_FILE))
+    scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
+        accelerator.scaler.load_state_dict(safe_load(path / SCALER_FILE))
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(safe_load(rng_file))
+    state = json.loads((path / TRAINER_STATE).read_text())
+    log.info("resumed from %s (step %d)", path, state["step"])
     return state

@@ -113,7 +113,6 @@ class PretrainTrainer:
         # the scheduler is not `prepare`d: accelerate would step it once per process
         self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, train_cfg.max_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        accelerator.register_for_checkpointing(self.scheduler)
         self.result = TrainResult(steps=0)
 
     # ---------------------------------------------------------------------------- batches
@@ -196,11 +195,11 @@ class PretrainTrainer:
             "encoder_loss_history": self.result.encoder_loss_history,
             "decoder_loss_history": self.result.decoder_loss_history,
         }
-        # torch pickles, not safetensors: the MLM output matrix shares storage with the embeddings
-        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.cfg.keep_checkpoints, safe_serialization=False)
+        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.cfg.keep_checkpoints,
+                               model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
 
     def _maybe_resume(self) -> int:
-        state = load_latest_checkpoint(self.acc, self.checkpoint_dir)
+        state = load_latest_checkpoint(self.acc, self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
         if state is None:
             return 0
         self.result.loss_history = list(state["loss_history"])

@@ -29,7 +29,8 @@ def test_teacher_checkpoint_loads_without_pickle(tmp_path):
 
     import numpy as np
 
-    from retrieval.teacher import _rng_state, _set_rng_state, save_checkpoint
+    from retroflow.checkpoints import rng_state as _rng_state, set_rng_state as _set_rng_state
+    from retrieval.teacher import save_checkpoint
 
     model = torch.nn.Linear(3, 1)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -70,3 +71,46 @@ def test_make_stop_stops_the_whole_process_group_it_started(tmp_path):
     time.sleep(0.3)
     assert not [pid for pid in group if alive(int(pid))], group  # nobody left in the group
     assert not (home / "pids").exists() and not (home / "worker.pid").exists()
+
+
+class _Planted:
+    """Unpickling this creates a file: the attack a writable checkpoint directory allows."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.target),))
+
+
+def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
+    import pickle
+
+    from eval.datasets import load_dataset
+    from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
+    from retroflow.config import load_config
+    from retrieval.finetune import FinetuneConfig, run_finetune
+
+    dataset = load_dataset(scifact_small)
+    config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=4", "train.save_every=2"])
+    out, partial = tmp_path / "out", tmp_path / "partial"
+    from conftest import build_tiny_bert
+
+    model = build_tiny_bert(tmp_path / "bert", [t for t in dataset.doc_texts()[:50]], vocab_size=500, hidden=32)
+    run_finetune(config, dataset, model, out, partial, stop_after=2)
+    checkpoint = list_checkpoints(partial / "checkpoints")[-1]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.json", "trainer_state.json"]
+
+    # a pickle where accelerate used to keep its state is simply not read: the resume works
+    marker = tmp_path / "pwned"
+    (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
+    (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
+    resumed = run_finetune(config, dataset, model, tmp_path / "out2", partial, stop_after=3)
+    assert resumed["resumed_from"] == 2 and not marker.exists()
+
+    # a planted pickle in a file that is read is refused, naming it, and runs nothing
+    checkpoint = list_checkpoints(partial / "checkpoints")[-1]
+    torch.save({"state": _Planted(str(marker))}, checkpoint / "optimizer.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: not a plain-tensor checkpoint file"):
+        run_finetune(config, dataset, model, tmp_path / "out3", partial)
+    assert not marker.exists()
