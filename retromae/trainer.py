@@ -4,8 +4,8 @@ Why a short loop on accelerate rather than HF Trainer: the loss must be normalis
 *global* number of targets of an optimizer step (two losses, two counts) so that 2 processes
 x micro-batches reproduce one big batch, and the data order must be a pure function of the
 step so a resumed run continues exactly where the killed one stopped. Accelerate still does
-the parts worth not rewriting: process-group setup, DDP wrapping, autocast/grad scaling,
-and save_state/load_state (model, optimizer, scheduler, per-process RNG).
+the parts worth not rewriting: process-group setup, DDP wrapping, autocast/grad scaling.
+Checkpoints are retroflow.checkpoints' pickle-free format (safetensors, weights-only tensors, JSON).
 """
 
 from __future__ import annotations
