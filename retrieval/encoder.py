@@ -34,6 +34,10 @@ Pooling = Literal["auto", "cls", "mean", "max"]
 Backend = Literal["auto", "fused", "hf"]
 
 
+class ModelLoadError(ValueError):
+    """A model directory that exists but cannot be loaded (bad config.json, damaged weights, mismatched tokenizer)."""
+
+
 class EncoderSettings(StageConfig):
     """How texts become vectors; part of every stage config that encodes."""
 
@@ -91,6 +95,7 @@ class Encoder:
         self.dtype = pick_dtype(self.device, self.settings.precision)
         self.tokenizer = load_tokenizer(self.model_path)
         self.model = load_encoder_model(self.model_path).to(self.device).eval()
+        check_vocabulary(self.tokenizer, self.model, self.model_path)
         self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
         model_max = st.max_seq_length or min(getattr(self.model.config, "max_position_embeddings", 512), 512)
         self.query_max_length = self.settings.query_max_length or model_max
@@ -203,7 +208,11 @@ def load_tokenizer(model_path: Path):
     with _LOAD_LOCK:  # see load_encoder_model
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(model_path)
+        try:
+            return AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError, KeyError) as err:  # e.g. a config.json that is not JSON
+            raise ModelLoadError(f"{model_path}: the model could not be loaded: its tokenizer failed "
+                                 f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None  # fmt: skip
 
 
 def load_encoder_model(model_path: Path) -> torch.nn.Module:
@@ -220,7 +229,10 @@ def load_encoder_model(model_path: Path) -> torch.nn.Module:
     with _LOAD_LOCK, _quiet_transformers():
         from transformers import AutoModel
 
-        model, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
+        try:
+            model, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
+        except Exception as err:  # bad config.json (JSONDecodeError), truncated weights (SafetensorError), ...
+            raise ModelLoadError(f"{model_path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None
     # The pooler (a dense layer over [CLS] for next-sentence prediction) is never used for
     # encoding, and MLM checkpoints don't have one: its absence is no news.
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
@@ -228,6 +240,14 @@ def load_encoder_model(model_path: Path) -> torch.nn.Module:
         log.warning("%s: %d encoder weights missing from the checkpoint (randomly initialised): %s",
                     model_path, len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))  # fmt: skip
     return model
+
+
+def check_vocabulary(tokenizer, model: torch.nn.Module, model_path: Path) -> None:
+    """A tokenizer with more ids than the embedding matrix would fail deep inside a forward pass."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ModelLoadError(f"{model_path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix only {rows} "
+                             "rows; the tokenizer and the weights do not belong together")  # fmt: skip
 
 
 def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:

@@ -51,6 +51,7 @@ from retroflow.config import StageConfig
 from retroflow.devices import pick_device, pick_dtype, step_optimizer, seed_everything
 from retroflow.progress import progress_bar
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
+from retrieval.encoder import check_vocabulary
 from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retrieval.negatives import MineNegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
 from retrieval.training_data import TrainingSet, beir_training_set, dev_split
@@ -204,7 +205,12 @@ class BiEncoder(torch.nn.Module):
 def load_backbone(path: Path, gradient_checkpointing: bool):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path)
+    from retrieval.encoder import ModelLoadError
+
+    try:
+        model = AutoModel.from_pretrained(path)
+    except Exception as err:  # bad config.json, truncated weights: name the directory, no traceback
+        raise ModelLoadError(f"{path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None
     if getattr(model, "pooler", None) is not None:
         # BERT's pooler is unused by cls/mean pooling: frozen, so DDP does not wait for its gradients
         model.pooler.requires_grad_(False)
@@ -441,6 +447,7 @@ class FinetuneTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         gc = config.model.gradient_checkpointing
         query_model = load_backbone(model_path, gc)
+        check_vocabulary(self.tokenizer, query_model, model_path)
         passage_model = None if config.model.shared_encoder else load_backbone(model_path, gc)
         model = BiEncoder(query_model, passage_model, self.pooling, self.normalize)
         self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed, config.data.rows)

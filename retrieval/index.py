@@ -391,11 +391,21 @@ def load_index(index_dir: str | Path, device: str = "auto") -> LoadedIndex:
     return _load_index_cached(str(path), mtime, device)
 
 
+def read_faiss_file(path: Path) -> "faiss.Index":
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: index file missing; rebuild the index")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as err:  # FAISS raises RuntimeError with a C++ trace on damaged files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable FAISS index (damaged or truncated: {first[:200]}); rebuild the index") from None
+
+
 @functools.lru_cache(maxsize=4)
 def _load_index_cached(path_text: str, mtime_ns: int, device: str) -> LoadedIndex:
     path = Path(path_text)
     meta = read_index_meta(path)
-    parts = [faiss.read_index(str(path / name)) for name in meta["shards"]]
+    parts = [read_faiss_file(path / name) for name in meta["shards"]]
     if len(parts) == 1:
         index = parts[0]
     else:

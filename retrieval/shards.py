@@ -485,6 +485,16 @@ def _vector_bytes(out_dir: Path, meta: dict[str, Any]) -> int:
     return sum((out_dir / s["path"] / VECTORS_FILE).stat().st_size for s in meta["shards"])
 
 
+def load_vectors(path: Path) -> np.ndarray:
+    """A memory-mapped .npy, with an error naming the file when it is missing, truncated or not .npy."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: vectors file missing; re-run the encoding") from None
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a complete .npy vectors file ({err}); re-run the encoding") from None
+
+
 def open_embeddings(path: str | Path) -> Embeddings:
     """Open an embeddings directory written by `run_encode` (merged or sharded layout)."""
     path = Path(path)
@@ -495,10 +505,10 @@ def open_embeddings(path: str | Path) -> Embeddings:
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")
     if meta["layout"] == "merged":
-        parts = [np.load(path / VECTORS_FILE, mmap_mode="r")]
+        parts = [load_vectors(path / VECTORS_FILE)]
         ids = pq.read_table(path / IDS_FILE).column("_id")
     else:
-        parts = [np.load(path / s["path"] / VECTORS_FILE, mmap_mode="r") for s in meta["shards"]]
+        parts = [load_vectors(path / s["path"] / VECTORS_FILE) for s in meta["shards"]]
         ids = pa.chunked_array([pq.read_table(path / s["path"] / IDS_FILE).column("_id").combine_chunks() for s in meta["shards"]])
     embeddings = Embeddings(path=path, meta=meta, parts=parts, ids=ids)
     if embeddings.num_docs != len(ids) or embeddings.num_docs != meta["num_docs"]:

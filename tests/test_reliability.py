@@ -114,3 +114,57 @@ def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: not a plain-tensor checkpoint file"):
         run_finetune(config, dataset, model, tmp_path / "out3", partial)
     assert not marker.exists()
+
+
+def test_damaged_index_and_vectors_files_are_named_errors(tmp_path):
+    import faiss
+    import numpy as np
+
+    from retrieval.index import read_faiss_file
+    from retrieval.shards import load_vectors
+
+    index = faiss.IndexFlatIP(8)
+    index.add(np.random.default_rng(0).random((50, 8), dtype=np.float32))
+    faiss.write_index(index, str(tmp_path / "shard.faiss"))
+    data = (tmp_path / "shard.faiss").read_bytes()
+    (tmp_path / "shard.faiss").write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match=r"shard\.faiss: not a readable FAISS index"):
+        read_faiss_file(tmp_path / "shard.faiss")
+    np.save(tmp_path / "embeddings.npy", np.ones((100, 8), dtype=np.float32))
+    data = (tmp_path / "embeddings.npy").read_bytes()
+    (tmp_path / "embeddings.npy").write_bytes(data[:500])
+    with pytest.raises(ValueError, match=r"embeddings\.npy: not a complete \.npy vectors file"):
+        load_vectors(tmp_path / "embeddings.npy")
+
+
+def test_unloadable_models_are_named_errors(tiny_bert, tmp_path):
+    import shutil
+
+    from retrieval.encoder import Encoder, EncoderSettings, ModelLoadError
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(ModelLoadError, match=r"broken: the model could not be loaded"):
+        Encoder(broken, EncoderSettings(show_progress=False))
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_bert, truncated)
+    weights = next(truncated.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=r"truncated: the model could not be loaded"):
+        Encoder(truncated, EncoderSettings(show_progress=False))
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tiny_bert, tmp_path):
+    import shutil
+
+    from transformers import BertConfig, BertModel
+
+    from retrieval.encoder import Encoder, EncoderSettings, ModelLoadError
+
+    small = tmp_path / "small-vocab"
+    shutil.copytree(tiny_bert, small)
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(small)
+    with pytest.raises(ModelLoadError, match=r"the tokenizer has \d+ tokens but the model's embedding matrix only 100 rows"):
+        Encoder(small, EncoderSettings(show_progress=False))
