@@ -90,7 +90,10 @@ def test_tiny_flow_runs_then_comes_back_from_cache(harness, store):
     state, _ = run_flow()
     assert state.is_completed(), state.message
     summary = state.result()
-    assert summary["rows"][0]["dataset"] == "scifact" and 0 <= summary["rows"][0]["ndcg@10"] <= 1
+    rows = {row["system"]: row for row in summary["rows"]}
+    assert list(rows) == ["model", "hybrid", "init", "hybrid(init)", "bm25"] and rows["model"]["dataset"] == "scifact"
+    assert rows["model"]["ndcg@10 Δ init"] == pytest.approx(rows["model"]["ndcg@10"] - rows["init"]["ndcg@10"], abs=1e-4)
+    assert rows["init"]["model"] == "minilm" and rows["bm25"]["queries"] == rows["model"]["queries"] == 30
     assert (store / "runs" / "tiny" / "report.md").is_file()
 
     again, seconds = run_flow()
