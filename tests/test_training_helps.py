@@ -36,4 +36,6 @@ def test_finetuning_beats_the_untouched_model_on_held_out_queries(scifact_small,
     untouched = evaluate(EvaluateConfig(model="minilm", dataset=str(scifact_small), encoder=ENCODER), dataset=dataset)
     tuned = evaluate(EvaluateConfig(model=str(tmp_path / "out" / "model"), dataset=str(scifact_small), encoder=ENCODER), dataset=dataset)
     assert untouched["num_queries"] == tuned["num_queries"] == 30
-    assert tuned["ndcg@10"] > untouched["ndcg@10"] + 0.01, (tuned["ndcg@10"], untouched["ndcg@10"])
+    print(f"held-out nDCG@10: fine-tuned {tuned['ndcg@10']:.4f}, untouched {untouched['ndcg@10']:.4f}")
+    # measured here: 0.7669 vs 0.7545; the margin leaves room for other CPUs' float paths
+    assert tuned["ndcg@10"] > untouched["ndcg@10"] + 0.005, (tuned["ndcg@10"], untouched["ndcg@10"])
