@@ -116,7 +116,8 @@ def deterministic_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str
     return {token: i for i, token in enumerate(tokens)}
 
 
-def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
+def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0,
+                    dropout: float = 0.1) -> Path:
     """A random BertModel + a deterministic WordPiece tokenizer over `texts`, saved in HF format."""
     import torch
     from tokenizers import BertWordPieceTokenizer
@@ -141,6 +142,8 @@ def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden
         # At BERT's 0.02 every random [CLS] vector is nearly the same (97% of top-100 score gaps
         # under 1e-5), so rankings were float-noise ties; 0.2 spreads the scores apart.
         initializer_range=0.2,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertForMaskedLM(config).save_pretrained(dest)
     return dest

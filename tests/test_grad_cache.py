@@ -18,18 +18,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def no_dropout_encoder(scifact_small: Path, tmp_path_factory) -> Path:
-    from conftest import deterministic_wordpiece_vocab
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from conftest import build_tiny_bert
 
     texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
-    tokenizer = BertTokenizer(vocab=deterministic_wordpiece_vocab(texts, 2000), do_lower_case=True)
-    dest = tmp_path_factory.mktemp("no-dropout-encoder")
-    tokenizer.save_pretrained(dest)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
-    BertModel(config).save_pretrained(dest)
-    return dest
+    return build_tiny_bert(tmp_path_factory.mktemp("no-dropout-encoder"), texts, hidden=32, dropout=0.0)
 
 
 def gradients(trainer: FinetuneTrainer, use_cache: bool) -> dict[str, torch.Tensor]:
