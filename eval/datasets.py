@@ -143,8 +143,8 @@ def dataset_name(source: str) -> str:
 
 
 def resolve_local_source(source: str, cache: Path, checksum: str | None = None) -> Path:
-    if source.startswith(("http://", "https://")):
-        return download_and_unzip(source, cache, checksum)
+    if source.startswith(("http://", "https://", "file://")):
+        return single_top_folder(download_and_unzip(source, cache, checksum))
     if source.startswith("hf:"):
         return materialise_hf_dataset(source[3:], cache)
     path = Path(source).expanduser()
@@ -168,10 +168,26 @@ def resolve_local_source(source: str, cache: Path, checksum: str | None = None) 
 # ---------------------------------------------------------------------------------------
 
 
-def verify_checksum(path: Path, checksum: str) -> None:
+def single_top_folder(unzipped: Path) -> Path:
+    """BEIR's own zips hold one folder (`scifact/corpus.jsonl`): use it when the top level has no data."""
+    entries = [p for p in unzipped.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    if len(entries) == 1 and entries[0].is_dir() and not any(unzipped.glob("corpus.*")):
+        return entries[0]
+    return unzipped
+
+
+def parse_checksum(checksum: str) -> tuple[str, str]:
+    """'sha256:<hex>' / 'md5:<hex>' / a bare sha256 hex -> (algorithm, hex); an unknown algorithm is an error."""
     algo, _, expected = checksum.partition(":")
     if not expected:
         algo, expected = "sha256", checksum
+    if algo.lower() not in hashlib.algorithms_available:
+        raise DatasetError(f"checksum {checksum!r}: unknown algorithm {algo!r} (use sha256:<hex> or md5:<hex>)")
+    return algo.lower(), expected
+
+
+def verify_checksum(path: Path, checksum: str) -> None:
+    algo, expected = parse_checksum(checksum)
     digest = hashlib.new(algo)
     with open(path, "rb") as handle:
         while block := handle.read(1 << 20):
@@ -183,7 +199,8 @@ def verify_checksum(path: Path, checksum: str) -> None:
 def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: float = 30.0) -> Path:
     """Download `url` into the cache once (checksum-verified) and unpack it safely."""
     if not checksum:
-        raise DatasetError(f"refusing to download {url} without a checksum (pass sha256:<hex> or md5:<hex>)")
+        raise DatasetError(f"refusing to download {url} without a checksum (pass sha256:<hex> or md5:<hex>: --checksum or `checksum:`)")
+    parse_checksum(checksum)  # an unknown algorithm fails before anything is downloaded
     target = cache / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16]
     done = target / ".complete"
     if done.is_file():

@@ -186,3 +186,21 @@ def test_zip_url_is_checksum_verified_downloaded_once_and_loaded(tmp_path):
     archive.unlink()  # a second call must not download again
     assert download_and_unzip(url, tmp_path / "cache", f"sha256:{digest}") == unpacked
     assert load_dataset(unpacked / "toy", cache_dir=tmp_path / "cache").num_docs == 2
+
+
+def test_a_beir_style_zip_loads_from_a_file_url_with_the_checksum_flag(tmp_path, capsys):
+    from retroflow.cli import main
+
+    src = write_dataset(tmp_path / "toy", GOOD_CORPUS)
+    archive = make_zip(tmp_path / "toy.zip", {f"toy/{p.relative_to(src)}": p.read_text() for p in src.rglob("*") if p.is_file()})
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    # one top-level folder, as BEIR's own zips have it; a file:// URL; the checksum from the CLI
+    assert main(["evaluate", "--model", "bm25", "--dataset", archive.as_uri(), "--checksum", f"sha256:{digest}", "--no-registry"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["num_docs"] == 2
+
+
+def test_an_unknown_checksum_algorithm_fails_before_downloading_and_leaves_nothing(tmp_path):
+    archive = make_zip(tmp_path / "toy.zip", {"toy/corpus.jsonl": GOOD_CORPUS[0] + "\n"})
+    with pytest.raises(DatasetError, match=r"unknown algorithm 'sha999'"):
+        download_and_unzip(archive.as_uri(), tmp_path / "cache", "sha999:abc")
+    assert not list((tmp_path / "cache").rglob("*.part"))
