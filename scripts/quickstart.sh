@@ -22,8 +22,17 @@ mkdir -p "$PREFECT_HOME"
 
 stop() {
   if [ -f "$PIDS" ]; then
-    # each was started with setsid: its process group holds the flow runs it spawned, so stop the group
-    while read -r pid; do kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true; done < "$PIDS"
+    # each was started with setsid: its process group holds the flow runs it spawned, so stop the group;
+    # a Prefect worker may linger after SIGTERM (graceful shutdown), so SIGKILL what is left after 10 s
+    pids=$(cat "$PIDS")
+    for pid in $pids; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 20); do
+      alive=""
+      for pid in $pids; do kill -0 "$pid" 2>/dev/null && [ "$(ps -o stat= -p "$pid" | cut -c1)" != Z ] && alive=1; done
+      [ -z "$alive" ] && break
+      sleep 0.5
+    done
+    for pid in $pids; do kill -KILL -- "-$pid" 2>/dev/null || true; done
     rm -f "$PIDS" "$PREFECT_HOME/worker.pid"
     echo "quickstart: stopped the Prefect server and worker"
   else
