@@ -709,14 +709,13 @@ def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_d
 
 def write_training_card(model_dir: Path, config: FinetuneConfig, dataset, model_path: Path, metrics: dict) -> None:
     """The saved model's README.md: base model, data, this stage's config and training figures."""
-    from retroflow.model_card import card_from_model_dir, write_model_card
+    from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
 
-    keys = ("steps", "num_train_queries", "num_train_rows", "final_loss", "seconds", "temperature", "distill", "distill_gate")
     name = getattr(dataset, "name", None) or config.dataset
     base = str(model_path) if str(config.init).startswith("<input") else str(config.init)
     card = card_from_model_dir(model_dir, name=f"{Path(base).name} fine-tuned on {name}", base_model=base,
                                datasets=[name], configs={"finetune": config.canonical()},
-                               training={k: metrics.get(k) for k in keys if metrics.get(k) is not None})  # fmt: skip
+                               training={k: metrics[k] for k in CARD_TRAINING_KEYS if metrics.get(k) is not None})  # fmt: skip
     write_model_card(model_dir, card)
 
 

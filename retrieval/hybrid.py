@@ -221,16 +221,18 @@ class HybridSearcher:
         dense, bm25 = self.side_runs(queries)
         return fuse(dense, bm25, self.settings, weight)
 
-    def select_weight(self, dev_queries: Mapping[str, str] | None, dev_qrels: Mapping[str, Mapping[str, int]] | None) -> dict:
+    def select_weight(self, dev_queries: Mapping[str, str] | None, dev_qrels: Mapping[str, Mapping[str, int]] | None,
+                      dev_runs: tuple[Run, Run] | None = None) -> dict:  # fmt: skip
         """{'weight', 'chosen_on', 'selection_queries', 'by_weight', ...}: from fusion.weight, the dev
-        queries when given, else inverse-cloze pseudo-queries from the corpus."""
+        queries when given (`dev_runs`: their (dense, bm25) runs when the caller already has them),
+        else inverse-cloze pseudo-queries from the corpus."""
         s = self.settings
         if s.method == "rrf":
             return {"method": "rrf", "rrf_k": s.rrf_k, "weight": None, "chosen_on": "none (rrf has no weight)"}
         if s.weight is not None:
             return {"method": "minmax", "weight": s.weight, "chosen_on": "fixed (fusion.weight)"}
         if dev_queries:
-            dense, bm25 = self.side_runs(dev_queries)
+            dense, bm25 = dev_runs or self.side_runs(dev_queries)
             chosen_on = "dev"
             qrels = dev_qrels
         else:

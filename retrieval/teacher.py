@@ -375,11 +375,10 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     if held_out is None:
         raise ValueError(f"teacher.kind fusion: dataset {dataset.name} has no split '{config.split}' to hold dev queries out of")
     dev_queries, dev_qrels = held_out
-    dev_qrels = {q: {d: g for d, g in grades.items()} for q, grades in dev_qrels.items()}
     if set(dev_queries) & {ex.qid for ex in train.examples}:
         raise ValueError("teacher: dev queries overlap the training queries (dev_fraction/dev_seed differ from the data selection)")
     dense_dev, bm25_dev = searcher.side_runs(dev_queries)
-    selection = searcher.select_weight(dev_queries, dev_qrels)
+    selection = searcher.select_weight(dev_queries, dev_qrels, dev_runs=(dense_dev, bm25_dev))
     weight = selection["weight"]
     dev_check = {
         "dev_queries": len(dev_queries),

@@ -20,6 +20,8 @@ import yaml
 from retroflow.artifacts import atomic_write_text
 
 CARD_FILE = "README.md"
+# the fine-tuning metrics a card's "Training Details" lists
+CARD_TRAINING_KEYS = ("steps", "num_train_queries", "num_train_rows", "final_loss", "seconds", "temperature", "distill", "distill_gate")
 
 
 @dataclass

@@ -607,7 +607,7 @@ def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[di
     """Copy (hard-link) the produced model to `runs/<name>/model/` with a model card that holds
     the evaluation table and the lineage; the artifact itself stays untouched (content-addressed)."""
     from retroflow.artifacts import lineage
-    from retroflow.model_card import card_from_model_dir, write_model_card
+    from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
 
     if isinstance(result.model, ExternalInput):
         return None
@@ -617,16 +617,14 @@ def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[di
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, copy_function=_link_or_copy)
     (tmp / "README.md").unlink(missing_ok=True)  # a hard link to the artifact's own card: never write through it
-    stages = {step["stage"]: step for step in lineage(result.model)}
-    configs = {}
-    for stage in ("pretrain", "teacher", "finetune"):
-        if stage in stages and hasattr(pipeline, stage):
-            configs[stage] = getattr(pipeline, stage)
+    chain = lineage(result.model)
+    made_by = {step["stage"] for step in chain}
+    configs = {stage: getattr(pipeline, stage) for stage in ("pretrain", "teacher", "finetune") if stage in made_by}
     card = card_from_model_dir(
         tmp, name=f"retroflow {pipeline.name}: {pipeline.model} trained on {pipeline.train_dataset}", base_model=pipeline.model,
         datasets=[pipeline.train_dataset], configs=configs, evaluation=rows,
-        training={k: v for k, v in result.model.metrics.items() if k in ("steps", "num_train_queries", "num_train_rows", "final_loss", "seconds", "distill", "distill_gate")},
-        lineage=[{"stage": s["stage"], "key": s["key"], "path": s["path"]} for s in lineage(result.model)],
+        training={k: result.model.metrics[k] for k in CARD_TRAINING_KEYS if result.model.metrics.get(k) is not None},
+        lineage=[{"stage": s["stage"], "key": s["key"], "path": s["path"]} for s in chain],
     )  # fmt: skip
     write_model_card(tmp, card)
     shutil.rmtree(dest, ignore_errors=True)
