@@ -92,7 +92,8 @@ def test_tiny_flow_runs_then_comes_back_from_cache(harness, store):
     summary = state.result()
     rows = {row["system"]: row for row in summary["rows"]}
     assert list(rows) == ["model", "hybrid", "init", "hybrid(init)", "bm25"] and rows["model"]["dataset"] == "scifact"
-    assert rows["model"]["ndcg@10 Δ init"] == pytest.approx(rows["model"]["ndcg@10"] - rows["init"]["ndcg@10"], abs=1e-4)
+    # Each of the three figures is rounded to 4 places on its own, so they agree to 1.5e-4 at worst.
+    assert rows["model"]["ndcg@10 Δ init"] == pytest.approx(rows["model"]["ndcg@10"] - rows["init"]["ndcg@10"], abs=1.6e-4)
     assert rows["init"]["model"] == "minilm" and rows["bm25"]["queries"] == rows["model"]["queries"] == 30
     assert (store / "runs" / "tiny" / "report.md").is_file()
 
