@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import urllib.request
 import zipfile
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retroflow.artifacts import atomic_write_text, cache_root, sha256_file
+from retroflow.publish import publishing, publishing_content, remove_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,14 @@ def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: flo
     if done.is_file():
         return target / "unzipped"
     target.mkdir(parents=True, exist_ok=True)
+    try:
+        return fetch_and_unzip(url, target, checksum, timeout)
+    except BaseException:
+        remove_if_empty(target)  # a failed download leaves no empty cache folder
+        raise
+
+
+def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Path:
     archive = target / Path(url).name
     if not archive.is_file():
         tmp = archive.with_suffix(".part")
@@ -227,7 +235,7 @@ def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: flo
     else:
         verify_checksum(archive, checksum)
     safe_unzip(archive, target / "unzipped")
-    done.write_text(url)
+    (target / ".complete").write_text(url)
     return target / "unzipped"
 
 
@@ -273,15 +281,12 @@ def materialise_hf_dataset(repo: str, cache: Path) -> Path:
             f"could not load '{repo}' from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Offline? Download it elsewhere and point at the local directory."
         ) from None
-    tmp = Path(tempfile.mkdtemp(dir=cache))
-    corpus.to_json(tmp / "corpus.jsonl")
-    queries.to_json(tmp / "queries.jsonl")
-    (tmp / "qrels").mkdir()
-    for split, table in qrels.items():
-        table.to_pandas().to_csv(tmp / "qrels" / f"{split}.tsv", sep="\t", index=False)
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
+    with publishing(target, replace=True) as tmp:
+        corpus.to_json(tmp / "corpus.jsonl")
+        queries.to_json(tmp / "queries.jsonl")
+        (tmp / "qrels").mkdir()
+        for split, table in qrels.items():
+            table.to_pandas().to_csv(tmp / "qrels" / f"{split}.tsv", sep="\t", index=False)
     (target / ".complete").write_text(repo)
     return target
 
@@ -516,7 +521,14 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
 def write_normalised(
     cache: Path, name: str, corpus: pa.Table, queries: pa.Table, qrels: pa.Table, index_file: Path, source: Path
 ) -> BeirDataset:
-    tmp = Path(tempfile.mkdtemp(prefix="normalise-", dir=ensure_dir(cache / "beir")))
+    with publishing_content(cache / "beir") as (tmp, publish):
+        fingerprint = write_normalised_files(tmp, name, corpus, queries, qrels, source)
+        final = publish(fingerprint)  # same content already normalised (maybe by another route): kept
+    atomic_write_text(index_file, json.dumps({"fingerprint": fingerprint, "source": str(source)}))
+    return read_normalised(final)
+
+
+def write_normalised_files(tmp: Path, name: str, corpus: pa.Table, queries: pa.Table, qrels: pa.Table, source: Path) -> str:
     for filename, table in (("corpus.parquet", corpus), ("queries.parquet", queries), ("qrels.parquet", qrels)):
         pq.write_table(table, tmp / filename)
     content_hash = hashlib.sha256()
@@ -533,13 +545,7 @@ def write_normalised(
         "files": {f: sha256_file(tmp / f) for f in ("corpus.parquet", "queries.parquet", "qrels.parquet")},
     }
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
-    final = cache / "beir" / fingerprint
-    if final.exists():
-        shutil.rmtree(tmp)  # same content already normalised (maybe from another route)
-    else:
-        os.replace(tmp, final)
-    atomic_write_text(index_file, json.dumps({"fingerprint": fingerprint, "source": str(source)}))
-    return read_normalised(final)
+    return fingerprint
 
 
 def split_query_counts(qrels: pa.Table) -> dict[str, int]:

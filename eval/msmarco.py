@@ -30,10 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -42,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from retroflow.publish import publishing, remove_if_empty
 from eval.datasets import BeirDataset, DatasetError, default_cache_dir, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
@@ -86,8 +84,12 @@ def read_tsv_table(path: Path, names: tuple[str, ...]) -> pa.Table:
         )
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         # Arrow's message has no line number: re-read line by line to name the bad line.
+        lines = 0
         for number, line in open_text_lines(path):
             split_fields(path, number, line, names)
+            lines += 1
+        if lines == 0:  # Arrow refuses an empty file outright
+            return pa.table({n: pa.array([], pa.string()) for n in names})
         raise
 
 
@@ -302,15 +304,12 @@ def convert_to_beir(root: Path, cache: Path) -> Path:
     target = cache / "msmarco" / files_signature(files) / root.resolve().name
     if (target.parent / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="convert-", dir=target.parent))
     try:
-        write_beir_layout(files, staging / "data")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging / "data", target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with publishing(target, replace=True) as staging:
+            write_beir_layout(files, staging)
+    except BaseException:
+        remove_if_empty(target.parent)  # a failed conversion leaves no empty cache folder
+        raise
     (target.parent / ".complete").write_text(str(root.resolve()))
     return target
 

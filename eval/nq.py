@@ -32,11 +32,8 @@ import gzip
 import hashlib
 import json
 import logging
-import os
 import re
-import shutil
 import string
-import tempfile
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +45,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import regex
 
+from retroflow.publish import publishing
 from eval.datasets import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
 
 log = logging.getLogger(__name__)
@@ -396,14 +394,9 @@ def cached_passages(passage_path: Path, cache: Path) -> BeirDataset:
     else:
         corpus = read_passages(passage_path)
         meta = {"source": str(passage_path.resolve()), "fingerprint": content_hash([passage_path]), "num_docs": corpus.num_rows}
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix="passages-", dir=folder.parent))
-        pq.write_table(corpus, staging / "corpus.parquet")
-        (staging / "passages.json").write_text(json.dumps(meta, indent=2))
-        if folder.exists():
-            shutil.rmtree(staging)  # another process finished first
-        else:
-            os.replace(staging, folder)
+        with publishing(folder) as staging:  # another process may publish first: theirs is kept
+            pq.write_table(corpus, staging / "corpus.parquet")
+            (staging / "passages.json").write_text(json.dumps(meta, indent=2))
     empty_queries = pa.table({"_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
     return BeirDataset(
         name=passage_path.name, fingerprint=meta["fingerprint"], path=folder, corpus=corpus, queries=empty_queries, qrels={}

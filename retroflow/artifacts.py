@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from retroflow import __version__
 from retroflow.config import StageConfig, hash_json
+from retroflow.publish import staging_name, sweep_stale
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("retroflow.artifacts")
@@ -98,10 +98,36 @@ def list_files(root: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def stamps_path(path: Path) -> Path:
+    """Beside the artifact (which stays as built): each file's (bytes, mtime) when last hashed."""
+    return path.with_name(f"{path.name}.stamps.json")
+
+
+def file_stamp(file: Path) -> list[int]:
+    stat = file.stat()
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def record_stamps(path: Path, files: Mapping[str, Any]) -> None:
+    stamps = {rel: file_stamp(path / rel) for rel in files if (path / rel).is_file()}
+    atomic_write_text(stamps_path(path), json.dumps(stamps, sort_keys=True))
+
+
+def read_stamps(path: Path) -> dict[str, list[int]]:
+    try:
+        return json.loads(stamps_path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
 def verify_artifact(path: Path, full: bool = False) -> list[str]:
     """Problems found with an artifact directory (empty list = intact).
 
-    By default sizes are checked (cheap for multi-GB embeddings); `full=True` rehashes.
+    Every file's size is checked, and its sha256 whenever the file changed since it was last
+    hashed (its size or modification time differs from the stamp recorded then), so a file
+    rewritten in place, even to the same size, is caught without rehashing multi-GB embeddings
+    on every lookup. `full=True` rehashes every file (what a bit flip that keeps the
+    modification time needs).
     """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -110,15 +136,22 @@ def verify_artifact(path: Path, full: bool = False) -> list[str]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         return [f"{manifest_path}: unreadable ({err})"]
-    problems = []
+    problems, stamps, rehashed = [], read_stamps(path), False
     for rel, meta in manifest.get("files", {}).items():
         file = path / rel
         if not file.is_file():
             problems.append(f"{file} missing")
         elif file.stat().st_size != meta["bytes"]:
             problems.append(f"{file} has {file.stat().st_size} bytes, manifest says {meta['bytes']}")
-        elif full and sha256_file(file) != meta["sha256"]:
-            problems.append(f"{file} content differs from its manifest hash")
+        elif full or stamps.get(rel) != file_stamp(file):
+            rehashed = True
+            if sha256_file(file) != meta["sha256"]:
+                problems.append(f"{file} content differs from its manifest hash")
+    if rehashed and not problems:
+        try:
+            record_stamps(path, manifest.get("files", {}))
+        except OSError:  # a read-only store: verified now, verified again next time
+            pass
     return problems
 
 
@@ -199,9 +232,9 @@ class ArtifactStore:
             return None
         manifest = fs.cat_file(f"{src}/{MANIFEST}")
         final = self.path_for(stage, key)
-        tmp = final.parent / f"{key}.download-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / staging_name(f"{key}.download")
+        tmp.mkdir()
         try:
             for rel in json.loads(manifest).get("files", {}):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -216,6 +249,7 @@ class ArtifactStore:
             return None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        record_stamps(final, json.loads(manifest).get("files", {}))
         log.info("downloaded %s/%s from %s", stage, key, self.remote)
         return Artifact(stage, key, final)
 
@@ -245,6 +279,7 @@ class ArtifactStore:
         # One builder per key at a time: a second identical run waits here, then finds the
         # first one's artifact; runs of other keys never touch this key's partial directory.
         with key_lock(final.parent / f"{key}.lock"):
+            sweep_stale(final.parent)  # temporary directories of killed builds (any key)
             cached = self.lookup(stage, key)
             if cached is not None:
                 return cached
@@ -255,9 +290,7 @@ class ArtifactStore:
             shutil.rmtree(final)
         partial = self.partial_dir(stage, key)
         partial.mkdir(parents=True, exist_ok=True)
-        tmp = final.parent / f"{key}.tmp-{os.getpid()}-{threading.get_ident()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        tmp = final.parent / staging_name(key)
         tmp.mkdir(parents=True)
         started = time.time()
         try:
@@ -265,7 +298,7 @@ class ArtifactStore:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints in `partial` stay for the re-run
             raise
-        write_manifest(
+        manifest = write_manifest(
             tmp,
             stage=stage,
             key=key,
@@ -277,6 +310,7 @@ class ArtifactStore:
             extra=extra_manifest,
         )
         os.replace(tmp, final)
+        record_stamps(final, manifest["files"])  # hashed just now
         shutil.rmtree(partial, ignore_errors=True)
         artifact = Artifact(stage, key, final)
         if self.remote:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import datasets
 
 from retroflow.artifacts import cache_root
+from retroflow.publish import publishing
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -75,9 +75,20 @@ def train_wordpiece(texts: list[str], vocab_size: int, lowercase: bool = True):
 
     trainer = BertWordPieceTokenizer(lowercase=lowercase)
     trainer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS)
-    tokenizer = BertTokenizer(vocab=trainer.get_vocab(), do_lower_case=lowercase)
+    tokenizer = BertTokenizer(vocab=canonical_vocab(trainer.get_vocab()), do_lower_case=lowercase)
     log.info("trained a WordPiece tokenizer on %d documents: %d tokens", len(texts), len(tokenizer))
     return tokenizer
+
+
+def canonical_vocab(vocab: dict[str, int]) -> dict[str, int]:
+    """The same tokens with ids in a fixed order: special tokens first, then sorted.
+
+    `tokenizers` learns the same token set on every run but numbers its alphabet in hash-map
+    order, so the ids (and every weight a from-scratch run trains) changed from run to run under
+    one artifact key. WordPiece matches by string, so renumbering changes no tokenisation.
+    """
+    rest = sorted(token for token in vocab if token not in SPECIAL_TOKENS)
+    return {token: i for i, token in enumerate([t for t in SPECIAL_TOKENS if t in vocab] + rest)}
 
 
 def chunk(ids: list[int], size: int, min_tokens: int) -> list[list[int]]:
@@ -130,13 +141,8 @@ def tokenize_corpus(
     raw = datasets.Dataset.from_dict({"text": texts})
     # new_fingerprint: our own cache key, so `datasets` does not hash (and print) the closure
     chunks = raw.map(encode, batched=True, batch_size=512, remove_columns=["text"], desc="tokenising", load_from_cache_file=False, new_fingerprint=key)
-    tmp = target.with_name(f"{key}.tmp-{os.getpid()}")
-    chunks.save_to_disk(str(tmp))
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process cached it first
-        pass
+    with publishing(target) as staging:  # another process may cache it first: theirs is kept
+        chunks.save_to_disk(str(staging))
     log.info("tokenised %d documents into %d chunks (cached at %s)", len(texts), len(chunks), target)
     return datasets.load_from_disk(str(target))
 

@@ -58,3 +58,25 @@ def test_chunking_and_cache(tmp_path):
     assert again["input_ids"] == ds["input_ids"] and len(list(tmp_path.iterdir())) == 1
     other = tokenize_corpus(["b b"], tok, max_seq_length=10, min_chunk_tokens=2, cache_dir=tmp_path)
     assert other["input_ids"] == [[6, 6]] and len(list(tmp_path.iterdir())) == 2
+
+
+TRAIN_TOKENIZER = """
+import hashlib, json, sys
+from retromae.data import read_texts, train_wordpiece
+texts = read_texts([sys.argv[1]], max_docs=400)
+vocab = train_wordpiece(texts, 600).get_vocab()
+print(hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest())
+"""
+
+
+def test_a_from_scratch_tokenizer_is_the_same_in_every_process(scifact_dir):
+    """`tokenizers` numbers its alphabet in per-process hash order; one artifact key must still mean one vocabulary."""
+    import subprocess
+    import sys
+
+    def vocab_digest() -> str:
+        done = subprocess.run([sys.executable, "-c", TRAIN_TOKENIZER, str(scifact_dir / "corpus.jsonl")],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        return done.stdout.strip().splitlines()[-1]
+
+    assert vocab_digest() == vocab_digest()

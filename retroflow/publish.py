@@ -1,0 +1,127 @@
+"""Publishing a directory all at once, and sweeping what killed publishers left behind.
+
+Every place that builds a directory (a stage's artifact, a normalised dataset, a converted
+MS MARCO or NQ copy, a tokenised corpus) builds it under a staging name beside its final
+path and renames it into place, so a reader sees nothing or everything. A staging name
+carries its builder's pid (`<name>.tmp-<pid>-<token>`): a later run can then tell a
+directory whose builder was killed (remove it) from one still being written (leave it).
+Staging names are local to one machine; a store shared by several hosts keeps its staging
+on each host's local working copy (see `ArtifactStore`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger("retroflow.publish")
+
+STAGING = re.compile(r"\.tmp-(\d+)(?:-|$)")
+
+
+def staging_name(name: str) -> str:
+    return f"{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def process_alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
+def sweep_stale(parent: Path) -> list[Path]:
+    """Remove staging directories and files in `parent` whose builder no longer runs."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        found = STAGING.search(entry.name)
+        if found is None or process_alive(int(found.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        log.info("removed %d leftover(s) of killed runs in %s", len(removed), parent)
+    return removed
+
+
+@contextmanager
+def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
+    """Yield an empty staging directory beside `final`; rename it to `final` when the block ends.
+
+    If the block raises, the staging directory is removed and `final` is untouched. If `final`
+    appeared meanwhile (another process published the same content first) it is kept and the
+    staging copy dropped, unless `replace`.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(final.parent)
+    staging = final.parent / staging_name(final.name)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        if not replace:
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        shutil.rmtree(final)
+    try:
+        os.replace(staging, final)
+    except OSError:  # lost a race to publish the same name: theirs is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+        if not final.exists():
+            raise
+
+
+@contextmanager
+def publishing_content(parent: Path) -> Iterator[tuple[Path, Callable[[str], Path]]]:
+    """Like `publishing`, for a directory named after its content: yields (staging, publish);
+    `publish(name)` moves the staging directory to `parent/name` (an existing one is kept, as
+    the same name means the same content) and returns that path."""
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent)
+    staging = parent / staging_name("content")
+    staging.mkdir()
+
+    def publish(name: str) -> Path:
+        final = parent / name
+        if not final.exists():
+            try:
+                os.replace(staging, final)
+            except OSError:
+                if not final.exists():
+                    raise
+        return final
+
+    try:
+        yield staging, publish
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+
+
+def remove_if_empty(directory: Path) -> None:
+    """Drop a cache directory a failed step created and left empty."""
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
