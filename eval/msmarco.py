@@ -146,7 +146,10 @@ def read_qrels(path: str | Path) -> Qrels:
             value = int(grade)
         except ValueError:
             raise DatasetError(f"{path}, line {number}: field 'grade' is not an integer: {grade!r}") from None
-        qrels.setdefault(qid, {})[pid] = value
+        judged = qrels.setdefault(qid, {})
+        if judged.get(pid, value) != value:
+            raise DatasetError(f"{path}, line {number}: query '{qid}', passage '{pid}' graded {value} here and {judged[pid]} earlier")
+        judged[pid] = value
     return qrels
 
 
@@ -191,13 +194,13 @@ def read_run(path: str | Path) -> Run:
     run: Run = {}
     for number, line in open_text_lines(path):
         parts = line.split()
+        if len(parts) not in (3, 6):
+            raise DatasetError(f"{path}, line {number}: expected 'qid pid rank' or 'qid Q0 pid rank score tag', got {len(parts)} fields")
         try:
             if len(parts) == 3:
                 qid, pid, score = parts[0], parts[1], -float(int(parts[2]))
-            elif len(parts) == 6:
-                qid, pid, score = parts[0], parts[2], float(parts[4])
             else:
-                raise DatasetError(f"{path}, line {number}: expected 'qid pid rank' or 'qid Q0 pid rank score tag', got {len(parts)} fields")
+                qid, pid, score = parts[0], parts[2], float(parts[4])
         except ValueError:
             raise DatasetError(f"{path}, line {number}: rank/score is not a number: {line!r}") from None
         hits = run.setdefault(qid, {})

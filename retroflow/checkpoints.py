@@ -70,6 +70,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file is truncated or not what its name says."""
+
+
 def safe_load(path: Path):
     """torch.load with weights_only=True: tensors and plain containers, never arbitrary objects."""
     try:
@@ -115,9 +119,17 @@ def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, sc
     if not found:
         return None
     path = found[-1]
-    load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE))
-    optimizer.load_state_dict(safe_load(path / OPTIMIZER_FILE))
-    scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    try:
+        load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE))
+        optimizer.load_state_dict(safe_load(path / OPTIMIZER_FILE))
+        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # safetensors, JSON and state-dict errors alike: the files were damaged after saving
+        raise DamagedCheckpointError(
+            f"{path}: damaged checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}); "
+            f"delete {path.name} to resume from the one before it, or run without --resume"
+        ) from None
     if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
         accelerator.scaler.load_state_dict(safe_load(path / SCALER_FILE))
     rng_file = path / f"rng-{accelerator.process_index}.pt"

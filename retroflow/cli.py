@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError, FileNotFoundError, ValueError) as err:
         if args.verbose:
             raise
-        logging.getLogger("retroflow").error("%s", err)
+        logging.getLogger("retroflow").debug("user error", exc_info=True)  # one line on the console, the rest for -v
         print(f"error: {err}", file=sys.stderr)
         return 2
 

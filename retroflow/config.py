@@ -52,13 +52,14 @@ def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    """One line (a shell shows it whole): the source, then each bad field with what was given."""
+    problems = []
     for problem in err.errors():
         field = ".".join(str(p) for p in problem["loc"]) or "<root>"
         given = problem.get("input")
         shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-        lines.append(f"  field '{field}': {problem['msg']}{shown}")
-    return "\n".join(lines)
+        problems.append(f"field '{field}': {problem['msg']}{shown}")
+    return f"invalid config {source}: " + "; ".join(problems)
 
 
 def validate_config(cls: type[C], data: Mapping[str, Any], source: str = "<dict>") -> C:
