@@ -712,7 +712,9 @@ def write_training_card(model_dir: Path, config: FinetuneConfig, dataset, model_
     from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
 
     name = getattr(dataset, "name", None) or config.dataset
-    base = str(model_path) if str(config.init).startswith("<input") else str(config.init)
+    from retroflow.artifacts import artifact_label
+
+    base = artifact_label(model_path) if str(config.init).startswith("<input") else str(config.init)
     card = card_from_model_dir(model_dir, name=f"{Path(base).name} fine-tuned on {name}", base_model=base,
                                datasets=[name], configs={"finetune": config.canonical()},
                                training={k: metrics[k] for k in CARD_TRAINING_KEYS if metrics.get(k) is not None})  # fmt: skip

@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.shards import Embeddings, open_embeddings, write_ids
 
@@ -336,10 +336,10 @@ def finalize_index_dir(config: IndexConfig, embeddings: Embeddings, out_dir: Pat
         "marginal_bytes_per_vector": round((index_bytes - fixed_bytes) / max(embeddings.num_docs, 1), 2),
         "config": config.canonical(),
         "embeddings": {
-            "path": str(embeddings.path),
+            "path": artifact_label(embeddings.path),  # stage/key inside a store: the same on every store root
             **{k: embeddings.meta.get(k) for k in ("model", "dataset", "dataset_fingerprint", "pooling", "normalize", "compat_key", "encoder", "dtype")},
         },
-        "build": stats,
+        "build": {"trained_on": stats.get("trained_on")},  # timings go to the metrics: same index, same file
     }
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     return meta

@@ -157,6 +157,20 @@ def run_index_build_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_artifact_label(name: str, near: Path | None = None) -> str:
+    """A recorded `stage/key/...` path (see `artifact_label`): looked up in the store holding
+    `near` (an index inside a store), then in the default store; anything else as is."""
+    from retroflow.artifacts import default_store
+
+    if Path(name).exists():
+        return name
+    roots = [*Path(near).resolve().parents[:3]] if near is not None else []
+    for root in [*roots, default_store().root]:
+        if (root / name).exists():
+            return str(root / name)
+    return name
+
+
 def query_encoder(index_meta: dict[str, Any], model: str | None):
     """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
     from retrieval.encoder import Encoder, EncoderSettings
@@ -167,7 +181,7 @@ def query_encoder(index_meta: dict[str, Any], model: str | None):
         raise ValueError("the index does not record its model: pass --model")
     settings = dict(recorded.get("encoder") or {})
     settings.update({"show_progress": False, "device": "auto"})
-    return Encoder(name, EncoderSettings(**settings))
+    return Encoder(resolve_artifact_label(name), EncoderSettings(**settings))
 
 
 def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str, model: str | None) -> tuple[list[str], np.ndarray]:
@@ -183,7 +197,7 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
 
     config = load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))
     meta = read_index_meta(args.index)
-    embeddings = args.embeddings or Path(meta["embeddings"]["path"])
+    embeddings = args.embeddings or Path(resolve_artifact_label(meta["embeddings"]["path"], near=Path(args.index)))
     if args.queries:
         query_vectors = np.load(args.queries)
     elif args.dataset:

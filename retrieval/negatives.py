@@ -198,7 +198,6 @@ def mine_negatives(
         "rank_end": config.rank_end,
         "max_negatives": config.max_negatives,
         "excluded": "documents judged relevant (grade >= %d) to the query in any split; the query id itself" % config.min_grade,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if config.method == "bm25":
         ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries)

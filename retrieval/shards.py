@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from eval.datasets import BeirDataset
-from retroflow.artifacts import atomic_write_text
+from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig, hash_json
 from retroflow.progress import progress_bar
 from retrieval.encoder import Encoder, EncoderSettings
@@ -144,7 +144,7 @@ def compatibility_key(config: EncodeConfig, dataset: BeirDataset) -> str:
     encoder = {k: v for k, v in config.encoder.canonical().items() if k not in _RUNTIME_ONLY}
     return hash_json(
         {
-            "model": config.model,
+            "model": artifact_label(config.model),  # a store model by stage/key: the same on every store root
             "encoder": encoder,
             "dtype": config.dtype,
             "shard_size": config.shard_size,
@@ -243,7 +243,7 @@ def run_encode_shard(
         "num_docs": len(rows),
         "dim": int(vectors.shape[1]),
         "dtype": config.dtype,
-        "model": config.model,
+        "model": artifact_label(config.model),
         "pooling": encoder.pooling,
         "normalize": bool(encoder.normalize),
         "compat_key": key,
@@ -383,7 +383,7 @@ def run_encode(
         out_dir,
         stats["shards_total"],
         merge=config.merge,
-        extra_meta={"model": config.model, "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
+        extra_meta={"model": artifact_label(config.model), "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
                     "encoder": config.encoder.canonical(), "shard_size": config.shard_size},  # fmt: skip
     )
     return {**stats, **merged}
@@ -459,11 +459,11 @@ def merge_shards(
         "pooling": metas[0]["pooling"],
         "normalize": metas[0]["normalize"],
         "compat_key": metas[0]["compat_key"],
-        "encode_seconds_sum": round(sum(seconds), 3),
         **(extra_meta or {}),
-    }
+    }  # no timings here: same vectors, same file (the artifact's fingerprint depends on it)
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))
     return {"num_docs": num_docs, "dim": dim, "dtype": dtype, "num_shards": num_shards, "layout": layout,
+            "encode_seconds_sum": round(sum(seconds), 3),
             "bytes": _vector_bytes(out_dir, meta)}  # fmt: skip
 
 

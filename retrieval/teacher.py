@@ -235,7 +235,6 @@ def run_train_teacher(
         "negatives": mined.provenance,
         "candidates_per_query": config.candidates_per_query,
         "max_length": config.max_length,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_teacher_scores(out_dir / SCORES_FILE, provenance, scored["scores"])
     return {
@@ -413,7 +412,6 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         "fusion": {**selection, "depth": fusion.depth},
         "dev_check": dev_check,
         "candidates_per_query": config.candidates_per_query,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_teacher_scores(out_dir / SCORES_FILE, provenance, scores)

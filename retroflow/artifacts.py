@@ -120,6 +120,23 @@ def read_stamps(path: Path) -> dict[str, list[int]]:
         return {}
 
 
+def artifact_label(path: str | Path) -> str:
+    """`stage/key[/sub/path]` for a path inside a store artifact (the same on every machine and
+    store root, so files that name it stay content-addressed); other paths as given."""
+    path = Path(path)
+    for depth, parent in enumerate([path, *path.parents][:4]):
+        manifest = parent / MANIFEST
+        if manifest.is_file():
+            try:
+                found = json.loads(manifest.read_text())
+                label = f"{found['stage']}/{found['key']}"
+            except (OSError, ValueError, KeyError):
+                break
+            rest = path.relative_to(parent).as_posix()
+            return label if rest == "." else f"{label}/{rest}"
+    return str(path)
+
+
 def verify_artifact(path: Path, full: bool = False) -> list[str]:
     """Problems found with an artifact directory (empty list = intact).
 

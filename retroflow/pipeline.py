@@ -206,17 +206,32 @@ def open_dataset(data: Artifact):
     return read_normalised(data.path)
 
 
-def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact, processes: int = 1) -> Artifact:
+def step_tokenizer(store: ArtifactStore, config: StageConfig, data: Artifact) -> Artifact:
+    """The WordPiece vocabulary of a from-scratch pretraining, trained once on its text."""
+    from retromae.stage import run_tokenizer, tokenizer_config
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        return run_tokenizer(config, out_dir, text_files=[data.file("corpus.parquet")])
+
+    return store.build("tokenizer", tokenizer_config(config), {"data": data}, step_code("tokenizer"), body)
+
+
+def step_pretrain(store: ArtifactStore, config: StageConfig, data: Artifact, processes: int = 1, tokenizer: Artifact | None = None) -> Artifact:
+    """`tokenizer`: a `tokenizer` artifact for a from-scratch run; it enters the key by content."""
     from retromae.stage import run_pretrain
+
+    run_config = config if tokenizer is None else config.with_overrides(model={"tokenizer": str(tokenizer.path)})
+    inputs = {"data": data} if tokenizer is None else {"data": data, "tokenizer": tokenizer}
 
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         corpus = data.file("corpus.parquet")
         if processes > 1:
-            run_config = config.with_overrides(data={"beir_corpus": None, "files": [str(corpus)]})
-            return launch_torchrun("pretrain", run_config, processes, out_dir, partial_dir)
-        return run_pretrain(config, out_dir, partial_dir, text_files=[corpus])
+            launched = run_config.with_overrides(data={"beir_corpus": None, "files": [str(corpus)]})
+            return launch_torchrun("pretrain", launched, processes, out_dir, partial_dir)
+        return run_pretrain(run_config, out_dir, partial_dir, text_files=[corpus])
 
-    return store.build("pretrain", config, {"data": data}, step_code("pretrain"), body)
+    # the key holds the config as written (no store path) and the tokenizer's fingerprint
+    return store.build("pretrain", run_config, inputs, step_code("pretrain"), body, key_config=config)
 
 
 SYSTEMS = ("dense", "hybrid", "bm25")
@@ -435,6 +450,7 @@ def read_evaluation(art: Artifact) -> dict[str, Any]:
 
 STEP_CODE = {
     "prepare-data": ("eval.datasets", "retroflow.pipeline"),
+    "tokenizer": ("retromae.data", "retromae.stage", "retroflow.pipeline"),
     "pretrain": ("retromae", "retroflow.checkpoints", "retroflow.pipeline"),
     "mine-negatives": ("retrieval", "retroflow.pipeline"),
     "train-teacher": ("retrieval", "retroflow.pipeline"),  # its loop is its own (retrieval.teacher)
@@ -491,8 +507,14 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
     if pipeline.stages.pretrain:
         from retromae.config import PretrainConfig
 
+        from retromae.stage import needs_tokenizer
+
         config = stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
-        model = execute("pretrain", step_pretrain, store, config, train_data, pipeline.train_processes)
+        tokenizer = None
+        if needs_tokenizer(config):
+            tokenizer = execute("tokenizer", step_tokenizer, store, config, train_data)
+            produced["tokenizer"] = tokenizer
+        model = execute("pretrain", step_pretrain, store, config, train_data, pipeline.train_processes, tokenizer)
         produced["pretrain"] = model
     if pipeline.stages.finetune:
         model = run_finetuning(pipeline, store, execute, execute_map, train_data, model, init_model, produced)

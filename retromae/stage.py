@@ -38,6 +38,35 @@ def load_tokenizer(config: PretrainConfig, texts: list[str], partial_dir: Path, 
     return AutoTokenizer.from_pretrained(saved)
 
 
+def needs_tokenizer(config: PretrainConfig) -> bool:
+    """From scratch without a given tokenizer: a WordPiece vocabulary must be trained first."""
+    return config.model.init is None and config.model.tokenizer is None
+
+
+def run_tokenizer(config: PretrainConfig, out_dir: Path, text_files: list[Path] | None = None) -> dict:
+    """Train the from-scratch run's WordPiece tokenizer on its pretraining text into out_dir.
+
+    A stage of its own because `tokenizers` breaks frequency ties at the vocabulary's cut-off in
+    hash-map order: two trainings on the same text can differ by a few tokens. Stored once, the
+    tokenizer is an artifact the pretraining key depends on by content, and every run that
+    shares it (ablation arms, seeds) tokenises identically.
+    """
+    sources = [Path(p) for p in text_files] if text_files else config.data_sources()
+    texts = read_texts(sources, config.data.max_docs)
+    tokenizer = train_wordpiece(texts, config.model.vocab_size)
+    tokenizer.save_pretrained(out_dir)
+    return {"vocab_size": len(tokenizer), "documents": len(texts)}
+
+
+def tokenizer_config(config: PretrainConfig) -> PretrainConfig:
+    """What the tokenizer depends on: the text and the vocabulary size, not the training settings."""
+    defaults = PretrainConfig()
+    return defaults.with_overrides(
+        model={"init": None, "vocab_size": config.model.vocab_size},
+        data={"beir_corpus": config.data.beir_corpus, "files": list(config.data.files), "max_docs": config.data.max_docs},
+    )
+
+
 def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
     m = config.model
     if m.init is not None:
