@@ -369,9 +369,18 @@ def step_encode_shard(store: ArtifactStore, config: StageConfig, data: Artifact,
     """One shard of the corpus encoding (atomic; a finished shard is skipped). One task per shard."""
     from retrieval.shards import run_encode_shard
 
+    key = store.key_for("encode", config, encode_inputs(data, model), step_code("merge-embeddings"))
+    if store.lookup("encode", key) is not None:  # merged already (a re-run of the chain): nothing to encode
+        return {"shard": shard, "cached": True, "worker_pid": os.getpid()}
+    from retroflow.publish import remove_if_empty
+    from retrieval.shards import shard_name
+
     shards_dir = encode_shards_dir(store, config, data, model)
     shards_dir.mkdir(parents=True, exist_ok=True)
     result = run_encode_shard(encode_run_config(config, data, model), open_dataset(data), shard, shards_dir)
+    if store.lookup("encode", key) is not None:  # another run merged meanwhile: this copy is surplus
+        shutil.rmtree(shards_dir / shard_name(shard), ignore_errors=True)
+        remove_if_empty(shards_dir)
     return {**result, "worker_pid": os.getpid()}  # which process did it (distributed runners)
 
 
@@ -386,7 +395,11 @@ def step_merge_embeddings(store: ArtifactStore, config: StageConfig, data: Artif
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         return run_encode(run_config, open_dataset(data), out_dir, partial_dir)
 
-    return store.build("encode", run_config, encode_inputs(data, model), step_code("merge-embeddings"), body, key_config=config)
+    merged = store.build("encode", run_config, encode_inputs(data, model), step_code("merge-embeddings"), body, key_config=config)
+    from retroflow.publish import remove_if_empty
+
+    remove_if_empty(store.partial_dir("encode", merged.key))  # emptied by surplus shard steps of a concurrent run
+    return merged
 
 
 def step_build_index(store: ArtifactStore, config: StageConfig, embeddings: Artifact) -> Artifact:
@@ -628,15 +641,25 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
 def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[dict[str, Any]]) -> Path | None:
     """Copy (hard-link) the produced model to `runs/<name>/model/` with a model card that holds
     the evaluation table and the lineage; the artifact itself stays untouched (content-addressed)."""
-    from retroflow.artifacts import lineage
-    from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
+    from retroflow.artifacts import key_lock
+    from retroflow.publish import publishing
 
     if isinstance(result.model, ExternalInput):
         return None
     source = model_dir(result.model)
     dest = store_for(pipeline).root / "runs" / pipeline.name / "model"
-    tmp = dest.with_name("model.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Runs of one pipeline name may finish together: each builds its own copy, and the swap is locked.
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with key_lock(dest.parent / ".model.lock"), publishing(dest, replace=True) as tmp:
+        fill_export(pipeline, result, rows, source, tmp)
+    return dest
+
+
+def fill_export(pipeline: PipelineConfig, result: PipelineResult, rows: list[dict[str, Any]], source: Path, tmp: Path) -> None:
+    from retroflow.artifacts import lineage
+    from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
+
+    tmp.rmdir()
     shutil.copytree(source, tmp, copy_function=_link_or_copy)
     (tmp / "README.md").unlink(missing_ok=True)  # a hard link to the artifact's own card: never write through it
     chain = lineage(result.model)
@@ -649,9 +672,6 @@ def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[di
         lineage=[{"stage": s["stage"], "key": s["key"], "path": s["path"]} for s in chain],
     )  # fmt: skip
     write_model_card(tmp, card)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
-    return dest
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -676,7 +696,7 @@ def evaluation_run_id(pipeline: PipelineConfig, art: Artifact) -> str:
 
 
 def record_evaluations(pipeline: PipelineConfig, arts: Mapping[str, Artifact], results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    from eval.registry import append_run, load_registry
+    from eval.registry import RegistryError, append_run, load_registry
 
     registry = load_registry()
     known = set(registry["run_id"]) if not registry.empty else set()
@@ -686,17 +706,22 @@ def record_evaluations(pipeline: PipelineConfig, arts: Mapping[str, Artifact], r
         if run_id in known:
             continue
         result = results[source]
-        append_run(
-            None,
-            result,
-            run_id=run_id,
-            config_hash=config_digest(pipeline),
-            code_version=art.manifest["code_version"],
-            model=pipeline_model_label(pipeline),
-            index=(art.manifest["inputs"].get("index") or {}).get("path"),
-            dataset=result["dataset"],
-            split=result["split"],
-        )
+        try:
+            append_run(
+                None,
+                result,
+                run_id=run_id,
+                config_hash=config_digest(pipeline),
+                code_version=art.manifest["code_version"],
+                model=pipeline_model_label(pipeline),
+                index=(art.manifest["inputs"].get("index") or {}).get("path"),
+                dataset=result["dataset"],
+                split=result["split"],
+            )
+        except RegistryError:
+            if run_id in set(load_registry()["run_id"]):
+                continue  # an identical run finishing at the same moment recorded this evaluation first
+            raise
         added.append(run_id)
     return added
 
