@@ -58,12 +58,17 @@ def task_states(flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
-def states_by_step(flow_run_id) -> dict[str, set[str]]:
-    """Final task states per step. Prefect 3 records task states asynchronously (events), so
-    a just-finished flow can still show a task as Pending for a moment: wait for final states."""
-    for _ in range(40):
+EVERY_RUN_STEPS = {"prepare-data", "pretrain", "mine-negatives", "train-teacher", "finetune", "evaluate"}
+
+
+def states_by_step(flow_run_id, expect: set[str] = EVERY_RUN_STEPS) -> dict[str, set[str]]:
+    """Final task states per step. Prefect 3 records task runs and their states asynchronously
+    (events), so a just-finished flow can still lack its last task runs or show one as Pending
+    for a while: wait until every expected step is there and every state is final."""
+    for _ in range(120):
         states = task_states(flow_run_id)
-        if not any(state in ("Pending", "Running", "Scheduled") for state in states.values()):
+        present = {name.split("#")[0] for name in states}
+        if expect <= present and not any(state in ("Pending", "Running", "Scheduled") for state in states.values()):
             break
         time.sleep(0.5)
     out: dict[str, set[str]] = {}

@@ -90,7 +90,7 @@ def test_tiny_pipeline_runs_end_to_end_without_prefect(scifact_small, tmp_path, 
     result = run_pipeline(config)
     assert result.model.stage == "finetune"
     stages = [a.stage for a in result.artifacts.values()]
-    assert stages[:2] == ["data", "pretrain"] and {"negatives", "teacher", "evaluate"} <= set(stages)
+    assert stages[:3] == ["data", "tokenizer", "pretrain"] and {"negatives", "teacher", "evaluate"} <= set(stages)
     finetuned = result.artifacts["finetune"].manifest
     assert finetuned["inputs"]["teacher"]["stage"] == "teacher"
     assert finetuned["metrics"]["distill_loss_history"], "the student was distilled from the teacher's scores"
