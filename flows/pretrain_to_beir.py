@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from eval.report import loss_history, metric_rows, plot_loss_curves, run_report_markdown
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key, make_task
-from retroflow.artifacts import atomic_write_text
+from retroflow.artifacts import ArtifactStore, atomic_write_text
 from retroflow.pipeline import (
     PipelineConfig,
     PipelineResult,
@@ -33,7 +33,11 @@ DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
 
 def task_executor(pipeline: PipelineConfig):
     """(execute, execute_map): run steps as cached tasks; mapped steps go to the task runner."""
-    store = store_for(pipeline)
+    return store_executor(store_for(pipeline))
+
+
+def store_executor(store: ArtifactStore):
+    """(execute, execute_map) over one artifact store: each step a cached task keyed like the store."""
     tasks: dict[str, Any] = {}
 
     def task_for(step: str, fn):

@@ -473,6 +473,8 @@ STEP_CODE = {
     "build-index": ("retrieval", "retroflow.pipeline"),
     "tune-index": ("retrieval", "retroflow.pipeline"),
     "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
+    "pretraining-corpus": ("retromae.data", "retroflow.ablation"),
+    "scratch-init": ("retromae", "retroflow.pipeline", "retroflow.ablation"),
 }
 
 

@@ -19,6 +19,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     report.add_argument("name", help="pipeline name (e.g. quickstart)")
     report.add_argument("--store", help="artifact store root (default $RETROFLOW_STORE or ./artifacts)")
     report.set_defaults(func=report_command)
+    ablation = subparsers.add_parser("ablation", help="RetroMAE vs its ablations from scratch, fine-tuned and evaluated identically (no Prefect)")
+    ablation.add_argument("--config", type=Path, default=Path("configs/ablation/miniature.yaml"))
+    ablation.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. seeds=[1,2,3]")
+    ablation.set_defaults(func=ablation_command)
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
@@ -48,5 +52,18 @@ def report_command(args: argparse.Namespace) -> int:
     for line in summary.get("regressions", []):
         print(f"REGRESSION: {line}")
     print(f"report: {summary['report']}")
+    emit_json(summary)
+    return 0
+
+
+def ablation_command(args: argparse.Namespace) -> int:
+    from eval.ablation import write_report
+    from retroflow.ablation import load_ablation_config, run_ablation, store_of
+
+    config = load_ablation_config(args.config, args.set)
+    result = run_ablation(config)
+    summary = write_report(config, result, store_of(config).root / "ablations" / config.name)
+    columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
+    print(format_table(summary["rows"], columns))
     emit_json(summary)
     return 0

@@ -89,6 +89,20 @@ def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
     )
 
 
+def run_scratch_init(config: PretrainConfig, out_dir: Path) -> dict:
+    """Save the from-scratch encoder exactly as `run_pretrain` initialises it (same seed, same
+    draw order), untrained: the `none` arm of an ablation, the floor every objective must beat."""
+    from transformers import AutoTokenizer
+
+    if config.model.init is not None or config.model.tokenizer is None:
+        raise ValueError("a scratch init needs model.init null and a model.tokenizer directory")
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer)
+    seed_everything(config.train.seed)
+    model = build_model(config, tokenizer)
+    model.save(Path(out_dir), tokenizer)
+    return {"steps": 0, "objective": "none", "vocab_size": len(tokenizer)}
+
+
 def run_pretrain(
     config: PretrainConfig,
     out_dir: Path,

@@ -1,0 +1,127 @@
+"""The RetroMAE ablation's table and report: arm x dataset x metric, mean ± std over seeds, and a
+paired randomisation test of every arm against the baseline (the project's `eval.compare`)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from eval.compare import compare_runs
+from eval.report import loss_history
+from retroflow.ablation import PHASES, AblationConfig, AblationResult, shared_pretrain_config
+from retroflow.pipeline import read_evaluation
+
+# ---------------------------------------------------------------------------------------
+
+
+def per_query_over_seeds(results: list[dict[str, Any]], metrics: list[str]) -> dict[str, dict[str, float]]:
+    """{metric: {qid: mean over the seeds}}: the per-query unit the paired test compares."""
+    out = {}
+    for metric in metrics:
+        per_seed = [r["per_query"][metric] for r in results]
+        qids = set().union(*per_seed)
+        out[metric] = {q: statistics.fmean(s[q] for s in per_seed if q in s) for q in qids}
+    return out
+
+
+def summary_rows(config: AblationConfig, result: AblationResult) -> list[dict[str, Any]]:
+    """One row per (phase, dataset, arm): each metric's mean ± std over seeds, and per metric the
+    paired randomisation test against the baseline arm over the queries (per-query means over seeds)."""
+    results: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for run in result.runs:
+        for (phase, dataset), art in run.evaluations.items():
+            results.setdefault((phase, dataset, run.arm), []).append(read_evaluation(art))
+    rows = []
+    for phase in PHASES:
+        for dataset in config.eval_datasets:
+            base = results.get((phase, dataset, config.baseline), [])
+            for arm in config.all_arms():
+                scored = results.get((phase, dataset, arm))
+                if not scored:
+                    continue
+                row: dict[str, Any] = {"phase": phase, "dataset": dataset, "arm": arm, "seeds": len(scored)}
+                for metric in config.metrics:
+                    values = [r[metric] for r in scored]
+                    row[metric] = round(statistics.fmean(values), 4)
+                    row[f"{metric} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
+                if arm != config.baseline and base:
+                    comparison = compare_runs(per_query_over_seeds(base, config.metrics), per_query_over_seeds(scored, config.metrics),
+                                              metrics=config.metrics, seed=0)  # fmt: skip
+                    for metric, test in comparison.metrics.items():
+                        row[f"{metric} Δ {config.baseline}"] = round(test.delta, 4)
+                        row[f"{metric} p"] = None if test.p_randomization is None else round(test.p_randomization, 4)
+                rows.append(row)
+    return rows
+
+
+def loss_curves(result: AblationResult) -> dict[str, list[float]]:
+    """Pretraining loss per arm and seed (the `none` arm has none)."""
+    return {f"{run.arm} (seed {run.seed})": loss_history(run.encoder) for run in result.runs if run.encoder.stage == "pretrain"}
+
+
+def format_cell(row: dict[str, Any], metric: str) -> str:
+    std = row.get(f"{metric} std")
+    return f"{row[metric]:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+
+
+def report_markdown(config: AblationConfig, rows: list[dict[str, Any]], budget: dict[str, Any]) -> str:
+    """The study as markdown: per phase and dataset, arms × metrics (mean ± std, Δ and p vs baseline)."""
+    lines = [f"# RetroMAE ablation `{config.name}`", "",
+             f"Arms: {', '.join(config.all_arms())}; seeds {config.seeds}; baseline `{config.baseline}` "
+             "(paired randomisation test over per-query means across seeds).", "",
+             "Budget per arm: " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]  # fmt: skip
+    for phase in PHASES:
+        for dataset in config.eval_datasets:
+            block = [r for r in rows if r["phase"] == phase and r["dataset"] == dataset]
+            if not block:
+                continue
+            header = ["arm", *config.metrics, *(f"Δ {m} vs {config.baseline} (p)" for m in config.metrics)]
+            lines += [f"## {phase}: {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            for r in block:
+                deltas = [f"{r[f'{m} Δ {config.baseline}']:+.4f} ({r[f'{m} p']})" if f"{m} Δ {config.baseline}" in r else "–" for m in config.metrics]
+                lines.append("| " + " | ".join([r["arm"], *(format_cell(r, m) for m in config.metrics), *deltas]) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def pretraining_budget(config: AblationConfig, result: AblationResult) -> dict[str, Any]:
+    """What every arm got: steps, batch, sequence length, vocabulary, chunks and tokens seen."""
+    shared = shared_pretrain_config(config, config.seeds[0])
+    trained = [r.encoder for r in result.runs if r.encoder.stage == "pretrain"]
+    chunks = trained[0].metrics.get("chunks") if trained else None
+    tokenizer = result.artifacts.get("tokenizer")
+    return {
+        "steps": shared.train.max_steps,
+        "batch": shared.train.batch_size,
+        "max_seq_length": shared.data.max_seq_length,
+        "preset": shared.model.preset,
+        "vocab": tokenizer.metrics.get("vocab_size") if tokenizer else None,
+        "corpus_documents": result.artifacts["corpus"].metrics.get("documents"),
+        "corpus_chunks": chunks,
+        "token_budget": shared.train.max_steps * shared.train.batch_size * shared.data.max_seq_length,
+    }
+
+
+
+def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dict[str, Any]:
+    """Table, loss curves and markdown under `out_dir` (`<store>/ablations/<name>/`); returns the
+    summary that the CLI prints as its JSON line and the flow publishes."""
+    import json
+    from pathlib import Path
+
+    from eval.report import plot_loss_curves
+    from retroflow.artifacts import atomic_write_text
+
+    out_dir = Path(out_dir)
+    rows = summary_rows(config, result)
+    budget = pretraining_budget(config, result)
+    plot = plot_loss_curves(loss_curves(result), out_dir / "pretraining-loss.png")
+    markdown = report_markdown(config, rows, budget)
+    if plot:
+        markdown += f"\n## Pretraining loss\n\n![pretraining loss]({plot.name})\n"
+    summary = {"ablation": config.name, "arms": config.all_arms(), "seeds": config.seeds, "baseline": config.baseline,
+               "budget": budget, "rows": rows, "report": str(out_dir / "report.md"),
+               "loss_plot": str(plot) if plot else None}  # fmt: skip
+    atomic_write_text(out_dir / "report.md", markdown)
+    atomic_write_text(out_dir / "latest.json", json.dumps(summary, indent=2, default=str))
+    return summary

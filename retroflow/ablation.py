@@ -1,0 +1,353 @@
+"""The RetroMAE paper's claim in miniature: pretraining arms from scratch on one budget, then
+fine-tuned and evaluated identically, over seeds.
+
+    run_ablation(config, execute, execute_map) -> AblationResult     # every step cached
+
+The table (arm x dataset x metric, mean ± std over seeds, paired test against the baseline) and
+the report are `eval.ablation`'s.
+
+An arm is a pretraining objective (`mlm`, `retromae-basic`, `retromae-enhanced`; `none` = the
+random initialisation, no pretraining) or a sweep point of one (`retromae-enhanced@decoder_mask_ratio=0.7`).
+Every arm of a seed shares the tokenizer, the architecture, the initial weights, the data order,
+the steps and the batch: their pretraining configs differ only in the objective's switches
+(`arm_pretrain_configs`). Fine-tuning (DPR with BM25 hard negatives) and evaluation settings are
+the same for every arm and fixed in advance. Each pretrained encoder is also scored zero-shot
+([CLS] pooling, no fine-tuning), the early signal the paper's analysis relies on.
+
+Steps go through `execute` like the pretrain-to-beir chain (`retroflow.pipeline`), so the plain
+runner (`retroflow ablation`) and the Prefect flow (`retromae-ablation`) share artifacts, an
+interrupted study resumes, and adding a seed or an arm reuses everything already finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.config import ConfigError, StageConfig, load_config, validate_config
+from retroflow.pipeline import (
+    ModelRef,
+    direct,
+    direct_map,
+    step_code,
+    step_evaluate,
+    step_finetune,
+    step_mine_negatives,
+    step_prepare_data,
+    step_pretrain,
+    step_tokenizer,
+)
+
+log = logging.getLogger(__name__)
+
+# The objective switches of each arm; everything else of the pretraining config is shared.
+# The decoder mask ratio is part of the objective: the paper's best is ~0.5 with enhanced decoding
+# and ~0.7 with basic decoding (the encoder's 0.3 is shared by every arm, MLM included).
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "mlm": {"objective": "mlm"},
+    "retromae-basic": {"objective": "retromae", "decoding": "basic", "decoder_mask_ratio": 0.7},
+    "retromae-enhanced": {"objective": "retromae", "decoding": "enhanced", "decoder_mask_ratio": 0.5},
+}
+NO_PRETRAINING = "none"
+SWEEPABLE = {"decoder_layers": int, "encoder_mask_ratio": float, "decoder_mask_ratio": float}
+OBJECTIVE_FIELDS = {"objective", "decoding", "decoder_mask_ratio"}  # set by the arm, never shared
+PHASES = ("zero-shot", "fine-tuned")
+CORPUS_FILE = "corpus.parquet"
+
+
+def parse_arm(arm: str) -> tuple[str, dict[str, Any]]:
+    """`retromae-enhanced@decoder_mask_ratio=0.7` -> ("retromae-enhanced", {"decoder_mask_ratio": 0.7})."""
+    base, _, sweep = arm.partition("@")
+    if base != NO_PRETRAINING and base not in OBJECTIVES:
+        raise ValueError(f"unknown arm {arm!r} (arms: {', '.join([NO_PRETRAINING, *OBJECTIVES])}, optionally '@field=value')")
+    changes: dict[str, Any] = {}
+    for part in filter(None, sweep.split(",")):
+        name, _, value = part.partition("=")
+        if name not in SWEEPABLE:
+            raise ValueError(f"arm {arm!r}: {name!r} cannot be swept (one of {', '.join(SWEEPABLE)})")
+        changes[name] = SWEEPABLE[name](value)
+    if changes and base == NO_PRETRAINING:
+        raise ValueError(f"arm {arm!r}: the '{NO_PRETRAINING}' arm has nothing to sweep")
+    return base, changes
+
+
+class SweepSection(StageConfig):
+    """Extra arms: each value becomes `<sweep_arm>@<field>=<value>` (e.g. decoder depth, mask ratios)."""
+
+    arm: str = "retromae-enhanced"
+    decoder_layers: list[int] = Field(default_factory=list)
+    encoder_mask_ratio: list[float] = Field(default_factory=list)
+    decoder_mask_ratio: list[float] = Field(default_factory=list)
+
+    @field_validator("encoder_mask_ratio", "decoder_mask_ratio")
+    @classmethod
+    def _ratios_inside_unit_interval(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0 < value < 1:
+                raise ValueError(f"mask ratio {value} is outside (0, 1)")
+        return values
+
+    @field_validator("decoder_layers")
+    @classmethod
+    def _positive_depth(cls, values: list[int]) -> list[int]:
+        if any(v < 1 for v in values):
+            raise ValueError(f"decoder depths must be >= 1, got {values}")
+        return values
+
+    def arms(self) -> list[str]:
+        return [f"{self.arm}@{name}={value}" for name in SWEEPABLE for value in getattr(self, name)]
+
+
+class AblationConfig(StageConfig):
+    name: str = "miniature"
+    store: str = Field("artifacts", description="artifact store (RETROFLOW_STORE overrides)")
+    data_dir: str | None = Field(None, description="where dataset names are found (else RETROFLOW_DATA_DIR)")
+    arms: list[str] = Field(default_factory=lambda: ["mlm", "retromae-basic", "retromae-enhanced"])
+    sweep: SweepSection = Field(default_factory=SweepSection)
+    seeds: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
+    baseline: str = Field("mlm", description="the arm every other arm is tested against")
+    pretrain_corpora: list[str] | None = Field(None, description="datasets whose corpus is pretraining text; null = every dataset in the data root")
+    pretrain_files: list[str] = Field(default_factory=list, description="extra pretraining text: .txt (a document per line), .jsonl, .parquet")
+    train_dataset: str = "scifact"
+    train_split: str = "train"
+    eval_datasets: list[str] = Field(default_factory=lambda: ["scifact", "trec-dl-2019-subset5k"], min_length=1)
+    eval_split: str = "test"
+    zero_shot: bool = Field(True, description="also score each pretrained encoder before fine-tuning")
+    metrics: list[str] = Field(default_factory=lambda: ["ndcg@10", "recall@100"], min_length=1)
+    pretrain: dict[str, Any] = Field(default_factory=dict, description="the shared PretrainConfig (its objective switches are the arm's)")
+    negatives: dict[str, Any] = Field(default_factory=dict)
+    finetune: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arms")
+    @classmethod
+    def _known_arms(cls, arms: list[str]) -> list[str]:
+        for i, arm in enumerate(arms):
+            try:
+                parse_arm(arm)
+            except ValueError as err:
+                raise ValueError(f"arms[{i}]: {err}") from None
+        if len(set(arms)) != len(arms):
+            raise ValueError(f"arms repeat a name: {arms}")
+        return arms
+
+    def all_arms(self) -> list[str]:
+        return [*self.arms, *(a for a in self.sweep.arms() if a not in self.arms)]
+
+
+def load_ablation_config(path: str | Path | None, overrides: list[str] | None = None) -> AblationConfig:
+    """Load and validate every section now: the shared pretraining, negatives, fine-tuning and
+    evaluation configs, and that the baseline is one of the arms."""
+    config = load_config(AblationConfig, path, overrides)
+    where = path or "<defaults>"
+    if config.baseline not in config.all_arms():
+        raise ConfigError(f"{where}: baseline {config.baseline!r} is not one of the arms {config.all_arms()}")
+    try:
+        arm_pretrain_configs(config, config.seeds[0])
+        negatives_config(config)
+        finetune_config(config, config.seeds[0])
+        evaluate_config(config)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return config
+
+
+# ---------------------------------------------------------------------------------------
+# Per-arm configs
+# ---------------------------------------------------------------------------------------
+
+
+def shared_pretrain_config(config: AblationConfig, seed: int):
+    """The pretraining config every arm of `seed` starts from: from scratch, the study's seed."""
+    from retromae.config import PretrainConfig
+
+    section = dict(config.pretrain)
+    clash = OBJECTIVE_FIELDS & set(section)
+    if clash:
+        raise ConfigError(f"ablation '{config.name}', section 'pretrain': {sorted(clash)} are set per arm (arms, sweep), not here")
+    model = {**section.get("model", {}), "init": None}
+    train = {**section.get("train", {}), "seed": seed}
+    return validate_config(PretrainConfig, {**section, "model": model, "train": train},
+                           source=f"ablation '{config.name}', section 'pretrain'")  # fmt: skip
+
+
+def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
+    """{arm: PretrainConfig}; `none` maps to the shared config (its weights are the step-0 weights)."""
+    shared = shared_pretrain_config(config, seed)
+    out = {}
+    for arm in config.all_arms():
+        base, sweep = parse_arm(arm)
+        out[arm] = shared if base == NO_PRETRAINING else shared.model_copy(update={**OBJECTIVES[base], **sweep})
+        out[arm] = type(shared).model_validate(out[arm].canonical())  # re-validated, not just copied
+    return out
+
+
+def negatives_config(config: AblationConfig):
+    from retrieval.negatives import MineNegativesConfig
+
+    section = {"method": "bm25", **config.negatives, "dataset": "<input:data>", "split": config.train_split, "model": None}
+    return validate_config(MineNegativesConfig, section, source=f"ablation '{config.name}', section 'negatives'")
+
+
+def finetune_config(config: AblationConfig, seed: int):
+    from retrieval.finetune import FinetuneConfig
+
+    section = dict(config.finetune)
+    train = {**section.get("train", {}), "seed": seed}
+    data = {"split": config.train_split, **section.get("data", {})}
+    merged = {**section, "train": train, "data": data, "dataset": "<input:data>", "init": "<input:model>"}
+    return validate_config(FinetuneConfig, merged, source=f"ablation '{config.name}', section 'finetune'")
+
+
+def evaluate_config(config: AblationConfig):
+    from eval.evaluate import EvaluateConfig
+
+    section = {"split": config.eval_split, **config.evaluate}
+    return validate_config(EvaluateConfig, section, source=f"ablation '{config.name}', section 'evaluate'")
+
+
+# ---------------------------------------------------------------------------------------
+# Steps of the study that the pretrain-to-beir chain does not have
+# ---------------------------------------------------------------------------------------
+
+
+class CorpusConfig(StageConfig):
+    """The pretraining text: the named datasets' corpora (as inputs) plus files, by content."""
+
+    files: dict[str, str] = Field(default_factory=dict)  # path -> sha256 of its content
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def step_pretraining_corpus(store: ArtifactStore, corpora: list[Artifact], files: list[str]) -> Artifact:
+    """One `corpus.parquet` (title, text) of every document of `corpora` and `files`: the text
+    the tokenizer and every arm's pretraining read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from retromae.data import iter_documents
+
+    paths = [Path(p).expanduser().resolve() for p in files]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"pretraining file not found: {path}")
+    config = CorpusConfig(files={str(p): file_sha256(p) for p in paths})
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        counts, texts = {}, []
+        for source in [*(a.file(CORPUS_FILE) for a in corpora), *paths]:
+            before = len(texts)
+            texts.extend(doc for doc in iter_documents(source) if doc)
+            counts[str(source)] = len(texts) - before
+            if len(texts) == before:
+                raise ValueError(f"{source}: no pretraining text in it (every document is empty)")
+        pq.write_table(pa.table({"title": [""] * len(texts), "text": texts}), out_dir / CORPUS_FILE)
+        return {"documents": len(texts), "per_source": counts, "words": sum(len(t.split()) for t in texts)}
+
+    inputs = {f"corpus{i}": art for i, art in enumerate(corpora)}
+    return store.build("corpus", config, inputs, step_code("pretraining-corpus"), body)
+
+
+class ScratchConfig(StageConfig):
+    """The `none` arm: the from-scratch encoder exactly as every arm's pretraining initialises it."""
+
+    pretrain: dict[str, Any]
+
+
+def step_scratch_init(store: ArtifactStore, config, tokenizer: Artifact) -> Artifact:
+    from retromae.stage import run_scratch_init
+
+    run_config = config.with_overrides(model={"tokenizer": str(tokenizer.path)})
+    key_config = ScratchConfig(pretrain={k: config.canonical()[k] for k in ("model", "data")} | {"seed": config.train.seed})
+
+    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
+        return run_scratch_init(run_config, out_dir)
+
+    return store.build("scratch", run_config, {"tokenizer": tokenizer}, step_code("scratch-init"), body, key_config=key_config)
+
+
+# ---------------------------------------------------------------------------------------
+# The study
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmRun:
+    arm: str
+    seed: int
+    encoder: ModelRef
+    finetuned: Artifact
+    evaluations: dict[tuple[str, str], Artifact] = field(default_factory=dict)  # (phase, dataset) -> evaluate artifact
+
+
+@dataclass
+class AblationResult:
+    runs: list[ArmRun]
+    artifacts: dict[str, Artifact]
+
+
+def data_root_datasets() -> list[str]:
+    """Every BEIR-format dataset (a folder with corpus.jsonl) directly under RETROFLOW_DATA_DIR."""
+    root = os.environ.get("RETROFLOW_DATA_DIR")
+    if not root:
+        raise ConfigError("pretrain_corpora is null (every dataset in the data root) but neither data_dir nor RETROFLOW_DATA_DIR is set")
+    found = sorted(p.name for p in Path(root).iterdir() if (p / "corpus.jsonl").is_file())
+    if not found:
+        raise FileNotFoundError(f"{root}: no dataset folder with a corpus.jsonl (pretraining text)")
+    return found
+
+
+def store_of(config: AblationConfig) -> ArtifactStore:
+    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or config.store)
+
+
+def apply_data_dir(config: AblationConfig) -> None:
+    if config.data_dir:
+        os.environ["RETROFLOW_DATA_DIR"] = str(Path(config.data_dir).expanduser().resolve())
+
+
+def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map) -> AblationResult:
+    """Pretrain every arm for every seed, fine-tune and evaluate each identically."""
+    apply_data_dir(config)
+    store = store_of(config)
+    names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
+    datasets = {name: execute("prepare-data", step_prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
+    corpus = execute("pretraining-corpus", step_pretraining_corpus, store, [datasets[n] for n in names], list(config.pretrain_files))
+    produced: dict[str, Artifact] = {"corpus": corpus}
+    train_data = datasets[config.train_dataset]
+    negatives = execute("mine-negatives", step_mine_negatives, store, negatives_config(config), train_data, None)
+    produced["negatives"] = negatives
+    evaluation = evaluate_config(config)
+    runs = []
+    for seed in config.seeds:
+        arms = arm_pretrain_configs(config, seed)
+        tokenizer = execute("tokenizer", step_tokenizer, store, next(iter(arms.values())), corpus)
+        produced["tokenizer"] = tokenizer
+        for arm, pretrain in arms.items():
+            if parse_arm(arm)[0] == NO_PRETRAINING:
+                encoder = execute("scratch-init", step_scratch_init, store, pretrain, tokenizer)
+            else:
+                encoder = execute("pretrain", step_pretrain, store, pretrain, corpus, 1, tokenizer)
+            produced[f"pretrain:{arm}:{seed}"] = encoder
+            finetuned = execute("finetune", step_finetune, store, finetune_config(config, seed), train_data, encoder, negatives)
+            produced[f"finetune:{arm}:{seed}"] = finetuned
+            run = ArmRun(arm, seed, encoder, finetuned)
+            for name in config.eval_datasets:
+                if config.zero_shot:
+                    run.evaluations[("zero-shot", name)] = execute("evaluate", step_evaluate, store, evaluation, encoder, datasets[name])
+                run.evaluations[("fine-tuned", name)] = execute("evaluate", step_evaluate, store, evaluation, finetuned, datasets[name])
+            runs.append(run)
+    return AblationResult(runs=runs, artifacts=produced)
