@@ -404,8 +404,18 @@ def read_qrels_tsv(path: Path) -> list[tuple[int, str, str, int]]:
             grade = None
         if grade is None:
             raise DatasetError(f"{path}, line {number}: field 'score' is not an integer: {score!r}")
-        rows.append((number, qid, docid, grade))
+        rows.append((number, qid, docid, checked_grade(grade, path, f"line {number}")))
     return rows
+
+
+MAX_GRADE = 2**31 - 1  # grades are stored as int32 (Parquet, pytrec_eval's C ints)
+
+
+def checked_grade(grade: int, path: Path, where: str) -> int:
+    """A relevance grade that fits the int32 every consumer stores it in, or an error naming its place."""
+    if not -MAX_GRADE <= grade <= MAX_GRADE:
+        raise DatasetError(f"{path}, {where}: field 'score' {grade} is out of range (|score| <= {MAX_GRADE})")
+    return grade
 
 
 def read_qrels_parquet(paths: list[Path]) -> list[tuple[int, str, str, int]]:
@@ -413,7 +423,7 @@ def read_qrels_parquet(paths: list[Path]) -> list[tuple[int, str, str, int]]:
     for path in paths:
         for number, record in iter_parquet_records(path):
             try:
-                rows.append((number, str(record["query-id"]), str(record["corpus-id"]), int(record["score"])))
+                rows.append((number, str(record["query-id"]), str(record["corpus-id"]), checked_grade(int(record["score"]), path, f"row {number}")))
             except (KeyError, TypeError, ValueError) as err:
                 raise DatasetError(f"{path}, row {number}: bad qrels record ({err})") from None
     return rows

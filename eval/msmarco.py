@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from retroflow.publish import publishing, remove_if_empty
-from eval.datasets import BeirDataset, DatasetError, default_cache_dir, load_dataset, open_text_lines
+from eval.datasets import BeirDataset, DatasetError, checked_grade, default_cache_dir, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def read_qrels(path: str | Path) -> Qrels:
             value = int(grade)
         except ValueError:
             raise DatasetError(f"{path}, line {number}: field 'grade' is not an integer: {grade!r}") from None
+        value = checked_grade(value, path, f"line {number}")
         judged = qrels.setdefault(qid, {})
         if judged.get(pid, value) != value:
             raise DatasetError(f"{path}, line {number}: query '{qid}', passage '{pid}' graded {value} here and {judged[pid]} earlier")

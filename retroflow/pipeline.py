@@ -436,10 +436,10 @@ def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: 
     config_file = partial_dir / f"{command}.yaml"
     config_file.write_text(yaml.safe_dump(config.canonical(), sort_keys=True))
     resume = ["--resume"] if any(run_dir.glob("*/checkpoint-*")) or any(run_dir.glob("checkpoints/*")) else []
-    cli = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+    cli = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), f"--nproc_per_node={processes}",
            "-m", "retroflow.cli", command, "--config", str(config_file), "--output", str(run_dir), *resume, *extra]  # fmt: skip
     log.info("launching %s", " ".join(cli))
-    finished = subprocess.run(cli, stdout=subprocess.PIPE, text=True, check=False)
+    finished = subprocess.run(cli, stdout=subprocess.PIPE, text=True, check=False, env=loopback_environment())
     if finished.returncode != 0:
         raise RuntimeError(f"torchrun {command} failed with exit code {finished.returncode}")
     metrics = json.loads(finished.stdout.strip().splitlines()[-1])
@@ -447,6 +447,26 @@ def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: 
         if item.name not in ("checkpoints", "partial"):
             shutil.move(str(item), out_dir / item.name)
     return metrics
+
+
+def single_node_rendezvous() -> list[str]:
+    """torchrun's standalone rendezvous, addressed at the loopback interface and a free port.
+    (torch's TCPStore still listens on every interface: it has no bind-address option; the port is
+    random and open only while the run lasts. docs/reliability.md says so.)"""
+    import uuid
+
+    return ["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id={uuid.uuid4().hex}"]
+
+
+def loopback_environment() -> dict[str, str]:
+    """The training processes' collective back-ends (gloo, NCCL) talk over loopback: one machine
+    needs no other interface, and nothing outside it should reach their sockets."""
+    env = dict(os.environ)
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    return env
 
 
 def model_label(model: ModelRef) -> str:

@@ -173,6 +173,33 @@ def test_run_artifacts_are_published(harness, store):
     assert "## Distillation gate" in report and "## Metrics" in report and "| bm25 |" in report
 
 
+def test_ablation_flow_tables_every_arm_then_comes_back_from_cache(harness, store):
+    """retromae-ablation on tiny settings: every arm pretrained from one tokenizer, fine-tuned and
+    scored zero-shot and fine-tuned; the table has every arm; a re-run recomputes nothing."""
+    from flows.retromae_ablation import retromae_ablation
+
+    config = str(REPO / "configs" / "ablation" / "tiny.yaml")
+    state = retromae_ablation(config, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    arms = ["none", "mlm", "retromae-basic", "retromae-enhanced"]
+    for phase in ("zero-shot", "fine-tuned"):
+        rows = [r for r in summary["rows"] if r["phase"] == phase]
+        assert [r["arm"] for r in rows] == arms and all(r["dataset"] == "scifact" for r in rows)
+        assert all("ndcg@10 Δ mlm" in r and r["ndcg@10 p"] is not None for r in rows if r["arm"] != "mlm")
+    assert summary["budget"]["steps"] == 6 and summary["budget"]["vocab"] > 100
+    assert (store / "ablations" / "tiny" / "report.md").read_text().count("| retromae-enhanced |") == 2
+    # one tokenizer for every arm; the `none` arm is not trained, the three objectives are
+    assert len(list((store / "tokenizer").glob("*/manifest.json"))) == 1
+    assert len(list((store / "pretrain").glob("*/manifest.json"))) == 3 and len(list((store / "scratch").glob("*/manifest.json"))) == 1
+
+    again = retromae_ablation(config, return_state=True)
+    assert again.is_completed() and again.result()["rows"] == summary["rows"]
+    expected = {"prepare-data", "pretraining-corpus", "tokenizer", "scratch-init", "pretrain", "mine-negatives", "finetune", "evaluate"}
+    steps = states_by_step(again.state_details.flow_run_id, expect=expected)
+    assert set(steps) == expected and all(states == {"Cached"} for states in steps.values()), steps
+
+
 def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):
     """Scale-out: with RETROFLOW_TASK_RUNNER=dask the encoding shards go to 2 worker processes."""
     import json

@@ -44,14 +44,6 @@ def _weights(out_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _max_diff(a, b) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
@@ -102,8 +94,11 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, tokenizer_dir):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     single = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "single", tmp_path / "single")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    from retroflow.pipeline import loopback_environment, single_node_rendezvous
+
+    # the pipeline's own launch settings: rendezvous and gloo on the loopback interface
+    env = {**loopback_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), "--nproc_per_node", "2",
            "-m", "retroflow.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "ddp"),
            "--set", "train.grad_accum_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
