@@ -3,7 +3,6 @@ plus the run's artifacts (metrics table, markdown report with lineage, loss plot
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 from typing import Any
@@ -11,22 +10,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eval.report import loss_history, metric_rows, plot_loss_curves, run_report_markdown
+from eval.report import write_run_report
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key, make_task
-from retroflow.artifacts import ArtifactStore, atomic_write_text
-from retroflow.pipeline import (
-    PipelineConfig,
-    PipelineResult,
-    export_model,
-    load_pipeline_config,
-    previous_records,
-    read_evaluation,
-    record_evaluations,
-    regressions,
-    run_pipeline,
-    store_for,
-)
+from retroflow.artifacts import ArtifactStore
+from retroflow.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
 
 DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
 
@@ -66,56 +54,21 @@ def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None =
     return publish_report(pipeline, result)
 
 
-def embedded_png(title: str, path) -> str:
-    """Markdown showing a PNG inline (the Prefect UI renders data URIs) plus where the file is."""
-    encoded = base64.b64encode(path.read_bytes()).decode()
-    return f"![{title}](data:image/png;base64,{encoded})\n\nFile: `{path}`"
-
-
 def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str, Any]:
+    """The run's report files (as `retroflow pipeline` writes them), published as Prefect artifacts."""
     logger = get_run_logger()
-    evaluations = {name: read_evaluation(art) for name, art in result.evaluations.items()}
-    record_evaluations(pipeline, result.evaluations, evaluations)
-    previous = previous_records(pipeline, result.evaluations, evaluations)
-    references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
-    rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None}, references=references)
-    flagged = regressions(pipeline, evaluations, previous)
+    report = write_run_report(pipeline, result)
+    markdown = report.pop("markdown")
     create_table_artifact(
         key=artifact_key("metrics", pipeline.name),
-        table=rows,
+        table=report["rows"],
         description=f"pretrain-to-beir/{pipeline.name}: the model, its init, BM25 and the hybrids per dataset; deltas against the init and the previous run",
     )
-    curves = {stage: loss_history(art) for stage, art in result.artifacts.items() if stage in ("pretrain", "finetune", "teacher")}
-    run_dir = store_for(pipeline).root / "runs" / pipeline.name
-    plot = plot_loss_curves(curves, run_dir / "loss.png")
-    extra = {}
-    if plot:
-        extra["Training loss"] = embedded_png("training loss", plot)
-    gate = result.artifacts["finetune"].metrics.get("distill_gate") if "finetune" in result.artifacts else None
-    if gate:
-        extra["Distillation gate"] = ("Distilled from the teacher: " if gate["distilled"] else "**Not distilled**: ") + gate["reason"]
-    for name, art in result.artifacts.items():
-        if name.startswith("tune:") and art.file("tune.png").is_file():
-            extra[f"Recall vs QPS ({name.removeprefix('tune:')})"] = embedded_png("recall@10 vs queries/s", art.file("tune.png"))
-    markdown = run_report_markdown(
-        pipeline.name,
-        pipeline.canonical(),
-        rows,
-        [*result.evaluations.values(), *(a for refs in result.references.values() for a in refs.values())],
-        flagged,
-        extra,
-    )
     create_markdown_artifact(key=artifact_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
-    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md"),
-               "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
-    exported = export_model(pipeline, result, rows)
-    summary["model_dir"] = str(exported) if exported else None
-    atomic_write_text(run_dir / "report.md", markdown)
-    atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
-    for line in flagged:
+    for line in report["regressions"]:
         logger.warning("regression: %s", line)
-    logger.info("metrics: %s", json.dumps(rows))
-    return summary
+    logger.info("metrics: %s", json.dumps(report["rows"]))
+    return report
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from eval.ablation import report_markdown, write_report
-from flows.pretrain_to_beir import embedded_png, store_executor
+from eval.report import embedded_png
+from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key
 from retroflow.ablation import load_ablation_config, run_ablation, store_of

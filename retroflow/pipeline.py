@@ -93,12 +93,31 @@ def validate_sections(pipeline: PipelineConfig) -> None:
     placeholders = {"dataset": "<input:data>", "split": pipeline.train_split}
     stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
     stage_config(MineNegativesConfig, pipeline, "negatives", **placeholders, model=None)
-    stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
-    stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
+    teacher = stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
+    finetune = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
     stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
     stage_config(IndexConfig, pipeline, "index")
     stage_config(TuneConfig, pipeline, "tune")
-    eval_config(pipeline)
+    check_dev_hold_outs(pipeline, teacher, finetune, eval_config(pipeline))
+
+
+def check_dev_hold_outs(pipeline: PipelineConfig, teacher: StageConfig, finetune: StageConfig, evaluate: StageConfig) -> None:
+    """Every choice a run makes on dev (the teacher's check and the distillation gate, the hybrid's
+    weight) must use the training queries fine-tuning holds out; any other draw includes queries
+    the model was trained on, and the choice then flatters it."""
+    if not pipeline.stages.finetune:
+        return
+    held_out = (finetune.data.dev_fraction, finetune.data.dev_seed)
+    if pipeline.stages.teacher and teacher.dev_fraction and (teacher.dev_fraction, teacher.dev_seed) != held_out:
+        raise ConfigError(f"teacher.dev_fraction/dev_seed {(teacher.dev_fraction, teacher.dev_seed)} differ from finetune.data's {held_out}: "
+                          "the teacher would be checked on queries the student trains on")  # fmt: skip
+    fusion = evaluate.fusion
+    chooses_on_train = fusion.method == "minmax" and fusion.weight is None and fusion.dev_split == pipeline.train_split
+    if pipeline.references.hybrid and pipeline.train_dataset in pipeline.eval_datasets and chooses_on_train \
+            and (fusion.dev_fraction, fusion.dev_seed) != held_out:  # fmt: skip
+        raise ConfigError(f"evaluate.fusion.dev_fraction/dev_seed {(fusion.dev_fraction, fusion.dev_seed)} differ from finetune.data's {held_out}: "
+                          f"the hybrid's weight would be chosen on {pipeline.train_dataset} queries the model trains on "
+                          "(hold out the same dev queries in both, or set evaluate.fusion.weight)")  # fmt: skip
 
 
 def stage_config(cls: type[StageConfig], pipeline: PipelineConfig, section: str, **fixed: Any) -> StageConfig:

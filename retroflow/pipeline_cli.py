@@ -26,19 +26,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
-    from retroflow.pipeline import export_model, load_pipeline_config, read_evaluation, run_pipeline
+    from eval.report import write_run_report
+    from retroflow.pipeline import load_pipeline_config, run_pipeline
 
     pipeline = load_pipeline_config(args.config, args.set)
     result = run_pipeline(pipeline)
-    from eval.report import metric_rows
-
-    evaluations = {source: read_evaluation(art) for source, art in result.evaluations.items()}
-    references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
-    rows = metric_rows(evaluations, references=references)
-    exported = export_model(pipeline, result, rows)
-    print(format_table(rows))
-    emit_json({"pipeline": pipeline.name, "model": str(getattr(result.model, "path", result.model)),
-               "model_dir": str(exported) if exported else None, "metrics": rows})
+    report = write_run_report(pipeline, result)
+    report.pop("markdown")
+    print(format_table(report["rows"]))
+    for line in report["regressions"]:
+        print(f"REGRESSION: {line}")
+    emit_json({**report, "model": str(getattr(result.model, "path", result.model)), "metrics": report["rows"]})
     return 0
 
 

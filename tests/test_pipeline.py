@@ -53,16 +53,20 @@ def test_regression_check_flags_only_significant_drops_beyond_threshold():
 
 
 def test_prefect_yaml_deployments_point_at_real_flows_and_configs():
+    from retroflow.ablation import load_ablation_config
+
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    names = {d["name"] for d in spec["deployments"]}
-    assert {"quickstart", "paper", "nightly"} <= names
+    names = {(d["entrypoint"].split(":")[1], d["name"]) for d in spec["deployments"]}
+    assert {("pretrain_to_beir", "quickstart"), ("pretrain_to_beir", "paper"), ("reevaluate", "nightly"),
+            ("retromae_ablation", "miniature"), ("retromae_ablation", "paper")} <= names  # fmt: skip
+    loaders = {"pretrain_to_beir": load_pipeline_config, "retromae_ablation": load_ablation_config}
     for deployment in spec["deployments"]:
         module, func = deployment["entrypoint"].split(":")
         assert (REPO / module).is_file()
         assert f"def {func}(" in (REPO / module).read_text()
         config = deployment.get("parameters", {}).get("config")
         if config:
-            load_pipeline_config(REPO / config)
+            loaders[func](REPO / config)
     nightly = next(d for d in spec["deployments"] if d["name"] == "nightly")
     assert nightly["schedules"][0]["cron"] == "0 3 * * *"
 
@@ -126,6 +130,7 @@ def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_sm
     (data / "scifact").symlink_to(scifact_small)
     monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+    monkeypatch.setenv("RETROFLOW_REGISTRY", str(tmp_path / "registry.parquet"))  # the run records its evaluations
     # no pretraining: minilm is fine-tuned for 2 steps; no index: exact search
     overrides = ["--set", "stages.pretrain=false", "--set", "stages.teacher=false", "--set", "finetune.distill.loss=none",
                  "--set", "stages.index=false", "--set", "references.init=false", "--set", "references.hybrid=false",
@@ -136,3 +141,31 @@ def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_sm
     assert summary["model_dir"].endswith("runs/tiny/model")
     assert "## Evaluation" in card and "| scifact | model |" in card and "| scifact | bm25 |" in card
     assert "base_model: minilm" in card and "### `finetune` config" in card
+
+    # `retroflow report` prints the table the run left behind (no Prefect involved)
+    assert main(["report", "tiny"]) == 0
+    out = capsys.readouterr().out
+    reported = json.loads(out.strip().splitlines()[-1])
+    assert reported["rows"] == summary["metrics"] and [r["system"] for r in reported["rows"]] == ["model", "bm25"]
+    assert "model" in out.splitlines()[2] and (tmp_path / "store" / "runs" / "tiny" / "report.md").read_text().startswith("# pretrain-to-beir: tiny")
+
+
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("teacher.dev_fraction=0.3", "teacher.dev_fraction/dev_seed (0.3, 0) differ from finetune.data's (0.1, 0)"),
+        ("evaluate.fusion.dev_seed=5", "evaluate.fusion.dev_fraction/dev_seed (0.1, 5) differ from finetune.data's (0.1, 0)"),
+        ("finetune.data.dev_fraction=0.0", "queries the student trains on"),
+    ],
+)
+def test_dev_choices_must_use_fine_tunings_hold_out(override, named):
+    """The teacher's check, the gate and the hybrid's weight are chosen on dev: a dev that fine-tuning trains on is refused."""
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", [override])
+    assert named in str(info.value)
+
+
+def test_a_fixed_fusion_weight_needs_no_dev_hold_out():
+    config = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml",
+                                  ["finetune.data.dev_fraction=0.0", "stages.teacher=false", "evaluate.fusion.weight=0.5"])  # fmt: skip
+    assert config.evaluate["fusion"]["weight"] == 0.5
