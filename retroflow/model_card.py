@@ -3,8 +3,8 @@
     model_card_markdown(card: ModelCard) -> str
     write_model_card(model_dir: Path, card: ModelCard) -> Path
 
-A fine-tuned model gets its card when it is saved (base model, data, the stage config, training
-figures); the pipeline's exported copy (`runs/<name>/model/`) gets one with the evaluation table
+A fine-tuned or pretrained model gets its card when it is saved (base model, data, the stage
+config, training figures); the pipeline's exported copy (`runs/<name>/model/`) gets one with the evaluation table
 too (the model beside its init, BM25 and the hybrids), so a model handed on explains itself.
 """
 
@@ -40,6 +40,7 @@ class ModelCard:
     training: dict[str, Any] = field(default_factory=dict)  # steps, final loss, seconds, gate ...
     evaluation: list[Mapping[str, Any]] = field(default_factory=list)  # report rows
     lineage: list[Mapping[str, Any]] = field(default_factory=list)  # {stage, key, path}
+    summary: str | None = None  # the opening paragraph; None = a fine-tuned retriever's
 
 
 def _front_matter(card: ModelCard) -> str:
@@ -77,7 +78,7 @@ def model_card_markdown(card: ModelCard) -> str:
         _front_matter(card),
         f"# {card.name}",
         "",
-        f"A dense retriever fine-tuned from `{card.base_model}` by retroflow. It maps queries and passages to "
+        card.summary or f"A dense retriever fine-tuned from `{card.base_model}` by retroflow. It maps queries and passages to "
         f"{card.dimension}-dimensional vectors; rank passages by {'cosine similarity' if card.normalize else 'inner product'}.",
         "",
         "## Model Details",

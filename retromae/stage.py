@@ -13,7 +13,7 @@ from retroflow.devices import seed_everything
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig
 from retromae.data import load_pretraining_chunks, read_texts, train_wordpiece
-from retromae.model import RetroMAEModel, describe, load_retromae, resolve_checkpoint, scratch_mlm
+from retromae.model import ENCODER_DIR, RetroMAEModel, describe, load_retromae, resolve_checkpoint, scratch_mlm
 from retromae.trainer import PretrainTrainer, make_accelerator
 
 log = logging.getLogger("retroflow.retromae")
@@ -153,8 +153,34 @@ def run_pretrain(
         accelerator.unwrap_model(trainer.model).save(out_dir, tokenizer)
         history = {k: getattr(result, k) for k in ("loss_history", "encoder_loss_history", "decoder_loss_history")}
         atomic_write_text(out_dir / "loss_history.json", json.dumps(history))
+        write_pretraining_card(out_dir / ENCODER_DIR, config, sources, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def write_pretraining_card(encoder_dir: Path, config: PretrainConfig, sources: list[Path], metrics: dict) -> None:
+    """The encoder's README.md: what it was pretrained from, on what, with which objective."""
+    from retroflow.model_card import card_from_model_dir, write_model_card
+
+    base = config.model.init or f"from scratch ({config.model.preset} preset)"
+    method = "plain MLM" if config.objective == "mlm" else f"RetroMAE ({config.decoding} decoding)"
+    card = card_from_model_dir(
+        encoder_dir, name=f"{Path(str(base)).name}, {method} pretraining", base_model=str(base),
+        datasets=[source_label(p) for p in sources], configs={"pretrain": config.canonical()},
+        training={k: metrics[k] for k in ("steps", "final_loss", "chunks", "documents", "objective", "decoding") if metrics.get(k) is not None},
+        summary=f"A BERT encoder pretrained by retroflow with {method}; its sentence embedding is the [CLS] state. "
+                "It is meant to be fine-tuned into a retriever (`retroflow finetune`), though it can be scored zero-shot.",
+    )  # fmt: skip
+    write_model_card(encoder_dir, card)
+
+
+def source_label(path: Path) -> str:
+    """A pretraining source as a reader knows it: a dataset's name, else the file name."""
+    path = Path(path)
+    described = path.parent / "dataset.json"  # a prepared `data` artifact names its dataset
+    if path.name == "corpus.parquet" and described.is_file():
+        return json.loads(described.read_text()).get("name") or path.parent.name
+    return path.parent.name if path.name == "corpus.jsonl" else path.name
 
 
 def pretrain_to_store(

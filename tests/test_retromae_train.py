@@ -63,6 +63,8 @@ def test_loss_falls_and_outputs_are_complete(tmp_path):
 
     AutoModel.from_pretrained(tmp_path / "out" / "encoder")
     AutoTokenizer.from_pretrained(tmp_path / "out" / "encoder")
+    card = (tmp_path / "out" / "encoder" / "README.md").read_text()  # the encoder explains itself when handed on
+    assert "RetroMAE (enhanced decoding) pretraining" in card and "### `pretrain` config" in card and "- **steps:** " in card
 
 
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir):
