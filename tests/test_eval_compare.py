@@ -142,5 +142,15 @@ def test_evaluate_twice_then_compare_end_to_end(scifact_small: Path, tmp_path: P
     [dataset] = line["datasets"]
     assert dataset["same_data"] and set(dataset["metrics"]) == {"ndcg@10", "recall@100", "mrr@10", "map@100"}
     ndcg = dataset["metrics"]["ndcg@10"]
-    assert ndcg["num_queries"] == 30 and 0 <= ndcg["p_randomization"] <= 1
+    assert ndcg["num_queries"] == 30
+    # the reference: scipy's paired t-test on the per-query values the registry kept for both runs
+    from scipy import stats
+
+    from eval.registry import run_records
+
+    per_query = {run: run_records(registry, run)[0].per_query["ndcg@10"] for run in (run_a, run_b)}
+    common = sorted(per_query[run_a])
+    expected = stats.ttest_rel([per_query[run_b][q] for q in common], [per_query[run_a][q] for q in common]).pvalue
+    assert ndcg["p_ttest"] == pytest.approx(expected, rel=1e-6)
+    assert abs(ndcg["p_randomization"] - expected) < 0.05  # two tests of one hypothesis on 30 queries agree closely
     assert ndcg["mean_b"] - ndcg["mean_a"] == pytest.approx(ndcg["delta"])

@@ -94,7 +94,17 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
     result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"]), dataset)
-    assert 0.0 <= result["ndcg@10"] <= 1.0 and result["pooling"] == "mean"
+    # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
+    from eval.metrics import evaluate_run
+    from retrieval.search import drop_self_hits, exact_search, to_run
+
+    qrels = dataset.split_qrels("test")
+    text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
+    qids = sorted(qrels)
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    scores, found = exact_search(model.encode(dataset.doc_texts()), model.encode([text[q] for q in qids]), 1000)
+    expected = evaluate_run(qrels, drop_self_hits(to_run(qids, dataset.doc_ids(), scores, found)), ["ndcg@10"])[0]["ndcg@10"]
+    assert result["ndcg@10"] == pytest.approx(expected, abs=2e-3) and result["pooling"] == "mean"
 
 
 def test_dense_mining_with_a_model_excludes_positives(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
@@ -175,7 +185,20 @@ def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encod
     bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [text[q] for q in dev], 10))
     expected = evaluate_run({q: train[q] for q in dev}, bm25, ["ndcg@10"])[0]["ndcg@10"]
     assert metrics["dev_bm25_ndcg@10"] == pytest.approx(expected, abs=1e-4)
-    assert 0.0 <= metrics["dev_teacher_rerank_ndcg@10"] <= 1.0
+    # reranking only permutes BM25's top 10: the teacher's figure lies between the worst and the best order of that pool
+    best, worst = rerank_bounds({q: train[q] for q in dev}, bm25)
+    assert worst < best and worst - 1e-6 <= metrics["dev_teacher_rerank_ndcg@10"] <= best + 1e-6
+
+
+def rerank_bounds(qrels: dict, run: dict) -> tuple[float, float]:
+    """Mean nDCG@10 of the best and the worst reordering of each query's candidates."""
+    from eval.metrics import evaluate_run
+
+    def reorder(reverse: bool) -> dict:
+        return {q: {d: float(len(docs) - rank) for rank, d in enumerate(sorted(docs, key=lambda d: qrels[q].get(d, 0), reverse=not reverse))}
+                for q, docs in run.items()}  # fmt: skip
+
+    return (evaluate_run(qrels, reorder(False), ["ndcg@10"])[0]["ndcg@10"], evaluate_run(qrels, reorder(True), ["ndcg@10"])[0]["ndcg@10"])
 
 
 def test_config_errors_name_the_field(tmp_path: Path) -> None:
