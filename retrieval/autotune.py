@@ -3,13 +3,22 @@
 Stage function (plain, no Prefect):
 
     run_tune_index(config: TuneConfig, index_dir: Path, embeddings_dir: Path,
-                   query_vectors: np.ndarray | None, out_dir: Path) -> dict
-        Sweep the knobs the index exposes on a sample of queries, measure recall@k against an
+                   query_vectors: np.ndarray | None, out_dir: Path,
+                   report_vectors: np.ndarray | None = None) -> dict
+        Sweep the knobs the index exposes on the tuning queries, measure recall@k against an
         exact (Flat) search over the same embeddings and batched queries/s, keep the Pareto
-        front, pick the fastest setting whose recall meets `target_recall`. `out_dir` becomes a
-        complete index directory (files hard-linked from `index_dir`; out_dir == index_dir tunes
-        in place) whose index.json carries the chosen search_params, so `search_with_index` uses
-        them; plus tune.csv, tune.json and tune.png (recall vs QPS).
+        front, pick the fastest setting whose recall meets `target_recall`, then measure that one
+        setting on the report queries. `out_dir` becomes a complete index directory (files
+        hard-linked from `index_dir`; out_dir == index_dir tunes in place) whose index.json
+        carries the chosen search_params, so `search_with_index` uses them; plus tune.csv,
+        tune.json and tune.png (recall vs QPS on the tuning queries).
+
+    Tuning and report queries are always disjoint: a setting chosen as the fastest to clear the
+    target on some queries is biased upwards on exactly those (it is the one that got lucky), so
+    the recall and QPS this stage reports (`recall`, `qps`, `reported_on`) come from queries the
+    choice never saw; the sweep's own figures are kept apart under `tuned_on`. `report_vectors`
+    names the report queries (e.g. a test split while `query_vectors` is train); without it a
+    `holdout_fraction` of the sampled queries is held out. Identical rows in both are refused.
 
     With `query_vectors=None` the queries are corpus vectors sampled at random; their nearest
     neighbour is themselves, which makes recall slightly optimistic. Pass real query vectors
@@ -25,7 +34,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -51,6 +60,8 @@ class TuneConfig(StageConfig):
     batch_size: int = Field(1024, ge=1, description="queries per search call when timing")
     repeats: int = Field(3, ge=1, description="timings per setting; the best is kept (less noise on shared cores)")
     exact_batch_size: int = Field(100_000, ge=1, description="corpus rows per block of the exact search")
+    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="share of the sampled queries kept out of the sweep and used "
+                                    "only to report the chosen setting (ignored when report queries are given)")
     device: str = "auto"
     seed: int = 0
 
@@ -173,14 +184,58 @@ def plot_tradeoff(rows: list[dict[str, Any]], front: list[dict[str, Any]], chose
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def sample_queries(embeddings: Embeddings, query_vectors: np.ndarray | None, config: TuneConfig) -> tuple[np.ndarray, str]:
+class QuerySet(NamedTuple):
+    vectors: np.ndarray
+    source: str  # said in the output, so a reader knows which queries a figure comes from
+
+
+def sample_queries(embeddings: Embeddings, query_vectors: np.ndarray | None, config: TuneConfig, source: str = "given") -> QuerySet:
+    """Up to `num_queries` rows of `query_vectors` (else of the corpus), in their original order."""
     rng = np.random.default_rng(config.seed)
     if query_vectors is not None:
         query_vectors = np.asarray(query_vectors, dtype=np.float32)
         take = np.sort(rng.choice(len(query_vectors), size=min(config.num_queries, len(query_vectors)), replace=False))
-        return np.ascontiguousarray(query_vectors[take]), "given"
+        return QuerySet(np.ascontiguousarray(query_vectors[take]), source)
     take = np.sort(rng.choice(embeddings.num_docs, size=min(config.num_queries, embeddings.num_docs), replace=False))
-    return embeddings.rows(take), "sampled from corpus"
+    return QuerySet(embeddings.rows(take), "sampled from corpus")
+
+
+def distinct_rows(vectors: np.ndarray) -> np.ndarray:
+    """First occurrence of every distinct row, in order (a duplicated query must not land on both sides of a split)."""
+    _, first = np.unique(vectors, axis=0, return_index=True)
+    return vectors[np.sort(first)]
+
+
+def shared_rows(a: np.ndarray, b: np.ndarray) -> int:
+    """How many rows of `b` are byte-identical to some row of `a`."""
+    seen = {row.tobytes() for row in np.ascontiguousarray(a)}
+    return sum(row.tobytes() in seen for row in np.ascontiguousarray(b))
+
+
+def split_holdout(queries: QuerySet, fraction: float, seed: int) -> tuple[QuerySet, QuerySet]:
+    """(tuning, report): a random `fraction` of the distinct rows held out for reporting."""
+    vectors = distinct_rows(queries.vectors)
+    if len(vectors) < 2:
+        raise ValueError(f"{len(vectors)} distinct query vector(s): tuning and reporting need at least one each")
+    held = min(max(1, round(len(vectors) * fraction)), len(vectors) - 1)
+    order = np.random.default_rng([seed, 1]).permutation(len(vectors))
+    report, tune = np.sort(order[:held]), np.sort(order[held:])
+    return (QuerySet(vectors[tune], f"{queries.source} ({len(tune)} of {len(vectors)}, tuning part)"),
+            QuerySet(vectors[report], f"{queries.source} ({held} of {len(vectors)}, held out)"))  # fmt: skip
+
+
+def tuning_and_report_queries(embeddings: Embeddings, query_vectors: np.ndarray | None, report_vectors: np.ndarray | None,
+                              config: TuneConfig) -> tuple[QuerySet, QuerySet]:  # fmt: skip
+    """Two disjoint query sets: the sweep chooses on the first, the stage reports on the second."""
+    sampled = sample_queries(embeddings, query_vectors, config)
+    if report_vectors is None:
+        return split_holdout(sampled, config.holdout_fraction, config.seed)
+    report = sample_queries(embeddings, report_vectors, config, source="given report queries")
+    overlap = shared_rows(sampled.vectors, report.vectors)
+    if overlap:
+        raise ValueError(f"{overlap} of the {len(report.vectors)} report queries are also tuning queries: "
+                         "reporting on them would show the tuner's own selection bias; pass disjoint sets")  # fmt: skip
+    return sampled, report
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,6 +249,7 @@ def run_tune_index(
     embeddings_dir: Path,
     query_vectors: np.ndarray | None,
     out_dir: Path,
+    report_vectors: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Sweep, choose, and write a tuned index directory to `out_dir` (see the module docstring)."""
     index_dir, out_dir = Path(index_dir), Path(out_dir)
@@ -201,24 +257,21 @@ def run_tune_index(
     embeddings = open_embeddings(embeddings_dir)
     if embeddings.num_docs != meta["ntotal"] or embeddings.dim != meta["dim"]:
         raise ValueError(f"{embeddings_dir} ({embeddings.num_docs} x {embeddings.dim}) is not what {index_dir} was built from ({meta['ntotal']} x {meta['dim']})")
-    queries, query_source = sample_queries(embeddings, query_vectors, config)
+    tuning, reporting = tuning_and_report_queries(embeddings, query_vectors, report_vectors, config)
     k = min(config.k, embeddings.num_docs)
     config = config.with_overrides(k=k)
-    truth, exact_seconds = exact_topk(embeddings, queries, k, meta["metric"], config.exact_batch_size)
-    exact_qps = len(queries) / exact_seconds
+    truth, exact_seconds = exact_topk(embeddings, tuning.vectors, k, meta["metric"], config.exact_batch_size)
 
     loaded = load_index(index_dir, config.device)
-    settings = candidate_settings(loaded.parts[0], config)
-    log.info("tuning %s: %d settings x %d queries (target recall@%d >= %s)", meta["factory"], len(settings), len(queries), k, config.target_recall)
-    rows = [measure(loaded, queries, truth, params, config) for params in settings]
-    front = pareto_front(rows)
-    front_keys = {json.dumps({n: r[n] for n in r if n not in ("recall", "qps")}, sort_keys=True) for r in front}
-    for row in rows:
-        row["pareto"] = json.dumps({n: row[n] for n in row if n not in ("recall", "qps", "pareto")}, sort_keys=True) in front_keys
+    log.info("tuning %s on %d queries (target recall@%d >= %s)", meta["factory"], len(tuning.vectors), k, config.target_recall)
+    rows, front = sweep(loaded, tuning.vectors, truth, config)
     chosen, met = choose(rows, config.target_recall)
     if not met:
         log.warning("no setting of %s reaches recall %.3f (best %.4f): keeping the most accurate", meta["factory"], config.target_recall, chosen["recall"])
     params = {n: chosen[n] for n in chosen if n not in ("recall", "qps", "pareto")}
+    tuned_on = {"num_queries": len(tuning.vectors), "query_source": tuning.source, "recall": chosen["recall"], "qps": chosen["qps"],
+                "exact_qps": round(len(tuning.vectors) / exact_seconds, 1)}  # fmt: skip
+    reported_on = report_setting(loaded, embeddings, reporting, params, meta["metric"], config)
 
     if out_dir.resolve() != index_dir.resolve():
         copy_index_dir(index_dir, out_dir)
@@ -228,27 +281,43 @@ def run_tune_index(
     summary = {
         "factory": meta["factory"],
         "target_recall": config.target_recall,
-        "target_met": met,
+        "target_met": met,  # on the tuning queries, where the choice was made
         "k": k,
-        "num_queries": len(queries),
-        "query_source": query_source,
-        "exact_qps": round(exact_qps, 1),
-        "chosen": chosen,
         "search_params": params,
-        "speedup_vs_exact": round(chosen["qps"] / exact_qps, 2),
+        "recall": reported_on["recall"],  # every unlabelled figure is from the report queries
+        "qps": reported_on["qps"],
+        "exact_qps": reported_on["exact_qps"],
+        "speedup_vs_exact": round(reported_on["qps"] / reported_on["exact_qps"], 2),
+        "reported_on": reported_on,
+        "tuned_on": tuned_on,
+        "chosen": chosen,
+        "rows_measured_on": "tuning queries",
         "pareto_front": front,
         "rows": rows,
         "device": "gpu" if loaded.on_gpu else "cpu",
     }
     atomic_write_text(out_dir / "tune.json", json.dumps(summary, indent=2))
-    plot_tradeoff(rows, front, chosen, config.target_recall, exact_qps, f"{meta['factory']}  ({meta['ntotal']} vectors, {len(queries)} queries)", out_dir / "tune.png")
-    tuned_meta = {**meta, "search_params": params, "tuned": True,
-                  "tuning": {k_: summary[k_] for k_ in ("target_recall", "target_met", "k", "num_queries", "query_source", "exact_qps", "speedup_vs_exact")}
-                  | {"recall": chosen["recall"], "qps": chosen["qps"]}}  # fmt: skip
+    plot_tradeoff(rows, front, chosen, config.target_recall, tuned_on["exact_qps"],
+                  f"{meta['factory']}  ({meta['ntotal']} vectors, {len(tuning.vectors)} tuning queries)", out_dir / "tune.png")  # fmt: skip
+    headline = ("target_recall", "target_met", "k", "recall", "qps", "exact_qps", "speedup_vs_exact", "reported_on", "tuned_on")
+    tuned_meta = {**meta, "search_params": params, "tuned": True, "tuning": {k_: summary[k_] for k_ in headline}}
     atomic_write_text(out_dir / META_FILE, json.dumps(tuned_meta, indent=2, default=str))  # last: the directory is complete
-    return {k_: summary[k_] for k_ in ("factory", "target_recall", "target_met", "search_params", "exact_qps", "speedup_vs_exact", "num_queries", "query_source")} | {
-        "recall": chosen["recall"],
-        "qps": chosen["qps"],
-        "settings_tried": len(rows),
-        "pareto_size": len(front),
-    }
+    return {k_: summary[k_] for k_ in ("factory", "search_params", *headline)} | {"settings_tried": len(rows), "pareto_size": len(front)}
+
+
+def sweep(loaded, queries: np.ndarray, truth: np.ndarray, config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every candidate setting measured on `queries` (each row flagged `pareto`), and the Pareto front."""
+    rows = [measure(loaded, queries, truth, params, config) for params in candidate_settings(loaded.parts[0], config)]
+    front = pareto_front(rows)
+    front_keys = {json.dumps({n: r[n] for n in r if n not in ("recall", "qps")}, sort_keys=True) for r in front}
+    for row in rows:
+        row["pareto"] = json.dumps({n: row[n] for n in row if n not in ("recall", "qps", "pareto")}, sort_keys=True) in front_keys
+    return rows, front
+
+
+def report_setting(loaded, embeddings: Embeddings, queries: QuerySet, params: dict[str, int], metric: str, config: TuneConfig) -> dict[str, Any]:
+    """Recall@k and batched QPS of one setting on queries the sweep never saw, and exact search's QPS on them."""
+    truth, exact_seconds = exact_topk(embeddings, queries.vectors, config.k, metric, config.exact_batch_size)
+    measured = measure(loaded, queries.vectors, truth, params, config)
+    return {"num_queries": len(queries.vectors), "query_source": queries.source, "recall": measured["recall"], "qps": measured["qps"],
+            "exact_qps": round(len(queries.vectors) / exact_seconds, 1)}  # fmt: skip

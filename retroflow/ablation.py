@@ -56,7 +56,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "retromae-enhanced": {"objective": "retromae", "decoding": "enhanced", "decoder_mask_ratio": 0.5},
 }
 NO_PRETRAINING = "none"
-SWEEPABLE = {"decoder_layers": int, "encoder_mask_ratio": float, "decoder_mask_ratio": float}
+SWEEPABLE = {"decoder_layers": int, "encoder_mask_ratio": float, "decoder_mask_ratio": float, "decoder_target_fraction": float}
 OBJECTIVE_FIELDS = {"objective", "decoding", "decoder_mask_ratio"}  # set by the arm, never shared
 PHASES = ("zero-shot", "fine-tuned")
 CORPUS_FILE = "corpus.parquet"
@@ -85,6 +85,15 @@ class SweepSection(StageConfig):
     decoder_layers: list[int] = Field(default_factory=list)
     encoder_mask_ratio: list[float] = Field(default_factory=list)
     decoder_mask_ratio: list[float] = Field(default_factory=list)
+    decoder_target_fraction: list[float] = Field(default_factory=list, description="enhanced decoding's share of target rows (issue 15)")
+
+    @field_validator("decoder_target_fraction")
+    @classmethod
+    def _fractions_in_half_open_interval(cls, values: list[float]) -> list[float]:
+        for value in values:
+            if not 0 < value <= 1:
+                raise ValueError(f"target fraction {value} is outside (0, 1]")
+        return values
 
     @field_validator("encoder_mask_ratio", "decoder_mask_ratio")
     @classmethod

@@ -1,20 +1,25 @@
 """`PretrainConfig`: every knob of a RetroMAE pretraining run, validated at load time.
 
 The ablation switches (`objective`, `decoding`, `decoder_layers`, `encoder_mask_ratio`,
-`decoder_mask_ratio`) sit at the top level so a YAML file reads like the paper's table.
+`decoder_mask_ratio`) sit at the top level so a YAML file reads like the paper's table, next
+to the decoder-head cost options (`ce_chunk_size`, `decoder_target_fraction`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retroflow.config import StageConfig
 
 log = logging.getLogger("retroflow.retromae")
+
+# Cost options added after configs were first keyed: left out of the canonical form while at
+# their defaults, so every existing config keeps the fingerprint it had.
+COST_OPTION_DEFAULTS: dict[str, Any] = {"ce_chunk_size": None, "decoder_target_fraction": 1.0}
 
 # The paper's recommended ranges; values outside them are allowed (ablations) but warned about.
 PAPER_ENCODER_RANGE = (0.15, 0.30)
@@ -76,6 +81,12 @@ class PretrainConfig(StageConfig):
     encoder_mask_ratio: float = Field(0.3, gt=0, lt=1)
     decoder_mask_ratio: float = Field(0.5, gt=0, lt=1)
     whole_word_mask: bool = False
+    ce_chunk_size: int | None = Field(
+        None, ge=1, description="vocabulary projection + cross-entropy over chunks of this many rows, "
+        "recomputed in backward: same loss and gradients, peak memory of one chunk's logits")
+    decoder_target_fraction: float = Field(
+        1.0, gt=0, le=1, description="enhanced decoding: each sentence token is a decoder target with "
+        "this probability (query rows never see each other, so it is the same objective with fewer rows)")
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
@@ -90,7 +101,16 @@ class PretrainConfig(StageConfig):
                 f"train.batch_size={self.train.batch_size} is not divisible by "
                 f"train.grad_accum_steps={per_step}"
             )
+        if self.decoder_target_fraction < 1 and (self.objective, self.decoding) != ("retromae", "enhanced"):
+            raise ValueError("decoder_target_fraction < 1 needs objective=retromae with decoding=enhanced")
         return self
+
+    def canonical(self) -> dict[str, Any]:
+        data = super().canonical()
+        for name, default in COST_OPTION_DEFAULTS.items():
+            if data.get(name) == default:
+                del data[name]
+        return data
 
     def warn_outside_paper(self) -> list[str]:
         """Warnings for legal but unusual settings (called once at the start of a run)."""

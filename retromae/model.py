@@ -5,6 +5,12 @@ Cost notes (why the code looks the way it does):
   encoder, so the MLM head is applied only to the rows that carry a label (gathered first):
   the encoder's masked tokens, basic decoding's masked tokens, enhanced decoding's sentence
   tokens (all of them are targets there, so that projection is inherent to the method).
+* Enhanced decoding's query rows never attend to each other, so only rows that carry a target
+  are decoded at all: padding, [CLS]/[SEP] and, with `decoder_target_fraction` < 1, the rows
+  the collator left without a target cost nothing.
+* `ce_chunk_size` bounds the memory of that projection: rows go through head + cross-entropy
+  a chunk at a time and each chunk is recomputed in backward, so only one chunk's logits
+  (rows x vocab, fp32) are ever alive. Same loss and gradients, one extra head forward.
 * Losses are returned as sums divided by a caller-given normaliser, so the trainer can divide
   by the *global* number of targets of the optimizer step: gradient accumulation and DDP
   then give the same update as one big batch.
@@ -21,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreTrainedModel
 from transformers.activations import ACT2FN
 
@@ -105,10 +112,37 @@ def mlm_head_of(mlm: PreTrainedModel) -> nn.Module:
     raise ValueError(f"{type(mlm).__name__}: no MLM head found (expected a `cls` or `lm_head` module)")
 
 
-def summed_ce(logits: torch.Tensor, targets: torch.Tensor, normaliser: float | torch.Tensor | None) -> torch.Tensor:
-    total = F.cross_entropy(logits.float(), targets, reduction="sum")
-    denom = targets.numel() if normaliser is None else normaliser
+def normalised(total: torch.Tensor, count: int, normaliser: float | torch.Tensor | None) -> torch.Tensor:
+    denom = count if normaliser is None else normaliser
     return total / max(float(denom), 1.0)
+
+
+def _head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def chunked_head_ce_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """sum CE(head(hidden), targets) a chunk of rows at a time, each chunk recomputed in backward.
+
+    Without the recomputation autograd would keep every chunk's logits for backward and the
+    peak would be that of the unchunked loss.
+    """
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk_size):
+        rows = slice(start, start + chunk_size)
+        total = total + checkpoint(_head_ce_sum, head, hidden[rows], targets[rows], use_reentrant=False)
+    return total
+
+
+def target_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, K) of each row's targets in order, K = most targets in any row, and their labels.
+
+    Rows with fewer targets are padded with non-target positions, whose gathered label is IGNORE.
+    """
+    is_target = labels != IGNORE
+    k = max(int(is_target.sum(1).max()), 1)  # >= 1: an empty query stream is not worth a special case
+    rows = torch.argsort((~is_target).to(torch.uint8), dim=1, stable=True)[:, :k]
+    return rows, labels.gather(1, rows)
 
 
 class RetroMAEModel(nn.Module):
@@ -117,13 +151,21 @@ class RetroMAEModel(nn.Module):
     objective="mlm" is the ablation baseline: the same encoder and encoder loss, no decoder.
     """
 
-    def __init__(self, mlm: PreTrainedModel, objective: str = "retromae", decoding: str = "enhanced", decoder_layers: int = 1):
+    def __init__(
+        self,
+        mlm: PreTrainedModel,
+        objective: str = "retromae",
+        decoding: str = "enhanced",
+        decoder_layers: int = 1,
+        ce_chunk_size: int | None = None,
+    ):
         super().__init__()
         if objective not in ("retromae", "mlm") or decoding not in ("enhanced", "basic"):
             raise ValueError(f"unknown objective/decoding {objective!r}/{decoding!r}")
         self.mlm = mlm
         self.objective = objective
         self.decoding = decoding
+        self.ce_chunk_size = ce_chunk_size  # None: one vocabulary projection over all target rows
         layers = decoder_layers if objective == "retromae" else 0
         self.decoder = nn.ModuleList(DecoderLayer(mlm.config) for _ in range(layers))
 
@@ -160,7 +202,10 @@ class RetroMAEModel(nn.Module):
         encoder_loss = self.masked_lm_loss(hidden, labels, encoder_normaliser)
         decoder_loss = None
         if self.objective == "retromae":
-            decoded = self.decode(sentence, decoder_input_ids, attention_mask, decoder_attention_mask)
+            rows = None
+            if self.decoding == "enhanced":
+                rows, decoder_labels = target_rows(decoder_labels)
+            decoded = self.decode(sentence, decoder_input_ids, attention_mask, decoder_attention_mask, rows)
             decoder_loss = self.masked_lm_loss(decoded, decoder_labels, decoder_normaliser)
         loss = encoder_loss if decoder_loss is None else encoder_loss + decoder_loss
         return RetroMAEOutput(loss, encoder_loss, decoder_loss, sentence)
@@ -168,8 +213,12 @@ class RetroMAEModel(nn.Module):
     def masked_lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normaliser=None) -> torch.Tensor:
         """Cross-entropy over labelled positions only: gather first, then the vocabulary projection."""
         selected = labels != IGNORE
-        logits = self.head(hidden[selected])
-        return summed_ce(logits, labels[selected], normaliser)
+        rows, targets = hidden[selected], labels[selected]
+        if self.ce_chunk_size is not None and rows.size(0) > self.ce_chunk_size:
+            total = chunked_head_ce_sum(self.head, rows, targets, self.ce_chunk_size)
+        else:
+            total = _head_ce_sum(self.head, rows, targets)
+        return normalised(total, targets.numel(), normaliser)
 
     def decode(
         self,
@@ -177,8 +226,12 @@ class RetroMAEModel(nn.Module):
         decoder_input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         decoder_attention_mask: torch.Tensor | None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Decoder hidden states (B, L, H); position 0 of the content stream is the sentence embedding."""
+        """Decoder hidden states (B, L, H); position 0 of the content stream is the sentence embedding.
+
+        Enhanced decoding with `rows` (B, K) positions: only those query rows, (B, K, H).
+        """
         tokens = self.embeddings(input_ids=decoder_input_ids)
         content = torch.cat([sentence.unsqueeze(1), tokens[:, 1:]], dim=1)
         if self.decoding == "basic":
@@ -190,11 +243,15 @@ class RetroMAEModel(nn.Module):
             raise ValueError("enhanced decoding needs decoder_attention_mask from the collator")
         # query stream H1: sentence embedding + position p_i; it never carries token x_i itself
         positions = self.embeddings.position_ids[:, : decoder_input_ids.size(1)]
+        visible = decoder_attention_mask
+        if rows is not None:  # query rows are independent of each other: decode only these
+            positions = positions[0][rows]
+            visible = visible.gather(1, rows.unsqueeze(-1).expand(-1, -1, visible.size(-1)))
         query = sentence.unsqueeze(1) + self.embeddings.position_embeddings(positions)
         # stacked layers refine the query stream and keep attending to the fixed content
         # stream, so no layer can leak x_i into row i
         for layer in self.decoder:
-            query = layer(query, content, decoder_attention_mask)
+            query = layer(query, content, visible)
         return query
 
     # persistence -------------------------------------------------------------------------
@@ -304,11 +361,13 @@ def scratch_mlm(preset: str, vocab_size: int, pad_token_id: int, max_length: int
     return BertForMaskedLM(config)
 
 
-def load_retromae(path: Path, objective: str, decoding: str, decoder_layers: int, dropout: float | None = None) -> RetroMAEModel:
+def load_retromae(
+    path: Path, objective: str, decoding: str, decoder_layers: int, dropout: float | None = None, ce_chunk_size: int | None = None
+) -> RetroMAEModel:
     """A previous pretrain output (encoder/ + decoder/) or any HF checkpoint directory."""
     path = Path(path)
     encoder_dir = path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
-    model = RetroMAEModel(load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers)
+    model = RetroMAEModel(load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers, ce_chunk_size)
     weights = path / DECODER_DIR / DECODER_WEIGHTS
     if weights.is_file():
         state = load_file(str(weights))

@@ -70,10 +70,11 @@ def tokenizer_config(config: PretrainConfig) -> PretrainConfig:
 def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
     m = config.model
     if m.init is not None:
-        return load_retromae(resolve_checkpoint(m.init), config.objective, config.decoding, config.decoder_layers, m.dropout)
+        return load_retromae(resolve_checkpoint(m.init), config.objective, config.decoding, config.decoder_layers, m.dropout,
+                             ce_chunk_size=config.ce_chunk_size)  # fmt: skip
     mlm = scratch_mlm(m.preset, len(tokenizer), tokenizer.pad_token_id, config.data.max_seq_length, m.dropout)
     log.info("from scratch: preset %s, vocab %d", m.preset, len(tokenizer))
-    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers)
+    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers, ce_chunk_size=config.ce_chunk_size)
 
 
 def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
@@ -86,6 +87,7 @@ def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
         decoding=config.decoding,
         continuation=continuation_table(tokenizer) if config.whole_word_mask else None,
         seed=config.train.seed,
+        decoder_target_fraction=config.decoder_target_fraction,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Callable
 
 import torch
 from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
 from transformers import get_linear_schedule_with_warmup
 
 from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
@@ -30,6 +32,7 @@ from retromae.collator import IGNORE
 
 log = logging.getLogger("retroflow.retromae")
 
+MAX_LOADER_WORKERS = 4  # collation is ~40 ms per 32 x 512 micro-batch: a few workers hide it behind a GPU step
 
 
 def make_accelerator(train_cfg) -> Accelerator:
@@ -69,6 +72,38 @@ class BatchPlan:
         mine = plan[rank * share : (rank + 1) * share]
         micro = share // accum
         return [mine[i * micro : (i + 1) * micro] for i in range(accum)]
+
+
+class StepBatches(Dataset):
+    """Item i: this process's collated micro-batches for optimizer step `steps[i]`.
+
+    Indexed by step, not iterated from saved state: a batch is a pure function of (seed, step),
+    so a DataLoader over these items can collate in worker processes, ahead of the model, and a
+    resumed run just starts the range at its checkpoint step.
+    """
+
+    def __init__(self, plan: BatchPlan, dataset, collator, steps: range, rank: int, world: int, accum: int):
+        self.plan, self.dataset, self.collator, self.steps = plan, dataset, collator, steps
+        self.rank, self.world, self.accum = rank, world, accum
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> list[dict[str, torch.Tensor]]:
+        micro = self.plan.micro_batches(self.steps[i], self.rank, self.world, self.accum)
+        return [self._collate(items) for items in micro]
+
+    def _collate(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        rows = self.dataset[[i for i, _ in items]]["input_ids"]
+        return self.collator([{"input_ids": ids, "mask_key": key} for ids, (_, key) in zip(rows, items)])
+
+
+def loader_workers(device: torch.device, processes_per_host: int) -> int:
+    """Collation workers: none on CPU, where they would take cores from the training step itself."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(MAX_LOADER_WORKERS, cores // max(processes_per_host, 1) - 1))
 
 
 @dataclass
@@ -116,10 +151,20 @@ class PretrainTrainer:
         self.result = TrainResult(steps=0)
 
     # ---------------------------------------------------------------------------- batches
-    def _collate(self, items: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-        rows = self.dataset[[i for i, _ in items]]["input_ids"]
-        batch = self.collator([{"input_ids": ids, "mask_key": key} for ids, (_, key) in zip(rows, items)])
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+    def batches(self, start: int) -> DataLoader:
+        """Micro-batches of steps start..max_steps-1, collated ahead of the step on CUDA hosts."""
+        steps = StepBatches(self.plan, self.dataset, self.collator, range(start, self.cfg.max_steps),
+                            self.acc.process_index, self.acc.num_processes, self.cfg.grad_accum_steps)  # fmt: skip
+        workers = loader_workers(self.acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
+        cuda = self.acc.device.type == "cuda"
+        # own generator: the loader draws a worker base seed when iterated, and that draw must not
+        # come from the global RNG that dropout uses and checkpoints restore (exact resume)
+        return DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers, pin_memory=cuda,
+                          generator=torch.Generator().manual_seed(self.cfg.seed))  # fmt: skip
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # pinned host memory (CUDA hosts) makes the copy asynchronous with the running step
+        return {k: v.to(self.acc.device, non_blocking=True) for k, v in batch.items()}
 
     def _global_counts(self, batches: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets of the whole optimizer step (all micro-batches, all processes)."""
@@ -133,9 +178,8 @@ class PretrainTrainer:
         return counts[0], counts[1]
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, step: int) -> tuple[float, float, float]:
-        micro = self.plan.micro_batches(step, self.acc.process_index, self.acc.num_processes, self.cfg.grad_accum_steps)
-        batches = [self._collate(items) for items in micro]
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
+        batches = [self._to_device(b) for b in micro_batches]
         enc_count, dec_count = self._global_counts(batches)
         # DDP averages gradients over processes, so each process scales its share by world size
         world = self.acc.num_processes
@@ -164,8 +208,8 @@ class PretrainTrainer:
         self.model.train()
         bar = progress_bar(total=total, initial=start, desc="pretrain", disable=not self.acc.is_main_process, dynamic_ncols=True)
         began, window_start = time.perf_counter(), time.perf_counter()
-        for step in range(start, total):
-            loss, enc, dec = self.train_step(step)
+        for step, micro_batches in zip(range(start, total), self.batches(start)):
+            loss, enc, dec = self.train_step(micro_batches)
             self.result.loss_history.append(loss)
             self.result.encoder_loss_history.append(enc)
             self.result.decoder_loss_history.append(dec)

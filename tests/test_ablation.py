@@ -43,10 +43,12 @@ def test_paper_defaults_for_each_decoding():
 
 
 def test_sweeps_become_arms_of_their_own():
-    config = load_ablation_config(CONFIGS / "tiny.yaml", ["sweep.decoder_mask_ratio=[0.6]", "sweep.decoder_layers=[2]"])
+    config = load_ablation_config(CONFIGS / "tiny.yaml", ["sweep.decoder_mask_ratio=[0.6]", "sweep.decoder_layers=[2]",
+                                                          "sweep.decoder_target_fraction=[0.25]"])  # fmt: skip
     configs = arm_pretrain_configs(config, seed=1)
     assert configs["retromae-enhanced@decoder_mask_ratio=0.6"].decoder_mask_ratio == 0.6
     assert configs["retromae-enhanced@decoder_layers=2"].decoder_layers == 2
+    assert configs["retromae-enhanced@decoder_target_fraction=0.25"].decoder_target_fraction == 0.25
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,7 @@ def test_sweeps_become_arms_of_their_own():
         ("arms=[mlm,retromae-fancy]", "arms[1]: unknown arm 'retromae-fancy'"),
         ("sweep.decoder_mask_ratio=[0.5,1.2]", "sweep.decoder_mask_ratio"),
         ("sweep.encoder_mask_ratio=[0.0]", "sweep.encoder_mask_ratio"),
+        ("sweep.decoder_target_fraction=[1.5]", "sweep.decoder_target_fraction"),
         ("arms=[mlm,retromae-enhanced@decoder_mask=0.6]", "arms[1]"),
         ("baseline=retromae-basic2", "baseline 'retromae-basic2'"),
         ("pretrain.objective=mlm", "section 'pretrain'"),

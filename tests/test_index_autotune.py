@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import clustered
+import retrieval.autotune as autotune
 from retrieval.autotune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
 from retrieval.index import IndexConfig, run_build_index, search_with_index
 from retrieval.search import exact_search
@@ -36,18 +37,22 @@ def independent_recall(index_dir: Path, docs: np.ndarray, queries: np.ndarray, k
 @pytest.mark.parametrize(("factory", "target"), [("HNSW16", 0.95), ("IVF64,Flat", 0.9)])
 def test_chosen_setting_meets_target_and_is_used_by_search(synthetic, factory, target):
     root, emb, docs, queries = synthetic
+    tune_q, report_q = queries[:200], queries[200:]
     index_dir, tuned = root / f"idx-{factory}", root / f"tuned-{factory}"
     run_build_index(IndexConfig(factory=factory, ef_search=16, nprobe=1, ef_construction=40), emb, index_dir)
     config = TuneConfig(target_recall=target, num_queries=300, repeats=1, ef_search=[8, 16, 32, 64, 128], nprobe=[1, 2, 4, 8, 16, 32, 64])
-    result = run_tune_index(config, index_dir, emb, queries, tuned)
-    assert result["target_met"] and result["recall"] >= target
+    result = run_tune_index(config, index_dir, emb, tune_q, tuned, report_vectors=report_q)
+    assert result["target_met"] and result["tuned_on"]["recall"] >= target
+    assert (result["tuned_on"]["num_queries"], result["reported_on"]["num_queries"]) == (200, 100)
     stored = json.loads((tuned / "index.json").read_text())
     assert stored["tuned"] and stored["search_params"] == result["search_params"]
     assert json.loads((index_dir / "index.json").read_text())["tuned"] is False  # the source directory is untouched
-    assert independent_recall(tuned, docs, queries) >= target - 1e-9
+    assert independent_recall(tuned, docs, tune_q) >= target - 1e-9
+    # the reported figure is what the public search API gives on the report queries
+    assert result["recall"] == pytest.approx(independent_recall(tuned, docs, report_q), abs=1e-4)
     rows = json.loads((tuned / "tune.json").read_text())["rows"]
     meeting = [r for r in rows if r["recall"] >= target]
-    assert result["qps"] == max(r["qps"] for r in meeting)  # the fastest of those that qualify
+    assert result["tuned_on"]["qps"] == max(r["qps"] for r in meeting)  # the fastest of those that qualify
     assert (tuned / "tune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len((tuned / "tune.csv").read_text().splitlines()) == len(rows) + 1
 
@@ -59,8 +64,60 @@ def test_unreachable_target_is_reported_not_hidden(synthetic):
     result = run_tune_index(TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir)
     assert result["target_met"] is False
     rows = json.loads((index_dir / "tune.json").read_text())["rows"]
-    assert result["recall"] == max(r["recall"] for r in rows) < 0.999
+    assert result["tuned_on"]["recall"] == max(r["recall"] for r in rows) < 0.999
     assert json.loads((index_dir / "index.json").read_text())["tuning"]["target_met"] is False  # tuned in place
+
+
+def row_set(vectors: np.ndarray) -> set[bytes]:
+    return {row.tobytes() for row in np.ascontiguousarray(vectors, dtype=np.float32)}
+
+
+def record_queries(monkeypatch, name: str, pick) -> list[np.ndarray]:
+    """Wrap autotune.<name> so that the query vectors it is called with are kept."""
+    calls, original = [], getattr(autotune, name)
+
+    def wrapper(*args):
+        calls.append(pick(args))
+        return original(*args)
+
+    monkeypatch.setattr(autotune, name, wrapper)
+    return calls
+
+
+@pytest.mark.parametrize("queries_from", ["given", "given with duplicates", "corpus", "given report set"])
+def test_tuner_never_reports_on_the_queries_it_tuned_on(synthetic, monkeypatch, queries_from):
+    """The choice (the sweep) sees only tuning queries; every reported figure comes from other queries."""
+    root, emb, docs, queries = synthetic
+    swept = record_queries(monkeypatch, "sweep", lambda args: args[1])  # sweep(loaded, queries, truth, config)
+    reported = record_queries(monkeypatch, "report_setting", lambda args: args[2].vectors)  # (loaded, embeddings, QuerySet, ...)
+    pools = {"given": queries, "given with duplicates": np.concatenate([queries, queries[:60]]), "corpus": None, "given report set": queries[:150]}
+    report_vectors = queries[150:] if queries_from == "given report set" else None
+    index_dir = root / "idx-disjoint"
+    if not index_dir.exists():
+        run_build_index(IndexConfig(factory="IVF64,Flat"), emb, index_dir)
+    config = TuneConfig(num_queries=400, repeats=1, nprobe=[1, 4, 16])
+    result = run_tune_index(config, index_dir, emb, pools[queries_from], root / f"tuned-{queries_from}", report_vectors=report_vectors)
+
+    assert len(swept) == len(reported) == 1
+    tuned_rows, reported_rows = row_set(swept[0]), row_set(reported[0])
+    assert tuned_rows and reported_rows and not tuned_rows & reported_rows
+    assert (result["tuned_on"]["num_queries"], result["reported_on"]["num_queries"]) == (len(swept[0]), len(reported[0]))
+    assert (result["recall"], result["qps"]) == (result["reported_on"]["recall"], result["reported_on"]["qps"])
+    stored = json.loads((root / f"tuned-{queries_from}" / "index.json").read_text())["tuning"]
+    if report_vectors is not None:
+        assert reported_rows == row_set(report_vectors) and stored["reported_on"]["query_source"] == "given report queries"
+    else:
+        assert "held out" in stored["reported_on"]["query_source"] and "tuning part" in stored["tuned_on"]["query_source"]
+        if pools[queries_from] is not None:  # every distinct query is used, on exactly one side
+            assert tuned_rows | reported_rows == row_set(pools[queries_from])
+
+
+def test_report_queries_that_were_tuned_on_are_refused(synthetic):
+    root, emb, docs, queries = synthetic
+    index_dir = root / "idx-overlap"
+    run_build_index(IndexConfig(factory="Flat"), emb, index_dir)
+    with pytest.raises(ValueError, match="also tuning queries"):
+        run_tune_index(TuneConfig(repeats=1), index_dir, emb, queries[:100], index_dir, report_vectors=queries[90:120])
 
 
 def test_pareto_front_has_no_dominated_point():

@@ -139,6 +139,21 @@ def test_all_index_presets_parse():
         assert load_config(IndexConfig, path).factory
 
 
+@pytest.mark.parametrize(("preset", "code_bytes"), [("pq192", 192), ("ivfpq-fastscan", 48 + 8 + 384)])
+def test_memory_and_speed_presets_cost_what_they_say(tmp_path, preset, code_bytes):
+    """Bytes per 384-d vector as the presets' comments state: pq192 is 1/8 of Flat's 1536, the fast one 440."""
+    config = load_config(IndexConfig, REPO / "configs" / "index" / f"{preset}.yaml")
+    # few lists and a small training sample: the per-vector cost does not depend on them, the test's time does
+    config = config.with_overrides(factory=config.factory.replace("IVF1024", "IVF8"), train_size=300)
+    vectors = clustered(2048, 384, 16, seed=0)
+    emb = write_embeddings(tmp_path / "emb", vectors, [f"d{i}" for i in range(len(vectors))])
+    built = run_build_index(config, emb, tmp_path / "idx")
+    # fast-scan lists are padded to blocks of 32 codes: a little over the code size on a tiny corpus
+    assert code_bytes <= built["marginal_bytes_per_vector"] <= code_bytes * 1.05
+    _, found = search_with_index(tmp_path / "idx", vectors[:50], 10)
+    assert np.mean([row[0] == f"d{i}" for i, row in enumerate(found)]) >= 0.9  # a corpus vector finds itself
+
+
 def test_gpu_mode_without_gpu_falls_back_or_fails_clearly(data, tmp_path):
     if gpu_count() > 0:
         pytest.skip("a GPU is present: covered by test_gpu_search_matches_cpu")

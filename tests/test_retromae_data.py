@@ -32,6 +32,28 @@ def test_impossible_values_are_rejected(override):
         load_config(PretrainConfig, "configs/pretrain/tiny.yaml", [override])
 
 
+@pytest.mark.parametrize("override", ["ce_chunk_size=0", "decoder_target_fraction=0", "decoder_target_fraction=1.5"])
+def test_impossible_cost_options_are_rejected(override):
+    with pytest.raises(ConfigError):
+        load_config(PretrainConfig, "configs/pretrain/tiny.yaml", [override])
+
+
+@pytest.mark.parametrize("override", ["decoding=basic", "objective=mlm"])
+def test_target_subsampling_needs_enhanced_decoding(override):
+    with pytest.raises(ConfigError, match="decoder_target_fraction"):
+        load_config(PretrainConfig, "configs/pretrain/tiny.yaml", [override, "decoder_target_fraction=0.5"])
+
+
+def test_cost_options_leave_default_keys_alone():
+    """At their defaults the cost options are not in the canonical form: configs keep their cache keys."""
+    cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml")
+    assert (cfg.ce_chunk_size, cfg.decoder_target_fraction) == (None, 1.0)
+    assert not {"ce_chunk_size", "decoder_target_fraction"} & set(cfg.canonical())
+    tuned = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["ce_chunk_size=4096", "decoder_target_fraction=0.25"])
+    assert tuned.canonical()["ce_chunk_size"] == 4096 and tuned.fingerprint() != cfg.fingerprint()
+    assert PretrainConfig.model_validate(tuned.canonical()) == tuned
+
+
 def test_unusual_ratios_warn_but_load():
     cfg = load_config(PretrainConfig, "configs/pretrain/tiny.yaml", ["decoder_mask_ratio=0.9", "encoder_mask_ratio=0.5"])
     assert len(cfg.warn_outside_paper()) == 2

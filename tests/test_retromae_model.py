@@ -93,3 +93,38 @@ def test_save_load_round_trip(tmp_path):
     from retrieval.models import read_sentence_transformer_settings
 
     assert read_sentence_transformer_settings(tmp_path / "encoder").pooling == "cls"
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_chunked_cross_entropy_equals_full():
+    batch = fake_collator()(random_features(6, seed=6))
+    loss, grads = _loss_and_grads(_model(), batch)
+    chunked = _model(ce_chunk_size=7)  # 7 does not divide the row counts: a ragged last chunk
+    chunk_loss, chunk_grads = _loss_and_grads(chunked, batch)
+    assert torch.allclose(chunk_loss, loss, atol=1e-6)
+    assert grads.keys() == chunk_grads.keys()
+    for name, grad in grads.items():
+        assert torch.allclose(chunk_grads[name], grad, atol=1e-6), name
+    assert torch.equal(_loss_and_grads(chunked, batch)[0], chunk_loss), "not deterministic"
+
+
+def test_decoding_only_target_rows_equals_decoding_all_rows():
+    """Enhanced decoding decodes just the rows with a target; the loss is that of all rows decoded."""
+    model = _model(decoder_layers=2)
+    batch = fake_collator(decoder_target_fraction=0.3)(random_features(5, seed=7))
+    hidden = model.encode(batch["input_ids"], batch["attention_mask"])
+    every_row = model.decode(hidden[:, 0], batch["decoder_input_ids"], batch["attention_mask"], batch["decoder_attention_mask"])
+    expected = model.masked_lm_loss(every_row, batch["decoder_labels"])
+    assert torch.allclose(model(**batch).decoder_loss, expected, atol=1e-6)
+
+
+def test_target_subsampling_is_deterministic_under_seed():
+    feats = random_features(6, seed=8)
+    losses = [_model()(**fake_collator(decoder_target_fraction=0.5, seed=s)(feats)).decoder_loss for s in (1, 1, 2)]
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])
