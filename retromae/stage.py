@@ -164,11 +164,19 @@ def write_pretraining_card(encoder_dir: Path, config: PretrainConfig, sources: l
     """The encoder's README.md: what it was pretrained from, on what, with which objective."""
     from retroflow.model_card import card_from_model_dir, write_model_card
 
-    base = config.model.init or f"from scratch ({config.model.preset} preset)"
+    from retroflow.artifacts import artifact_label
+
+    # Store paths become stage/key labels: the card is one of the artifact's files, and the same
+    # weights must give the same artifact on every store root.
+    canonical = config.canonical()
+    model = {k: artifact_label(v) if k in ("init", "tokenizer") and v else v for k, v in canonical["model"].items()}
+    data = {**canonical["data"], "files": [artifact_label(f) for f in canonical["data"]["files"]],
+            "beir_corpus": canonical["data"]["beir_corpus"] and artifact_label(canonical["data"]["beir_corpus"])}  # fmt: skip
+    base = model["init"] or f"from scratch ({config.model.preset} preset)"
     method = "plain MLM" if config.objective == "mlm" else f"RetroMAE ({config.decoding} decoding)"
     card = card_from_model_dir(
         encoder_dir, name=f"{Path(str(base)).name}, {method} pretraining", base_model=str(base),
-        datasets=[source_label(p) for p in sources], configs={"pretrain": config.canonical()},
+        datasets=[source_label(p) for p in sources], configs={"pretrain": {**canonical, "model": model, "data": data}},
         training={k: metrics[k] for k in ("steps", "final_loss", "chunks", "documents", "objective", "decoding") if metrics.get(k) is not None},
         summary=f"A BERT encoder pretrained by retroflow with {method}; its sentence embedding is the [CLS] state. "
                 "It is meant to be fine-tuned into a retriever (`retroflow finetune`), though it can be scored zero-shot.",

@@ -53,7 +53,9 @@ def task_states(flow_run_id) -> dict[str, str]:
     async def read():
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-            return {r.name.rsplit("-", 1)[0] + f"#{i}": r.state.name for i, r in enumerate(sorted(runs, key=lambda r: r.name))}
+            # a task run just created may have no state recorded yet
+            return {r.name.rsplit("-", 1)[0] + f"#{i}": r.state.name if r.state else "Pending"
+                    for i, r in enumerate(sorted(runs, key=lambda r: r.name))}  # fmt: skip
 
     return asyncio.run(read())
 
