@@ -202,6 +202,37 @@ def test_ablation_flow_tables_every_arm_then_comes_back_from_cache(harness, stor
     assert set(steps) == expected and all(states == {"Cached"} for states in steps.values()), steps
 
 
+def test_a_flow_killed_during_fine_tuning_resumes_from_its_finished_tasks(harness, store, data_dir, tmp_path):
+    """SIGKILL a real `pretrain-to-beir` flow process at a seeded moment while fine-tuning works;
+    the next flow run takes every finished task from cache, redoes no finished artifact and completes."""
+    import json
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PREFECT_API_URL": current_api_url(), "OMP_NUM_THREADS": "1"}
+    script = f"from flows.pretrain_to_beir import pretrain_to_beir; pretrain_to_beir({TINY!r})"
+    with open(tmp_path / "flow.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(".tmp-" in p.name or p.name.endswith(".partial") for p in (store / "finetune").glob("*")):
+        assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "fine-tuning never started"
+        time.sleep(0.02)
+    time.sleep(random.Random(21).uniform(0.0, 0.5))
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = {p.parent: json.loads(p.read_text())["finished_at"] for p in store.glob("*/*/manifest.json")}
+    assert any(path.parent.name == "pretrain" for path in finished) and not any(path.parent.name == "finetune" for path in finished)
+
+    state, _ = run_flow()
+    assert state.is_completed(), state.message
+    assert {path: json.loads((path / "manifest.json").read_text())["finished_at"] for path in finished} == finished, "a finished artifact was redone"
+    steps = states_by_step(state.state_details.flow_run_id)
+    assert steps["pretrain"] == {"Cached"} and steps["prepare-data"] == {"Cached"} and steps["finetune"] == {"Completed"}
+
+
 def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):
     """Scale-out: with RETROFLOW_TASK_RUNNER=dask the encoding shards go to 2 worker processes."""
     import json
