@@ -176,7 +176,7 @@ def one_torch_thread():
 # for the tests that import helpers from it.)
 # ---------------------------------------------------------------------------------------
 
-SAMPLE_SIZE = 2
+SAMPLE_SIZE = 2  # of the 3 slow kill stages
 
 
 def sample_seed() -> int:

@@ -95,8 +95,11 @@ def kill_during(run: subprocess.Popen, store: Path, stage: str, rng: random.Rand
 
 CASES = [pytest.param("finetune", 11, id="finetune")] + [
     pytest.param(stage, seed, id=stage, marks=pytest.mark.slow)
-    for stage, seed in [("pretrain", 12), ("teacher", 13), ("encode", 14), ("index", 15), ("negatives", 16)]
+    for stage, seed in [("pretrain", 12), ("teacher", 13), ("encode", 14)]
 ]
+# `index` and `negatives` finish in milliseconds on the tiny data: on an idle machine the run can be
+# past them before a poll sees them working, so a kill there is not reliably a kill in them. Their
+# outputs are published like every stage's (tests/reliability/test_leftovers_and_integrity.py).
 
 
 @pytest.mark.parametrize("stage, seed", CASES)
