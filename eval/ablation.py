@@ -105,11 +105,11 @@ def pretraining_budget(config: AblationConfig, result: AblationResult) -> dict[s
 
 def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dict[str, Any]:
     """Table, loss curves and markdown under `out_dir` (`<store>/ablations/<name>/`); returns the
-    summary that the CLI prints as its JSON line and the flow publishes."""
+    summary that the CLI prints as its JSON line, plus the report's `markdown` the flow publishes."""
     import json
     from pathlib import Path
 
-    from eval.report import plot_loss_curves
+    from eval.report import embedded_png, plot_loss_curves
     from retroflow.artifacts import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -117,11 +117,11 @@ def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dic
     budget = pretraining_budget(config, result)
     plot = plot_loss_curves(loss_curves(result), out_dir / "pretraining-loss.png")
     markdown = report_markdown(config, rows, budget)
-    if plot:
-        markdown += f"\n## Pretraining loss\n\n![pretraining loss]({plot.name})\n"
+    if plot:  # inline, as the pipeline's report: the file and the Prefect artifact are one text
+        markdown += "\n## Pretraining loss\n\n" + embedded_png("pretraining loss", plot) + "\n"
     summary = {"ablation": config.name, "arms": config.all_arms(), "seeds": config.seeds, "baseline": config.baseline,
                "budget": budget, "rows": rows, "report": str(out_dir / "report.md"),
                "loss_plot": str(plot) if plot else None}  # fmt: skip
     atomic_write_text(out_dir / "report.md", markdown)
     atomic_write_text(out_dir / "latest.json", json.dumps(summary, indent=2, default=str))
-    return summary
+    return {**summary, "markdown": markdown}

@@ -9,8 +9,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eval.ablation import report_markdown, write_report
-from eval.report import embedded_png
+from eval.ablation import write_report
 from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key
@@ -27,14 +26,10 @@ def retromae_ablation(config: str = DEFAULT_CONFIG, overrides: list[str] | None 
     store = store_of(ablation)
     result = run_ablation(ablation, *store_executor(store))
     summary = write_report(ablation, result, store.root / "ablations" / ablation.name)
+    markdown = summary.pop("markdown")
     create_table_artifact(key=artifact_key("ablation", ablation.name), table=summary["rows"],
                           description=f"retromae-ablation/{ablation.name}: arms x datasets, mean ± std over seeds {ablation.seeds}, "
                                       f"Δ and paired randomisation p against {ablation.baseline}")  # fmt: skip
-    markdown = report_markdown(ablation, summary["rows"], summary["budget"])
-    if summary["loss_plot"]:
-        from pathlib import Path
-
-        markdown += "\n## Pretraining loss\n\n" + embedded_png("pretraining loss", Path(summary["loss_plot"])) + "\n"
     create_markdown_artifact(key=artifact_key("ablation-report", ablation.name), markdown=markdown, description="RetroMAE ablation report")
     get_run_logger().info("ablation %s: %d rows, report %s", ablation.name, len(summary["rows"]), summary["report"])
     return summary

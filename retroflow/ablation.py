@@ -21,7 +21,6 @@ interrupted study resumes, and adding a seed or an arm reuses everything already
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,10 +29,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.artifacts import Artifact, ArtifactStore, sha256_file
 from retroflow.config import ConfigError, StageConfig, load_config, validate_config
 from retroflow.pipeline import (
     ModelRef,
+    apply_data_dir,
     direct,
     direct_map,
     step_code,
@@ -43,6 +43,7 @@ from retroflow.pipeline import (
     step_prepare_data,
     step_pretrain,
     step_tokenizer,
+    store_for,
 )
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,7 @@ def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
     out = {}
     for arm in config.all_arms():
         base, sweep = parse_arm(arm)
-        out[arm] = shared if base == NO_PRETRAINING else shared.model_copy(update={**OBJECTIVES[base], **sweep})
-        out[arm] = type(shared).model_validate(out[arm].canonical())  # re-validated, not just copied
+        out[arm] = shared if base == NO_PRETRAINING else shared.with_overrides(**{**OBJECTIVES[base], **sweep})  # a sweep value wins
     return out
 
 
@@ -233,14 +233,6 @@ class CorpusConfig(StageConfig):
     files: dict[str, str] = Field(default_factory=dict)  # path -> sha256 of its content
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def step_pretraining_corpus(store: ArtifactStore, corpora: list[Artifact], files: list[str]) -> Artifact:
     """One `corpus.parquet` (title, text) of every document of `corpora` and `files`: the text
     the tokenizer and every arm's pretraining read."""
@@ -253,7 +245,7 @@ def step_pretraining_corpus(store: ArtifactStore, corpora: list[Artifact], files
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"pretraining file not found: {path}")
-    config = CorpusConfig(files={str(p): file_sha256(p) for p in paths})
+    config = CorpusConfig(files={str(p): sha256_file(p) for p in paths})
 
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         counts, texts = {}, []
@@ -320,18 +312,13 @@ def data_root_datasets() -> list[str]:
 
 
 def store_of(config: AblationConfig) -> ArtifactStore:
-    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or config.store)
-
-
-def apply_data_dir(config: AblationConfig) -> None:
-    if config.data_dir:
-        os.environ["RETROFLOW_DATA_DIR"] = str(Path(config.data_dir).expanduser().resolve())
+    return store_for(config)  # the pipeline's rule: RETROFLOW_STORE, else the config's `store`
 
 
 def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map) -> AblationResult:
     """Pretrain every arm for every seed, fine-tune and evaluate each identically."""
     apply_data_dir(config)
-    store = store_of(config)
+    store = store_for(config)
     names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
     datasets = {name: execute("prepare-data", step_prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
     corpus = execute("pretraining-corpus", step_pretraining_corpus, store, [datasets[n] for n in names], list(config.pretrain_files))
@@ -340,12 +327,12 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
     negatives = execute("mine-negatives", step_mine_negatives, store, negatives_config(config), train_data, None)
     produced["negatives"] = negatives
     evaluation = evaluate_config(config)
+    # the tokenizer depends on the text and the vocabulary size only: one for every seed and arm
+    tokenizer = execute("tokenizer", step_tokenizer, store, shared_pretrain_config(config, config.seeds[0]), corpus)
+    produced["tokenizer"] = tokenizer
     runs = []
     for seed in config.seeds:
-        arms = arm_pretrain_configs(config, seed)
-        tokenizer = execute("tokenizer", step_tokenizer, store, next(iter(arms.values())), corpus)
-        produced["tokenizer"] = tokenizer
-        for arm, pretrain in arms.items():
+        for arm, pretrain in arm_pretrain_configs(config, seed).items():
             if parse_arm(arm)[0] == NO_PRETRAINING:
                 encoder = execute("scratch-init", step_scratch_init, store, pretrain, tokenizer)
             else:

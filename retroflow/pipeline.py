@@ -126,10 +126,12 @@ def stage_config(cls: type[StageConfig], pipeline: PipelineConfig, section: str,
 
 
 def store_for(pipeline: PipelineConfig) -> ArtifactStore:
+    """The store of a pipeline (or any config with a `store` field, e.g. an ablation)."""
     return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store)
 
 
 def apply_data_dir(pipeline: PipelineConfig) -> None:
+    """Point RETROFLOW_DATA_DIR at a config's `data_dir` (a pipeline's or an ablation's)."""
     if pipeline.data_dir:
         os.environ["RETROFLOW_DATA_DIR"] = str(Path(pipeline.data_dir).expanduser().resolve())
 

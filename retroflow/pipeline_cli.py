@@ -61,6 +61,7 @@ def ablation_command(args: argparse.Namespace) -> int:
     config = load_ablation_config(args.config, args.set)
     result = run_ablation(config)
     summary = write_report(config, result, store_of(config).root / "ablations" / config.name)
+    summary.pop("markdown")  # written to report.md; the JSON line carries the table
     columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
     print(format_table(summary["rows"], columns))
     emit_json(summary)

@@ -167,6 +167,28 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+def stage_is_working(store: Path, stage: str) -> bool:
+    """A build of `stage` is under way in the store (its staging or `.partial` directory exists)."""
+    folder = store / stage
+    return folder.is_dir() and any(".tmp-" in p.name or p.name.endswith(".partial") for p in folder.iterdir())
+
+
+def kill_during(run, store: Path, stage: str, rng: random.Random, timeout: float = 300) -> None:
+    """SIGKILL the run's process group (started with start_new_session) at a seeded random moment
+    while `stage` is being built."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not stage_is_working(store, stage):
+        assert run.poll() is None, f"the run ended before stage {stage} started"
+        assert time.monotonic() < deadline, f"stage {stage} never started"
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.5))
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait(timeout=30)
+
+
 # ---------------------------------------------------------------------------------------
 # The reliability suite's CI sample (tests/reliability/): every fast case, plus a seeded sample
 # of the slow ones. `make reliability` (RETROFLOW_RELIABILITY=full) runs every case. The default

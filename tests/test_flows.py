@@ -211,18 +211,14 @@ def test_a_flow_killed_during_fine_tuning_resumes_from_its_finished_tasks(harnes
     import subprocess
     import sys
 
+    from conftest import kill_during
+
     env = {**os.environ, "PREFECT_API_URL": current_api_url(), "OMP_NUM_THREADS": "1"}
     script = f"from flows.pretrain_to_beir import pretrain_to_beir; pretrain_to_beir({TINY!r})"
     with open(tmp_path / "flow.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not any(".tmp-" in p.name or p.name.endswith(".partial") for p in (store / "finetune").glob("*")):
-        assert proc.poll() is None, (tmp_path / "flow.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "fine-tuning never started"
-        time.sleep(0.02)
-    time.sleep(random.Random(21).uniform(0.0, 0.5))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    kill_during(proc, store, "finetune", random.Random(21))
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "flow.log").read_text()[-3000:]
     finished = {p.parent: json.loads(p.read_text())["finished_at"] for p in store.glob("*/*/manifest.json")}
     assert any(path.parent.name == "pretrain" for path in finished) and not any(path.parent.name == "finetune" for path in finished)
 

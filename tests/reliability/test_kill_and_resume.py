@@ -17,10 +17,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import kill_during
 
 REPO = Path(__file__).resolve().parents[2]
 TIMED_STAGES = {"tune", "evaluate"}  # their files hold measured speeds
@@ -74,23 +74,6 @@ def seeded_store(reference: Path, store: Path) -> None:
     hash order, so only a shared tokenizer artifact makes two stores' runs comparable."""
     for stage in ("data", "tokenizer"):
         shutil.copytree(reference / stage, store / stage, symlinks=True)
-
-
-def stage_is_working(store: Path, stage: str) -> bool:
-    folder = store / stage
-    return folder.is_dir() and any(".tmp-" in p.name or p.name.endswith(".partial") for p in folder.iterdir())
-
-
-def kill_during(run: subprocess.Popen, store: Path, stage: str, rng: random.Random, timeout: float = 300) -> None:
-    """SIGKILL the run's process group at a seeded random moment while `stage` is being built."""
-    deadline = time.monotonic() + timeout
-    while not stage_is_working(store, stage):
-        assert run.poll() is None, f"the run ended before stage {stage} started"
-        assert time.monotonic() < deadline, f"stage {stage} never started"
-        time.sleep(0.02)
-    time.sleep(rng.uniform(0.0, 0.5))
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait(timeout=30)
 
 
 CASES = [pytest.param("finetune", 11, id="finetune")] + [
