@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from retroflow.artifacts import atomic_write_text  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
-from retrieval.models import resolve_model_path  # noqa: E402
+from retroflow.models import resolve_model_path  # noqa: E402
 
 MAX_LENGTH = 256
 ST_BATCH_SIZES = (32, 64)

@@ -33,8 +33,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.datasets import load_dataset  # noqa: E402
-from eval.metrics import evaluate_run  # noqa: E402
+from retroflow.data.beir import load_dataset  # noqa: E402
+from retroflow.metrics import evaluate_run  # noqa: E402
 from retroflow.artifacts import atomic_write_text  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
 from retrieval.bm25 import BM25Retriever  # noqa: E402
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--config", default=str(REPO / "configs/finetune/minilm-scifact.yaml"))
     parser.add_argument("--distill-config", default=str(REPO / "configs/finetune/minilm-scifact-distill.yaml"))
-    parser.add_argument("--teacher-config", default=str(REPO / "configs/finetune/teacher-fusion-scifact.yaml"))
+    parser.add_argument("--teacher-config", default=str(REPO / "configs/teacher/fusion-scifact.yaml"))
     parser.add_argument("--skip-distill", action="store_true")
     parser.add_argument("--skip-dpr", action="store_true", help="only the distillation arm (with its references)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

@@ -22,8 +22,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from eval.datasets import load_dataset  # noqa: E402
-from eval.metrics import evaluate_run  # noqa: E402
+from retroflow.data.beir import load_dataset  # noqa: E402
+from retroflow.metrics import evaluate_run  # noqa: E402
 from retroflow.artifacts import atomic_write_text  # noqa: E402
 from retrieval.bm25 import BM25Retriever  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402

@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.export_vectors import build_all, default_data_dir  # noqa: E402
 from retroflow.artifacts import atomic_write_text, cache_root  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
-from retrieval.autotune import TuneConfig, run_tune_index  # noqa: E402
+from retrieval.tune import TuneConfig, run_tune_index  # noqa: E402
 from retrieval.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
-from retrieval.shards import open_embeddings, write_embeddings  # noqa: E402
+from retrieval.encode import open_embeddings, write_embeddings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "index"
@@ -135,8 +135,8 @@ def single_query_latency(index_dir: Path, queries: np.ndarray, passes: int = 2) 
 
 
 def ndcg_at_10(index_dir: Path, query_vectors: np.ndarray, qids: list[str], dataset: Path) -> float:
-    from eval.datasets import load_dataset
-    from eval.metrics import evaluate_run
+    from retroflow.data.beir import load_dataset
+    from retroflow.metrics import evaluate_run
 
     qrels = load_dataset(dataset).split_qrels("test")
     scores, ids = search_with_index(index_dir, query_vectors, K, device="never")

@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+SCIFACT = REPO.parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 sys.path.insert(0, str(REPO))
 
 from retromae.collator import RetroMAECollator, SpecialIds  # noqa: E402
 from retromae.data import read_texts  # noqa: E402
 from retromae.model import RetroMAEModel, load_pretrained_mlm, resolve_checkpoint, scratch_mlm  # noqa: E402
-from retromae.testing import SCIFACT  # noqa: E402
 
 FRACTIONS = (0.5, 0.25)
 

@@ -5,10 +5,10 @@
     record_run(result, config, registry_path=None, run_id=None) -> run_id
 
 Suites (`config.suite`):
-- `beir` (default): a BEIR-format dataset, metrics from `eval.metrics` (nDCG/Recall/MRR/MAP@k).
-- `msmarco`: MS MARCO passage / TREC DL (`eval.msmarco`): official TSV directory or BEIR
+- `beir` (default): a BEIR-format dataset, metrics from `retroflow.metrics` (nDCG/Recall/MRR/MAP@k).
+- `msmarco`: MS MARCO passage / TREC DL (`retroflow.data.msmarco`): official TSV directory or BEIR
   layout; MRR@10, Recall@50/1000, nDCG@10; on graded qrels binary metrics count grade >= 2.
-- `nq`: DPR-style open-domain QA (`eval.nq`): passages + questions with answers; top-k
+- `nq`: DPR-style open-domain QA (`retroflow.data.nq`): passages + questions with answers; top-k
   retrieval accuracy (`accuracy@k`) with DPR's answer matching.
 
 Plain functions, used by the CLI (`retroflow evaluate`) and the Prefect flows.
@@ -24,17 +24,17 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from eval.datasets import BeirDataset, load_dataset
-from eval.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
-from eval.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
-from eval.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
+from retroflow.data.beir import BeirDataset, load_dataset
+from retroflow.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
+from retroflow.data.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
+from retroflow.data.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
 from retroflow.artifacts import atomic_write_text, code_version
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings
 from retrieval.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
 from retrieval.search import Run, drop_self_hits, exact_search, to_run
-from retrieval.shards import corpus_vectors
+from retrieval.encode import corpus_vectors
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Flow `pretrain-to-beir`: the pipeline of `retroflow.pipeline` as cached Prefect tasks,
+"""Flow `pretrain-to-beir`: the pipeline of `flows.chain` as cached Prefect tasks,
 plus the run's artifacts (metrics table, markdown report with lineage, loss plot)."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eval.report import write_run_report
+from flows.run_report import write_run_report
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key, make_task
 from retroflow.artifacts import ArtifactStore
-from retroflow.pipeline import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
+from flows.chain import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
 
 DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
 

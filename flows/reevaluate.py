@@ -18,7 +18,7 @@ from eval.report import markdown_table, metric_rows
 from flows.pretrain_to_beir import task_executor
 from flows.tasks import artifact_key
 from retroflow.artifacts import Artifact
-from retroflow.pipeline import (
+from flows.chain import (
     PipelineConfig,
     eval_config,
     external_model,
@@ -64,7 +64,7 @@ def reevaluate(
         evaluate=evaluate or {},
         regression_threshold=threshold,
     )
-    from retroflow.pipeline import apply_data_dir
+    from flows.chain import apply_data_dir
 
     apply_data_dir(pipeline)
     execute, _ = task_executor(pipeline)
@@ -74,7 +74,7 @@ def reevaluate(
     config = eval_config(pipeline)
     arts = {}
     for source in pipeline.eval_datasets:
-        data = execute("prepare-data", step_prepare_data, artifact_store, source)
+        data = execute("data", step_prepare_data, artifact_store, source)
         arts[source] = execute("evaluate", step_evaluate, artifact_store, config, model_ref, data, index_ref)
     results = {name: read_evaluation(art) for name, art in arts.items()}
     record_evaluations(pipeline, arts, results)

@@ -1,4 +1,4 @@
-"""Flow `retromae-ablation`: the RetroMAE paper's claim in miniature (`retroflow.ablation`), every
+"""Flow `retromae-ablation`: the RetroMAE paper's claim in miniature (`flows.ablation`), every
 step a cached task, plus a table artifact, a markdown report with the pretraining loss curves."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from eval.ablation import write_report
+from flows.ablation_report import write_report
 from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
 from flows.tasks import artifact_key
-from retroflow.ablation import load_ablation_config, run_ablation, store_of
+from flows.ablation import load_ablation_config, run_ablation, store_of
 
 DEFAULT_CONFIG = "configs/ablation/miniature.yaml"
 

@@ -23,7 +23,7 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version, verify_artifact
 from retroflow.config import StageConfig
-from retroflow.pipeline import STEP_CODE, ExternalInput
+from flows.chain import STEP_CODE, ExternalInput
 from retroflow.progress import reporting_progress_to
 
 log = logging.getLogger("retroflow.flows")

@@ -26,7 +26,7 @@ from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
 from retroflow.progress import progress_bar
 from retrieval import encoder_fused
-from retrieval.models import read_sentence_transformer_settings, resolve_model_path
+from retroflow.models import read_sentence_transformer_settings, resolve_model_path
 
 log = logging.getLogger(__name__)
 

@@ -52,8 +52,8 @@ from retroflow.devices import pick_device, pick_dtype, step_optimizer, seed_ever
 from retroflow.progress import progress_bar
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
-from retrieval.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.negatives import MineNegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
+from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
+from retrieval.negatives import NegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
 from retrieval.training_data import TrainingSet, beir_training_set, dev_split
 
 log = logging.getLogger("retroflow.finetune")
@@ -93,7 +93,7 @@ class DataSection(_Section):
 class NegativesSection(_Section):
     hard_negatives: int = Field(1, ge=0, description="hard negatives per query in each batch")
     # used when run_finetune gets no negatives file and hard_negatives > 0
-    mine: MineNegativesConfig = Field(default_factory=MineNegativesConfig)
+    mine: NegativesConfig = Field(default_factory=NegativesConfig)
 
 
 class TrainSection(_Section):
@@ -609,7 +609,7 @@ class FinetuneTrainer:
             model_dir = ance_dir / f"round-{round_index}-model"
             self.save_passage_encoder(model_dir)
             cfg = self.config
-            mine_cfg = MineNegativesConfig(
+            mine_cfg = NegativesConfig(
                 split=cfg.data.split, method="dense", rank_start=cfg.ance.rank_start, rank_end=cfg.ance.rank_end,
                 max_negatives=cfg.ance.max_negatives, min_grade=cfg.data.min_grade, index=cfg.ance.index,
                 encoder={"batch_size": cfg.ance.encode_batch_size, "show_progress": False,

@@ -1,4 +1,4 @@
-"""`retroflow mine-negatives`, `retroflow train-teacher`, `retroflow finetune`.
+"""`retroflow negatives`, `retroflow teacher`, `retroflow finetune`.
 
 Each command loads a YAML config (flags and `--set key=value` override it), runs the stage
 function into `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume`
@@ -30,23 +30,23 @@ def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     mine = subparsers.add_parser(
-        "mine-negatives", help="mine hard negatives with BM25 or a dense model",
+        "negatives", help="mine hard negatives with BM25 or a dense model",
         description="Mine hard negatives for a dataset's training queries from a rank window, excluding every "
         "judged positive. Writes DIR/negatives.jsonl (first line: provenance).",
     )  # fmt: skip
-    _common(mine, "YAML MineNegativesConfig, e.g. configs/finetune/mine-bm25.yaml")
+    _common(mine, "YAML NegativesConfig, e.g. configs/negatives/bm25.yaml")
     mine.add_argument("--method", choices=["bm25", "dense"])
     mine.add_argument("--model", help="dense mining: alias or model directory")
     mine.set_defaults(func=run_mine_command)
 
     teacher = subparsers.add_parser(
-        "train-teacher", help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
+        "teacher", help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
         description="kind fusion: fuse BM25 with the dense model `init` (weight chosen on the dev hold-out) and score "
         "each query's fused top candidates. kind cross_encoder: train a cross-encoder on the training queries + mined "
         "negatives, then score each query's candidates (DIR/teacher/). Both write DIR/teacher_scores.jsonl.",
     )  # fmt: skip
-    _common(teacher, "YAML TeacherConfig, e.g. configs/finetune/teacher-fusion-scifact.yaml")
-    teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from mine-negatives (cross_encoder kind)")
+    _common(teacher, "YAML TeacherConfig, e.g. configs/teacher/fusion-scifact.yaml")
+    teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from `retroflow negatives` (cross_encoder kind)")
     teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
     teacher.set_defaults(func=run_teacher_command)
 
@@ -54,7 +54,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "finetune", help="DPR fine-tuning (hard negatives, ANCE refresh, distillation)",
         description="Fine-tune a bi-encoder on a dataset's training qrels. Writes DIR/model (HF + "
         "sentence-transformers files), DIR/metrics.json. Multi-process: "
-        "torchrun --nproc_per_node N -m retroflow.cli finetune ...",
+        "torchrun --nproc_per_node N -m flows.cli finetune ...",
     )  # fmt: skip
     _common(finetune, "YAML FinetuneConfig, e.g. configs/finetune/tiny.yaml")
     finetune.add_argument("--model", help="encoder to start from (alias, HF dir, pretrain output); overrides `init`")
@@ -64,6 +64,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("--seed", type=int, help="override train.seed")
     finetune.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
     finetune.set_defaults(func=run_finetune_command)
+    hidden_alias(subparsers, "mine-negatives", mine)  # the names before one word per stage
+    hidden_alias(subparsers, "train-teacher", teacher)
+
+
+def hidden_alias(subparsers: argparse._SubParsersAction, old: str, parser: argparse.ArgumentParser) -> None:
+    """`old` still runs `parser` but is listed nowhere (argparse's own aliases show in the help)."""
+    subparsers._name_parser_map[old] = parser
 
 
 def _is_main_process() -> bool:
@@ -71,7 +78,7 @@ def _is_main_process() -> bool:
 
 
 def _load_dataset(name: str):
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
 
     return load_dataset(name)
 
@@ -93,13 +100,13 @@ def _finish(output: Path, metrics: dict) -> None:
 
 
 def run_mine_command(args: argparse.Namespace) -> int:
-    from retrieval.negatives import MineNegativesConfig, run_mine_negatives
+    from retrieval.negatives import NegativesConfig, run_mine_negatives
 
     overrides = list(args.overrides)
     for flag in ("dataset", "method", "model"):
         if getattr(args, flag):
             overrides.append(f"{flag}={getattr(args, flag)}")
-    config = load_config(MineNegativesConfig, args.config, overrides)
+    config = load_config(NegativesConfig, args.config, overrides)
     metrics = run_mine_negatives(config, _load_dataset(config.dataset), args.output)
     print(format_table([{k: metrics[k] for k in ("method", "queries", "negatives", "mean_per_query")}]))
     atomic_write_text(args.output / "metrics.json", json.dumps(metrics, indent=2))

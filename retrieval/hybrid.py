@@ -116,7 +116,7 @@ def fuse(dense: Run, bm25: Run, settings: FusionSettings, weight: float | None =
 
 def choose_weight(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], settings: FusionSettings) -> tuple[float, dict[float, float]]:
     """The grid weight with the best nDCG@10 on `qrels`' queries; ties go to the larger dense weight."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
 
     if not qrels:
         raise ValueError("no selection queries to choose the fusion weight on")

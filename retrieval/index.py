@@ -41,7 +41,7 @@ from pydantic import Field, field_validator
 
 from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig
-from retrieval.shards import Embeddings, open_embeddings, write_ids
+from retrieval.encode import Embeddings, open_embeddings, write_ids
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ KNOBS = {"efSearch": "efSearch", "nprobe": "nprobe", "k_factor_rf": "k_factor_rf
 
 
 class IndexConfig(StageConfig):
-    """`retroflow index build`: which FAISS index, how it is trained, and its default search knobs."""
+    """`retroflow index`: which FAISS index, how it is trained, and its default search knobs."""
 
     factory: str = Field("HNSW32", description="FAISS index_factory string: Flat, HNSW32, IVF1024,PQ48, OPQ48,IVF1024,PQ48, SQ8, ...")
     metric: Literal["ip", "l2"] = "ip"
@@ -376,7 +376,7 @@ def run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) ->
 def read_index_meta(index_dir: str | Path) -> dict[str, Any]:
     meta_file = Path(index_dir) / META_FILE
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{index_dir} is not a finished index directory ({META_FILE} missing): run `retroflow index build`")
+        raise FileNotFoundError(f"{index_dir} is not a finished index directory ({META_FILE} missing): run `retroflow index`")
     meta = json.loads(meta_file.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_file}: unknown format {meta.get('format')!r} (expected {FORMAT})")

@@ -1,9 +1,9 @@
-"""`retroflow encode`, `retroflow index build|tune`, `retroflow search`: thin wrappers over the stage functions.
+"""`retroflow encode`, `retroflow index`, `retroflow tune`, `retroflow search`: thin wrappers over the stage functions.
 
     retroflow encode --model minilm --dataset scifact --output runs/scifact-minilm [--shard-size 50000]
                      [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
-    retroflow index build --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
-    retroflow index tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
+    retroflow index --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
+    retroflow tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
     retroflow search --index DIR --query "text" [--query ...] | --dataset D --split test --output run.json
 """
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _add_encode(subparsers)
-    _add_index(subparsers)
+    _add_index_and_tune(subparsers)
     _add_search(subparsers)
 
 
@@ -74,8 +74,8 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
-    from eval.datasets import load_dataset
-    from retrieval.shards import META_FILE, EncodeConfig, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+    from retroflow.data.beir import load_dataset
+    from retrieval.encode import META_FILE, EncodeConfig, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
 
     overrides = _overrides(args, [("model", "model"), ("dataset", "dataset"), ("shard_size", "shard_size"), ("dtype", "dtype"),
                                   ("batch_size", "encoder.batch_size")])  # fmt: skip
@@ -106,16 +106,12 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# index build / tune
+# index / tune
 # ---------------------------------------------------------------------------------------
 
 
-def _add_index(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("index", help="build or tune a FAISS index over an embeddings directory")
-    commands = parser.add_subparsers(dest="index_command", metavar="{build,tune}")
-    parser.set_defaults(func=lambda args: (parser.print_help(), 1)[1])
-
-    build = commands.add_parser("build", help="train + fill a FAISS index from a factory string",
+def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
+    build = subparsers.add_parser("index", help="train + fill a FAISS index from a factory string",
                                 description="Build a FAISS index (Flat, HNSW32, IVF1024,PQ48, OPQ48,IVF1024,PQ48, SQ8, ...).")  # fmt: skip
     _common(build, "YAML IndexConfig, e.g. configs/index/hnsw32.yaml")
     build.add_argument("--embeddings", type=Path, required=True, help="directory written by `retroflow encode`")
@@ -125,7 +121,7 @@ def _add_index(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--metric", choices=["ip", "l2"])
     build.set_defaults(func=run_index_build_command)
 
-    tune = commands.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
+    tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
                                description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
     _common(tune, "YAML TuneConfig, e.g. configs/index/tune.yaml")
     tune.add_argument("--index", type=Path, required=True)
@@ -185,14 +181,14 @@ def query_encoder(index_meta: dict[str, Any], model: str | None):
 
 
 def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str, model: str | None) -> tuple[list[str], np.ndarray]:
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
 
     queries = load_dataset(dataset_source).split_queries(split)
     return list(queries), query_encoder(meta, model).encode_queries(list(queries.values()))
 
 
 def run_index_tune_command(args: argparse.Namespace) -> int:
-    from retrieval.autotune import TuneConfig, run_tune_index
+    from retrieval.tune import TuneConfig, run_tune_index
     from retrieval.index import read_index_meta
 
     config = load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))

@@ -2,7 +2,7 @@
 
 Stage function (plain, no Prefect):
 
-    run_mine_negatives(config: MineNegativesConfig, dataset: BeirDataset, out_dir: Path,
+    run_mine_negatives(config: NegativesConfig, dataset: BeirDataset, out_dir: Path,
                        model_path: Path | None = None) -> dict
 
 writes `out_dir/negatives.jsonl` and returns metrics. For every training query the retriever's
@@ -37,7 +37,7 @@ NEGATIVES_FILE = "negatives.jsonl"
 FORMAT = "retroflow-negatives/1"
 
 
-class MineNegativesConfig(StageConfig):
+class NegativesConfig(StageConfig):
     dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
     split: str = "train"
     method: Literal["bm25", "dense"] = "bm25"
@@ -52,7 +52,7 @@ class MineNegativesConfig(StageConfig):
     encoder: EncoderSettings = Field(default_factory=lambda: EncoderSettings(show_progress=False))
 
     @model_validator(mode="after")
-    def _window(self) -> "MineNegativesConfig":
+    def _window(self) -> "NegativesConfig":
         if self.rank_end <= self.rank_start:
             raise ValueError(f"rank_end ({self.rank_end}) must be larger than rank_start ({self.rank_start})")
         return self
@@ -83,7 +83,7 @@ def write_negatives(path: Path, mined: MinedNegatives) -> None:
 
 def read_headed_jsonl(path: Path, expected_format: str, kind: str) -> tuple[dict[str, Any], list[tuple[int, dict]]]:
     """(provenance, [(line number, record), ...]) of a retroflow JSONL file whose line 1 names its format."""
-    from eval.datasets import iter_jsonl_records
+    from retroflow.data.beir import iter_jsonl_records
 
     path = Path(path)
     if not path.is_file():
@@ -142,7 +142,7 @@ def select_window(
 # ---------------------------------------------------------------------------------------- retrievers
 
 
-def rank_bm25(config: MineNegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str]):
+def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str]):
     from retrieval.bm25 import BM25Retriever
 
     retriever = BM25Retriever(doc_ids, doc_texts, config.bm25)
@@ -165,7 +165,7 @@ def dense_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, ind
     return search_index(hnsw, query_vectors, k)
 
 
-def rank_dense(config: MineNegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None):
+def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None):
     """Encode with retroflow's Encoder (pooling as the model's sentence-transformers config says)."""
     from retrieval.encoder import Encoder
 
@@ -182,7 +182,7 @@ def rank_dense(config: MineNegativesConfig, model: str | Path, doc_ids, doc_text
 
 
 def mine_negatives(
-    config: MineNegativesConfig, dataset, model_path: Path | str | None = None, query_ids: Sequence[str] | None = None
+    config: NegativesConfig, dataset, model_path: Path | str | None = None, query_ids: Sequence[str] | None = None
 ) -> MinedNegatives:
     """Mine negatives for the judged queries of `config.split` (or just `query_ids`)."""
     train = beir_training_set(dataset, config.split, config.min_grade, on_missing_positive="skip", query_ids=query_ids)
@@ -226,7 +226,7 @@ def negatives_metrics(mined: MinedNegatives) -> dict[str, Any]:
     }
 
 
-def run_mine_negatives(config: MineNegativesConfig, dataset, out_dir: Path, model_path: Path | None = None) -> dict:
+def run_mine_negatives(config: NegativesConfig, dataset, out_dir: Path, model_path: Path | None = None) -> dict:
     """Mine hard negatives and write `out_dir/negatives.jsonl` (with a provenance header)."""
     started = time.perf_counter()
     mined = mine_negatives(config, dataset, model_path)

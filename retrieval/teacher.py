@@ -55,7 +55,7 @@ from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
 from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
 from retrieval.hybrid import FusionSettings
-from retrieval.models import resolve_model_path
+from retroflow.models import resolve_model_path
 from retrieval.negatives import read_negatives
 from retrieval.training_data import beir_training_set, dev_split
 
@@ -292,7 +292,7 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     """nDCG@10 of BM25's top `dev_check_depth` for the held-out dev queries, as BM25 ranks them
     and as the teacher reranks them. A teacher below BM25 would teach the student worse
     rankings than the negatives' own source, so that case is logged as a warning."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
     from retrieval.bm25 import BM25Retriever
     from retrieval.search import drop_self_hits
 
@@ -333,7 +333,7 @@ def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None 
     from retrieval.bm25 import BM25Retriever
     from retrieval.encoder import Encoder, EncoderSettings
     from retrieval.hybrid import DenseSide, HybridSearcher
-    from retrieval.shards import corpus_vectors
+    from retrieval.encode import corpus_vectors
 
     encoder = Encoder(config.init, EncoderSettings(query_max_length=config.query_max_length, passage_max_length=config.passage_max_length,
                                                    device=config.device, show_progress=False))  # fmt: skip
@@ -345,7 +345,7 @@ def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None 
 
 def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: int) -> float:
     """nDCG@10 of the weight-choosing procedure on queries it did not choose on (2-fold)."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
     from retrieval.hybrid import choose_weight, fuse_minmax
 
     qids = sorted(qrels)
@@ -362,7 +362,7 @@ def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: 
 
 def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings_dir: Path | None = None) -> dict:
     """Score every training query's candidates with the BM25 + dense fusion (weight chosen on dev)."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
     from retrieval.hybrid import dev_hold_out, fuse_minmax, top_hits
 
     started = time.perf_counter()

@@ -3,7 +3,7 @@
 Every loader returns a `TrainingSet`: the examples plus a passage table (doc id -> text), so
 the trainer, the negative miner and the teacher all address passages by id. Sources:
 
-- BEIR: `qrels/<split>.tsv` + `queries.jsonl` + `corpus.jsonl` through `eval.datasets.BeirDataset`;
+- BEIR: `qrels/<split>.tsv` + `queries.jsonl` + `corpus.jsonl` through `retroflow.data.beir.BeirDataset`;
   passages are `title + " " + text`, exactly as the encoder sees them at evaluation time.
 - MS MARCO: `qrels.train.tsv` (TREC or BEIR layout) with `queries.train.tsv` and
   `collection.tsv`; or `triples.train.small.tsv` (query, positive text, negative text), whose

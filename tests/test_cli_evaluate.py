@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from retroflow.cli import main
+from flows.cli import main
 
 
 def last_json_line(text: str) -> dict:
@@ -40,7 +40,7 @@ def test_dense_model_on_tiny_bert_reports_throughput(scifact_small, tiny_bert, c
 
 def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "retroflow.cli", "evaluate", "--model", "bm25", "--dataset", str(tmp_path / "missing")],
+        [sys.executable, "-m", "flows.cli", "evaluate", "--model", "bm25", "--dataset", str(tmp_path / "missing")],
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
@@ -50,7 +50,7 @@ def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
 def test_unknown_config_key_names_the_field(tmp_path):
     cfg = tmp_path / "eval.yaml"
     cfg.write_text("model: bm25\ntopk: 10\n")
-    proc = subprocess.run([sys.executable, "-m", "retroflow.cli", "evaluate", "--config", str(cfg)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--config", str(cfg)], capture_output=True, text=True)
     assert proc.returncode == 2 and "field 'topk'" in proc.stderr and str(cfg) in proc.stderr
 
 
@@ -61,7 +61,7 @@ def test_on_unknown_ids_flag_drops_qrels_rows_naming_unknown_documents(tmp_path,
     (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "alphabet letters"}) + "\n")
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n")
     base = ["evaluate", "--model", "bm25", "--dataset", str(root), "--no-registry"]
-    proc = subprocess.run([sys.executable, "-m", "retroflow.cli", *base], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *base], capture_output=True, text=True)
     assert proc.returncode == 2 and "corpus-id 'd9' is not in the corpus" in proc.stderr
     assert main([*base, "--on-unknown-ids", "drop"]) == 0
     result = last_json_line(capsys.readouterr().out)

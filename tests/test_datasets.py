@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from eval.datasets import DatasetError, download_and_unzip, load_dataset, safe_unzip
+from retroflow.data.beir import DatasetError, download_and_unzip, load_dataset, safe_unzip
 
 
 def write_dataset(root: Path, corpus_lines: list[str] | bytes, queries: list[dict] | None = None, qrels: dict[str, str] | None = None) -> Path:
@@ -189,7 +189,7 @@ def test_zip_url_is_checksum_verified_downloaded_once_and_loaded(tmp_path):
 
 
 def test_a_beir_style_zip_loads_from_a_file_url_with_the_checksum_flag(tmp_path, capsys):
-    from retroflow.cli import main
+    from flows.cli import main
 
     src = write_dataset(tmp_path / "toy", GOOD_CORPUS)
     archive = make_zip(tmp_path / "toy.zip", {f"toy/{p.relative_to(src)}": p.read_text() for p in src.rglob("*") if p.is_file()})

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.finetune import BatchPlan, FinetuneConfig, distillation_gate, read_teacher_scores, run_finetune, standardized, teacher_pools
 from retrieval.teacher import TeacherConfig, run_fusion_teacher

@@ -131,7 +131,7 @@ def test_sorted_batches_return_vectors_in_input_order(tiny_bert, texts):
 def test_matches_sentence_transformers_within_1e4(minilm, texts):
     from sentence_transformers import SentenceTransformer
 
-    from retrieval.models import resolve_model_path
+    from retroflow.models import resolve_model_path
 
     reference = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     expected = reference.encode(texts, batch_size=4, convert_to_numpy=True)

@@ -12,7 +12,7 @@ from scipy import stats
 
 from eval.compare import compare_registry_runs, compare_runs, find_regressions
 from eval.registry import append_run
-from retroflow.cli import main
+from flows.cli import main
 
 
 def per_query(values: list[float], metric: str = "ndcg@10") -> dict[str, dict[str, float]]:

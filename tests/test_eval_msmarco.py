@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from eval.datasets import DatasetError
+from retroflow.data.beir import DatasetError
 from eval.evaluate import EvaluateConfig, evaluate
-from eval.msmarco import (
+from retroflow.data.msmarco import (
     binary_relevance_level,
     iter_triples,
     load_msmarco,
@@ -20,7 +20,7 @@ from eval.msmarco import (
     read_run,
     read_top1000,
 )
-from retroflow.cli import main
+from flows.cli import main
 
 
 @pytest.fixture(autouse=True)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.datasets import DatasetError
+from retroflow.data.beir import DatasetError
 from eval.evaluate import EvaluateConfig, evaluate
-from eval.nq import dpr_tokens, exact_match, has_answer, load_nq, normalize_answer, read_passages, read_qa_file, score_answers
-from retroflow.cli import main
+from retroflow.data.nq import dpr_tokens, exact_match, has_answer, load_nq, normalize_answer, read_passages, read_qa_file, score_answers
+from flows.cli import main
 from retroflow.config import ConfigError, load_config
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retrieval.training_data import (
     TrainingDataError,
     beir_training_set,

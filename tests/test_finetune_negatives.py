@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.negatives import (
-    MineNegativesConfig,
+    NegativesConfig,
     read_negatives,
     run_mine_negatives,
     select_window,
@@ -31,7 +31,7 @@ def test_window_drops_top_ranks_positives_and_self() -> None:
 
 def test_bm25_negatives_never_contain_a_judged_positive(scifact_small: Path, tmp_path: Path) -> None:
     dataset = load_dataset(scifact_small)
-    config = MineNegativesConfig(method="bm25", rank_start=0, rank_end=60)
+    config = NegativesConfig(method="bm25", rank_start=0, rank_end=60)
     metrics = run_mine_negatives(config, dataset, tmp_path)
     mined = read_negatives(tmp_path / "negatives.jsonl")
     judged = judged_positives(dataset)
@@ -49,8 +49,8 @@ def test_bm25_negatives_never_contain_a_judged_positive(scifact_small: Path, tmp
 
 def test_rank_window_skips_the_top(scifact_small: Path, tmp_path: Path) -> None:
     dataset = load_dataset(scifact_small)
-    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=20), dataset, tmp_path / "all")
-    run_mine_negatives(MineNegativesConfig(rank_start=10, rank_end=20), dataset, tmp_path / "tail")
+    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=20), dataset, tmp_path / "all")
+    run_mine_negatives(NegativesConfig(rank_start=10, rank_end=20), dataset, tmp_path / "tail")
     full = read_negatives(tmp_path / "all" / "negatives.jsonl")
     tail = read_negatives(tmp_path / "tail" / "negatives.jsonl")
     for qid, docs in tail.negatives.items():
@@ -62,16 +62,16 @@ def test_bad_window_and_bad_file_are_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "mine.yaml"
     path.write_text("rank_start: 50\nrank_end: 10\n")
     with pytest.raises(ConfigError, match="rank_end"):
-        load_config(MineNegativesConfig, path)
+        load_config(NegativesConfig, path)
     (tmp_path / "neg.jsonl").write_text('{"format": "retroflow-negatives/1", "provenance": {}}\n{"qid": "1"}\n')
     with pytest.raises(ValueError, match="neg.jsonl, line 2: needs fields"):
         read_negatives(tmp_path / "neg.jsonl")
 
 
 def test_cli_mine_negatives_prints_json_last(scifact_small: Path, tmp_path: Path, capsys) -> None:
-    from retroflow.cli import main
+    from flows.cli import main
 
-    code = main(["mine-negatives", "--config", str(REPO / "configs/finetune/mine-bm25-scifact.yaml"),
+    code = main(["negatives", "--config", str(REPO / "configs/negatives/bm25-scifact.yaml"),
                  "--dataset", str(scifact_small), "--output", str(tmp_path)])  # fmt: skip
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.finetune import FinetuneConfig, read_teacher_scores, run_finetune
-from retrieval.negatives import MineNegativesConfig, read_negatives, run_mine_negatives
+from retrieval.negatives import NegativesConfig, read_negatives, run_mine_negatives
 from retrieval.training_data import judged_positives
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +95,7 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
     result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"]), dataset)
     # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
     from retrieval.search import drop_self_hits, exact_search, to_run
 
     qrels = dataset.split_qrels("test")
@@ -108,7 +108,7 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
 
 
 def test_dense_mining_with_a_model_excludes_positives(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    config = MineNegativesConfig(method="dense", rank_start=2, rank_end=40, encoder={"pooling": "mean", "show_progress": False})
+    config = NegativesConfig(method="dense", rank_start=2, rank_end=40, encoder={"pooling": "mean", "show_progress": False})
     run_mine_negatives(config, dataset, tmp_path, model_path=tiny_encoder)
     mined = read_negatives(tmp_path / "negatives.jsonl")
     judged = judged_positives(dataset)
@@ -144,8 +144,8 @@ def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_pa
 def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     from retrieval.teacher import TeacherConfig, run_train_teacher
 
-    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    teacher_cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml", [f"init={tiny_encoder}"])
+    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    teacher_cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_encoder}"])
     metrics = run_train_teacher(teacher_cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "teacher", tmp_path / "tp")
     assert metrics["steps"] == 12 and all(np.isfinite(metrics["loss_history"]))
     provenance, scores = read_teacher_scores(tmp_path / "teacher" / "teacher_scores.jsonl")
@@ -166,14 +166,14 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
 
 def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     """With a dev hold-out the teacher reports BM25's and its own nDCG@10 on exactly those queries."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
     from retrieval.bm25 import BM25Retriever
     from retrieval.search import drop_self_hits
     from retrieval.teacher import TeacherConfig, run_train_teacher
     from retrieval.training_data import dev_split
 
-    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml",
+    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml",
                       [f"init={tiny_encoder}", "max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"])  # fmt: skip
     metrics = run_train_teacher(cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "t", tmp_path / "tp")
 
@@ -192,7 +192,7 @@ def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encod
 
 def rerank_bounds(qrels: dict, run: dict) -> tuple[float, float]:
     """Mean nDCG@10 of the best and the worst reordering of each query's candidates."""
-    from eval.metrics import evaluate_run
+    from retroflow.metrics import evaluate_run
 
     def reorder(reverse: bool) -> dict:
         return {q: {d: float(len(docs) - rank) for rank, d in enumerate(sorted(docs, key=lambda d: qrels[q].get(d, 0), reverse=not reverse))}
@@ -214,7 +214,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 
 
 def test_cli_finetune_prints_json_last(scifact_small: Path, tiny_encoder: Path, tmp_path: Path, capsys) -> None:
-    from retroflow.cli import main
+    from flows.cli import main
 
     code = main(["finetune", "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(tiny_encoder),
                  "--output", str(tmp_path / "run"), "--max-steps", "3", "--set", "data.max_queries=16"])  # fmt: skip
@@ -246,7 +246,7 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "retroflow.cli", "finetune",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flows.cli", "finetune",
            "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(model_dir),
            "--output", str(tmp_path / "two"), "--max-steps", "4"]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
@@ -267,9 +267,9 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
 def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     from retrieval.teacher import TeacherConfig, run_train_teacher
 
-    run_mine_negatives(MineNegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     negatives = tmp_path / "neg" / "negatives.jsonl"
-    cfg = load_config(TeacherConfig, REPO / "configs/finetune/teacher-tiny.yaml",
+    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml",
                       [f"init={tiny_encoder}", "max_steps=8", "max_queries=16", "candidates_per_query=2"])  # fmt: skip
     full = run_train_teacher(cfg, dataset, negatives, tmp_path / "a", tmp_path / "ap")
     stopped = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp", stop_after=4)

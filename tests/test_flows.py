@@ -60,7 +60,7 @@ def task_states(flow_run_id) -> dict[str, str]:
     return asyncio.run(read())
 
 
-EVERY_RUN_STEPS = {"prepare-data", "pretrain", "mine-negatives", "train-teacher", "finetune", "evaluate"}
+EVERY_RUN_STEPS = {"data", "pretrain", "negatives", "teacher", "finetune", "evaluate"}
 
 
 def states_by_step(flow_run_id, expect: set[str] = EVERY_RUN_STEPS) -> dict[str, set[str]]:
@@ -107,7 +107,7 @@ def test_tiny_flow_runs_then_comes_back_from_cache(harness, store):
     again, seconds = run_flow()
     assert again.is_completed()
     steps = states_by_step(again.state_details.flow_run_id)
-    assert {"pretrain", "mine-negatives", "train-teacher", "finetune", "evaluate"} <= set(steps), steps
+    assert {"pretrain", "negatives", "teacher", "finetune", "evaluate"} <= set(steps), steps
     assert all(states == {"Cached"} for states in steps.values()), steps
     assert seconds < 10, f"cached re-run took {seconds:.1f} s"
 
@@ -132,7 +132,7 @@ def test_deleted_artifact_is_rebuilt_not_trusted(harness, store):
 
 
 def test_failed_downstream_stage_rerun_does_not_repeat_pretraining(harness, store, monkeypatch):
-    import retroflow.pipeline as pipeline
+    import flows.chain as pipeline
 
     real = pipeline.step_evaluate
 
@@ -167,7 +167,7 @@ def test_run_artifacts_are_published(harness, store):
     kinds = {a.key: a.type for a in artifacts}
     assert kinds.get("metrics-tiny") == "table" and kinds.get("report-tiny") == "markdown"
     progress = {a.key: a.data for a in artifacts if a.type == "progress"}
-    for key in ("progress-pretrain", "progress-train-teacher", "progress-finetune", "progress-encode-shard-passages"):
+    for key in ("progress-pretrain", "progress-teacher", "progress-finetune", "progress-encode-shard-passages"):
         assert progress.get(key) == 100.0, (key, progress)
     report = next(a.data for a in artifacts if a.key == "report-tiny")
     assert "## Training loss" in report and "## Recall vs QPS (scifact)" in report
@@ -197,7 +197,7 @@ def test_ablation_flow_tables_every_arm_then_comes_back_from_cache(harness, stor
 
     again = retromae_ablation(config, return_state=True)
     assert again.is_completed() and again.result()["rows"] == summary["rows"]
-    expected = {"prepare-data", "pretraining-corpus", "tokenizer", "scratch-init", "pretrain", "mine-negatives", "finetune", "evaluate"}
+    expected = {"data", "pretraining-corpus", "tokenizer", "scratch-init", "pretrain", "negatives", "finetune", "evaluate"}
     steps = states_by_step(again.state_details.flow_run_id, expect=expected)
     assert set(steps) == expected and all(states == {"Cached"} for states in steps.values()), steps
 
@@ -226,7 +226,7 @@ def test_a_flow_killed_during_fine_tuning_resumes_from_its_finished_tasks(harnes
     assert state.is_completed(), state.message
     assert {path: json.loads((path / "manifest.json").read_text())["finished_at"] for path in finished} == finished, "a finished artifact was redone"
     steps = states_by_step(state.state_details.flow_run_id)
-    assert steps["pretrain"] == {"Cached"} and steps["prepare-data"] == {"Cached"} and steps["finetune"] == {"Completed"}
+    assert steps["pretrain"] == {"Cached"} and steps["data"] == {"Cached"} and steps["finetune"] == {"Completed"}
 
 
 def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_small, tmp_path):
@@ -253,7 +253,7 @@ def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_smal
         f"s = pretrain_to_beir({TINY!r}, ['stages.pretrain=false', 'stages.finetune=false', 'stages.negatives=false',"
         " 'model=' + __import__('sys').argv[1], 'stages.tune=false']); print(json.dumps(s['shard_workers']))"
     )
-    from retrieval.models import resolve_model_path
+    from retroflow.models import resolve_model_path
 
     proc = subprocess.run([sys.executable, "-c", script, str(resolve_model_path("minilm"))], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=600)  # fmt: skip

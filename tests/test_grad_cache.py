@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.finetune import FinetuneConfig, FinetuneTrainer, training_queries
 

@@ -8,9 +8,9 @@ import shutil
 
 import pytest
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
-from retroflow.cli import main
+from flows.cli import main
 from retroflow.config import ConfigError, load_config
 from retrieval.hybrid import FusionSettings, choose_weight, dev_hold_out, fuse_minmax, fuse_rrf, pseudo_queries, split_sentences
 

@@ -21,7 +21,7 @@ from retrieval.index import (
     to_gpu,
 )
 from retrieval.search import exact_search
-from retrieval.shards import write_embeddings
+from retrieval.encode import write_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""End to end through the CLI, as a user would: encode -> index build -> tune -> search -> evaluate --index.
+"""End to end through the CLI, as a user would: encode -> index -> tune -> search -> evaluate --index.
 
 The real MiniLM is used (not a random tiny BERT) so that rankings are meaningful: a random model
 retrieves nothing relevant from the subset, and an ANN-vs-exact comparison at nDCG 0 proves nothing.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.cli import main
+from flows.cli import main
 
 MODEL = "minilm"
 
@@ -55,7 +55,7 @@ def test_encode_output_and_rerun_is_a_no_op(encoded, scifact_small, capsys):
 
 
 def test_evaluate_through_flat_index_equals_exact(encoded, exact, scifact_small, capsys, tmp_path):
-    built = run_cli(capsys, "index", "build", "--embeddings", encoded, "--factory", "Flat", "--output", tmp_path / "flat")
+    built = run_cli(capsys, "index", "--embeddings", encoded, "--factory", "Flat", "--output", tmp_path / "flat")
     assert built["ntotal"] == json.loads((encoded / "embeddings.json").read_text())["num_docs"]
     through_index = run_cli(capsys, *EVALUATE, "--dataset", scifact_small, "--index", tmp_path / "flat")
     assert exact["ndcg@10"] > 0.5  # a real ranking, so agreement below means something
@@ -64,8 +64,8 @@ def test_evaluate_through_flat_index_equals_exact(encoded, exact, scifact_small,
 
 
 def test_hnsw_tune_search_and_evaluate(encoded, exact, scifact_small, capsys, tmp_path):
-    run_cli(capsys, "index", "build", "--config", "configs/index/hnsw32.yaml", "--embeddings", encoded, "--output", tmp_path / "hnsw")
-    tuned = run_cli(capsys, "index", "tune", "--index", tmp_path / "hnsw", "--dataset", scifact_small, "--split", "train",
+    run_cli(capsys, "index", "--config", "configs/index/hnsw32.yaml", "--embeddings", encoded, "--output", tmp_path / "hnsw")
+    tuned = run_cli(capsys, "tune", "--index", tmp_path / "hnsw", "--dataset", scifact_small, "--split", "train",
                     "--output", tmp_path / "tuned", "--set", "repeats=1")  # fmt: skip
     assert tuned["target_met"] and tuned["recall"] >= 0.95 and Path(tuned["plot"]).is_file()
     hits = run_cli(capsys, "search", "--index", tmp_path / "tuned", "--query", "vitamin D and bone density", "-k", "5")

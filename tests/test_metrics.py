@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from eval.metrics import evaluate_run, parse_metric, top_k
+from retroflow.metrics import evaluate_run, parse_metric, top_k
 
 
 QRELS = {"q1": {"a": 1, "c": 1}, "q2": {"x": 1}, "q3": {"z": 2}}
@@ -57,7 +57,7 @@ def test_unknown_metric_is_rejected():
 def test_agrees_with_beir_evaluator_on_a_real_run(scifact_small):
     from beir.retrieval.evaluation import EvaluateRetrieval
 
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
     from retrieval.bm25 import BM25Retriever
 
     ds = load_dataset(scifact_small)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retroflow.pipeline import PipelineConfig, load_pipeline_config, regressions
+from flows.chain import PipelineConfig, load_pipeline_config, regressions
 from retroflow.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ def test_regression_check_flags_only_significant_drops_beyond_threshold():
 
 
 def test_prefect_yaml_deployments_point_at_real_flows_and_configs():
-    from retroflow.ablation import load_ablation_config
+    from flows.ablation import load_ablation_config
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {(d["entrypoint"].split(":")[1], d["name"]) for d in spec["deployments"]}
@@ -83,7 +83,7 @@ def test_docker_files_parse_and_copy_existing_paths():
 
 @pytest.mark.slow
 def test_tiny_pipeline_runs_end_to_end_without_prefect(scifact_small, tmp_path, monkeypatch):
-    from retroflow.pipeline import read_evaluation, run_pipeline
+    from flows.chain import read_evaluation, run_pipeline
 
     data = tmp_path / "data"
     data.mkdir()
@@ -123,7 +123,7 @@ def test_tiny_pipeline_runs_end_to_end_without_prefect(scifact_small, tmp_path, 
 
 
 def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_small, tmp_path, monkeypatch, capsys):
-    from retroflow.cli import main
+    from flows.cli import main
 
     data = tmp_path / "data"
     data.mkdir()

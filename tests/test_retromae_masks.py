@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from retromae.collator import IGNORE, choose_whole_words
-from retromae.testing import FAKE_SPECIAL, fake_collator, random_features
+from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 
 SP = FAKE_SPECIAL
 

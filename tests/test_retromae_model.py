@@ -5,7 +5,7 @@ from transformers import AutoModel, BertTokenizer
 
 from retromae.collator import IGNORE
 from retromae.model import RetroMAEModel, load_retromae, resolve_checkpoint, scratch_mlm
-from retromae.testing import FAKE_SPECIAL, fake_collator, random_features
+from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 
 
 def _model(seed=0, **kwargs) -> RetroMAEModel:
@@ -90,7 +90,7 @@ def test_save_load_round_trip(tmp_path):
     assert torch.allclose(reloaded(**batch).loss, model(**batch).loss, atol=1e-5)
     assert reloaded.head.predictions.decoder.weight is reloaded.embeddings.word_embeddings.weight
     assert (tmp_path / "encoder" / "tokenizer_config.json").is_file()
-    from retrieval.models import read_sentence_transformer_settings
+    from retroflow.models import read_sentence_transformer_settings
 
     assert read_sentence_transformer_settings(tmp_path / "encoder").pooling == "cls"
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from retroflow.artifacts import ArtifactStore
 from retromae.config import PretrainConfig
 from retromae.stage import pretrain_to_store, run_pretrain
-from retromae.testing import SCIFACT, save_tiny_tokenizer, tiny_config_dict
+from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 
 pytestmark = pytest.mark.skipif(not SCIFACT.is_file(), reason="SciFact corpus not available")
 REPO = Path(__file__).resolve().parents[1]
@@ -96,12 +96,12 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, tokenizer_dir):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     single = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "single", tmp_path / "single")
-    from retroflow.pipeline import loopback_environment, single_node_rendezvous
+    from flows.chain import loopback_environment, single_node_rendezvous
 
     # the pipeline's own launch settings: rendezvous and gloo on the loopback interface
     env = {**loopback_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), "--nproc_per_node", "2",
-           "-m", "retroflow.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "ddp"),
+           "-m", "flows.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "ddp"),
            "--set", "train.grad_accum_steps=2"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,7 +123,7 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path, tokenizer_dir):
     cfg_file.write_text(yaml.safe_dump(cfg))
     straight = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "straight", tmp_path / "straight")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "retroflow.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "run")]
+    cmd = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
@@ -133,7 +133,7 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path, tokenizer_dir):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (tmp_path / "run" / "encoder").exists()
-    from retroflow.cli import main
+    from flows.cli import main
 
     assert main(cmd[3:]) == 2, "re-running into a directory with checkpoints needs --resume"
     resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)

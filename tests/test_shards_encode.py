@@ -1,4 +1,4 @@
-"""Sharded, resumable corpus encoding (retrieval/shards.py) on the real SciFact subset with a tiny BERT."""
+"""Sharded, resumable corpus encoding (retrieval/encode.py) on the real SciFact subset with a tiny BERT."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from retrieval.encoder import Encoder
-from retrieval.shards import (
+from retrieval.encode import (
     EncodeConfig,
     encode_shards,
     merge_shards,
@@ -146,7 +146,7 @@ def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, refe
 def test_cli_encode_survives_sigkill(scifact_small, tiny_bert, dataset, tmp_path):
     """`retroflow encode` killed with SIGKILL mid-run, then re-run: every id exactly once."""
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "retroflow.cli", "encode", "--model", str(tiny_bert), "--dataset", str(scifact_small),
+    cmd = [sys.executable, "-m", "flows.cli", "encode", "--model", str(tiny_bert), "--dataset", str(scifact_small),
            "--output", str(out), "--shard-size", "20", "--batch-size", "4"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from eval.datasets import load_dataset
+from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
 from retrieval.finetune import FinetuneConfig, run_finetune
 

@@ -18,7 +18,7 @@ from typing import Callable
 
 import pytest
 
-from retroflow.cli import main
+from flows.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -134,7 +134,7 @@ def pipeline_with_typo(tmp: Path) -> str:
 def truncated_embeddings(tmp: Path) -> Path:
     import numpy as np
 
-    from retrieval.shards import write_embeddings
+    from retrieval.encode import write_embeddings
 
     folder = tmp / "embeddings"
     write_embeddings(folder, np.ones((20, 8), dtype=np.float32), [f"d{i}" for i in range(20)])
@@ -167,7 +167,7 @@ def test_a_damaged_model_is_one_clear_error(damage, tiny_bert, tmp_path, capsys)
 
 
 def test_a_damaged_checkpoint_is_one_clear_error_on_resume(scifact_small, tiny_bert, tmp_path, capsys):
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
     from retroflow.config import load_config
     from retrieval.finetune import FinetuneConfig, run_finetune
 
@@ -187,6 +187,6 @@ def test_a_damaged_checkpoint_is_one_clear_error_on_resume(scifact_small, tiny_b
 def test_the_installed_command_exits_2_with_one_line(tmp_path):
     """The same through the real entry point: exit status and stderr as a shell sees them."""
     dataset = beir(tmp_path / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\thigh\n")
-    done = subprocess.run([sys.executable, "-m", "retroflow.cli", *evaluate(dataset, tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", *evaluate(dataset, tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()][-1].startswith(f"error: {dataset}/qrels/test.tsv, line 2")

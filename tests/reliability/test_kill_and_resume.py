@@ -32,7 +32,7 @@ def pipeline_env(data_dir: Path, store: Path, tmp: Path) -> dict[str, str]:
 
 
 def start_pipeline(env: dict[str, str], log: Path, *overrides: str) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "retroflow.cli", "pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), *overrides]
+    argv = [sys.executable, "-m", "flows.cli", "pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), *overrides]
     with open(log, "ab") as out:
         return subprocess.Popen(argv, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -78,8 +78,8 @@ def test_publishing_leaves_nothing_when_the_writer_fails(tmp_path):
 
 
 def test_a_failed_msmarco_conversion_leaves_no_cache_folder_and_names_the_users_file(tmp_path):
-    from eval.datasets import DatasetError
-    from eval.msmarco import load_msmarco
+    from retroflow.data.beir import DatasetError
+    from retroflow.data.msmarco import load_msmarco
 
     source = tmp_path / "msmarco"
     source.mkdir()
@@ -93,7 +93,7 @@ def test_a_failed_msmarco_conversion_leaves_no_cache_folder_and_names_the_users_
 
 
 def test_a_failed_download_leaves_no_cache_folder(tmp_path):
-    from eval.datasets import DatasetError, download_and_unzip
+    from retroflow.data.beir import DatasetError, download_and_unzip
 
     with pytest.raises(DatasetError, match="could not download"):
         download_and_unzip((tmp_path / "missing.zip").as_uri(), tmp_path / "cache", "sha256:" + "0" * 64)

@@ -87,7 +87,7 @@ class _Planted:
 def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     import pickle
 
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
     from retrieval.finetune import FinetuneConfig, run_finetune
@@ -122,7 +122,7 @@ def test_damaged_index_and_vectors_files_are_named_errors(tmp_path):
     import numpy as np
 
     from retrieval.index import read_faiss_file
-    from retrieval.shards import load_vectors
+    from retrieval.encode import load_vectors
 
     index = faiss.IndexFlatIP(8)
     index.add(np.random.default_rng(0).random((50, 8), dtype=np.float32))

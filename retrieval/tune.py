@@ -43,13 +43,13 @@ from pydantic import Field
 from retroflow.artifacts import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.index import META_FILE, METRICS, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
-from retrieval.shards import Embeddings, open_embeddings
+from retrieval.encode import Embeddings, open_embeddings
 
 log = logging.getLogger(__name__)
 
 
 class TuneConfig(StageConfig):
-    """`retroflow index tune`: what to sweep and what recall the chosen setting must reach."""
+    """`retroflow tune`: what to sweep and what recall the chosen setting must reach."""
 
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@k against exact search the choice must reach")
     k: int = Field(10, ge=1)

@@ -15,7 +15,7 @@ from retroflow import __version__
 from retroflow.config import ConfigError
 from retroflow.console import setup_logging
 
-COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "retroflow.pipeline_cli"]
+COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.pipeline_cli"]
 
 
 class UserError(Exception):
@@ -38,9 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Spellings from before one word per stage, still accepted (and listed nowhere).
+LEGACY_COMMANDS = {("index", "build"): ["index"], ("index", "tune"): ["tune"]}
+
+
+def modern_argv(argv: list[str]) -> list[str]:
+    for old, new in LEGACY_COMMANDS.items():
+        if tuple(argv[: len(old)]) == old:
+            return [*new, *argv[len(old):]]
+    return argv
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(modern_argv(list(sys.argv[1:] if argv is None else argv)))
     setup_logging(args.verbose)
     if not getattr(args, "func", None):
         parser.print_help()

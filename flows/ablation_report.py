@@ -8,8 +8,8 @@ from typing import Any
 
 from eval.compare import compare_runs
 from eval.report import loss_history
-from retroflow.ablation import PHASES, AblationConfig, AblationResult, shared_pretrain_config
-from retroflow.pipeline import read_evaluation
+from flows.ablation import PHASES, AblationConfig, AblationResult, shared_pretrain_config
+from flows.chain import read_evaluation
 
 # ---------------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from eval.datasets import BeirDataset
+from retroflow.data.beir import BeirDataset
 from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig, hash_json
 from retroflow.progress import progress_bar
@@ -326,7 +326,7 @@ def encode_shards(
 
 def _worker_main(config_json: str, dataset_source: str, fingerprint: str, shards_dir: str, indices: list[int]) -> dict[str, Any]:
     """Entry point of one encoding process (one per GPU): loads the dataset from its cache."""
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
 
     config = EncodeConfig.model_validate_json(config_json)
     dataset = load_dataset(dataset_source)

@@ -4,7 +4,7 @@ fine-tuned and evaluated identically, over seeds.
     run_ablation(config, execute, execute_map) -> AblationResult     # every step cached
 
 The table (arm x dataset x metric, mean ± std over seeds, paired test against the baseline) and
-the report are `eval.ablation`'s.
+the report are `flows.ablation_report`'s.
 
 An arm is a pretraining objective (`mlm`, `retromae-basic`, `retromae-enhanced`; `none` = the
 random initialisation, no pretraining) or a sweep point of one (`retromae-enhanced@decoder_mask_ratio=0.7`).
@@ -14,7 +14,7 @@ the steps and the batch: their pretraining configs differ only in the objective'
 the same for every arm and fixed in advance. Each pretrained encoder is also scored zero-shot
 ([CLS] pooling, no fine-tuning), the early signal the paper's analysis relies on.
 
-Steps go through `execute` like the pretrain-to-beir chain (`retroflow.pipeline`), so the plain
+Steps go through `execute` like the pretrain-to-beir chain (`flows.chain`), so the plain
 runner (`retroflow ablation`) and the Prefect flow (`retromae-ablation`) share artifacts, an
 interrupted study resumes, and adding a seed or an arm reuses everything already finished.
 """
@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from retroflow.artifacts import Artifact, ArtifactStore, sha256_file
 from retroflow.config import ConfigError, StageConfig, load_config, validate_config
-from retroflow.pipeline import (
+from flows.chain import (
     ModelRef,
     apply_data_dir,
     direct,
@@ -199,10 +199,10 @@ def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
 
 
 def negatives_config(config: AblationConfig):
-    from retrieval.negatives import MineNegativesConfig
+    from retrieval.negatives import NegativesConfig
 
     section = {"method": "bm25", **config.negatives, "dataset": "<input:data>", "split": config.train_split, "model": None}
-    return validate_config(MineNegativesConfig, section, source=f"ablation '{config.name}', section 'negatives'")
+    return validate_config(NegativesConfig, section, source=f"ablation '{config.name}', section 'negatives'")
 
 
 def finetune_config(config: AblationConfig, seed: int):
@@ -320,11 +320,11 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
     apply_data_dir(config)
     store = store_for(config)
     names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
-    datasets = {name: execute("prepare-data", step_prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
+    datasets = {name: execute("data", step_prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
     corpus = execute("pretraining-corpus", step_pretraining_corpus, store, [datasets[n] for n in names], list(config.pretrain_files))
     produced: dict[str, Artifact] = {"corpus": corpus}
     train_data = datasets[config.train_dataset]
-    negatives = execute("mine-negatives", step_mine_negatives, store, negatives_config(config), train_data, None)
+    negatives = execute("negatives", step_mine_negatives, store, negatives_config(config), train_data, None)
     produced["negatives"] = negatives
     evaluation = evaluate_config(config)
     # the tokenizer depends on the text and the vocabulary size only: one for every seed and arm

@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import regex
 
 from retroflow.publish import publishing
-from eval.datasets import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
+from retroflow.data.beir import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def score_answers(
     metrics: Sequence[str] = NQ_METRICS,
     match: Literal["string", "regex"] = "string",
 ) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Top-k retrieval accuracy: (means, per_query) in the `eval.metrics.evaluate_run` shape.
+    """Top-k retrieval accuracy: (means, per_query) in the `retroflow.metrics.evaluate_run` shape.
 
     Every question in `answers` counts; one missing from the run scores 0.
     """

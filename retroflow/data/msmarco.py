@@ -14,7 +14,7 @@ Readers (each validates its input; errors name the file, line and field):
 
 `load_msmarco(source) -> BeirDataset`: a directory of official MS MARCO TSV files is
 converted once into BEIR layout (cached under `$RETROFLOW_CACHE/msmarco/`) and loaded with
-`eval.datasets.load_dataset`, so it gets the same validation, fingerprint and Parquet
+`retroflow.data.beir.load_dataset`, so it gets the same validation, fingerprint and Parquet
 cache as any BEIR dataset; a BEIR-format directory (e.g. `trec-dl-2019-subset5k`) is
 loaded as is.
 
@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from retroflow.publish import publishing, remove_if_empty
-from eval.datasets import BeirDataset, DatasetError, checked_grade, default_cache_dir, load_dataset, open_text_lines
+from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, default_cache_dir, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
 

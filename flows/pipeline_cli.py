@@ -26,8 +26,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
-    from eval.report import write_run_report
-    from retroflow.pipeline import load_pipeline_config, run_pipeline
+    from flows.run_report import write_run_report
+    from flows.chain import load_pipeline_config, run_pipeline
 
     pipeline = load_pipeline_config(args.config, args.set)
     result = run_pipeline(pipeline)
@@ -55,8 +55,8 @@ def report_command(args: argparse.Namespace) -> int:
 
 
 def ablation_command(args: argparse.Namespace) -> int:
-    from eval.ablation import write_report
-    from retroflow.ablation import load_ablation_config, run_ablation, store_of
+    from flows.ablation_report import write_report
+    from flows.ablation import load_ablation_config, run_ablation, store_of
 
     config = load_ablation_config(args.config, args.set)
     result = run_ablation(config)

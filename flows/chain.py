@@ -83,16 +83,16 @@ def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = 
 def validate_sections(pipeline: PipelineConfig) -> None:
     """Each stage section through its own config class, with the placeholders the chain fills in."""
     from retromae.config import PretrainConfig
-    from retrieval.autotune import TuneConfig
+    from retrieval.tune import TuneConfig
     from retrieval.finetune import FinetuneConfig
     from retrieval.index import IndexConfig
-    from retrieval.negatives import MineNegativesConfig
-    from retrieval.shards import EncodeConfig
+    from retrieval.negatives import NegativesConfig
+    from retrieval.encode import EncodeConfig
     from retrieval.teacher import TeacherConfig
 
     placeholders = {"dataset": "<input:data>", "split": pipeline.train_split}
     stage_config(PretrainConfig, pipeline, "pretrain", **pretrain_init(pipeline))
-    stage_config(MineNegativesConfig, pipeline, "negatives", **placeholders, model=None)
+    stage_config(NegativesConfig, pipeline, "negatives", **placeholders, model=None)
     teacher = stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
     finetune = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
     stage_config(EncodeConfig, pipeline, "encode", model="<input:model>", dataset="<input:data>")
@@ -177,7 +177,7 @@ def directory_fingerprint(path: Path) -> str:
 
 
 def external_model(name: str) -> ExternalInput:
-    from retrieval.models import resolve_model_path
+    from retroflow.models import resolve_model_path
 
     path = resolve_model_path(name)
     return ExternalInput(name=name, path=path, fingerprint=directory_fingerprint(path))
@@ -208,7 +208,7 @@ class DataConfig(StageConfig):
 
 def step_prepare_data(store: ArtifactStore, source: str) -> Artifact:
     """Validate and normalise a dataset into a `data` artifact (corpus/queries/qrels Parquet)."""
-    from eval.datasets import load_dataset
+    from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(source)
     config = DataConfig(source=str(source), content_fingerprint=dataset.fingerprint)
@@ -218,11 +218,11 @@ def step_prepare_data(store: ArtifactStore, source: str) -> Artifact:
             shutil.copy2(dataset.path / name, out_dir / name)
         return {"num_docs": dataset.num_docs, "splits": {s: len(q) for s, q in dataset.qrels.items()}, "name": dataset.name}
 
-    return store.build("data", config, {}, step_code("prepare-data"), body)
+    return store.build("data", config, {}, step_code("data"), body)
 
 
 def open_dataset(data: Artifact):
-    from eval.datasets import read_normalised
+    from retroflow.data.beir import read_normalised
 
     return read_normalised(data.path)
 
@@ -309,7 +309,7 @@ def step_mine_negatives(store: ArtifactStore, config: StageConfig, data: Artifac
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_mine_negatives(config, open_dataset(data), out_dir, model_path=model_dir(model) if dense and model else None)
 
-    return store.build("negatives", config, inputs, step_code("mine-negatives"), body)
+    return store.build("negatives", config, inputs, step_code("negatives"), body)
 
 
 def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact, negatives: Artifact | None, teacher_init: ModelRef,
@@ -330,7 +330,7 @@ def step_train_teacher(store: ArtifactStore, config: StageConfig, data: Artifact
     inputs: dict[str, Any] = {"data": data, "init": teacher_init}
     inputs.update({"embeddings": embeddings} if fusion and embeddings else {})
     inputs.update({"negatives": negatives} if not fusion else {})
-    return store.build("teacher", run_config, inputs, step_code("train-teacher"), body, key_config=config)
+    return store.build("teacher", run_config, inputs, step_code("teacher"), body, key_config=config)
 
 
 def step_finetune(
@@ -376,25 +376,25 @@ def encode_run_config(config: StageConfig, data: Artifact, model: ModelRef) -> S
 
 def encode_shards_dir(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef) -> Path:
     """Where the shards of this encoding live until merged (the artifact's `.partial` directory)."""
-    key = store.key_for("encode", config, encode_inputs(data, model), step_code("merge-embeddings"))  # the encode artifact's own key
+    key = store.key_for("encode", config, encode_inputs(data, model), step_code("encode"))  # the encode artifact's own key
     return store.partial_dir("encode", key)
 
 
 def encode_shard_count(config: StageConfig, data: Artifact) -> int:
-    from retrieval.shards import plan_shards
+    from retrieval.encode import plan_shards
 
     return len(plan_shards(data.manifest["metrics"]["num_docs"], config.shard_size))
 
 
 def step_encode_shard(store: ArtifactStore, config: StageConfig, data: Artifact, model: ModelRef, shard: int) -> dict[str, Any]:
     """One shard of the corpus encoding (atomic; a finished shard is skipped). One task per shard."""
-    from retrieval.shards import run_encode_shard
+    from retrieval.encode import run_encode_shard
 
-    key = store.key_for("encode", config, encode_inputs(data, model), step_code("merge-embeddings"))
+    key = store.key_for("encode", config, encode_inputs(data, model), step_code("encode"))
     if store.lookup("encode", key) is not None:  # merged already (a re-run of the chain): nothing to encode
         return {"shard": shard, "cached": True, "worker_pid": os.getpid()}
     from retroflow.publish import remove_if_empty
-    from retrieval.shards import shard_name
+    from retrieval.encode import shard_name
 
     shards_dir = encode_shards_dir(store, config, data, model)
     shards_dir.mkdir(parents=True, exist_ok=True)
@@ -409,14 +409,14 @@ def step_merge_embeddings(store: ArtifactStore, config: StageConfig, data: Artif
     """Merge the finished shards into the `encode` artifact (encoding any shard still missing).
 
     `after` (the shard steps' results) only orders this step after them; it is not an input."""
-    from retrieval.shards import run_encode
+    from retrieval.encode import run_encode
 
     run_config = encode_run_config(config, data, model)
 
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         return run_encode(run_config, open_dataset(data), out_dir, partial_dir)
 
-    merged = store.build("encode", run_config, encode_inputs(data, model), step_code("merge-embeddings"), body, key_config=config)
+    merged = store.build("encode", run_config, encode_inputs(data, model), step_code("encode"), body, key_config=config)
     from retroflow.publish import remove_if_empty
 
     remove_if_empty(store.partial_dir("encode", merged.key))  # emptied by surplus shard steps of a concurrent run
@@ -429,17 +429,17 @@ def step_build_index(store: ArtifactStore, config: StageConfig, embeddings: Arti
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_build_index(config, embeddings.path, out_dir)
 
-    return store.build("index", config, {"embeddings": embeddings}, step_code("build-index"), body)
+    return store.build("index", config, {"embeddings": embeddings}, step_code("index"), body)
 
 
 def step_tune_index(store: ArtifactStore, config: StageConfig, index: Artifact, embeddings: Artifact) -> Artifact:
     """Sweep efSearch / nprobe against exact search; the tuned index keeps the chosen setting."""
-    from retrieval.autotune import run_tune_index
+    from retrieval.tune import run_tune_index
 
     def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
         return run_tune_index(config, index.path, embeddings.path, None, out_dir)
 
-    return store.build("tune", config, {"index": index, "embeddings": embeddings}, step_code("tune-index"), body)
+    return store.build("tune", config, {"index": index, "embeddings": embeddings}, step_code("tune"), body)
 
 
 def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: Path, partial_dir: Path, *extra: str) -> dict[str, Any]:
@@ -458,7 +458,7 @@ def launch_torchrun(command: str, config: StageConfig, processes: int, out_dir: 
     config_file.write_text(yaml.safe_dump(config.canonical(), sort_keys=True))
     resume = ["--resume"] if any(run_dir.glob("*/checkpoint-*")) or any(run_dir.glob("checkpoints/*")) else []
     cli = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), f"--nproc_per_node={processes}",
-           "-m", "retroflow.cli", command, "--config", str(config_file), "--output", str(run_dir), *resume, *extra]  # fmt: skip
+           "-m", "flows.cli", command, "--config", str(config_file), "--output", str(run_dir), *resume, *extra]  # fmt: skip
     log.info("launching %s", " ".join(cli))
     finished = subprocess.run(cli, stdout=subprocess.PIPE, text=True, check=False, env=loopback_environment())
     if finished.returncode != 0:
@@ -503,19 +503,19 @@ def read_evaluation(art: Artifact) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 STEP_CODE = {
-    "prepare-data": ("eval.datasets", "retroflow.pipeline"),
-    "tokenizer": ("retromae.data", "retromae.stage", "retroflow.pipeline"),
-    "pretrain": ("retromae", "retroflow.checkpoints", "retroflow.pipeline"),
-    "mine-negatives": ("retrieval", "retroflow.pipeline"),
-    "train-teacher": ("retrieval", "retroflow.pipeline"),  # its loop is its own (retrieval.teacher)
-    "finetune": ("retrieval", "retroflow.checkpoints", "retroflow.pipeline"),
-    "encode-shard": ("retrieval", "retroflow.pipeline"),
-    "merge-embeddings": ("retrieval", "retroflow.pipeline"),
-    "build-index": ("retrieval", "retroflow.pipeline"),
-    "tune-index": ("retrieval", "retroflow.pipeline"),
-    "evaluate": ("eval", "retrieval", "retroflow.pipeline"),
-    "pretraining-corpus": ("retromae.data", "retroflow.ablation"),
-    "scratch-init": ("retromae", "retroflow.pipeline", "retroflow.ablation"),
+    "data": ("retroflow.data.beir", "flows.chain"),
+    "tokenizer": ("retromae.data", "retromae.stage", "flows.chain"),
+    "pretrain": ("retromae", "retroflow.checkpoints", "flows.chain"),
+    "negatives": ("retrieval", "flows.chain"),
+    "teacher": ("retrieval", "flows.chain"),  # its loop is its own (retrieval.teacher)
+    "finetune": ("retrieval", "retroflow.checkpoints", "flows.chain"),
+    "encode-shard": ("retrieval", "flows.chain"),
+    "encode": ("retrieval", "flows.chain"),
+    "index": ("retrieval", "flows.chain"),
+    "tune": ("retrieval", "flows.chain"),
+    "evaluate": ("eval", "retrieval", "flows.chain"),
+    "pretraining-corpus": ("retromae.data", "flows.ablation"),
+    "scratch-init": ("retromae", "flows.chain", "flows.ablation"),
 }
 
 
@@ -556,7 +556,7 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
     apply_data_dir(pipeline)
     store = store_for(pipeline)
     produced: dict[str, Any] = {}
-    train_data = execute("prepare-data", step_prepare_data, store, pipeline.train_dataset)
+    train_data = execute("data", step_prepare_data, store, pipeline.train_dataset)
     produced["data:" + pipeline.train_dataset] = train_data
     init_model: ModelRef = external_model(pipeline.model)
     model: ModelRef = init_model
@@ -577,7 +577,7 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
     evaluations, references = {}, {}
     evaluate_config = eval_config(pipeline)
     for source in pipeline.eval_datasets:
-        data = train_data if source == pipeline.train_dataset else execute("prepare-data", step_prepare_data, store, source)
+        data = train_data if source == pipeline.train_dataset else execute("data", step_prepare_data, store, source)
         produced[f"data:{source}"] = data
         index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
         evaluations[source] = execute("evaluate", step_evaluate, store, evaluate_config, model, data, index)
@@ -608,7 +608,7 @@ def evaluate_references(pipeline: PipelineConfig, store: ArtifactStore, execute,
 def encode_corpus(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef,
                   produced: dict[str, Any], label: str) -> Artifact:  # fmt: skip
     """Sharded encoding (one step per shard) -> merged `encode` artifact (once per run and label)."""
-    from retrieval.shards import EncodeConfig
+    from retrieval.encode import EncodeConfig
 
     if f"encode:{label}" in produced:  # e.g. the init model's encoding, made for the fusion teacher
         return produced[f"encode:{label}"]
@@ -617,21 +617,21 @@ def encode_corpus(pipeline: PipelineConfig, store: ArtifactStore, execute, execu
     calls = [(store, encode_config, data, model, shard) for shard in range(encode_shard_count(encode_config, data))]
     shards = execute_map("encode-shard", step_encode_shard, calls)
     produced.setdefault("_shards", []).extend(shards)
-    embeddings = execute("merge-embeddings", step_merge_embeddings, store, encode_config, data, model, shards)
+    embeddings = execute("encode", step_merge_embeddings, store, encode_config, data, model, shards)
     produced[f"encode:{label}"] = embeddings
     return embeddings
 
 
 def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: ModelRef, produced: dict[str, Any], source: str) -> Artifact:
     """Sharded encoding (one step per shard) -> merged embeddings -> FAISS index (-> tuned)."""
-    from retrieval.autotune import TuneConfig
+    from retrieval.tune import TuneConfig
     from retrieval.index import IndexConfig
 
     embeddings = encode_corpus(pipeline, store, execute, execute_map, data, model, produced, source)
-    index = execute("build-index", step_build_index, store, stage_config(IndexConfig, pipeline, "index"), embeddings)
+    index = execute("index", step_build_index, store, stage_config(IndexConfig, pipeline, "index"), embeddings)
     produced[f"index:{source}"] = index
     if pipeline.stages.tune:
-        index = execute("tune-index", step_tune_index, store, stage_config(TuneConfig, pipeline, "tune"), index, embeddings)
+        index = execute("tune", step_tune_index, store, stage_config(TuneConfig, pipeline, "tune"), index, embeddings)
         produced[f"tune:{source}"] = index
     return index
 
@@ -640,14 +640,14 @@ def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, exec
                    init_model: ModelRef, produced: dict[str, Any]) -> ModelRef:  # fmt: skip
     """Negatives -> (teacher) -> DPR fine-tuning, each a step; returns the fine-tuned model."""
     from retrieval.finetune import FinetuneConfig
-    from retrieval.negatives import MineNegativesConfig
+    from retrieval.negatives import NegativesConfig
     from retrieval.teacher import TeacherConfig
 
     placeholders = {"dataset": "<input:data>", "split": pipeline.train_split}
     negatives = teacher = None
     if pipeline.stages.negatives:
-        config = stage_config(MineNegativesConfig, pipeline, "negatives", **placeholders, model=None)
-        negatives = execute("mine-negatives", step_mine_negatives, store, config, data, model)
+        config = stage_config(NegativesConfig, pipeline, "negatives", **placeholders, model=None)
+        negatives = execute("negatives", step_mine_negatives, store, config, data, model)
         produced["negatives"] = negatives
     if pipeline.stages.teacher:
         config = stage_config(TeacherConfig, pipeline, "teacher", **placeholders, init="<input:init>")
@@ -657,7 +657,7 @@ def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, exec
         init = external_model(named) if named else init_model
         # the fusion teacher's dense side is the init model: its corpus encoding is the one the init reference uses
         vectors = encode_corpus(pipeline, store, execute, execute_map, data, init, produced, f"init:{pipeline.train_dataset}") if config.kind == "fusion" else None
-        teacher = execute("train-teacher", step_train_teacher, store, config, data, negatives, init, vectors)
+        teacher = execute("teacher", step_train_teacher, store, config, data, negatives, init, vectors)
         produced["teacher"] = teacher
     config = stage_config(FinetuneConfig, pipeline, "finetune", dataset="<input:data>", init="<input:model>")
     finetuned = execute("finetune", step_finetune, store, config, data, model, negatives, teacher, pipeline.train_processes)

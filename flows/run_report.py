@@ -1,0 +1,56 @@
+"""What a finished pretrain-to-beir run leaves behind (one writer for `retroflow pipeline` and the flow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from eval.report import embedded_png, loss_history, metric_rows, plot_loss_curves, run_report_markdown
+from flows.chain import export_model, previous_records, read_evaluation, record_evaluations, regressions, store_for
+from retroflow.artifacts import atomic_write_text
+
+
+def write_run_report(pipeline, result) -> dict[str, Any]:
+    """Everything a finished pretrain-to-beir run leaves behind, with or without Prefect: the
+    evaluations recorded in the run registry, the metric table (model, init, BM25, hybrids, deltas),
+    regressions against the previous run, `runs/<name>/report.md` (loss and recall-vs-QPS plots
+    inline), `runs/<name>/latest.json` (what `retroflow report` prints) and the exported model."""
+    evaluations = {name: read_evaluation(art) for name, art in result.evaluations.items()}
+    record_evaluations(pipeline, result.evaluations, evaluations)
+    previous = previous_records(pipeline, result.evaluations, evaluations)
+    references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
+    rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None}, references=references)
+    flagged = regressions(pipeline, evaluations, previous)
+    run_dir = store_for(pipeline).root / "runs" / pipeline.name
+    markdown = run_report_markdown(
+        pipeline.name,
+        pipeline.canonical(),
+        rows,
+        [*result.evaluations.values(), *(a for refs in result.references.values() for a in refs.values())],
+        flagged,
+        report_sections(result, run_dir),
+    )
+    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md"),
+               "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
+    exported = export_model(pipeline, result, rows)
+    summary["model_dir"] = str(exported) if exported else None
+    atomic_write_text(run_dir / "report.md", markdown)
+    atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
+    return {**summary, "markdown": markdown}
+
+
+def report_sections(result, run_dir: Path) -> dict[str, str]:
+    """The report's sections beyond the table: training loss, the distillation gate, recall vs QPS."""
+    sections = {}
+    curves = {stage: loss_history(art) for stage, art in result.artifacts.items() if stage in ("pretrain", "finetune", "teacher")}
+    plot = plot_loss_curves(curves, run_dir / "loss.png")
+    if plot:
+        sections["Training loss"] = embedded_png("training loss", plot)
+    gate = result.artifacts["finetune"].metrics.get("distill_gate") if "finetune" in result.artifacts else None
+    if gate:
+        sections["Distillation gate"] = ("Distilled from the teacher: " if gate["distilled"] else "**Not distilled**: ") + gate["reason"]
+    for name, art in result.artifacts.items():
+        if name.startswith("tune:") and art.file("tune.png").is_file():
+            sections[f"Recall vs QPS ({name.removeprefix('tune:')})"] = embedded_png("recall@10 vs queries/s", art.file("tune.png"))
+    return sections
