@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
 
@@ -70,6 +70,7 @@ class EvaluateConfig(StageConfig):
     bm25: BM25Settings = Field(default_factory=BM25Settings)
     fusion: FusionSettings = Field(default_factory=FusionSettings)  # used by hybrid:<model>
     index: str | None = None  # FAISS index artifact directory; None = exact search
+    system: Literal["dense", "hybrid", "bm25"] | None = None  # the `evaluate` stage: how its `model` input is used
     embeddings: str | None = None  # exact search over this encode artifact's vectors instead of encoding the corpus
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
     on_unknown_ids: Literal["error", "drop"] = "error"  # beir: qrels rows naming unknown queries/documents
@@ -267,3 +268,27 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
 def write_result(result: dict[str, Any], path: Path, include_run: bool = False) -> None:
     payload = {k: v for k, v in result.items() if include_run or k != "run"}
     atomic_write_text(Path(path), json.dumps(payload, indent=2, default=str))
+
+
+
+def run(config: EvaluateConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+    """The `evaluate` stage: `config.system` over input `data`: the `model` input (through `index`,
+    or exact search over `embeddings`, or encoding the corpus), BM25 fused with it, or BM25 alone.
+    `result.json` keeps the per-query values; the returned metrics do not."""
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir, model_label
+    from retrieval.hybrid import HYBRID_PREFIX
+
+    system = config.system or "dense"
+    if system != "bm25" and "model" not in inputs:
+        raise ValueError(f"evaluate: system {system!r} needs a model input")
+    path = "" if system == "bm25" else str(model_dir(inputs["model"]))
+    located = {"model": {"dense": path, "hybrid": HYBRID_PREFIX + path, "bm25": "bm25"}[system], "dataset": str(inputs["data"].path),
+               "index": str(inputs["index"].path) if "index" in inputs else None,
+               "embeddings": str(inputs["embeddings"].path) if "embeddings" in inputs else None}  # fmt: skip
+    result = evaluate(config.with_overrides(**located), dataset=open_dataset(inputs["data"]))
+    label = "bm25" if system == "bm25" else model_label(inputs["model"])
+    result["model"] = f"hybrid({label})" if system == "hybrid" else label
+    result["system"] = system
+    write_result(result, Path(out_dir) / "result.json")
+    return {k: v for k, v in result.items() if k not in ("per_query", "run")}

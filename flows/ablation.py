@@ -31,20 +31,9 @@ from pydantic import Field, field_validator
 
 from retroflow.artifacts import Artifact, ArtifactStore, sha256_file
 from retroflow.config import ConfigError, StageConfig, load_config, validate_config
-from flows.chain import (
-    ModelRef,
-    apply_data_dir,
-    direct,
-    direct_map,
-    step_code,
-    step_evaluate,
-    step_finetune,
-    step_mine_negatives,
-    step_prepare_data,
-    step_pretrain,
-    step_tokenizer,
-    store_for,
-)
+from flows.chain import apply_data_dir, direct, direct_map, evaluation, prepare_data, store_for
+from flows.stages import build
+from retroflow.inputs import Input
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +190,7 @@ def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
 def negatives_config(config: AblationConfig):
     from retrieval.negatives import NegativesConfig
 
-    section = {"method": "bm25", **config.negatives, "dataset": "<input:data>", "split": config.train_split, "model": None}
+    section = {"method": "bm25", **config.negatives, "split": config.train_split}
     return validate_config(NegativesConfig, section, source=f"ablation '{config.name}', section 'negatives'")
 
 
@@ -211,7 +200,7 @@ def finetune_config(config: AblationConfig, seed: int):
     section = dict(config.finetune)
     train = {**section.get("train", {}), "seed": seed}
     data = {"split": config.train_split, **section.get("data", {})}
-    merged = {**section, "train": train, "data": data, "dataset": "<input:data>", "init": "<input:model>"}
+    merged = {**section, "train": train, "data": data}
     return validate_config(FinetuneConfig, merged, source=f"ablation '{config.name}', section 'finetune'")
 
 
@@ -233,51 +222,33 @@ class CorpusConfig(StageConfig):
     files: dict[str, str] = Field(default_factory=dict)  # path -> sha256 of its content
 
 
-def step_pretraining_corpus(store: ArtifactStore, corpora: list[Artifact], files: list[str]) -> Artifact:
-    """One `corpus.parquet` (title, text) of every document of `corpora` and `files`: the text
-    the tokenizer and every arm's pretraining read."""
+def corpus_config(files: list[str]) -> CorpusConfig:
+    paths = [Path(p).expanduser().resolve() for p in files]
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"pretraining file not found: {path}")
+    return CorpusConfig(files={str(p): sha256_file(p) for p in paths})
+
+
+def run(config: CorpusConfig, inputs: dict[str, Artifact], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+    """The `corpus` step: one `corpus.parquet` (title, text) of every document of the input
+    datasets (`corpus0`, `corpus1`, ...) and the config's files: the text the tokenizer and every
+    arm's pretraining read."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from retromae.data import iter_documents
 
-    paths = [Path(p).expanduser().resolve() for p in files]
-    for path in paths:
-        if not path.is_file():
-            raise FileNotFoundError(f"pretraining file not found: {path}")
-    config = CorpusConfig(files={str(p): sha256_file(p) for p in paths})
-
-    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
-        counts, texts = {}, []
-        for source in [*(a.file(CORPUS_FILE) for a in corpora), *paths]:
-            before = len(texts)
-            texts.extend(doc for doc in iter_documents(source) if doc)
-            counts[str(source)] = len(texts) - before
-            if len(texts) == before:
-                raise ValueError(f"{source}: no pretraining text in it (every document is empty)")
-        pq.write_table(pa.table({"title": [""] * len(texts), "text": texts}), out_dir / CORPUS_FILE)
-        return {"documents": len(texts), "per_source": counts, "words": sum(len(t.split()) for t in texts)}
-
-    inputs = {f"corpus{i}": art for i, art in enumerate(corpora)}
-    return store.build("corpus", config, inputs, step_code("pretraining-corpus"), body)
-
-
-class ScratchConfig(StageConfig):
-    """The `none` arm: the from-scratch encoder exactly as every arm's pretraining initialises it."""
-
-    pretrain: dict[str, Any]
-
-
-def step_scratch_init(store: ArtifactStore, config, tokenizer: Artifact) -> Artifact:
-    from retromae.stage import run_scratch_init
-
-    run_config = config.with_overrides(model={"tokenizer": str(tokenizer.path)})
-    key_config = ScratchConfig(pretrain={k: config.canonical()[k] for k in ("model", "data")} | {"seed": config.train.seed})
-
-    def body(out_dir: Path, _partial: Path) -> dict[str, Any]:
-        return run_scratch_init(run_config, out_dir)
-
-    return store.build("scratch", run_config, {"tokenizer": tokenizer}, step_code("scratch-init"), body, key_config=key_config)
+    corpora = [inputs[name].file(CORPUS_FILE) for name in sorted(inputs, key=lambda n: int(n.removeprefix("corpus")))]
+    counts, texts = {}, []
+    for source in [*corpora, *(Path(p) for p in config.files)]:
+        before = len(texts)
+        texts.extend(doc for doc in iter_documents(source) if doc)
+        counts[str(source)] = len(texts) - before
+        if len(texts) == before:
+            raise ValueError(f"{source}: no pretraining text in it (every document is empty)")
+    pq.write_table(pa.table({"title": [""] * len(texts), "text": texts}), Path(out_dir) / CORPUS_FILE)
+    return {"documents": len(texts), "per_source": counts, "words": sum(len(t.split()) for t in texts)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,7 +260,7 @@ def step_scratch_init(store: ArtifactStore, config, tokenizer: Artifact) -> Arti
 class ArmRun:
     arm: str
     seed: int
-    encoder: ModelRef
+    encoder: Input
     finetuned: Artifact
     evaluations: dict[tuple[str, str], Artifact] = field(default_factory=dict)  # (phase, dataset) -> evaluate artifact
 
@@ -317,33 +288,37 @@ def store_of(config: AblationConfig) -> ArtifactStore:
 
 def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map) -> AblationResult:
     """Pretrain every arm for every seed, fine-tune and evaluate each identically."""
+    from retromae.pretrain import scratch_config, tokenizer_config
+
     apply_data_dir(config)
     store = store_for(config)
     names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
-    datasets = {name: execute("data", step_prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
-    corpus = execute("pretraining-corpus", step_pretraining_corpus, store, [datasets[n] for n in names], list(config.pretrain_files))
+    datasets = {name: execute("data", prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
+    corpora = {f"corpus{i}": datasets[n] for i, n in enumerate(names)}
+    corpus = execute("corpus", build, store, "corpus", corpus_config(list(config.pretrain_files)), corpora)
     produced: dict[str, Artifact] = {"corpus": corpus}
     train_data = datasets[config.train_dataset]
-    negatives = execute("negatives", step_mine_negatives, store, negatives_config(config), train_data, None)
+    negatives = execute("negatives", build, store, "negatives", negatives_config(config), {"data": train_data})
     produced["negatives"] = negatives
-    evaluation = evaluate_config(config)
+    evaluate_cfg = evaluate_config(config)
     # the tokenizer depends on the text and the vocabulary size only: one for every seed and arm
-    tokenizer = execute("tokenizer", step_tokenizer, store, shared_pretrain_config(config, config.seeds[0]), corpus)
+    tokenizer = execute("tokenizer", build, store, "tokenizer", tokenizer_config(shared_pretrain_config(config, config.seeds[0])), {"data": corpus})
     produced["tokenizer"] = tokenizer
     runs = []
     for seed in config.seeds:
         for arm, pretrain in arm_pretrain_configs(config, seed).items():
             if parse_arm(arm)[0] == NO_PRETRAINING:
-                encoder = execute("scratch-init", step_scratch_init, store, pretrain, tokenizer)
+                encoder = execute("scratch", build, store, "scratch", scratch_config(pretrain), {"tokenizer": tokenizer})
             else:
-                encoder = execute("pretrain", step_pretrain, store, pretrain, corpus, 1, tokenizer)
+                encoder = execute("pretrain", build, store, "pretrain", pretrain, {"data": corpus, "tokenizer": tokenizer})
             produced[f"pretrain:{arm}:{seed}"] = encoder
-            finetuned = execute("finetune", step_finetune, store, finetune_config(config, seed), train_data, encoder, negatives)
+            inputs = {"data": train_data, "model": encoder, "negatives": negatives}
+            finetuned = execute("finetune", build, store, "finetune", finetune_config(config, seed), inputs)
             produced[f"finetune:{arm}:{seed}"] = finetuned
             run = ArmRun(arm, seed, encoder, finetuned)
             for name in config.eval_datasets:
                 if config.zero_shot:
-                    run.evaluations[("zero-shot", name)] = execute("evaluate", step_evaluate, store, evaluation, encoder, datasets[name])
-                run.evaluations[("fine-tuned", name)] = execute("evaluate", step_evaluate, store, evaluation, finetuned, datasets[name])
+                    run.evaluations[("zero-shot", name)] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], encoder))
+                run.evaluations[("fine-tuned", name)] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], finetuned))
             runs.append(run)
     return AblationResult(runs=runs, artifacts=produced)

@@ -14,6 +14,7 @@ import sys
 from retroflow import __version__
 from retroflow.config import ConfigError
 from retroflow.console import setup_logging
+from flows.stage_cli import run_in_store, runs_in_store
 
 COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.pipeline_cli"]
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        if runs_in_store(args):
+            return run_in_store(args)
         return int(args.func(args) or 0)
     except (UserError, ConfigError, FileNotFoundError, ValueError) as err:
         if args.verbose:

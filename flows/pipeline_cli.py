@@ -23,6 +23,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ablation.add_argument("--config", type=Path, default=Path("configs/ablation/miniature.yaml"))
     ablation.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. seeds=[1,2,3]")
     ablation.set_defaults(func=ablation_command)
+    # what torchrun runs in each process of a multi-process stage (flows.stages.launch_torchrun); not for users
+    stage_run = subparsers.add_parser("stage-run")
+    stage_run.add_argument("stage")
+    stage_run.add_argument("--config", type=Path, required=True)
+    stage_run.add_argument("--inputs", type=Path, required=True)
+    stage_run.add_argument("--output", type=Path, required=True)
+    stage_run.set_defaults(func=stage_run_command)
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
@@ -65,4 +72,15 @@ def ablation_command(args: argparse.Namespace) -> int:
     columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
     print(format_table(summary["rows"], columns))
     emit_json(summary)
+    return 0
+
+
+def stage_run_command(args: argparse.Namespace) -> int:
+    import os
+
+    from flows.stages import run_in_process_group
+
+    metrics = run_in_process_group(args.stage, args.config, args.inputs, args.output)
+    if int(os.environ.get("RANK", "0")) == 0:
+        emit_json(metrics)
     return 0

@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.run_report import write_run_report
 from flows.runners import task_runner_from_env
-from flows.tasks import artifact_key, make_task
+from flows.tasks import ui_key, make_task
 from retroflow.artifacts import ArtifactStore
 from flows.chain import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
 
@@ -60,11 +60,11 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
     report = write_run_report(pipeline, result)
     markdown = report.pop("markdown")
     create_table_artifact(
-        key=artifact_key("metrics", pipeline.name),
+        key=ui_key("metrics", pipeline.name),
         table=report["rows"],
         description=f"pretrain-to-beir/{pipeline.name}: the model, its init, BM25 and the hybrids per dataset; deltas against the init and the previous run",
     )
-    create_markdown_artifact(key=artifact_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
+    create_markdown_artifact(key=ui_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
     for line in report["regressions"]:
         logger.warning("regression: %s", line)
     logger.info("metrics: %s", json.dumps(report["rows"]))

@@ -16,18 +16,19 @@ from prefect.states import Failed
 
 from eval.report import markdown_table, metric_rows
 from flows.pretrain_to_beir import task_executor
-from flows.tasks import artifact_key
+from flows.stages import build
+from flows.tasks import ui_key
 from retroflow.artifacts import Artifact
 from flows.chain import (
     PipelineConfig,
-    eval_config,
+    evaluation,
     external_model,
+    prepare_data,
     previous_records,
     read_evaluation,
     record_evaluations,
     regressions,
-    step_evaluate,
-    step_prepare_data,
+    section_config,
     store_for,
 )
 
@@ -55,7 +56,7 @@ def reevaluate(
 ) -> dict[str, Any]:
     logger = get_run_logger()
     pipeline = PipelineConfig(
-        name=label or f"reevaluate-{artifact_key(model)[-40:]}",
+        name=label or f"reevaluate-{ui_key(model)[-40:]}",
         store=store,
         data_dir=data_dir,
         model=model,
@@ -71,20 +72,20 @@ def reevaluate(
     artifact_store = store_for(pipeline)
     model_ref = model_reference(model)
     index_ref = Artifact.open(index) if index else None
-    config = eval_config(pipeline)
+    config = section_config(pipeline, "evaluate")
     arts = {}
     for source in pipeline.eval_datasets:
-        data = execute("data", step_prepare_data, artifact_store, source)
-        arts[source] = execute("evaluate", step_evaluate, artifact_store, config, model_ref, data, index_ref)
+        data = execute("data", prepare_data, artifact_store, source)
+        arts[source] = execute("evaluate", build, artifact_store, "evaluate", *evaluation(config, "dense", data, model_ref, index_ref))
     results = {name: read_evaluation(art) for name, art in arts.items()}
     record_evaluations(pipeline, arts, results)
     previous = previous_records(pipeline, arts, results)
     rows = metric_rows(results, {k: rec.metrics for k, rec in previous.items() if rec is not None})
     flagged = regressions(pipeline, results, previous)
-    create_table_artifact(key=artifact_key("reevaluate", pipeline.name), table=rows, description=f"re-evaluation of {model}")
+    create_table_artifact(key=ui_key("reevaluate", pipeline.name), table=rows, description=f"re-evaluation of {model}")
     if flagged:
         body = "# ⚠ REGRESSION\n\n" + "\n".join(f"- {line}" for line in flagged) + "\n\n" + markdown_table(rows)
-        create_markdown_artifact(key=artifact_key("regression", pipeline.name), markdown=body, description="metric drops vs the previous run")
+        create_markdown_artifact(key=ui_key("regression", pipeline.name), markdown=body, description="metric drops vs the previous run")
         for line in flagged:
             logger.error("regression: %s", line)
         return Failed(message=f"{len(flagged)} regression(s): " + "; ".join(flagged))

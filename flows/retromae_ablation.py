@@ -12,7 +12,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.ablation_report import write_report
 from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
-from flows.tasks import artifact_key
+from flows.tasks import ui_key
 from flows.ablation import load_ablation_config, run_ablation, store_of
 
 DEFAULT_CONFIG = "configs/ablation/miniature.yaml"
@@ -27,10 +27,10 @@ def retromae_ablation(config: str = DEFAULT_CONFIG, overrides: list[str] | None 
     result = run_ablation(ablation, *store_executor(store))
     summary = write_report(ablation, result, store.root / "ablations" / ablation.name)
     markdown = summary.pop("markdown")
-    create_table_artifact(key=artifact_key("ablation", ablation.name), table=summary["rows"],
+    create_table_artifact(key=ui_key("ablation", ablation.name), table=summary["rows"],
                           description=f"retromae-ablation/{ablation.name}: arms x datasets, mean ± std over seeds {ablation.seeds}, "
                                       f"Δ and paired randomisation p against {ablation.baseline}")  # fmt: skip
-    create_markdown_artifact(key=artifact_key("ablation-report", ablation.name), markdown=markdown, description="RetroMAE ablation report")
+    create_markdown_artifact(key=ui_key("ablation-report", ablation.name), markdown=markdown, description="RetroMAE ablation report")
     get_run_logger().info("ablation %s: %d rows, report %s", ablation.name, len(summary["rows"]), summary["report"])
     return summary
 

@@ -1,8 +1,8 @@
 """Pipeline steps as cached, retried Prefect tasks.
 
-A task's cache key is the step name + its code version + the canonical form of its
-arguments (stage configs by content, upstream artifacts by fingerprint), i.e. the stage
-key of the DESIGN contract. Prefect's cache does not know whether the files a cached result
+A task's cache key is the key of the artifact it makes (`flows.stages.artifact_key`, the one
+the store and the stage commands use), so Prefect's cache and the store agree; steps that make
+no artifact of their own (a dataset read by name, an encoding shard) hash their arguments. Prefect's cache does not know whether the files a cached result
 points to still exist, so every finished task records its artifact in a small key index
 and the key function refuses a cached entry whose artifact is gone or damaged.
 """
@@ -23,7 +23,8 @@ from prefect.cache_policies import CacheKeyFnPolicy
 
 from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version, verify_artifact
 from retroflow.config import StageConfig
-from flows.chain import STEP_CODE, ExternalInput
+from flows.stages import artifact_key
+from retroflow.inputs import ExternalInput
 from retroflow.progress import reporting_progress_to
 
 log = logging.getLogger("retroflow.flows")
@@ -56,12 +57,7 @@ ORDERING_ONLY = {"after"}  # parameters that only sequence steps; never part of 
 
 def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
     parameters = {k: v for k, v in parameters.items() if k not in ORDERING_ONLY}
-    payload = {
-        "step": step,
-        "code": code_version(*STEP_CODE.get(step, ("retroflow",))),
-        "args": canonical_argument(parameters),
-    }
-    key = f"{step}-" + hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    key = f"{step}-{made_artifact_key(step, parameters)}"
     store = parameters.get("store")
     if isinstance(store, ArtifactStore):
         record = cache_index_dir(store) / f"{key}.json"
@@ -71,6 +67,15 @@ def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
                 # the cached result points at missing or damaged files: compute again
                 return f"{key}-stale-{int(time.time())}"
     return key
+
+
+def made_artifact_key(step: str, parameters: dict[str, Any]) -> str:
+    """The key of the artifact the step makes (an encoding shard: its artifact's key and number)."""
+    if "config" in parameters and "inputs" in parameters:
+        key = artifact_key(parameters.get("stage", step.removesuffix("-shard")), parameters["config"], parameters["inputs"])
+        return f"{key}-shard{parameters['shard']}" if "shard" in parameters else key
+    payload = {"step": step, "code": code_version("flows.chain", "retroflow.data"), "args": canonical_argument(parameters)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def record_artifacts(store: ArtifactStore, key: str, result: Any) -> None:
@@ -137,13 +142,13 @@ class ProgressArtifacts:
             if label in self.ids:
                 update_progress_artifact(self.ids[label], progress=percent, description=description)
             else:
-                key = artifact_key("progress", self.step) if label in self.step else artifact_key("progress", self.step, label)
+                key = ui_key("progress", self.step) if label in self.step else ui_key("progress", self.step, label)
                 self.ids[label] = create_progress_artifact(percent, key=key, description=description)
         except Exception as exc:  # progress is a courtesy: it must never fail the stage
             log.debug("progress artifact for %s not published: %s", self.step, exc)
 
 
-def artifact_key(*parts: str) -> str:
+def ui_key(*parts: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     text = "-".join(parts).lower()
     return "".join(c if c.isalnum() else "-" for c in text).strip("-")[:100]

@@ -36,7 +36,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -536,3 +536,23 @@ def write_embeddings(out_dir: Path, vectors: np.ndarray, ids: Sequence[str], **m
             "dtype": str(vectors.dtype), "num_shards": 1, "shards": [], **meta}  # fmt: skip
     atomic_write_text(out_dir / META_FILE, json.dumps(info, indent=2, default=str))
     return out_dir
+
+
+def with_inputs(config: EncodeConfig, inputs: Mapping[str, Any]) -> EncodeConfig:
+    from retroflow.inputs import model_dir
+
+    return config.with_overrides(model=str(model_dir(inputs["model"])), dataset=str(inputs["data"].path))
+
+
+def run(config: EncodeConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
+    """The `encode` stage: inputs `data` and `model`; shards already in `partial_dir` are kept."""
+    from retroflow.data import open_dataset
+
+    return run_encode(with_inputs(config, inputs), open_dataset(inputs["data"]), out_dir, partial_dir)
+
+
+def run_shard(config: EncodeConfig, inputs: Mapping[str, Any], shard: int, shards_dir: Path) -> dict:
+    """One shard of the `encode` stage into `shards_dir` (the artifact's partial directory)."""
+    from retroflow.data import open_dataset
+
+    return run_encode_shard(with_inputs(config, inputs), open_dataset(inputs["data"]), shard, shards_dir)

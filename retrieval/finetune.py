@@ -38,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -796,3 +796,18 @@ def run_finetune(
         atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": result.loss_history, "distill": metrics["distill_loss_history"]}))
     trainer.acc.wait_for_everyone()
     return metrics
+
+
+def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
+    """The `finetune` stage: inputs `data`, `model` (where training starts), optional `negatives`
+    and `teacher` (its scores: distillation)."""
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir
+    from retrieval.negatives import NEGATIVES_FILE
+    from retrieval.teacher import SCORES_FILE
+
+    return run_finetune(
+        config, open_dataset(inputs["data"]), model_dir(inputs["model"]), out_dir, partial_dir,
+        negatives_file=inputs["negatives"].file(NEGATIVES_FILE) if "negatives" in inputs else None,
+        teacher_scores_file=inputs["teacher"].file(SCORES_FILE) if "teacher" in inputs else None,
+    )  # fmt: skip

@@ -1,7 +1,7 @@
 """`retroflow negatives`, `retroflow teacher`, `retroflow finetune`.
 
-Each command loads a YAML config (flags and `--set key=value` override it), runs the stage
-function into `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume`
+Each command loads a YAML config (flags and `--set key=value` override it) and runs the stage
+into the artifact store (no `--output`: flows.stage_cli, the chain's own key), or into `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume`
 continues a killed run) and prints a JSON line last.
 """
 
@@ -23,7 +23,7 @@ PARTIAL = "partial"
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument("--dataset", help="BEIR directory or name (overrides the config's `dataset`)")
-    parser.add_argument("--output", type=Path, required=True, help="directory the stage writes into")
+    parser.add_argument("--output", type=Path, help="directory the stage writes into (default: the artifact store, $RETROFLOW_STORE or ./artifacts)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set train.lr=5e-5 (repeatable)")
 
@@ -37,7 +37,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(mine, "YAML NegativesConfig, e.g. configs/negatives/bm25.yaml")
     mine.add_argument("--method", choices=["bm25", "dense"])
     mine.add_argument("--model", help="dense mining: alias or model directory")
-    mine.set_defaults(func=run_mine_command)
+    mine.set_defaults(func=run_mine_command, stage="negatives", config_from_args=negatives_config)
 
     teacher = subparsers.add_parser(
         "teacher", help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
@@ -48,7 +48,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     _common(teacher, "YAML TeacherConfig, e.g. configs/teacher/fusion-scifact.yaml")
     teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from `retroflow negatives` (cross_encoder kind)")
     teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
-    teacher.set_defaults(func=run_teacher_command)
+    teacher.set_defaults(func=run_teacher_command, stage="teacher", config_from_args=teacher_config)
 
     finetune = subparsers.add_parser(
         "finetune", help="DPR fine-tuning (hard negatives, ANCE refresh, distillation)",
@@ -63,7 +63,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("--max-steps", type=int, help="override train.max_steps")
     finetune.add_argument("--seed", type=int, help="override train.seed")
     finetune.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
-    finetune.set_defaults(func=run_finetune_command)
+    finetune.set_defaults(func=run_finetune_command, stage="finetune", config_from_args=finetune_config)
     hidden_alias(subparsers, "mine-negatives", mine)  # the names before one word per stage
     hidden_alias(subparsers, "train-teacher", teacher)
 
@@ -99,14 +99,34 @@ def _finish(output: Path, metrics: dict) -> None:
         emit_json({**short, "output_dir": str(output)})
 
 
-def run_mine_command(args: argparse.Namespace) -> int:
-    from retrieval.negatives import NegativesConfig, run_mine_negatives
+def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list[str]:
+    """`--set` overrides plus the command's own flags (flag, config field), the flags winning."""
+    return list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags if getattr(args, flag, None) is not None]
 
-    overrides = list(args.overrides)
-    for flag in ("dataset", "method", "model"):
-        if getattr(args, flag):
-            overrides.append(f"{flag}={getattr(args, flag)}")
-    config = load_config(NegativesConfig, args.config, overrides)
+
+def negatives_config(args: argparse.Namespace):
+    from retrieval.negatives import NegativesConfig
+
+    return load_config(NegativesConfig, args.config, flag_overrides(args, (("dataset", "dataset"), ("method", "method"), ("model", "model"))))
+
+
+def teacher_config(args: argparse.Namespace):
+    from retrieval.teacher import TeacherConfig
+
+    return load_config(TeacherConfig, args.config, flag_overrides(args, (("dataset", "dataset"),)))
+
+
+def finetune_config(args: argparse.Namespace):
+    from retrieval.finetune import FinetuneConfig
+
+    flags = (("dataset", "dataset"), ("model", "init"), ("max_steps", "train.max_steps"), ("seed", "train.seed"))
+    return load_config(FinetuneConfig, args.config, flag_overrides(args, flags))
+
+
+def run_mine_command(args: argparse.Namespace) -> int:
+    from retrieval.negatives import run_mine_negatives
+
+    config = negatives_config(args)
     metrics = run_mine_negatives(config, _load_dataset(config.dataset), args.output)
     print(format_table([{k: metrics[k] for k in ("method", "queries", "negatives", "mean_per_query")}]))
     atomic_write_text(args.output / "metrics.json", json.dumps(metrics, indent=2))
@@ -115,10 +135,9 @@ def run_mine_command(args: argparse.Namespace) -> int:
 
 
 def run_teacher_command(args: argparse.Namespace) -> int:
-    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.teacher import run_train_teacher
 
-    overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
-    config = load_config(TeacherConfig, args.config, overrides)
+    config = teacher_config(args)
     if config.kind == "cross_encoder" and args.negatives is None:
         raise ValueError("train-teacher: the cross_encoder kind trains on mined negatives: pass --negatives FILE")
     partial = _partial_dir(args.output, args.resume)
@@ -128,13 +147,9 @@ def run_teacher_command(args: argparse.Namespace) -> int:
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
-    from retrieval.finetune import FinetuneConfig, run_finetune
+    from retrieval.finetune import run_finetune
 
-    overrides = list(args.overrides)
-    for flag, key in (("dataset", "dataset"), ("model", "init"), ("max_steps", "train.max_steps"), ("seed", "train.seed")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
-    config = load_config(FinetuneConfig, args.config, overrides)
+    config = finetune_config(args)
     partial = _partial_dir(args.output, args.resume)
     metrics = run_finetune(
         config, _load_dataset(config.dataset), config.init, args.output, partial,

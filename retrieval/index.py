@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Mapping
 
 import faiss
 import numpy as np
@@ -475,3 +475,8 @@ def copy_index_dir(src: Path, dest: Path) -> None:
             os.link(file, target)
         except OSError:
             shutil.copy2(file, target)
+
+
+def run(config: IndexConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+    """The `index` stage: input `embeddings` (an `encode` artifact)."""
+    return run_build_index(config, inputs["embeddings"].path, out_dir)

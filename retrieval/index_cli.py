@@ -62,7 +62,7 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
     _common(parser, "YAML EncodeConfig, e.g. configs/index/encode-scifact.yaml")
     parser.add_argument("--model", help="alias (minilm), local HF model dir or hub id")
     parser.add_argument("--dataset", help="BEIR directory, name, hf:BeIR/NAME or zip URL")
-    parser.add_argument("--output", type=Path, required=True, help="embeddings directory (shards go to OUTPUT/shards until merged)")
+    parser.add_argument("--output", type=Path, help="embeddings directory (shards go to OUTPUT/shards until merged); default: the artifact store")
     parser.add_argument("--shard-size", type=int)
     parser.add_argument("--dtype", choices=["float32", "float16"])
     parser.add_argument("--batch-size", type=int)
@@ -70,18 +70,24 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--worker", type=int, help="encode only this worker's shards (no merge)")
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--devices", help="comma-separated devices, one worker process each (cuda:0,cuda:1)")
-    parser.set_defaults(func=run_encode_command)
+    parser.set_defaults(func=run_encode_command, stage="encode", config_from_args=encode_config)
 
 
-def run_encode_command(args: argparse.Namespace) -> int:
-    from retroflow.data.beir import load_dataset
-    from retrieval.encode import META_FILE, EncodeConfig, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+def encode_config(args: argparse.Namespace):
+    from retrieval.encode import EncodeConfig
 
     overrides = _overrides(args, [("model", "model"), ("dataset", "dataset"), ("shard_size", "shard_size"), ("dtype", "dtype"),
                                   ("batch_size", "encoder.batch_size")])  # fmt: skip
     if args.no_merge:
         overrides.append("merge=false")
-    config = load_config(EncodeConfig, args.config, overrides)
+    return load_config(EncodeConfig, args.config, overrides)
+
+
+def run_encode_command(args: argparse.Namespace) -> int:
+    from retroflow.data.beir import load_dataset
+    from retrieval.encode import META_FILE, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+
+    config = encode_config(args)
     dataset = load_dataset(config.dataset)
     out_dir, shards_dir = args.output, args.output / "shards"
     if (out_dir / META_FILE).is_file():

@@ -237,3 +237,12 @@ def run_mine_negatives(config: NegativesConfig, dataset, out_dir: Path, model_pa
     metrics["negatives_file"] = str(out_dir / NEGATIVES_FILE)
     log.info("mined %d negatives for %d queries (%s)", metrics["negatives"], metrics["queries"], config.method)
     return metrics
+
+
+def run(config: NegativesConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
+    """The `negatives` stage: inputs `data` and, for dense mining, `model`."""
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir
+
+    dense_model = model_dir(inputs["model"]) if config.method == "dense" and "model" in inputs else None
+    return run_mine_negatives(config, open_dataset(inputs["data"]), out_dir, model_path=dense_model)

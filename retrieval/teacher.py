@@ -41,7 +41,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
@@ -427,3 +427,19 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         "score_seconds": round(time.perf_counter() - started, 2),
         "scores_file": SCORES_FILE,
     }
+
+
+def run(config: TeacherConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
+    """The `teacher` stage: inputs `data`, `init` (the teacher's model) and `negatives` (cross-encoder)
+    or `embeddings` (fusion: the init model's corpus vectors, optional)."""
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir
+
+    config = config.with_overrides(init=str(model_dir(inputs["init"])))
+    dataset = open_dataset(inputs["data"])
+    if config.kind == "fusion":
+        embeddings = inputs.get("embeddings")
+        return run_fusion_teacher(config, dataset, out_dir, embeddings.path if embeddings else None)
+    from retrieval.negatives import NEGATIVES_FILE
+
+    return run_train_teacher(config, dataset, inputs["negatives"].file(NEGATIVES_FILE), out_dir, partial_dir)

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import faiss
 import numpy as np
@@ -321,3 +321,8 @@ def report_setting(loaded, embeddings: Embeddings, queries: QuerySet, params: di
     measured = measure(loaded, queries.vectors, truth, params, config)
     return {"num_queries": len(queries.vectors), "query_source": queries.source, "recall": measured["recall"], "qps": measured["qps"],
             "exact_qps": round(len(queries.vectors) / exact_seconds, 1)}  # fmt: skip
+
+
+def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+    """The `tune` stage: inputs `index` and the `embeddings` it was built from (their vectors are the queries)."""
+    return run_tune_index(config, inputs["index"].path, inputs["embeddings"].path, None, out_dir)

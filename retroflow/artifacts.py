@@ -278,16 +278,16 @@ class ArtifactStore:
         code: str,
         body: StageBody,
         extra_manifest: Mapping[str, Any] | None = None,
-        key_config: StageConfig | None = None,
+        key: str | None = None,
     ) -> Artifact:
         """Return the cached artifact for this (stage, config, inputs, code), or build it.
 
         `body(out_dir, partial_dir)` writes the stage's files into `out_dir` and may keep
         resumable checkpoints in `partial_dir`; it returns the stage's metrics.
-        `key_config` replaces `config` in the key when the config holds machine-specific
-        paths to inputs that already enter the key by their fingerprints.
+        `key`: the artifact key when the caller computed it (flows.stages.artifact_key does, for
+        every stage); by default the key of (stage, config, inputs, code).
         """
-        key = self.key_for(stage, key_config or config, inputs, code)
+        key = key or self.key_for(stage, config, inputs, code)
         cached = self.lookup(stage, key)
         if cached is not None:
             return cached

@@ -6,7 +6,6 @@ import argparse
 import os
 from pathlib import Path
 
-from retroflow.artifacts import default_store
 from retroflow.config import load_config
 from retroflow.console import emit_json
 
@@ -21,38 +20,36 @@ def add_commands(subparsers) -> None:
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML file, e.g. configs/pretrain/tiny.yaml")
     parser.add_argument("--output", type=Path, help="train directly into this directory")
+    parser.add_argument("--dataset", help="into the store: the dataset whose corpus is the text (default: data.beir_corpus's dataset)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. --set train.lr=5e-5 (repeatable)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, stage="pretrain", config_from_args=pretrain_config)
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def run(args: argparse.Namespace) -> int:
+def pretrain_config(args: argparse.Namespace):
     from retromae.config import PretrainConfig
-    from retromae.stage import pretrain_to_store, run_pretrain
+
+    overrides = list(args.overrides) + ([f"train.max_steps={args.max_steps}"] if args.max_steps is not None else [])
+    return load_config(PretrainConfig, args.config, overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Pretrain into --output (the store's own path, flows.stage_cli, handles a missing --output)."""
+    from retromae.pretrain import run_pretrain
     from retroflow.checkpoints import list_checkpoints
 
-    overrides = list(args.overrides)
-    if args.max_steps is not None:
-        overrides.append(f"train.max_steps={args.max_steps}")
-    config = load_config(PretrainConfig, args.config, overrides)
-
-    if args.output is None:
-        artifact = pretrain_to_store(config, default_store())
-        metrics = artifact.metrics
-        output_dir = artifact.path
-        print(f"pretrain artifact: {artifact.path}")
-    else:
-        partial = args.output
-        if list_checkpoints(partial / "checkpoints") and not args.resume:
-            raise ValueError(f"{partial / 'checkpoints'} already holds checkpoints: pass --resume to continue, or use a new --output")
-        metrics = run_pretrain(config, args.output, partial, resume=args.resume)
-        output_dir = args.output
+    config = pretrain_config(args)
+    partial = args.output
+    if list_checkpoints(partial / "checkpoints") and not args.resume:
+        raise ValueError(f"{partial / 'checkpoints'} already holds checkpoints: pass --resume to continue, or use a new --output")
+    metrics = run_pretrain(config, args.output, partial, resume=args.resume)
+    output_dir = args.output
     if _is_main_process():
         emit_json({
             "final_loss": metrics.get("final_loss"),

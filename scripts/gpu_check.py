@@ -145,7 +145,7 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
     from datasets import Dataset
 
     from retroflow.devices import seed_everything
-    from retromae.stage import build_collator, build_model
+    from retromae.pretrain import build_collator, build_model
     from retromae.trainer import PretrainTrainer, make_accelerator
 
     precision = "bf16" if device.type == "cuda" else "fp32"
@@ -157,7 +157,7 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
     cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, shape + overrides)
     seed_everything(cfg.train.seed)
     model, collator = build_model(cfg, tokenizer), build_collator(cfg, tokenizer)
-    # cost options set here too, in case retromae.stage does not pass them on (setting them twice is harmless)
+    # cost options set here too, in case retromae.pretrain does not pass them on (setting them twice is harmless)
     model.ce_chunk_size, collator.decoder_target_fraction = cfg.ce_chunk_size, cfg.decoder_target_fraction
     rows = torch.randint(len(SPECIALS), len(tokenizer), (steps * sizes.pretrain_batch, sizes.length - 2)).tolist()
     dataset = Dataset.from_dict({"input_ids": rows})  # full-length rows: the real batch shape every step

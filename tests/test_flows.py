@@ -112,6 +112,31 @@ def test_tiny_flow_runs_then_comes_back_from_cache(harness, store):
     assert seconds < 10, f"cached re-run took {seconds:.1f} s"
 
 
+def test_stages_run_from_the_cli_are_the_artifacts_the_flow_uses(harness, store, tmp_path, capsys):
+    """One key function (flows.stages.artifact_key): `retroflow pretrain` / `retroflow negatives`
+    into the store, then the flow with the same sections finds those artifacts and builds neither."""
+    import json
+
+    import yaml
+
+    from flows.cli import main
+
+    sections = yaml.safe_load(Path(TINY).read_text())
+    made = {}
+    for stage, extra in (("pretrain", []), ("negatives", ["--set", "split=train"])):
+        config = tmp_path / f"{stage}.yaml"
+        config.write_text(yaml.safe_dump(sections[stage]))
+        assert main([stage, "--config", str(config), "--dataset", "scifact", *extra]) == 0
+        made[stage] = Path(json.loads(capsys.readouterr().out.strip().splitlines()[-1])["artifact"])
+    manifests = {stage: (path / "manifest.json").read_bytes() for stage, path in made.items()}
+
+    state, _ = run_flow()
+    assert state.is_completed(), state.message
+    for stage, path in made.items():
+        assert [p.parent for p in (store / stage).glob("*/manifest.json")] == [path], stage  # the CLI's, and only it
+        assert (path / "manifest.json").read_bytes() == manifests[stage]  # reused as it was, not rebuilt
+
+
 def test_changing_only_evaluation_reruns_only_evaluation(harness, store):
     assert run_flow()[0].is_completed()
     state, _ = run_flow("evaluate.top_k=50")
@@ -132,17 +157,17 @@ def test_deleted_artifact_is_rebuilt_not_trusted(harness, store):
 
 
 def test_failed_downstream_stage_rerun_does_not_repeat_pretraining(harness, store, monkeypatch):
-    import flows.chain as pipeline
+    import eval.evaluate
 
-    real = pipeline.step_evaluate
+    real = eval.evaluate.run
 
     def broken(*args, **kwargs):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(pipeline, "step_evaluate", broken)
+    monkeypatch.setattr(eval.evaluate, "run", broken)  # the evaluate stage's `run` (flows.stages looks it up when it runs)
     failed, _ = run_flow()
     assert failed.is_failed()
-    monkeypatch.setattr(pipeline, "step_evaluate", real)
+    monkeypatch.setattr(eval.evaluate, "run", real)
     state, _ = run_flow()
     assert state.is_completed(), state.message
     steps = states_by_step(state.state_details.flow_run_id)
@@ -197,7 +222,7 @@ def test_ablation_flow_tables_every_arm_then_comes_back_from_cache(harness, stor
 
     again = retromae_ablation(config, return_state=True)
     assert again.is_completed() and again.result()["rows"] == summary["rows"]
-    expected = {"data", "pretraining-corpus", "tokenizer", "scratch-init", "pretrain", "negatives", "finetune", "evaluate"}
+    expected = {"data", "corpus", "tokenizer", "scratch", "pretrain", "negatives", "finetune", "evaluate"}
     steps = states_by_step(again.state_details.flow_run_id, expect=expected)
     assert set(steps) == expected and all(states == {"Cached"} for states in steps.values()), steps
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from retroflow.artifacts import ArtifactStore
 from retromae.config import PretrainConfig
-from retromae.stage import pretrain_to_store, run_pretrain
+from retromae.pretrain import run_pretrain
 from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 
 pytestmark = pytest.mark.skipif(not SCIFACT.is_file(), reason="SciFact corpus not available")
@@ -81,12 +81,16 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir):
 
 
 def test_artifact_store_build_and_cache(tmp_path):
+    from flows.chain import prepare_data
+    from flows.stages import build
+
     store = ArtifactStore(tmp_path / "store")
     cfg = _config(tmp_path, max_steps=2, save_every=100)
-    art = pretrain_to_store(cfg, store)
+    inputs = {"data": prepare_data(store, str(SCIFACT.parent))}
+    art = build(store, "pretrain", cfg, inputs)
     assert (art.path / "encoder" / "config.json").is_file() and art.metrics["steps"] == 2
     assert not any(p.name.endswith(".partial") for p in (tmp_path / "store" / "pretrain").iterdir())
-    assert pretrain_to_store(cfg, store).path == art.path  # cached, not rebuilt
+    assert build(store, "pretrain", cfg, inputs).path == art.path  # cached, not rebuilt
 
 
 @pytest.mark.slow
@@ -96,7 +100,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, tokenizer_dir):
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     single = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "single", tmp_path / "single")
-    from flows.chain import loopback_environment, single_node_rendezvous
+    from flows.stages import loopback_environment, single_node_rendezvous
 
     # the pipeline's own launch settings: rendezvous and gloo on the loopback interface
     env = {**loopback_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -1,2 +1,47 @@
 """The `data` stage and the dataset readers every stage uses: BEIR (`beir`), MS MARCO
 (`msmarco`) and Natural Questions in DPR format (`nq`), each normalised once to Parquet."""
+
+from __future__ import annotations
+
+
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+from retroflow.config import StageConfig
+
+NORMALISED_FILES = ("corpus.parquet", "queries.parquet", "qrels.parquet", "dataset.json")
+
+
+class DataConfig(StageConfig):
+    """A dataset to normalise: where it is (not part of the key) and what it holds (the key)."""
+
+    source: str
+    content_fingerprint: str  # new content, new artifact; the same content under another name, the same one
+
+
+def data_config(source: str) -> DataConfig:
+    """Read (and normalise, once, into the cache) the dataset at `source` to learn its content."""
+    from retroflow.data.beir import load_dataset
+
+    return DataConfig(source=str(source), content_fingerprint=load_dataset(source).fingerprint)
+
+
+def run(config: DataConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+    """The `data` stage: the normalised Parquet files of `config.source`, checked against the key's content."""
+    from retroflow.data.beir import DatasetError, load_dataset
+
+    dataset = load_dataset(config.source)
+    if dataset.fingerprint != config.content_fingerprint:
+        raise DatasetError(f"{config.source}: its content changed while the pipeline ran (fingerprint {dataset.fingerprint}, "
+                           f"expected {config.content_fingerprint})")  # fmt: skip
+    for name in NORMALISED_FILES:
+        shutil.copy2(dataset.path / name, Path(out_dir) / name)
+    return {"num_docs": dataset.num_docs, "splits": {s: len(q) for s, q in dataset.qrels.items()}, "name": dataset.name}
+
+
+def open_dataset(data) -> Any:
+    """The dataset inside a `data` artifact."""
+    from retroflow.data.beir import read_normalised
+
+    return read_normalised(data.path)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Mapping
 
-from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version
+from retroflow.artifacts import Artifact, atomic_write_text
 from retroflow.devices import seed_everything
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig
@@ -65,6 +64,13 @@ def tokenizer_config(config: PretrainConfig) -> PretrainConfig:
         model={"init": None, "vocab_size": config.model.vocab_size},
         data={"beir_corpus": config.data.beir_corpus, "files": list(config.data.files), "max_docs": config.data.max_docs},
     )
+
+
+def scratch_config(config: PretrainConfig) -> PretrainConfig:
+    """What a from-scratch encoder's initial weights depend on: architecture, data shape and seed,
+    not the objective (the `scratch` step's config, so every arm of a seed shares one)."""
+    canonical = config.canonical()
+    return PretrainConfig().with_overrides(model=canonical["model"], data=canonical["data"], train={"seed": config.train.seed})
 
 
 def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
@@ -193,21 +199,21 @@ def source_label(path: Path) -> str:
     return path.parent.name if path.name == "corpus.jsonl" else path.name
 
 
-def pretrain_to_store(
-    config: PretrainConfig,
-    store: ArtifactStore,
-    text_files: list[Path] | None = None,
-    inputs: Mapping[str, Artifact] | None = None,
-) -> Artifact:
-    """Build (or reuse) the `pretrain` artifact. Explicit text files are folded into the config
-    so the cache key changes with the data; pass the corpus artifact as `inputs` to key on its content."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("the artifact store is single-process: under torchrun use `retroflow pretrain --output DIR`")
-    if text_files:
-        data = {**config.canonical()["data"], "files": [str(Path(p).resolve()) for p in text_files], "beir_corpus": None}
-        config = PretrainConfig.model_validate({**config.canonical(), "data": data})
+# --------------------------------------------------------------------------- the stage contract
 
-    def body(out_dir: Path, partial_dir: Path) -> dict:
-        return run_pretrain(config, out_dir, partial_dir)
 
-    return store.build("pretrain", config, dict(inputs or {}), code_version("retromae"), body)
+def run(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
+    """The `pretrain` stage: inputs `data` (its corpus is the text) and, from scratch, `tokenizer`."""
+    if "tokenizer" in inputs:
+        config = config.with_overrides(model={"tokenizer": str(inputs["tokenizer"].path)})
+    return run_pretrain(config, out_dir, partial_dir, text_files=[inputs["data"].file("corpus.parquet")])
+
+
+def run_tokenizer_stage(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
+    """The `tokenizer` step of a from-scratch pretraining (its config: `tokenizer_config`), on input `data`."""
+    return run_tokenizer(config, out_dir, text_files=[inputs["data"].file("corpus.parquet")])
+
+
+def run_scratch_stage(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
+    """The `scratch` step of an ablation: the untrained from-scratch encoder, with input `tokenizer`."""
+    return run_scratch_init(config.with_overrides(model={"tokenizer": str(inputs["tokenizer"].path)}), out_dir)

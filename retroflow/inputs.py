@@ -1,0 +1,86 @@
+"""What a stage reads: upstream artifacts, or things the pipeline did not make (a packaged or hub
+model), both fingerprinted by content so that they enter artifact keys the same way."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from retroflow.artifacts import MANIFEST, Artifact
+
+
+@dataclass(frozen=True)
+class ExternalInput:
+    """Something the pipeline did not make (a packaged model, a hub model): fingerprinted by content."""
+
+    name: str
+    path: Path
+    fingerprint: str
+
+    def ref(self) -> dict[str, str]:
+        return {"stage": "external", "name": self.name, "fingerprint": self.fingerprint, "path": str(self.path)}
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+Input = Artifact | ExternalInput
+ModelRef = Input
+
+_fingerprints: dict[tuple[str, int], str] = {}
+
+
+def directory_fingerprint(path: Path) -> str:
+    """sha256 over the files of a directory (memoised by path and mtime)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
+    cached = _fingerprints.get((str(path), stamp))
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode())
+        with open(file, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+    _fingerprints[(str(path), stamp)] = digest.hexdigest()[:24]
+    return _fingerprints[(str(path), stamp)]
+
+
+def external_model(name: str) -> ExternalInput:
+    from retroflow.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    return ExternalInput(name=name, path=path, fingerprint=directory_fingerprint(path))
+
+
+def model_dir(ref: Input) -> Path:
+    """The HF model directory inside a model-producing artifact (or the external model itself)."""
+    if isinstance(ref, ExternalInput):
+        return ref.path
+    for candidate in ("model", "encoder"):
+        if (ref.path / candidate / "config.json").is_file():
+            return ref.path / candidate
+    raise FileNotFoundError(f"artifact {ref.path} holds no model directory (model/ or encoder/)")
+
+
+def model_label(model: Input) -> str:
+    return model.name if isinstance(model, ExternalInput) else f"{model.stage}/{model.key}"
+
+
+def artifact_containing(path: str | Path) -> Artifact | None:
+    """The finished artifact a path lies in (the directory itself or a file inside it), if any."""
+    path = Path(path).expanduser().resolve()
+    for candidate in (path, *path.parents):
+        if (candidate / MANIFEST).is_file():
+            return Artifact.open(candidate)
+    return None
+
+
+def open_input(ref: Mapping[str, Any]) -> Input:
+    """An input back from its `ref()` (how a torchrun child learns what its parent was given)."""
+    if ref["stage"] == "external":
+        return ExternalInput(name=ref["name"], path=Path(ref["path"]), fingerprint=ref["fingerprint"])
+    return Artifact.open(ref["path"])
