@@ -105,6 +105,8 @@ def format_value(fig: dict) -> str:
     if spec == "duration":
         return duration(fig["value"])
     text = format(fig["value"], spec)
+    if "e" in spec:  # 1.2e-07 -> 1.2e-7, as the docs write it
+        text = re.sub(r"e([+-])0*(\d)", lambda m: "e" + m.group(1).replace("+", "") + m.group(2), text)
     if fig.get("std") is not None:
         text += " ± " + format(fig["std"], str(fig.get("std_format", spec.lstrip("+"))))
     if fig.get("minus") == "unicode":
@@ -116,7 +118,7 @@ def format_field(fig: dict, field: str) -> str:
     if field == "value":
         text = format_value(fig)
         unit = fig.get("unit")
-        if not unit or not fig.get("show_unit", True) or fig.get("format") == "duration":
+        if not unit or fig.get("format") == "duration":
             return text
         return f"{text}{unit}" if unit in ("×", "x", "%") else f"{text} {unit}"
     if field == "met":
