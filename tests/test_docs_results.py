@@ -1,0 +1,73 @@
+"""The docs' measured-figure tables are generated from docs/results.yaml and up to date."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "render_results.py"
+
+
+def render(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
+    )
+
+
+def test_repository_docs_are_up_to_date():
+    result = render("--check")
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_figure_has_the_required_fields():
+    data = yaml.safe_load((ROOT / "docs" / "results.yaml").read_text(encoding="utf-8"))
+    ids = [fig["id"] for fig in data["figures"]]
+    assert len(ids) == len(set(ids))
+    for fig in data["figures"]:
+        for key in ("id", "what", "metric", "value", "command", "commit", "date", "table"):
+            assert fig.get(key) not in (None, ""), (fig["id"], key)
+        assert fig["table"] in data["tables"]
+        if "met" in fig:
+            assert "target" in fig, fig["id"]
+
+
+def test_a_changed_value_makes_check_fail_naming_file_and_table(tmp_path: Path):
+    (tmp_path / "docs").mkdir()
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    shutil.copy(ROOT / "docs" / "results.md", tmp_path / "docs" / "results.md")
+    results = tmp_path / "results.yaml"
+    shutil.copy(ROOT / "docs" / "results.yaml", results)
+    args = ("--root", str(tmp_path), "--results", str(results))
+    assert render("--check", *args).returncode == 0
+
+    data = yaml.safe_load(results.read_text(encoding="utf-8"))
+    fig = next(f for f in data["figures"] if f["id"] == "quickstart.bm25.ndcg@10")
+    fig["value"] = 0.1234
+    results.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+
+    result = render("--check", *args)
+    assert result.returncode == 1
+    assert "docs/results.md: table 'quickstart' is out of date" in result.stderr
+    # every table showing that figure is named, not only its home table
+    assert "docs/results.md: table 'finetune' is out of date" in result.stderr
+    assert "0.1234" not in (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
+
+    # rendering rewrites the blocks; then the check passes and the new value is shown
+    assert render(*args).returncode == 0
+    assert render("--check", *args).returncode == 0
+    assert "| BM25 | 0.1234 |" in (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
+
+
+def test_unknown_figure_reference_is_an_error(tmp_path: Path):
+    results = tmp_path / "results.yaml"
+    data = yaml.safe_load((ROOT / "docs" / "results.yaml").read_text(encoding="utf-8"))
+    data["tables"]["quickstart"]["rows"][0][1] = "{no-such-figure}"
+    results.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    result = render("--check", "--root", str(ROOT), "--results", str(results))
+    assert result.returncode == 2
+    assert "no-such-figure" in result.stderr
