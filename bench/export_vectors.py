@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retroflow.data.beir import BeirDataset, load_dataset  # noqa: E402
 from retroflow.artifacts import cache_root  # noqa: E402
-from retroflow.config import hash_json  # noqa: E402
+from retroflow.hashing import hash_json  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
 from retrieval.encode import META_FILE, EncodeConfig, compatibility_key, run_encode, write_embeddings  # noqa: E402
 

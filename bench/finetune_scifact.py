@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
-from retroflow.artifacts import atomic_write_text  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
 from retrieval.bm25 import BM25Retriever  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402

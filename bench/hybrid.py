@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
-from retroflow.artifacts import atomic_write_text  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 from retrieval.bm25 import BM25Retriever  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
 from retrieval.hybrid import DenseSide, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax, fuse_rrf  # noqa: E402

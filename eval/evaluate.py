@@ -28,7 +28,8 @@ from retroflow.data.beir import BeirDataset, load_dataset
 from retroflow.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from retroflow.data.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
 from retroflow.data.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
-from retroflow.artifacts import atomic_write_text, code_version
+from retroflow.hashing import code_version
+from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings

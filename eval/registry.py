@@ -36,6 +36,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from retroflow.publish import publishing_file
+
 REGISTRY_ENV = "RETROFLOW_REGISTRY"
 DEFAULT_REGISTRY = Path("runs") / "registry.parquet"
 
@@ -168,12 +170,8 @@ def append_run(
         if clash.num_rows:
             raise RegistryError(f"{path}: run '{run_id}' already has results for {dataset}/{split}")
         combined = pa.concat_tables([old, new])
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            pq.write_table(combined, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with publishing_file(path) as staging:
+            pq.write_table(combined, staging)
     return run_id
 
 

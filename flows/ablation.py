@@ -29,7 +29,8 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import Artifact, ArtifactStore, sha256_file
+from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.hashing import sha256_file
 from retroflow.config import ConfigError, StageConfig, load_config, validate_config
 from flows.chain import apply_data_dir, direct, direct_map, evaluation, prepare_data, store_for
 from flows.stages import build

@@ -110,7 +110,7 @@ def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dic
     from pathlib import Path
 
     from eval.report import embedded_png, plot_loss_curves
-    from retroflow.artifacts import atomic_write_text
+    from retroflow.publish import atomic_write_text
 
     out_dir = Path(out_dir)
     rows = summary_rows(config, result)

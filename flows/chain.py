@@ -20,11 +20,13 @@ from typing import Any, Mapping
 
 from pydantic import Field
 
-from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text
+from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.publish import atomic_write_text
 from flows.stages import STAGES, artifact_key, build, partial_dir_of
 from retroflow.data import data_config
 from retroflow.inputs import ExternalInput, Input, external_model, model_dir
-from retroflow.config import ConfigError, StageConfig, hash_json, load_config, validate_config
+from retroflow.config import ConfigError, StageConfig, load_config, validate_config
+from retroflow.hashing import hash_json
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from eval.report import embedded_png, loss_history, metric_rows, plot_loss_curves, run_report_markdown
 from flows.chain import export_model, previous_records, read_evaluation, record_evaluations, regressions, store_for
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text
 
 
 def write_run_report(pipeline, result) -> dict[str, Any]:

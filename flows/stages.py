@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from retroflow.artifacts import Artifact, ArtifactStore, code_version, stage_key
+from retroflow.artifacts import Artifact, ArtifactStore, stage_key
+from retroflow.hashing import code_version
 from retroflow.config import StageConfig
 from retroflow.inputs import Input
 

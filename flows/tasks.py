@@ -9,7 +9,6 @@ and the key function refuses a cached entry whose artifact is gone or damaged.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -21,7 +20,9 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from retroflow.artifacts import Artifact, ArtifactStore, atomic_write_text, code_version, verify_artifact
+from retroflow.artifacts import Artifact, ArtifactStore, verify_artifact
+from retroflow.hashing import code_version, hash_json
+from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
 from flows.stages import artifact_key
 from retroflow.inputs import ExternalInput
@@ -75,7 +76,7 @@ def made_artifact_key(step: str, parameters: dict[str, Any]) -> str:
         key = artifact_key(parameters.get("stage", step.removesuffix("-shard")), parameters["config"], parameters["inputs"])
         return f"{key}-shard{parameters['shard']}" if "shard" in parameters else key
     payload = {"step": step, "code": code_version("flows.chain", "retroflow.data"), "args": canonical_argument(parameters)}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return hash_json(payload)[:24]
 
 
 def record_artifacts(store: ArtifactStore, key: str, result: Any) -> None:

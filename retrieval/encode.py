@@ -44,8 +44,10 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from retroflow.data.beir import BeirDataset
-from retroflow.artifacts import artifact_label, atomic_write_text
-from retroflow.config import StageConfig, hash_json
+from retroflow.artifacts import artifact_label
+from retroflow.publish import atomic_write_text, publishing_file
+from retroflow.config import StageConfig
+from retroflow.hashing import hash_json
 from retroflow.progress import progress_bar
 from retrieval.encoder import Encoder, EncoderSettings
 
@@ -189,19 +191,13 @@ def shard_texts(dataset: BeirDataset, rows: range) -> list[str]:
 
 
 def write_vectors(path: Path, vectors: np.ndarray) -> None:
-    """np.save to a temporary name in the same directory, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with publishing_file(path) as staging, open(staging, "wb") as handle:  # a handle: np.save would append .npy to a name
         np.save(handle, vectors)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def write_ids(path: Path, ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(pa.table({"_id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())}), tmp)
-    os.replace(tmp, path)
+    with publishing_file(path) as staging:
+        pq.write_table(pa.table({"_id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())}), staging)
 
 
 def run_encode_shard(
@@ -468,15 +464,12 @@ def merge_shards(
 
 
 def _concatenate_vectors(shards_dir: Path, metas: list[dict[str, Any]], path: Path, num_docs: int, dim: int, dtype: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    merged = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(num_docs, dim))
-    for m in metas:
-        merged[m["start"] : m["stop"]] = np.load(shards_dir / shard_name(m["shard"]) / VECTORS_FILE, mmap_mode="r")
-    merged.flush()
-    del merged
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    with publishing_file(path) as staging:
+        merged = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=(num_docs, dim))
+        for m in metas:
+            merged[m["start"] : m["stop"]] = np.load(shards_dir / shard_name(m["shard"]) / VECTORS_FILE, mmap_mode="r")
+        merged.flush()
+        del merged
 
 
 def _vector_bytes(out_dir: Path, meta: dict[str, Any]) -> int:

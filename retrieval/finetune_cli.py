@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text
 from retroflow.config import load_config
 from retroflow.console import emit_json, format_table
 

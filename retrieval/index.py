@@ -39,7 +39,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import artifact_label, atomic_write_text
+from retroflow.artifacts import artifact_label
+from retroflow.publish import atomic_write_text, publishing_file
 from retroflow.config import StageConfig
 from retrieval.encode import Embeddings, open_embeddings, write_ids
 
@@ -235,9 +236,8 @@ def index_shard_name(shard: int) -> str:
 
 
 def write_index_file(index: "faiss.Index", path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, path)
+    with publishing_file(path) as staging:
+        faiss.write_index(index, str(staging))
 
 
 def _set_threads(config: IndexConfig) -> None:

@@ -233,7 +233,7 @@ def _add_search(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from retroflow.artifacts import atomic_write_text
+    from retroflow.publish import atomic_write_text
     from retrieval.index import read_index_meta, search_with_index
 
     meta = read_index_meta(args.index)

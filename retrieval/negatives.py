@@ -25,7 +25,7 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 from pydantic import Field, model_validator
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Settings
 from retrieval.encoder import EncoderSettings

@@ -40,7 +40,7 @@ import faiss
 import numpy as np
 from pydantic import Field
 
-from retroflow.artifacts import atomic_write_bytes, atomic_write_text
+from retroflow.publish import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.index import META_FILE, METRICS, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
 from retrieval.encode import Embeddings, open_embeddings

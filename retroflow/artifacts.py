@@ -12,7 +12,6 @@ the store then mirrors a local working copy to it (see `ArtifactStore`).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -24,8 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from retroflow import __version__
-from retroflow.config import StageConfig, hash_json
-from retroflow.publish import staging_name, sweep_stale
+from retroflow.config import StageConfig
+from retroflow.hashing import code_version, hash_json, sha256_file  # noqa: F401 (the store's helpers, re-exported)
+from retroflow.publish import atomic_write_bytes, atomic_write_text, staging_name, sweep_stale  # noqa: F401
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("retroflow.artifacts")
@@ -34,27 +34,6 @@ log = logging.getLogger("retroflow.artifacts")
 def cache_root() -> Path:
     """`$RETROFLOW_CACHE`, else `~/.cache/retroflow`: normalised datasets, token caches, store working copies."""
     return Path(os.environ.get("RETROFLOW_CACHE", Path.home() / ".cache" / "retroflow")).expanduser()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source of the given modules/packages (all .py files under a package)."""
-    digest = hashlib.sha256(__version__.encode())
-    for name in sorted(modules):
-        module = importlib.import_module(name)
-        origin = Path(module.__file__)
-        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
-        for file in files:
-            digest.update(str(file.relative_to(origin.parent)).encode())
-            digest.update(file.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -383,20 +362,6 @@ def write_manifest(
         manifest.update(extra)
     atomic_write_text(directory / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
     return manifest
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def lineage(artifact: Artifact) -> list[dict[str, Any]]:

@@ -6,8 +6,9 @@ values are rejected at load time, not half-way through a training run.
 
 from __future__ import annotations
 
-import hashlib
 import json
+
+from retroflow.hashing import hash_json
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -34,11 +35,6 @@ class StageConfig(BaseModel):
     def with_overrides(self: C, **changes: Any) -> C:
         merged = _deep_merge(self.canonical(), {k: v for k, v in changes.items() if v is not None})
         return validate_config(type(self), merged, source="<overrides>")
-
-
-def hash_json(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
 
 
 def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,12 +3,12 @@ model), both fingerprinted by content so that they enter artifact keys the same 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from retroflow.artifacts import MANIFEST, Artifact
+from retroflow.hashing import directory_fingerprint
 
 
 @dataclass(frozen=True)
@@ -28,26 +28,6 @@ class ExternalInput:
 
 Input = Artifact | ExternalInput
 ModelRef = Input
-
-_fingerprints: dict[tuple[str, int], str] = {}
-
-
-def directory_fingerprint(path: Path) -> str:
-    """sha256 over the files of a directory (memoised by path and mtime)."""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
-    cached = _fingerprints.get((str(path), stamp))
-    if cached:
-        return cached
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode())
-        with open(file, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    _fingerprints[(str(path), stamp)] = digest.hexdigest()[:24]
-    return _fingerprints[(str(path), stamp)]
-
 
 def external_model(name: str) -> ExternalInput:
     from retroflow.models import resolve_model_path

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text
 
 CARD_FILE = "README.md"
 # the fine-tuning metrics a card's "Training Details" lists

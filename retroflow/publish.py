@@ -119,6 +119,31 @@ def publishing_content(parent: Path) -> Iterator[tuple[Path, Callable[[str], Pat
         shutil.rmtree(staging, ignore_errors=True)  # gone already when published
 
 
+@contextmanager
+def publishing_file(final: Path) -> Iterator[Path]:
+    """Yield a staging path beside `final` to write; when the block ends it is synced and renamed
+    to `final` (replacing it), so a reader sees the old file or the new one, never half of one.
+    If the block raises, the staging file is removed and `final` is untouched."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = final.parent / staging_name(f".{final.name}")
+    try:
+        yield staging
+        with open(staging, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staging, final)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with publishing_file(path) as staging:
+        staging.write_bytes(data)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def remove_if_empty(directory: Path) -> None:
     """Drop a cache directory a failed step created and left empty."""
     try:

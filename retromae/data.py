@@ -18,6 +18,7 @@ import datasets
 
 from retroflow.artifacts import cache_root
 from retroflow.publish import publishing
+from retroflow.hashing import sha256_text
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -101,7 +102,7 @@ def chunk(ids: list[int], size: int, min_tokens: int) -> list[list[int]]:
 
 def _tokenizer_digest(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps([type(tokenizer).__name__, vocab]).encode()).hexdigest()[:16]
+    return sha256_text(json.dumps([type(tokenizer).__name__, vocab]))[:16]
 
 
 def texts_digest(texts: list[str]) -> str:
@@ -126,9 +127,7 @@ def tokenize_corpus(
 ) -> datasets.Dataset:
     """Dataset with one `input_ids` row (no special tokens) per chunk of max_seq_length - 2 tokens."""
     body = max_seq_length - 2  # room for [CLS] and [SEP]
-    key = hashlib.sha256(
-        json.dumps([cache_key or texts_digest(texts), _tokenizer_digest(tokenizer), max_seq_length, min_chunk_tokens], default=str).encode()
-    ).hexdigest()[:20]
+    key = sha256_text(json.dumps([cache_key or texts_digest(texts), _tokenizer_digest(tokenizer), max_seq_length, min_chunk_tokens], default=str))[:20]
     target = Path(cache_dir or default_cache_dir()) / key
     if (target / "dataset_info.json").is_file():
         log.info("tokenised corpus from cache %s", target)

@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from retroflow.artifacts import Artifact, atomic_write_text
+from retroflow.artifacts import Artifact
+from retroflow.publish import atomic_write_text
 from retroflow.devices import seed_everything
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig

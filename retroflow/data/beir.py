@@ -19,7 +19,7 @@ unchanged files skip parsing (looked up by path, size and mtime).
 from __future__ import annotations
 
 import gzip
-import hashlib
+from hashlib import algorithms_available
 import io
 import json
 import logging
@@ -34,7 +34,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from retroflow.artifacts import atomic_write_text, cache_root, sha256_file
+from retroflow.artifacts import cache_root
+from retroflow.hashing import file_digest, sha256_bytes, sha256_file, sha256_text, stat_signature
+from retroflow.publish import atomic_write_text
 from retroflow.publish import publishing, publishing_content, remove_if_empty
 
 log = logging.getLogger(__name__)
@@ -181,19 +183,16 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     algo, _, expected = checksum.partition(":")
     if not expected:
         algo, expected = "sha256", checksum
-    if algo.lower() not in hashlib.algorithms_available:
+    if algo.lower() not in algorithms_available:
         raise DatasetError(f"checksum {checksum!r}: unknown algorithm {algo!r} (use sha256:<hex> or md5:<hex>)")
     return algo.lower(), expected
 
 
 def verify_checksum(path: Path, checksum: str) -> None:
     algo, expected = parse_checksum(checksum)
-    digest = hashlib.new(algo)
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    if digest.hexdigest() != expected.lower():
-        raise DatasetError(f"{path}: {algo} is {digest.hexdigest()}, expected {expected}")
+    found = file_digest(path, algo)
+    if found != expected.lower():
+        raise DatasetError(f"{path}: {algo} is {found}, expected {expected}")
 
 
 def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: float = 30.0) -> Path:
@@ -201,7 +200,7 @@ def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: flo
     if not checksum:
         raise DatasetError(f"refusing to download {url} without a checksum (pass sha256:<hex> or md5:<hex>: --checksum or `checksum:`)")
     parse_checksum(checksum)  # an unknown algorithm fails before anything is downloaded
-    target = cache / "downloads" / hashlib.sha256(url.encode()).hexdigest()[:16]
+    target = cache / "downloads" / sha256_text(url)[:16]
     done = target / ".complete"
     if done.is_file():
         return target / "unzipped"
@@ -487,8 +486,7 @@ VALIDATION_VERSION = "2"  # bump when validation or parsing changes: cached norm
 
 
 def source_signature(files: list[Path]) -> str:
-    parts = [f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in files]
-    return hashlib.sha256("\n".join([f"validation {VALIDATION_VERSION}", *sorted(parts)]).encode()).hexdigest()[:24]
+    return stat_signature(files, f"validation {VALIDATION_VERSION}")
 
 
 def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error") -> BeirDataset:
@@ -541,10 +539,8 @@ def write_normalised(
 def write_normalised_files(tmp: Path, name: str, corpus: pa.Table, queries: pa.Table, qrels: pa.Table, source: Path) -> str:
     for filename, table in (("corpus.parquet", corpus), ("queries.parquet", queries), ("qrels.parquet", qrels)):
         pq.write_table(table, tmp / filename)
-    content_hash = hashlib.sha256()
-    for filename in ("corpus.parquet", "queries.parquet", "qrels.parquet"):
-        content_hash.update(table_digest(pq.read_table(tmp / filename)).encode())
-    fingerprint = content_hash.hexdigest()[:24]
+    tables = ("corpus.parquet", "queries.parquet", "qrels.parquet")
+    fingerprint = sha256_text("".join(table_digest(pq.read_table(tmp / filename)) for filename in tables))[:24]
     meta = {
         "name": name,
         "fingerprint": fingerprint,
@@ -571,7 +567,7 @@ def table_digest(table: pa.Table) -> str:
     sink = io.BytesIO()
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table.combine_chunks())
-    return hashlib.sha256(sink.getvalue()).hexdigest()
+    return sha256_bytes(sink.getvalue())
 
 
 def ensure_dir(path: Path) -> Path:

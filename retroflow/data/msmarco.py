@@ -27,7 +27,6 @@ as gains.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -39,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from retroflow.hashing import stat_signature
 from retroflow.publish import publishing, remove_if_empty
 from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, default_cache_dir, load_dataset, open_text_lines
 
@@ -282,8 +282,7 @@ def merged_queries(files: MsMarcoFiles) -> dict[str, str]:
 
 def files_signature(files: MsMarcoFiles) -> str:
     paths = [files.collection, *files.queries.values(), *files.qrels.values()]
-    parts = sorted(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths)
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
+    return stat_signature(paths)
 
 
 def write_beir_layout(files: MsMarcoFiles, dest: Path) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import ast
 import csv
 import gzip
-import hashlib
 import json
 import logging
 import re
@@ -45,6 +44,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import regex
 
+from retroflow.hashing import files_digest, sha256_text, stat_signature
 from retroflow.publish import publishing
 from retroflow.data.beir import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
 
@@ -371,17 +371,7 @@ PARSER_VERSION = "2"  # bump when parsing changes what a file yields: cached par
 
 
 def file_signature(paths: Sequence[Path]) -> str:
-    parts = sorted(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths)
-    return hashlib.sha256("\n".join([f"parser {PARSER_VERSION}", *parts]).encode()).hexdigest()[:24]
-
-
-def content_hash(paths: Sequence[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()[:24]
+    return stat_signature(paths, f"parser {PARSER_VERSION}")
 
 
 def cached_passages(passage_path: Path, cache: Path) -> BeirDataset:
@@ -393,7 +383,7 @@ def cached_passages(passage_path: Path, cache: Path) -> BeirDataset:
         corpus = pq.read_table(folder / "corpus.parquet")
     else:
         corpus = read_passages(passage_path)
-        meta = {"source": str(passage_path.resolve()), "fingerprint": content_hash([passage_path]), "num_docs": corpus.num_rows}
+        meta = {"source": str(passage_path.resolve()), "fingerprint": files_digest([passage_path])[:24], "num_docs": corpus.num_rows}
         with publishing(folder) as staging:  # another process may publish first: theirs is kept
             pq.write_table(corpus, staging / "corpus.parquet")
             (staging / "passages.json").write_text(json.dumps(meta, indent=2))
@@ -415,7 +405,7 @@ def load_nq(
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     corpus = cached_passages(passage_path, cache)
     question_text, answers = read_qa_file(question_path)
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}|{content_hash([question_path])}".encode()).hexdigest()[:24]
+    fingerprint = sha256_text(f"{corpus.fingerprint}|{files_digest([question_path])[:24]}")[:24]
     name = Path(source).expanduser().resolve().name if source and Path(source).expanduser().is_dir() else question_path.name.split("-")[0]
     log.info("NQ-style dataset %s/%s: %d questions over %d passages", name, split, len(question_text), corpus.num_docs)
     return NQDataset(name=name, fingerprint=fingerprint, split=split, corpus=corpus, questions=question_text, answers=answers)

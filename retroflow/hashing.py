@@ -1,0 +1,96 @@
+"""Every content hash of the project, in one place: files, directories, JSON values, source code.
+
+Keys and fingerprints are sha256 hex digests, cut where a shorter name is enough (a cut never
+changes which content a full digest names; it only makes a collision less unlikely)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+CHUNK = 1 << 20
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return sha256_bytes(text.encode("utf-8"))
+
+
+def sha256_lines(lines: Iterable[str]) -> str:
+    """The digest of lines joined by newlines (version tags and file digests, say)."""
+    return sha256_text("\n".join(lines))
+
+
+def hash_json(obj: Any) -> str:
+    """A JSON value's digest, independent of key order."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
+
+
+def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
+    with open(path, "rb") as handle:
+        while block := handle.read(CHUNK):
+            digest.update(block)
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    update_with_file(digest, Path(path))
+    return digest.hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    return file_digest(path, "sha256")
+
+
+def files_digest(paths: Iterable[Path]) -> str:
+    """The digest of several files' bytes, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        update_with_file(digest, Path(path))
+    return digest.hexdigest()
+
+
+def stat_signature(paths: Iterable[Path], *tags: str) -> str:
+    """A cheap stand-in for a content hash of source files (path, size, mtime) that a cache of
+    their parsed form is keyed by; `tags` (a parser version, say) invalidate it deliberately."""
+    parts = sorted(f"{p.resolve()}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in paths)
+    return sha256_lines([*tags, *parts])[:24]
+
+
+_directory_digests: dict[tuple[str, int], str] = {}
+
+
+def directory_fingerprint(path: Path) -> str:
+    """sha256 over the relative names and bytes of a directory's files (memoised by path and mtime)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
+    cached = _directory_digests.get((str(path), stamp))
+    if cached:
+        return cached
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.relative_to(path).as_posix().encode())
+        update_with_file(digest, file)
+    _directory_digests[(str(path), stamp)] = digest.hexdigest()[:24]
+    return _directory_digests[(str(path), stamp)]
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the given modules/packages (all .py files under a package)."""
+    from retroflow import __version__
+
+    digest = hashlib.sha256(__version__.encode())
+    for name in sorted(modules):
+        module = importlib.import_module(name)
+        origin = Path(module.__file__)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for file in files:
+            digest.update(str(file.relative_to(origin.parent)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
