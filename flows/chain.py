@@ -69,6 +69,10 @@ class PipelineConfig(StageConfig):
     index: dict[str, Any] = Field(default_factory=dict)
     tune: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = Field(None, description="given once: the seed of every training stage (pretrain.train, teacher, finetune.train)")
+    dev_fraction: float | None = Field(None, ge=0, lt=1, description="given once: the training queries every dev choice holds out "
+                                       "(finetune.data, teacher, evaluate.fusion), so none of them sees queries the model trains on")  # fmt: skip
+    dev_seed: int | None = Field(None, description="given once: which queries dev_fraction draws")
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
     train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
 
@@ -110,6 +114,31 @@ def check_dev_hold_outs(pipeline: PipelineConfig, teacher: StageConfig, finetune
 
 
 SECTIONS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune", "evaluate")
+# Values a pipeline gives once, and where in each section they go.
+SHARED_VALUES = {
+    "seed": {"pretrain": ("train", "seed"), "teacher": ("seed",), "finetune": ("train", "seed")},
+    "dev_fraction": {"teacher": ("dev_fraction",), "finetune": ("data", "dev_fraction"), "evaluate": ("fusion", "dev_fraction")},
+    "dev_seed": {"teacher": ("dev_seed",), "finetune": ("data", "dev_seed"), "evaluate": ("fusion", "dev_seed")},
+}
+
+
+def with_shared_values(pipeline: PipelineConfig, section: str, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` (a section) with the pipeline-level values placed where the section keeps them;
+    the same value set in both places differently is an error (which one would win?)."""
+    data = json.loads(json.dumps(data))  # a deep copy: the pipeline's own mapping stays as written
+    for name, places in SHARED_VALUES.items():
+        value, path = getattr(pipeline, name), places.get(section)
+        if value is None or path is None:
+            continue
+        *parents, leaf = path
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        if leaf in node and node[leaf] != value:
+            dotted = ".".join((section, *path))
+            raise ConfigError(f"pipeline '{pipeline.name}': {name} is {value} but {dotted} is {node[leaf]}; give it once")
+        node[leaf] = value
+    return data
 
 
 def section_config(pipeline: PipelineConfig, section: str) -> StageConfig:
@@ -122,6 +151,7 @@ def section_config(pipeline: PipelineConfig, section: str) -> StageConfig:
         "evaluate": {"split": pipeline.eval_split},
     }.get(section, {})
     data = {**shared, **getattr(pipeline, section)} if section == "evaluate" else {**getattr(pipeline, section), **shared}
+    data = with_shared_values(pipeline, section, data)
     return validate_config(STAGES[section].config_type(), data, source=f"pipeline '{pipeline.name}', section '{section}'")
 
 

@@ -59,7 +59,7 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
         "kill (re-run the same command to resume). Parallel: run `--worker I --num-workers N` in N processes "
         "(or machines sharing OUTPUT), then the command without --worker to merge; or --devices cuda:0,cuda:1.",
     )
-    _common(parser, "YAML EncodeConfig, e.g. configs/index/encode-scifact.yaml")
+    _common(parser, "YAML EncodeConfig, e.g. configs/encode/scifact.yaml")
     parser.add_argument("--model", help="alias (minilm), local HF model dir or hub id")
     parser.add_argument("--dataset", help="BEIR directory, name, hf:BeIR/NAME or zip URL")
     parser.add_argument("--output", type=Path, help="embeddings directory (shards go to OUTPUT/shards until merged); default: the artifact store")
@@ -129,7 +129,7 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
 
     tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
                                description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
-    _common(tune, "YAML TuneConfig, e.g. configs/index/tune.yaml")
+    _common(tune, "YAML TuneConfig, e.g. configs/tune/default.yaml")
     tune.add_argument("--index", type=Path, required=True)
     tune.add_argument("--embeddings", type=Path, help="default: the directory the index was built from")
     tune.add_argument("--queries", type=Path, help=".npy query vectors")

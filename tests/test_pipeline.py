@@ -150,22 +150,39 @@ def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_sm
     assert "model" in out.splitlines()[2] and (tmp_path / "store" / "runs" / "tiny" / "report.md").read_text().startswith("# pretrain-to-beir: tiny")
 
 
+SECTIONS_OWN_HOLD_OUT = ["dev_fraction=null", "dev_seed=null", "finetune.data.dev_fraction=0.1", "teacher.dev_fraction=0.1"]
+
+
 @pytest.mark.parametrize(
-    "override, named",
+    "overrides, named",
     [
-        ("teacher.dev_fraction=0.3", "teacher.dev_fraction/dev_seed (0.3, 0) differ from finetune.data's (0.1, 0)"),
-        ("evaluate.fusion.dev_seed=5", "evaluate.fusion.dev_fraction/dev_seed (0.1, 5) differ from finetune.data's (0.1, 0)"),
-        ("finetune.data.dev_fraction=0.0", "queries the student trains on"),
+        (["teacher.dev_fraction=0.3"], "dev_fraction is 0.1 but teacher.dev_fraction is 0.3; give it once"),
+        ([*SECTIONS_OWN_HOLD_OUT, "teacher.dev_fraction=0.3"], "teacher.dev_fraction/dev_seed (0.3, 0) differ from finetune.data's (0.1, 0)"),
+        ([*SECTIONS_OWN_HOLD_OUT, "evaluate.fusion.dev_seed=5"], "evaluate.fusion.dev_fraction/dev_seed (0.1, 5) differ from finetune.data's (0.1, 0)"),
+        ([*SECTIONS_OWN_HOLD_OUT, "finetune.data.dev_fraction=0.0"], "queries the student trains on"),
     ],
 )
-def test_dev_choices_must_use_fine_tunings_hold_out(override, named):
-    """The teacher's check, the gate and the hybrid's weight are chosen on dev: a dev that fine-tuning trains on is refused."""
+def test_dev_choices_must_use_fine_tunings_hold_out(overrides, named):
+    """The teacher's check, the gate and the hybrid's weight are chosen on dev: a dev that fine-tuning trains on is refused,
+    whether the hold-out is given once (the pipeline's dev_fraction) or per section."""
     with pytest.raises(ConfigError) as info:
-        load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", [override])
+        load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", overrides)
     assert named in str(info.value)
+
+
+def test_values_given_once_reach_every_section_that_keeps_them():
+    from flows.chain import section_config
+
+    pipeline = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", ["dev_fraction=0.25", "dev_seed=3", "seed=5"])
+    finetune, teacher, evaluate = (section_config(pipeline, s) for s in ("finetune", "teacher", "evaluate"))
+    assert (finetune.data.dev_fraction, finetune.data.dev_seed, finetune.train.seed) == (0.25, 3, 5)
+    assert (teacher.dev_fraction, teacher.dev_seed, teacher.seed) == (0.25, 3, 5)
+    assert (evaluate.fusion.dev_fraction, evaluate.fusion.dev_seed) == (0.25, 3)
+    assert section_config(pipeline, "pretrain").train.seed == 5
+    assert pipeline.finetune["data"] == {"rows": "per_positive"}  # the pipeline's own mapping is left as written
 
 
 def test_a_fixed_fusion_weight_needs_no_dev_hold_out():
     config = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml",
-                                  ["finetune.data.dev_fraction=0.0", "stages.teacher=false", "evaluate.fusion.weight=0.5"])  # fmt: skip
+                                  ["dev_fraction=null", "dev_seed=null", "teacher.dev_fraction=0.1", "finetune.data.dev_fraction=0.0", "stages.teacher=false", "evaluate.fusion.weight=0.5"])  # fmt: skip
     assert config.evaluate["fusion"]["weight"] == 0.5

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from retroflow.artifacts import cache_root
 from retroflow.hashing import file_digest, sha256_bytes, sha256_file, sha256_text, stat_signature
 from retroflow.publish import atomic_write_text
-from retroflow.publish import publishing, publishing_content, remove_if_empty
+from retroflow.publish import publishing, publishing_content, publishing_file, remove_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -215,22 +215,16 @@ def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: flo
 def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Path:
     archive = target / Path(url).name
     if not archive.is_file():
-        tmp = archive.with_suffix(".part")
-        try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, "wb") as out:
-                shutil.copyfileobj(response, out)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise DatasetError(
-                f"could not download {url}: {err}. Offline? Point the config at a local copy "
-                f"or set {DATA_DIR_ENV}."
-            ) from None
-        try:
-            verify_checksum(tmp, checksum)
-        except DatasetError:
-            tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, archive)
+        with publishing_file(archive) as staging:  # a checksum failure publishes nothing
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response, open(staging, "wb") as out:
+                    shutil.copyfileobj(response, out)
+            except OSError as err:
+                raise DatasetError(
+                    f"could not download {url}: {err}. Offline? Point the config at a local copy "
+                    f"or set {DATA_DIR_ENV}."
+                ) from None
+            verify_checksum(staging, checksum)
     else:
         verify_checksum(archive, checksum)
     safe_unzip(archive, target / "unzipped")
@@ -240,23 +234,15 @@ def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Pa
 
 def safe_unzip(archive: Path, dest: Path) -> None:
     """Unpack `archive` into `dest`, refusing members that would land outside it."""
-    staging = dest.with_name(dest.name + ".tmp")
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    root = staging.resolve()
-    with zipfile.ZipFile(archive) as zf:
+    with zipfile.ZipFile(archive) as zf, publishing(dest, replace=True) as staging:
+        root = staging.resolve()
         for member in zf.infolist():
             name = member.filename
             resolved = (root / name).resolve()
             is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
             if os.path.isabs(name) or not resolved.is_relative_to(root) or is_link:
-                shutil.rmtree(staging)
                 raise DatasetError(f"{archive}: member '{name}' would escape the target directory; refusing to unzip")
         zf.extractall(staging)
-    if dest.exists():
-        shutil.rmtree(dest)
-    os.replace(staging, dest)
 
 
 # ---------------------------------------------------------------------------------------
