@@ -11,6 +11,8 @@ Stage functions (plain, no Prefect):
         (nq, k) scores and doc ids (None where FAISS pads with -1), using the search parameters
         stored in the directory (set by the autotuner) unless `params` overrides them.
     load_index(index_dir, device="auto") -> LoadedIndex
+    IndexRetriever(index_dir, encoder, params=None, device="auto")
+        The index with its query encoder as a `retrieval.search.Retriever`.
 
 Index directory (every file written under a temporary name, then renamed):
 
@@ -31,7 +33,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, Literal, Sequence
 
 import faiss
 import numpy as np
@@ -42,6 +44,7 @@ from pydantic import Field, field_validator
 from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.encode import Embeddings, open_embeddings, write_ids
+from retrieval.search import DenseRetriever, QueryEncoder, Run
 
 log = logging.getLogger(__name__)
 
@@ -460,6 +463,24 @@ def search_with_index(
     loaded = load_index(index_dir, device)
     scores, positions = search_loaded(loaded, query_vectors, k, params)
     return scores, positions_to_ids(loaded.ids, positions)
+
+
+def hits_to_run(query_ids: Sequence[str], hit_ids: Sequence[Sequence[str | None]], scores: np.ndarray) -> Run:
+    """`search_with_index` output -> run; the None ids (FAISS's -1 padding) are not hits."""
+    return {qid: {d: float(s) for d, s in zip(ids, row) if d is not None} for qid, ids, row in zip(query_ids, hit_ids, scores)}
+
+
+class IndexRetriever(DenseRetriever):
+    """An index directory searched with its query encoder (which must be the model its vectors came from).
+
+    `params` overrides the search knobs stored in index.json (the tuner's choice once tuned)."""
+
+    def __init__(self, index_dir: str | Path, encoder: QueryEncoder, *, params: dict[str, float] | None = None, device: str = "auto"):
+        self.index_dir, self.encoder, self.params, self.device = index_dir, encoder, params, device
+
+    def search_vectors(self, query_ids: Sequence[str], query_vectors: np.ndarray, k: int) -> Run:
+        scores, hit_ids = search_with_index(self.index_dir, query_vectors, k, device=self.device, params=self.params)
+        return hits_to_run(query_ids, hit_ids, scores)
 
 
 def copy_index_dir(src: Path, dest: Path) -> None:
