@@ -209,7 +209,7 @@ class HybridSearcher:
         if isinstance(k, float):  # the old search(queries, weight): refuse rather than read a weight as a depth
             raise TypeError("HybridSearcher.search(queries, k, weight=None): pass the fusion weight by keyword")
         fused = fuse(*self.side_runs(queries), self.settings, weight)
-        return {qid: dict(top_hits(hits, k)) for qid, hits in fused.items()}
+        return {qid: dict(top_hits(fused.get(qid, {}), k)) for qid in queries}
 
     def select_weight(self, dev_queries: Mapping[str, str] | None, dev_qrels: Mapping[str, Mapping[str, int]] | None,
                       dev_runs: tuple[Run, Run] | None = None) -> dict:  # fmt: skip
