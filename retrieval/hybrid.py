@@ -3,6 +3,8 @@
     fuse(dense_run, bm25_run, settings, weight) -> Run
     choose_weight(dense_run, bm25_run, qrels, settings) -> (weight, {weight: nDCG@10})
     pseudo_queries(doc_ids, doc_texts, count, seed) -> PseudoQueries
+    HybridSearcher(dense, bm25, settings, doc_texts).search(queries, k, weight=None) -> Run
+        a `retrieval.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
 
 Two fusions, each over every query's top `depth` from both sides:
 
@@ -175,7 +177,7 @@ def pseudo_queries(doc_ids: Sequence[str], doc_texts: Sequence[str], count: int,
 
 
 def DenseSide(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
-              index: str | None = None, doc_vectors=None) -> "DenseRetriever":  # fmt: skip
+              index: str | None = None, doc_vectors=None) -> DenseRetriever:  # fmt: skip
     """The hybrid's dense side: the FAISS index directory `index` when given, else exact search over
     `doc_vectors` (or over the texts, encoded on first use). Kept under its old name for its callers."""
     from retrieval.search import ExactDenseRetriever

@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.encode import Embeddings, open_embeddings, write_ids
-from retrieval.search import DenseRetriever, QueryEncoder, Run
+from retrieval.search import DenseRetriever, QueryEncoder, Run, search_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -429,12 +429,7 @@ def search_loaded(loaded: LoadedIndex, query_vectors: np.ndarray, k: int, params
     if queries.ndim != 2 or queries.shape[1] != loaded.meta["dim"]:
         raise ValueError(f"query vectors have shape {queries.shape}; index {loaded.path} expects dimension {loaded.meta['dim']}")
     set_search_params(loaded.index, params if params is not None else loaded.meta.get("search_params", {}))
-    scores = np.empty((len(queries), k), dtype=np.float32)
-    positions = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), batch_size):
-        s, i = loaded.index.search(queries[start : start + batch_size], k)
-        scores[start : start + batch_size], positions[start : start + batch_size] = s, i
-    return scores, positions
+    return search_in_batches(loaded.index, queries, k, batch_size)
 
 
 def positions_to_ids(ids: pa.ChunkedArray, positions: np.ndarray) -> list[list[str | None]]:

@@ -58,7 +58,12 @@ def exact_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, bat
 
 def search_index(index: "faiss.Index", query_vectors: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row indices) from an in-memory FAISS index; k is capped at the corpus size."""
-    k = min(k, index.ntotal)
+    return search_in_batches(index, query_vectors, min(k, index.ntotal), batch_size)
+
+
+def search_in_batches(index: "faiss.Index", query_vectors: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search` a batch of queries at a time, so FAISS's per-call buffers stay bounded;
+    rows past the index's size come back as FAISS pads them (index -1)."""
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
     scores = np.empty((len(queries), k), dtype=np.float32)
     indices = np.empty((len(queries), k), dtype=np.int64)
