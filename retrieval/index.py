@@ -44,7 +44,7 @@ from pydantic import Field, field_validator
 from retroflow.artifacts import artifact_label, atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.encode import Embeddings, open_embeddings, write_ids
-from retrieval.search import DenseRetriever, QueryEncoder, Run, search_in_batches
+from retrieval.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ FORMAT = "retroflow-index/1"
 META_FILE = "index.json"
 IDS_FILE = "ids.parquet"
 TEMPLATE_FILE = "trained.faiss"
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 # Search-time knobs as FAISS's ParameterSpace names them -> our config/param names.
 KNOBS = {"efSearch": "efSearch", "nprobe": "nprobe", "k_factor_rf": "k_factor_rf", "quantizer_efSearch": "quantizer_efSearch"}

@@ -17,18 +17,21 @@ BM25's zero-score padding are dropped.
 
 Dense retrievers also offer `search_vectors(query_ids, query_vectors, k)`, for callers that
 already hold query vectors or time the search apart from query encoding. Below the interface,
-`exact_search` is the one exact top-k over vectors (FAISS's flat inner-product index); the index
-tuner computes its blockwise ground truth with FAISS's `knn_ground_truth` instead.
+the exact top-k over vectors: `exact_search` for vectors in memory (FAISS's flat inner-product
+index) and `exact_search_blocks` for a corpus read block by block (FAISS's `knn_ground_truth`;
+the index tuner's ground truth).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence, runtime_checkable
+from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import faiss
 import numpy as np
+from faiss.contrib.exhaustive_search import knn_ground_truth
 
 Run = dict[str, dict[str, float]]
+METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 
 @runtime_checkable
@@ -54,6 +57,18 @@ def flat_index(doc_vectors: np.ndarray) -> "faiss.IndexFlatIP":
 def exact_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """Top-k by inner product over all documents: (scores, indices), each (num_queries, k)."""
     return search_index(flat_index(doc_vectors), query_vectors, k, batch_size)
+
+
+def exact_search_blocks(query_vectors: np.ndarray, blocks: Iterable[np.ndarray], k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over a corpus given block by block (one that need not fit in memory): (scores,
+    row indices), rows numbered across the blocks, -1 where the corpus has fewer than k rows.
+    `metric` is "ip" (inner product) or "l2". FAISS's `knn_ground_truth` scans and merges the blocks."""
+    queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    # on the CPU even where FAISS sees a GPU: the truth indexes are measured against must not move with the hardware
+    scores, indices = knn_ground_truth(queries, blocks, k, METRICS[metric], ngpu=0)
+    # FAISS pads a block smaller than k with score +-FLT_MAX (and, once merged, an index that looks real)
+    indices[np.abs(scores) == np.finfo(np.float32).max] = -1
+    return scores, indices
 
 
 def search_index(index: "faiss.Index", query_vectors: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:

@@ -38,13 +38,13 @@ from typing import Any, Iterator, NamedTuple
 
 import faiss
 import numpy as np
-from faiss.contrib.exhaustive_search import knn_ground_truth
 from pydantic import Field
 
 from retroflow.artifacts import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
-from retrieval.index import META_FILE, METRICS, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
+from retrieval.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
 from retrieval.encode import Embeddings, open_embeddings
+from retrieval.search import exact_search_blocks
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +73,12 @@ class TuneConfig(StageConfig):
 
 
 def exact_topk(embeddings: Embeddings, queries: np.ndarray, k: int, metric: str, block: int) -> tuple[np.ndarray, float]:
-    """Exact top-k positions, the corpus scanned `block` rows at a time (memory-bounded), and the
-    seconds spent searching. FAISS's `knn_ground_truth` does the blockwise scan and merge."""
+    """Exact top-k positions, the corpus scanned `block` rows at a time (memory-bounded), and the seconds spent searching."""
     blocks = TimedBlocks(embeddings.iter_batches(block))
     started = time.perf_counter()
-    # on the CPU, as the index used to be measured against; a GPU would change exact_qps, not the truth
-    scores, positions = knn_ground_truth(np.ascontiguousarray(queries, dtype=np.float32), blocks, k, METRICS[metric], ngpu=0)
-    # reading the embeddings is not searching: exact_qps compares search speed with the index's
-    search_seconds = time.perf_counter() - started - blocks.seconds
-    # a corpus smaller than k leaves FAISS's padding (score +-FLT_MAX) in the rows: no document there
-    positions[np.abs(scores) == np.finfo(np.float32).max] = -1
-    return positions, search_seconds
+    _, positions = exact_search_blocks(queries, blocks, k, metric)
+    # reading the embeddings is not searching: exact_qps is set against the index's search speed
+    return positions, time.perf_counter() - started - blocks.seconds
 
 
 class TimedBlocks:

@@ -149,3 +149,17 @@ def test_dense_side_is_exact_search_or_the_index(corpus, encoder, doc_vectors, f
     assert isinstance(DenseSide(encoder, dataset.doc_ids(), doc_vectors=doc_vectors), ExactDenseRetriever)
     assert isinstance(DenseSide(encoder, dataset.doc_ids(), index=str(flat_index_dir)), IndexRetriever)
     assert isinstance(dense_retriever(encoder, dataset.doc_ids(), doc_vectors, index="hnsw"), MemoryIndexRetriever)
+
+
+def test_blockwise_exact_search_equals_exact_search_and_marks_missing_rows(corpus, encoder, doc_vectors):
+    from retrieval.search import exact_search, exact_search_blocks
+
+    _, queries = corpus
+    query_vectors = encoder.encode_queries(list(queries.values()))
+    blocks = (doc_vectors[i : i + 7] for i in range(0, len(doc_vectors), 7))  # blocks smaller than k too
+    blocked_scores, blocked = exact_search_blocks(query_vectors, blocks, K)
+    scores, direct = exact_search(doc_vectors, query_vectors, K)
+    np.testing.assert_allclose(blocked_scores, scores, rtol=1e-5, atol=1e-5)
+    assert all(set(b) == set(d) for b, d in zip(blocked, direct))
+    _, few = exact_search_blocks(query_vectors, [doc_vectors[:3]], 5)  # a corpus smaller than k
+    assert (few[:, 3:] == -1).all() and (few[:, :3] >= 0).all()
