@@ -48,7 +48,7 @@ class BM25Retriever:
         indices, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return np.asarray(indices), np.asarray(scores)
 
-    def search(self, queries: Mapping[str, str] | Sequence[str], k, legacy_k: int | None = None) -> Run:
+    def search(self, queries: Mapping[str, str] | Sequence[str], k: int | Sequence[str], legacy_k: int | None = None) -> Run:
         """The `Retriever` search: `search({qid: text}, k)`.
 
         The older form `search(query_ids, query_texts, k)` still works: callers being moved to

@@ -29,6 +29,7 @@ from retroflow.artifacts import atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Settings
 from retrieval.encoder import EncoderSettings
+from retrieval.search import Run
 from retrieval.training_data import beir_training_set, judged_positives
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,12 @@ def select_window(
 # ---------------------------------------------------------------------------------------- retrievers
 
 
-def ranked_lists(run, qids: Sequence[str]) -> tuple[list[list[str]], list[list[float]]]:
+def qids_or_positions(queries: Sequence[str], qids: Sequence[str] | None) -> list[str]:
+    """Ids for a retriever's {qid: text}; without them (the older calls) the positions stand in."""
+    return list(qids) if qids is not None else [str(i) for i in range(len(queries))]
+
+
+def ranked_lists(run: Run, qids: Sequence[str]) -> tuple[list[list[str]], list[list[float]]]:
     """A run -> each query's doc ids and scores in rank order (a retriever's run is best first)."""
     hits = [list(run.get(qid, {}).items()) for qid in qids]
     return [[d for d, _ in row] for row in hits], [[s for _, s in row] for row in hits]
@@ -151,7 +157,7 @@ def ranked_lists(run, qids: Sequence[str]) -> tuple[list[list[str]], list[list[f
 def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str], qids: Sequence[str] | None = None):
     from retrieval.bm25 import BM25Retriever
 
-    qids = list(qids) if qids is not None else [str(i) for i in range(len(queries))]
+    qids = qids_or_positions(queries, qids)
     run = BM25Retriever(doc_ids, doc_texts, config.bm25).search(dict(zip(qids, queries)), config.rank_end)
     return ranked_lists(run, qids)
 
@@ -177,7 +183,7 @@ def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, q
     encoder = Encoder(model, config.encoder)
     if doc_vectors is None:
         doc_vectors = encoder.encode_passages(list(doc_texts))
-    qids = list(qids) if qids is not None else [str(i) for i in range(len(queries))]
+    qids = qids_or_positions(queries, qids)
     retriever = dense_retriever(encoder, doc_ids, doc_vectors, config.index, config.hnsw_m, config.rank_end)
     ranked, scores = ranked_lists(retriever.search(dict(zip(qids, queries)), config.rank_end), qids)
     return ranked, scores, {"pooling": encoder.pooling, "normalize": encoder.normalize}
