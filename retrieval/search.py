@@ -1,4 +1,4 @@
-"""The retrieval interface: every way of getting a top-k from retroflow goes through `Retriever`.
+"""The one retrieval interface: text queries in, a top-k run out, whatever does the retrieving.
 
     class Retriever(Protocol):
         def search(self, queries: Mapping[qid, text], k: int) -> Run   # {qid: {docid: score}}
