@@ -34,7 +34,8 @@ from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings
 from retrieval.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
-from retrieval.search import Run, drop_self_hits, exact_search, to_run
+from retrieval.index import IndexRetriever
+from retrieval.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
 from retrieval.encode import corpus_vectors
 
 log = logging.getLogger(__name__)
@@ -112,29 +113,26 @@ def retrieve_bm25(dataset: BeirDataset, queries: dict[str, str], config: Evaluat
     started = time.perf_counter()
     retriever = BM25Retriever(dataset.doc_ids(), dataset.doc_texts(), config.bm25)
     index_s = time.perf_counter() - started
-    run = retriever.search(list(queries), list(queries.values()), config.top_k)
-    return run, {"index_docs_per_s": dataset.num_docs / index_s if index_s else None}
+    return retriever.search(queries, config.top_k), {"index_docs_per_s": dataset.num_docs / index_s if index_s else None}
+
+
+def dense_retriever(dataset: BeirDataset, encoder: Encoder, config: EvaluateConfig) -> DenseRetriever:
+    """Through the FAISS index when the config names one, else exact search over the given or encoded corpus."""
+    if config.index:
+        return IndexRetriever(config.index, encoder)  # the index holds the corpus vectors: only queries are encoded
+    vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings else encoder.encode_passages(dataset.doc_texts())
+    return ExactDenseRetriever(encoder, dataset.doc_ids(), vectors)
 
 
 def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     encoder = Encoder(config.model, config.encoder)
+    retriever = dense_retriever(dataset, encoder, config)
+    docs_per_s = encoder.last_docs_per_s if not (config.index or config.embeddings) else None
+    # queries/s counts the search alone, as it always has: query encoding is timed apart from it
     query_vectors = encoder.encode_queries(list(queries.values()))
-    if config.index:
-        # The index already holds the corpus vectors: only the queries are encoded.
-        from retrieval.index import search_with_index
-
-        started = time.perf_counter()
-        scores, hit_ids = search_with_index(config.index, query_vectors, config.top_k)
-        search_s = time.perf_counter() - started
-        run = {qid: {d: float(s) for d, s in zip(ids, row) if d is not None} for qid, ids, row in zip(queries, hit_ids, scores)}
-        docs_per_s = None
-    else:
-        doc_vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings else encoder.encode_passages(dataset.doc_texts())
-        docs_per_s = None if config.embeddings else encoder.last_docs_per_s
-        started = time.perf_counter()
-        scores, indices = exact_search(doc_vectors, query_vectors, config.top_k)
-        search_s = time.perf_counter() - started
-        run = to_run(list(queries), dataset.doc_ids(), scores, indices)
+    started = time.perf_counter()
+    run = retriever.search_vectors(list(queries), query_vectors, config.top_k)
+    search_s = time.perf_counter() - started
     return run, {
         "encode_docs_per_s": docs_per_s,
         "search_queries_per_s": len(queries) / search_s if search_s else None,
@@ -159,7 +157,7 @@ def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: Evalu
                          "the weight would be chosen on the test queries")  # fmt: skip
     selection = searcher.select_weight(dev_queries, dev_qrels)
     log.info("hybrid %s: %s fusion, weight %s chosen on %s", dense_model, selection["method"], selection["weight"], selection["chosen_on"])
-    run = searcher.search(queries, selection["weight"])
+    run = searcher.search(queries, config.top_k, weight=selection["weight"])
     return run, {"fusion": selection, "dense_model": dense_model, "pooling": encoder.pooling, "normalize": encoder.normalize}
 
 

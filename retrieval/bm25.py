@@ -1,8 +1,8 @@
-"""BM25 baseline with `bm25s` (Lucene-style scoring, English stemmer and stopwords)."""
+"""BM25 baseline with `bm25s` (Lucene-style scoring, English stemmer and stopwords); a `retrieval.search.Retriever`."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import bm25s
 import numpy as np
@@ -48,10 +48,16 @@ class BM25Retriever:
         indices, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return np.asarray(indices), np.asarray(scores)
 
-    def search(self, query_ids: Sequence[str], queries: Sequence[str], k: int) -> Run:
-        indices, scores = self.search_arrays(queries, k)
+    def search(self, queries: Mapping[str, str] | Sequence[str], k: int | Sequence[str], legacy_k: int | None = None) -> Run:
+        """The `Retriever` search: `search({qid: text}, k)`.
+
+        The older form `search(query_ids, query_texts, k)` still works: callers being moved to
+        the interface elsewhere must not break meanwhile."""
+        if legacy_k is not None:
+            queries, k = dict(zip(queries, k)), legacy_k
+        indices, scores = self.search_arrays(list(queries.values()), k)
         run: Run = {}
-        for qid, row_idx, row_scores in zip(query_ids, indices, scores):
+        for qid, row_idx, row_scores in zip(queries, indices, scores):
             # bm25s pads with score 0 when fewer documents match: those are not hits.
             run[qid] = {self.doc_ids[j]: float(s) for j, s in zip(row_idx, row_scores) if s > 0}
         return run

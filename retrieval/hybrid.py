@@ -3,6 +3,8 @@
     fuse(dense_run, bm25_run, settings, weight) -> Run
     choose_weight(dense_run, bm25_run, qrels, settings) -> (weight, {weight: nDCG@10})
     pseudo_queries(doc_ids, doc_texts, count, seed) -> PseudoQueries
+    HybridSearcher(dense, bm25, settings, doc_texts).search(queries, k, weight=None) -> Run
+        a `retrieval.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
 
 Two fusions, each over every query's top `depth` from both sides:
 
@@ -34,7 +36,7 @@ from typing import Literal, Mapping, Sequence
 from pydantic import Field, field_validator
 
 from retroflow.config import StageConfig
-from retrieval.search import Run
+from retrieval.search import DenseRetriever, Run, drop_self_hits
 
 HYBRID_PREFIX = "hybrid:"
 DEFAULT_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -174,52 +176,42 @@ def pseudo_queries(doc_ids: Sequence[str], doc_texts: Sequence[str], count: int,
 # ---------------------------------------------------------------------------------------- searcher
 
 
-class DenseSide:
-    """A dense model over a corpus: through a FAISS index directory, given vectors, or by encoding it."""
+def DenseSide(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
+              index: str | None = None, doc_vectors=None) -> DenseRetriever:  # fmt: skip
+    """The hybrid's dense side: the FAISS index directory `index` when given, else exact search over
+    `doc_vectors` (or over the texts, encoded on first use). Kept under its old name for its callers."""
+    from retrieval.search import ExactDenseRetriever
 
-    def __init__(self, encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
-                 index: str | None = None, doc_vectors=None):  # fmt: skip
-        self.encoder, self.doc_ids, self.doc_texts, self.index = encoder, list(doc_ids), doc_texts, index
-        self._doc_vectors = doc_vectors
+    if index:
+        from retrieval.index import IndexRetriever
 
-    def doc_vectors(self):
-        if self._doc_vectors is None:
-            self._doc_vectors = self.encoder.encode_passages(list(self.doc_texts))
-        return self._doc_vectors
-
-    def search_vectors(self, query_ids: Sequence[str], query_vectors, k: int) -> Run:
-        from retrieval.search import exact_search, to_run
-
-        if self.index:
-            from retrieval.index import search_with_index
-
-            scores, hit_ids = search_with_index(self.index, query_vectors, k)
-            return {q: {d: float(s) for d, s in zip(ids, row) if d is not None} for q, ids, row in zip(query_ids, hit_ids, scores)}
-        scores, indices = exact_search(self.doc_vectors(), query_vectors, k)
-        return to_run(list(query_ids), self.doc_ids, scores, indices)
-
-    def search(self, queries: Mapping[str, str], k: int) -> Run:
-        return self.search_vectors(list(queries), self.encoder.encode_queries(list(queries.values())), k)
+        return IndexRetriever(index, encoder)
+    return ExactDenseRetriever(encoder, doc_ids, doc_vectors=doc_vectors, doc_texts=doc_texts)
 
 
 class HybridSearcher:
-    """BM25 + a dense side, fused as `settings` says; `select_weight` picks `w` without test queries."""
+    """BM25 + a dense retriever over the same corpus, fused as `settings` says; a `Retriever`.
+    `select_weight` picks the dense weight without test queries."""
 
-    def __init__(self, dense: DenseSide, bm25, settings: FusionSettings, doc_texts: Sequence[str], bm25_settings=None):
+    def __init__(self, dense: DenseRetriever, bm25, settings: FusionSettings, doc_texts: Sequence[str], bm25_settings=None):
         self.dense, self.bm25, self.settings = dense, bm25, settings
         self.doc_texts, self.bm25_settings = doc_texts, bm25_settings
 
+    @property
+    def doc_ids(self) -> list[str]:
+        return self.bm25.doc_ids
+
     def side_runs(self, queries: Mapping[str, str]) -> tuple[Run, Run]:
-        from retrieval.search import drop_self_hits
-
+        """Each side's top `settings.depth`, self-hits dropped so that they take no fusion slot."""
         depth = self.settings.depth
-        dense = drop_self_hits(self.dense.search(queries, depth))
-        bm25 = drop_self_hits(self.bm25.search(list(queries), list(queries.values()), depth))
-        return dense, bm25
+        return drop_self_hits(self.dense.search(queries, depth)), drop_self_hits(self.bm25.search(queries, depth))
 
-    def search(self, queries: Mapping[str, str], weight: float | None) -> Run:
-        dense, bm25 = self.side_runs(queries)
-        return fuse(dense, bm25, self.settings, weight)
+    def search(self, queries: Mapping[str, str], k: int, weight: float | None = None) -> Run:
+        """The fused top `k` per query; `weight` (minmax) defaults to `settings.weight`."""
+        if isinstance(k, float):  # the old search(queries, weight): refuse rather than read a weight as a depth
+            raise TypeError("HybridSearcher.search(queries, k, weight=None): pass the fusion weight by keyword")
+        fused = fuse(*self.side_runs(queries), self.settings, weight)
+        return {qid: dict(top_hits(fused.get(qid, {}), k)) for qid in queries}
 
     def select_weight(self, dev_queries: Mapping[str, str] | None, dev_qrels: Mapping[str, Mapping[str, int]] | None,
                       dev_runs: tuple[Run, Run] | None = None) -> dict:  # fmt: skip
@@ -236,7 +228,7 @@ class HybridSearcher:
             chosen_on = "dev"
             qrels = dev_qrels
         else:
-            pseudo = pseudo_queries(self.dense.doc_ids, self.doc_texts, s.pseudo_queries, s.pseudo_seed)
+            pseudo = pseudo_queries(self.doc_ids, self.doc_texts, s.pseudo_queries, s.pseudo_seed)
             if not pseudo.queries:
                 return {"method": "minmax", "weight": 1.0, "chosen_on": "fallback to dense (no sentence-split documents for pseudo-queries)"}
             dense, bm25 = self.pseudo_runs(pseudo)
@@ -254,9 +246,8 @@ class HybridSearcher:
 
         depth = self.settings.depth
         changed_ids = list(pseudo.remainders)
-        texts = [pseudo.remainders.get(d, t) for d, t in zip(self.dense.doc_ids, self.doc_texts)]
-        bm25 = BM25Retriever(self.dense.doc_ids, texts, self.bm25_settings)
-        bm25_run = bm25.search(list(pseudo.queries), list(pseudo.queries.values()), depth)
+        texts = [pseudo.remainders.get(d, t) for d, t in zip(self.doc_ids, self.doc_texts)]
+        bm25_run = BM25Retriever(self.doc_ids, texts, self.bm25_settings).search(pseudo.queries, depth)
         query_vectors = self.dense.encoder.encode_queries(list(pseudo.queries.values()))
         dense_run = self.dense.search_vectors(list(pseudo.queries), query_vectors, depth)
         # the changed documents' vectors in the corpus still hold the query sentence: rescore them

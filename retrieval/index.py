@@ -11,6 +11,8 @@ Stage functions (plain, no Prefect):
         (nq, k) scores and doc ids (None where FAISS pads with -1), using the search parameters
         stored in the directory (set by the autotuner) unless `params` overrides them.
     load_index(index_dir, device="auto") -> LoadedIndex
+    IndexRetriever(index_dir, encoder, params=None, device="auto")
+        The index with its query encoder as a `retrieval.search.Retriever`.
 
 Index directory (every file written under a temporary name, then renamed):
 
@@ -31,7 +33,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -43,6 +45,7 @@ from retroflow.artifacts import artifact_label
 from retroflow.publish import atomic_write_text, publishing_file
 from retroflow.config import StageConfig
 from retrieval.encode import Embeddings, open_embeddings, write_ids
+from retrieval.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,6 @@ FORMAT = "retroflow-index/1"
 META_FILE = "index.json"
 IDS_FILE = "ids.parquet"
 TEMPLATE_FILE = "trained.faiss"
-METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 
 # Search-time knobs as FAISS's ParameterSpace names them -> our config/param names.
 KNOBS = {"efSearch": "efSearch", "nprobe": "nprobe", "k_factor_rf": "k_factor_rf", "quantizer_efSearch": "quantizer_efSearch"}
@@ -426,12 +428,7 @@ def search_loaded(loaded: LoadedIndex, query_vectors: np.ndarray, k: int, params
     if queries.ndim != 2 or queries.shape[1] != loaded.meta["dim"]:
         raise ValueError(f"query vectors have shape {queries.shape}; index {loaded.path} expects dimension {loaded.meta['dim']}")
     set_search_params(loaded.index, params if params is not None else loaded.meta.get("search_params", {}))
-    scores = np.empty((len(queries), k), dtype=np.float32)
-    positions = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), batch_size):
-        s, i = loaded.index.search(queries[start : start + batch_size], k)
-        scores[start : start + batch_size], positions[start : start + batch_size] = s, i
-    return scores, positions
+    return search_in_batches(loaded.index, queries, k, batch_size)
 
 
 def positions_to_ids(ids: pa.ChunkedArray, positions: np.ndarray) -> list[list[str | None]]:
@@ -460,6 +457,24 @@ def search_with_index(
     loaded = load_index(index_dir, device)
     scores, positions = search_loaded(loaded, query_vectors, k, params)
     return scores, positions_to_ids(loaded.ids, positions)
+
+
+def hits_to_run(query_ids: Sequence[str], hit_ids: Sequence[Sequence[str | None]], scores: np.ndarray) -> Run:
+    """`search_with_index` output -> run; the None ids (FAISS's -1 padding) are not hits."""
+    return {qid: {d: float(s) for d, s in zip(ids, row) if d is not None} for qid, ids, row in zip(query_ids, hit_ids, scores)}
+
+
+class IndexRetriever(DenseRetriever):
+    """An index directory searched with its query encoder (which must be the model its vectors came from).
+
+    `params` overrides the search knobs stored in index.json (the tuner's choice once tuned)."""
+
+    def __init__(self, index_dir: str | Path, encoder: QueryEncoder, *, params: dict[str, float] | None = None, device: str = "auto"):
+        self.index_dir, self.encoder, self.params, self.device = index_dir, encoder, params, device
+
+    def search_vectors(self, query_ids: Sequence[str], query_vectors: np.ndarray, k: int) -> Run:
+        scores, hit_ids = search_with_index(self.index_dir, query_vectors, k, device=self.device, params=self.params)
+        return hits_to_run(query_ids, hit_ids, scores)
 
 
 def copy_index_dir(src: Path, dest: Path) -> None:

@@ -234,7 +234,7 @@ def _add_search(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search_command(args: argparse.Namespace) -> int:
     from retroflow.publish import atomic_write_text
-    from retrieval.index import read_index_meta, search_with_index
+    from retrieval.index import IndexRetriever, read_index_meta
 
     meta = read_index_meta(args.index)
     params = None
@@ -244,18 +244,22 @@ def run_search_command(args: argparse.Namespace) -> int:
             name, _, value = text.partition("=")
             params[name.strip()] = float(value)
     if args.dataset:
-        qids, vectors = _dataset_query_vectors(meta, args.dataset, args.split, args.model)
+        from retroflow.data.beir import load_dataset
+
+        queries = load_dataset(args.dataset).split_queries(args.split)
     elif args.query:
-        qids, vectors = [f"q{i}" for i in range(len(args.query))], query_encoder(meta, args.model).encode_queries(args.query)
+        queries = {f"q{i}": text for i, text in enumerate(args.query)}
     else:
         raise ValueError("give --query TEXT (repeatable) or --dataset")
+    retriever = IndexRetriever(args.index, query_encoder(meta, args.model), params=params)
+    # encoded apart from the search so that queries/s times the index alone
+    qids, vectors = list(queries), retriever.encoder.encode_queries(list(queries.values()))
     started = time.perf_counter()
-    scores, ids = search_with_index(args.index, vectors, args.k, params=params)
+    run = retriever.search_vectors(qids, vectors, args.k)
     seconds = time.perf_counter() - started
-    run = {qid: {d: float(s) for d, s in zip(row_ids, row_scores) if d is not None} for qid, row_ids, row_scores in zip(qids, ids, scores)}
     if args.query:
-        rows = [{"query": q, "rank": r + 1, "doc_id": d, "score": float(s)}
-                for q, row_ids, row_scores in zip(args.query, ids, scores) for r, (d, s) in enumerate(zip(row_ids, row_scores)) if d is not None]  # fmt: skip
+        rows = [{"query": text, "rank": r + 1, "doc_id": d, "score": s}
+                for qid, text in queries.items() for r, (d, s) in enumerate(run[qid].items())]  # fmt: skip
         print(format_table(rows))
     if args.output:
         atomic_write_text(args.output, json.dumps(run))

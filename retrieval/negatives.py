@@ -29,6 +29,7 @@ from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Settings
 from retrieval.encoder import EncoderSettings
+from retrieval.search import Run
 from retrieval.training_data import beir_training_set, judged_positives
 
 log = logging.getLogger(__name__)
@@ -142,40 +143,50 @@ def select_window(
 # ---------------------------------------------------------------------------------------- retrievers
 
 
-def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str]):
+def qids_or_positions(queries: Sequence[str], qids: Sequence[str] | None) -> list[str]:
+    """Ids for a retriever's {qid: text}; without them (the older calls) the positions stand in."""
+    return list(qids) if qids is not None else [str(i) for i in range(len(queries))]
+
+
+def ranked_lists(run: Run, qids: Sequence[str]) -> tuple[list[list[str]], list[list[float]]]:
+    """A run -> each query's doc ids and scores in rank order (a retriever's run is best first)."""
+    hits = [list(run.get(qid, {}).items()) for qid in qids]
+    return [[d for d, _ in row] for row in hits], [[s for _, s in row] for row in hits]
+
+
+def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str], qids: Sequence[str] | None = None):
     from retrieval.bm25 import BM25Retriever
 
-    retriever = BM25Retriever(doc_ids, doc_texts, config.bm25)
-    indices, scores = retriever.search_arrays(list(queries), config.rank_end)
-    # bm25s pads with score 0 when fewer documents match: those are not hits
-    ranked = [[doc_ids[j] if s > 0 else None for j, s in zip(row, srow)] for row, srow in zip(indices, scores)]
-    return ranked, scores.tolist()
+    qids = qids_or_positions(queries, qids)
+    run = BM25Retriever(doc_ids, doc_texts, config.bm25).search(dict(zip(qids, queries)), config.rank_end)
+    return ranked_lists(run, qids)
 
 
-def dense_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, index: str = "flat", hnsw_m: int = 32):
+def dense_retriever(encoder, doc_ids: Sequence[str], doc_vectors: np.ndarray, index: str = "flat", hnsw_m: int = 32, k: int = 64):
+    """Exact (flat) search, or an HNSW graph over the same vectors searched at least `k` wide."""
     import faiss
 
-    from retrieval.search import exact_search, search_index
+    from retrieval.search import ExactDenseRetriever, MemoryIndexRetriever
 
     if index == "flat":
-        return exact_search(doc_vectors, query_vectors, k)
+        return ExactDenseRetriever(encoder, doc_ids, doc_vectors)
     hnsw = faiss.IndexHNSWFlat(doc_vectors.shape[1], hnsw_m, faiss.METRIC_INNER_PRODUCT)
     hnsw.hnsw.efSearch = max(64, k)
     hnsw.add(np.ascontiguousarray(doc_vectors, dtype=np.float32))
-    return search_index(hnsw, query_vectors, k)
+    return MemoryIndexRetriever(encoder, doc_ids, hnsw)
 
 
-def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None):
+def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None, qids: Sequence[str] | None = None):
     """Encode with retroflow's Encoder (pooling as the model's sentence-transformers config says)."""
     from retrieval.encoder import Encoder
 
     encoder = Encoder(model, config.encoder)
     if doc_vectors is None:
         doc_vectors = encoder.encode_passages(list(doc_texts))
-    query_vectors = encoder.encode_queries(list(queries))
-    scores, indices = dense_search(doc_vectors, query_vectors, config.rank_end, config.index, config.hnsw_m)
-    ranked = [[doc_ids[j] if j >= 0 else None for j in row] for row in indices]
-    return ranked, scores.tolist(), {"pooling": encoder.pooling, "normalize": encoder.normalize}
+    qids = qids_or_positions(queries, qids)
+    retriever = dense_retriever(encoder, doc_ids, doc_vectors, config.index, config.hnsw_m, config.rank_end)
+    ranked, scores = ranked_lists(retriever.search(dict(zip(qids, queries)), config.rank_end), qids)
+    return ranked, scores, {"pooling": encoder.pooling, "normalize": encoder.normalize}
 
 
 # ---------------------------------------------------------------------------------------- stage
@@ -200,13 +211,13 @@ def mine_negatives(
         "excluded": "documents judged relevant (grade >= %d) to the query in any split; the query id itself" % config.min_grade,
     }
     if config.method == "bm25":
-        ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries)
+        ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries, qids)
         provenance["index"] = {"kind": "bm25s", **config.bm25.canonical()}
     else:
         model = model_path if model_path is not None else config.model
         if model is None:
             raise ValueError("dense mining needs a model: set `model` in the config or pass model_path")
-        ranked, scores, enc = rank_dense(config, model, doc_ids, doc_texts, queries)
+        ranked, scores, enc = rank_dense(config, model, doc_ids, doc_texts, queries, qids=qids)
         provenance["model"] = str(model)
         provenance["index"] = {"kind": f"faiss-{config.index}", "metric": "inner_product", **enc}
     negatives, kept_scores, ranks = select_window(

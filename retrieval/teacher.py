@@ -302,7 +302,7 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     query_text = {ex.qid: ex.query for ex in judged.examples}
     all_qrels = dataset.split_qrels(config.split)
     qrels = {q: all_qrels[q] for q in dev}
-    first_stage = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [query_text[q] for q in dev], config.dev_check_depth))
+    first_stage = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search({q: query_text[q] for q in dev}, config.dev_check_depth))
     pairs = [(q, d) for q, hits in first_stage.items() for d in hits]
     logits = score_pairs(model, tokenizer, [query_text[q] for q, _ in pairs], [judged.passages[d] for _, d in pairs],
                          config.max_length, config.score_batch_size, device, dtype)  # fmt: skip

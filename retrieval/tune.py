@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import faiss
 import numpy as np
@@ -42,8 +42,9 @@ from pydantic import Field
 
 from retroflow.publish import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
-from retrieval.index import META_FILE, METRICS, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
+from retrieval.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
 from retrieval.encode import Embeddings, open_embeddings
+from retrieval.search import exact_search_blocks
 
 log = logging.getLogger(__name__)
 
@@ -72,24 +73,28 @@ class TuneConfig(StageConfig):
 
 
 def exact_topk(embeddings: Embeddings, queries: np.ndarray, k: int, metric: str, block: int) -> tuple[np.ndarray, float]:
-    """Exact top-k positions by scanning the corpus in blocks (memory-bounded), and the seconds spent searching."""
-    search_seconds = 0.0
-    heap = faiss.ResultHeap(len(queries), k, keep_max=(metric == "ip"))
-    offset = 0
-    for vectors in embeddings.iter_batches(block):
-        flat = faiss.IndexFlat(vectors.shape[1], METRICS[metric])
-        flat.add(vectors)
-        started = time.perf_counter()
-        scores, positions = flat.search(queries, min(k, len(vectors)))
-        search_seconds += time.perf_counter() - started
-        if scores.shape[1] < k:  # a block smaller than k: pad so the heap sees full rows
-            pad = k - scores.shape[1]
-            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf if metric == "ip" else np.inf)
-            positions = np.pad(positions, ((0, 0), (0, pad)), constant_values=-1)
-        heap.add_result(scores, np.where(positions >= 0, positions + offset, -1))
-        offset += len(vectors)
-    heap.finalize()
-    return heap.I, search_seconds
+    """Exact top-k positions, the corpus scanned `block` rows at a time (memory-bounded), and the seconds spent searching."""
+    blocks = TimedBlocks(embeddings.iter_batches(block))
+    started = time.perf_counter()
+    _, positions = exact_search_blocks(queries, blocks, k, metric)
+    # reading the embeddings is not searching: exact_qps is set against the index's search speed
+    return positions, time.perf_counter() - started - blocks.seconds
+
+
+class TimedBlocks:
+    """An iterator of corpus blocks that adds up the time spent producing them."""
+
+    def __init__(self, blocks: Iterator[np.ndarray]):
+        self.blocks, self.seconds = blocks, 0.0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            started = time.perf_counter()
+            block = next(self.blocks, None)
+            self.seconds += time.perf_counter() - started
+            if block is None:
+                return
+            yield block
 
 
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
