@@ -53,7 +53,8 @@ from retroflow.checkpoints import rng_state, safe_load, set_rng_state
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
-from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
+from retroflow.training import param_groups
+from retrieval.finetune import TEACHER_FORMAT, BatchPlan, training_queries, FinetuneConfig
 from retrieval.hybrid import FusionSettings
 from retroflow.models import resolve_model_path
 from retrieval.negatives import read_negatives

@@ -239,7 +239,7 @@ def dpr_part(sizes: Sizes, device: torch.device, work: Path, encoder_dir: Path) 
     seconds = []
     for step in range(sizes.dpr_steps):
         start = time.perf_counter()
-        trainer.train_step(step)
+        trainer.train_step(step, trainer.plan.global_batch(step, trainer.pools))
         seconds.append(time.perf_counter() - start)
     return {
         "steps": sizes.dpr_steps,
