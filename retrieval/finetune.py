@@ -11,9 +11,10 @@ writes `out_dir/model` (HF weights + tokenizer + sentence-transformers files, so
 `SentenceTransformer(out_dir/model)` and `retroflow evaluate --model out_dir/model` load it;
 with `model.shared_encoder: false`, `out_dir/query_model` and `out_dir/passage_model`),
 `out_dir/loss_history.json`, and returns metrics (final_loss, steps, loss_history, ...).
-Checkpoints (model, optimizer, scheduler, RNG, loss history) go to `partial_dir/checkpoints`
-every `train.save_every` steps and a re-run resumes from the latest one; ANCE rounds write their
-re-mined negatives to `partial_dir/ance/` so a resumed run reuses them.
+Training runs on retroflow.training's loop: checkpoints (model, optimizer, scheduler, RNG, loss
+history) go to `partial_dir/checkpoints` every `train.save_every` steps and a re-run resumes from
+the latest one; ANCE rounds write their re-mined negatives to `partial_dir/ance/` so a resumed
+run reuses them.
 
 Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`.
 
@@ -413,8 +414,11 @@ class AnceRefresh(TrainingHook):
             self.refresh(len(passed))
 
     def on_step_begin(self, loop: TrainingLoop, step: int) -> None:
-        if step in self.refresh_at and self.refresh_at.index(step) + 1 > self.trainer.ance_rounds_done:
-            self.refresh(self.refresh_at.index(step) + 1)
+        if step not in self.refresh_at:
+            return
+        round_index = self.refresh_at.index(step) + 1
+        if round_index > self.trainer.ance_rounds_done:  # a run resumed at this very step reloaded it already
+            self.refresh(round_index)
 
     def refresh(self, round_index: int) -> None:
         self.trainer.pools = self.trainer.ance_refresh(round_index)
