@@ -11,9 +11,10 @@ writes `out_dir/model` (HF weights + tokenizer + sentence-transformers files, so
 `SentenceTransformer(out_dir/model)` and `retroflow evaluate --model out_dir/model` load it;
 with `model.shared_encoder: false`, `out_dir/query_model` and `out_dir/passage_model`),
 `out_dir/loss_history.json`, and returns metrics (final_loss, steps, loss_history, ...).
-Checkpoints (model, optimizer, scheduler, RNG, loss history) go to `partial_dir/checkpoints`
-every `train.save_every` steps and a re-run resumes from the latest one; ANCE rounds write their
-re-mined negatives to `partial_dir/ance/` so a resumed run reuses them.
+Training runs on retroflow.training's loop: checkpoints (model, optimizer, scheduler, RNG, loss
+history) go to `partial_dir/checkpoints` every `train.save_every` steps and a re-run resumes from
+the latest one; ANCE rounds write their re-mined negatives to `partial_dir/ance/` so a resumed
+run reuses them.
 
 Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`.
 
@@ -36,7 +37,7 @@ from contextlib import nullcontext
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -46,10 +47,19 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from retroflow.artifacts import atomic_write_text
-from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
+from retroflow.checkpoints import rng_state, set_rng_state
 from retroflow.config import StageConfig
-from retroflow.devices import pick_device, pick_dtype, step_optimizer, seed_everything
-from retroflow.progress import progress_bar
+from retroflow.devices import seed_everything
+from retroflow.training import (
+    LoopSettings,
+    TrainerState,
+    TrainingHook,
+    TrainingLoop,
+    apply_gradients,
+    make_accelerator,
+    make_optimizer,
+    mean_over_processes,
+)
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
 from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
@@ -335,16 +345,6 @@ def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str,
     return provenance, scores
 
 
-def rng_snapshot() -> dict:
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def rng_restore(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def standardized(scores: torch.Tensor) -> torch.Tensor:
     """Per-row z-scores (a row of equal scores becomes zeros)."""
     centred = scores - scores.mean(-1, keepdim=True)
@@ -386,39 +386,6 @@ def distillation_gate(provenance: dict[str, Any] | None) -> tuple[bool, str]:
 # ---------------------------------------------------------------------------------------- training
 
 
-@dataclass
-class FinetuneResult:
-    steps: int = 0
-    loss_history: list[float] = field(default_factory=list)
-    distill_loss_history: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    steps_run: int = 0
-    resumed_from: int | None = None
-    ance_rounds_done: int = 0
-
-    def final_loss(self, window: int = 10) -> float:
-        tail = self.loss_history[-window:]
-        return float(sum(tail) / len(tail)) if tail else math.nan
-
-
-def make_accelerator(train: TrainSection):
-    from accelerate import Accelerator
-
-    device = pick_device(train.device)
-    dtype = pick_dtype(device, train.precision)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 def total_steps(config: FinetuneConfig, num_examples: int) -> int:
     if config.train.max_steps is not None:
         return config.train.max_steps
@@ -434,9 +401,36 @@ def refresh_steps(config: FinetuneConfig, steps: int) -> list[int]:
     return [every * (i + 1) for i in range(rounds) if every * (i + 1) < steps]
 
 
+class AnceRefresh(TrainingHook):
+    """ANCE: at each refresh step, re-mine the negatives with the weights trained so far, before
+    that step draws its batch. A resumed run first reloads the last round it had passed."""
+
+    def __init__(self, trainer: FinetuneTrainer, refresh_at: list[int]):
+        self.trainer, self.refresh_at = trainer, refresh_at
+
+    def on_train_begin(self, loop: TrainingLoop) -> None:
+        passed = [s for s in self.refresh_at if s <= loop.state.global_step]
+        if passed:
+            self.refresh(len(passed))
+
+    def on_step_begin(self, loop: TrainingLoop, step: int) -> None:
+        if step not in self.refresh_at:
+            return
+        round_index = self.refresh_at.index(step) + 1
+        if round_index > self.trainer.ance_rounds_done:  # a run resumed at this very step reloaded it already
+            self.refresh(round_index)
+
+    def refresh(self, round_index: int) -> None:
+        self.trainer.pools = self.trainer.ance_refresh(round_index)
+        self.trainer.ance_rounds_done = round_index
+
+
 class FinetuneTrainer:
+    """DPR's part of retroflow.training's loop: the batch plan, the contrastive (+ distillation)
+    loss of one step, and the ANCE refresh hook."""
+
     def __init__(self, config: FinetuneConfig, model_path: Path, train: TrainingSet, partial_dir: Path, dataset=None):
-        from transformers import AutoTokenizer, get_linear_schedule_with_warmup
+        from transformers import AutoTokenizer
 
         self.config, self.train_set, self.dataset = config, train, dataset
         self.partial_dir = Path(partial_dir)
@@ -452,13 +446,12 @@ class FinetuneTrainer:
         model = BiEncoder(query_model, passage_model, self.pooling, self.normalize)
         self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed, config.data.rows)
         self.steps = total_steps(config, len(self.plan))
-        optimizer = torch.optim.AdamW(param_groups(model, config.train.weight_decay), lr=config.train.lr)
-        # the scheduler is not `prepare`d: accelerate would step it once per process
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, int(config.train.warmup_ratio * self.steps), self.steps)
+        t = config.train
+        optimizer, self.scheduler = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, total_steps=self.steps)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.pools: dict[str, list[str]] = {}
         self.teacher: dict[str, dict[str, float]] | None = None
-        self.result = FinetuneResult()
+        self.ance_rounds_done = 0
 
     # ------------------------------------------------------------------------ inputs
     def set_pools(self, pools: dict[str, list[str]]) -> None:
@@ -527,7 +520,7 @@ class FinetuneTrainer:
         pieces = [samples[i : i + chunk] for i in range(0, len(samples), chunk)]
         states, queries, passages = [], [], []
         for piece in pieces:
-            states.append(rng_snapshot())
+            states.append(rng_state())
             with torch.no_grad():
                 q, p = self.embed(piece)
             queries.append(q)
@@ -539,7 +532,7 @@ class FinetuneTrainer:
         group = 1 + self.config.negatives.hard_negatives
         start = 0
         for i, (piece, state) in enumerate(zip(pieces, states)):
-            rng_restore(state)
+            set_rng_state(state)
             sync = self.acc.no_sync(self.model) if i < len(pieces) - 1 else nullcontext()
             with sync:
                 q, p = self.embed(piece)
@@ -549,15 +542,19 @@ class FinetuneTrainer:
             start = end
         return loss.detach(), distill
 
-    def train_step(self, step: int) -> tuple[float, float]:
+    def batches(self, start: int):
+        """Each step's global batch, drawn lazily: after an ANCE refresh, from the new pools."""
+        return (self.plan.global_batch(step, self.pools) for step in range(start, self.steps))
+
+    def train_step(self, step: int, samples: list[Sample]) -> dict[str, float]:
         rank, world = rank_and_world()
         if self.config.train.grad_cache_chunk:
             if world > 1:
                 raise ValueError("train.grad_cache_chunk runs in one process; with several, raise batch_size per process instead")
-            loss, distill = self.grad_cache_backward(self.plan.global_batch(step, self.pools))
-            return self.finish_step(torch.stack([loss.float(), distill.float()]), world)
+            loss, distill = self.grad_cache_backward(samples)
+            return self.finish_step(torch.stack([loss.float(), distill.float()]))
         accum = self.config.train.grad_accum_steps
-        chunks = micro_batches(self.plan.global_batch(step, self.pools), rank, world, accum)
+        chunks = micro_batches(samples, rank, world, accum)
         totals = torch.zeros(2, device=self.acc.device)
         for i, everyone in enumerate(chunks):
             sync = self.acc.no_sync(self.model) if i < accum - 1 else nullcontext()
@@ -565,31 +562,12 @@ class FinetuneTrainer:
                 loss, distill = self.micro_loss(everyone[rank], everyone)
                 self.acc.backward(loss / accum)
             totals += torch.stack([loss.detach().float(), distill.float()]) / accum
-        return self.finish_step(totals, world)
+        return self.finish_step(totals)
 
-    def finish_step(self, totals: torch.Tensor, world: int) -> tuple[float, float]:
-        if self.config.train.max_grad_norm:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.config.train.max_grad_norm)
-        step_optimizer(self.optimizer, self.scheduler)
-        self.optimizer.zero_grad(set_to_none=True)
-        if world > 1:
-            totals = self.acc.reduce(totals, reduction="mean")
-        return float(totals[0]), float(totals[1])
-
-    # ------------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        history = {"loss_history": self.result.loss_history, "distill_loss_history": self.result.distill_loss_history}
-        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.config.train.keep_checkpoints,
-                               model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
-
-    def maybe_resume(self) -> int:
-        state = load_latest_checkpoint(self.acc, self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state is None:
-            return 0
-        self.result.loss_history = list(state["loss_history"])
-        self.result.distill_loss_history = list(state.get("distill_loss_history", []))
-        self.result.steps = self.result.resumed_from = int(state["step"])
-        return int(state["step"])
+    def finish_step(self, totals: torch.Tensor) -> dict[str, float]:
+        apply_gradients(self.acc, self.model, self.optimizer, self.scheduler, self.config.train.max_grad_norm)
+        loss, distill = (float(x) for x in mean_over_processes(self.acc, totals))
+        return {"loss": loss, "distill_loss": distill}
 
     # ------------------------------------------------------------------------ ANCE
     @property
@@ -632,36 +610,13 @@ class FinetuneTrainer:
         save_encoder(model.passage_model, self.tokenizer, dest, self.pooling, self.normalize, m.serve_max_length or m.passage_max_length, self.prefixes)
 
     # ------------------------------------------------------------------------ loop
-    def train(self, resume: bool = True, stop_after: int | None = None) -> FinetuneResult:
-        start = self.maybe_resume() if resume else 0
-        refreshes = refresh_steps(self.config, self.steps)
-        done = [s for s in refreshes if s <= start]
-        if done:  # resumed after a refresh: continue with that round's negatives
-            self.pools = self.ance_refresh(len(done))
-        self.result.ance_rounds_done = len(done)
-        self.model.train()
-        bar = progress_bar(total=self.steps, initial=start, desc="finetune", disable=not self.acc.is_main_process, dynamic_ncols=True)
-        began = time.perf_counter()
-        for step in range(start, self.steps):
-            if step in refreshes and step > start:  # a refresh at `start` already happened above
-                round_index = refreshes.index(step) + 1
-                self.pools = self.ance_refresh(round_index)
-                self.result.ance_rounds_done = round_index
-            loss, distill = self.train_step(step)
-            self.result.loss_history.append(loss)
-            self.result.distill_loss_history.append(distill)
-            self.result.steps = step + 1
-            self.result.steps_run += 1
-            bar.update(1)
-            if (step + 1) % self.config.train.log_every == 0 or step + 1 == self.steps:
-                log.info("step %d/%d loss %.4f distill %.4f lr %.2e", step + 1, self.steps, loss, distill, self.scheduler.get_last_lr()[0])
-            if (step + 1) % self.config.train.save_every == 0 and step + 1 < self.steps:
-                self.save_checkpoint(step + 1)
-            if stop_after is not None and step + 1 >= stop_after:
-                break
-        bar.close()
-        self.result.seconds = time.perf_counter() - began
-        return self.result
+    def train(self, resume: bool = True, stop_after: int | None = None) -> TrainerState:
+        t = self.config.train
+        settings = LoopSettings(label="finetune", max_steps=self.steps, checkpoint_dir=self.checkpoint_dir,
+                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every)  # fmt: skip
+        loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
+        ance = AnceRefresh(self, refresh_steps(self.config, self.steps))
+        return loop.run(self, resume=resume, stop_after=stop_after, hooks=[ance])
 
     def save(self, out_dir: Path) -> list[str]:
         if not self.acc.is_main_process:
@@ -761,18 +716,18 @@ def run_finetune(
         trainer.set_pools(pools)
     log.info("fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
              model_path, len(train), trainer.steps, trainer.pooling, trainer.normalize, trainer.temperature)  # fmt: skip
-    result = trainer.train(resume=resume, stop_after=stop_after)
+    state = trainer.train(resume=resume, stop_after=stop_after)
     distilled = trainer.teacher is not None
     metrics = {
-        "final_loss": result.final_loss(),
-        "steps": result.steps,
+        "final_loss": state.final_loss(),
+        "steps": state.global_step,
         "total_steps": trainer.steps,
-        "loss_history": result.loss_history,
-        "distill_loss_history": result.distill_loss_history if distilled else [],
-        "seconds": round(result.seconds, 2),
-        "steps_per_s": result.steps_run / result.seconds if result.seconds > 0 else None,
-        "resumed_from": result.resumed_from,
-        "ance_rounds_done": result.ance_rounds_done,
+        "loss_history": state.history("loss"),
+        "distill_loss_history": state.history("distill_loss") if distilled else [],
+        "seconds": round(state.seconds, 2),
+        "steps_per_s": state.steps_per_s if state.seconds > 0 else None,
+        "resumed_from": state.resumed_from,
+        "ance_rounds_done": trainer.ance_rounds_done,
         "num_train_queries": len(train),
         "pooling": trainer.pooling,
         "normalize": trainer.normalize,
@@ -784,7 +739,7 @@ def run_finetune(
         "num_train_rows": len(trainer.plan),
         "init": str(model_path),
     }
-    if stop_after is not None and result.steps < trainer.steps:
+    if stop_after is not None and state.global_step < trainer.steps:
         metrics["stopped_early"] = True
         return metrics
     trainer.acc.wait_for_everyone()
@@ -793,7 +748,7 @@ def run_finetune(
         metrics["outputs"] = trainer.save(out_dir)
         for output in metrics["outputs"]:
             write_training_card(out_dir / output, config, dataset, model_path, metrics)
-        atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": result.loss_history, "distill": metrics["distill_loss_history"]}))
+        atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": metrics["loss_history"], "distill": metrics["distill_loss_history"]}))
     trainer.acc.wait_for_everyone()
     return metrics
 

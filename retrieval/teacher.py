@@ -22,8 +22,11 @@ writes `out_dir/teacher/` (a Hugging Face sequence-classification model + tokeni
 format + provenance; then `{"qid", "doc_ids", "scores"}` per training query, candidates = the
 query's positives + its best-ranked `candidates_per_query` mined negatives). Distillation
 (`retrieval.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
-teacher never has to score again. Checkpoints (model, optimizer, scheduler, RNG, loss history)
-go to `partial_dir/checkpoints` and a re-run resumes from the latest.
+teacher never has to score again. It trains on retroflow.training's loop, like pretraining and
+fine-tuning: checkpoints (model, optimizer, scheduler, RNG, loss history; retroflow.checkpoints'
+format, `checkpoint-N/` directories) go to `partial_dir/checkpoints` and a re-run resumes from
+the latest. Checkpoints of the teacher's earlier format (single `checkpoint-N.pt` files) are not
+read: a run that finds only those starts from step 0.
 
 The teacher is trained listwise: each query's group (its positive first, then
 `negatives_per_query` hard negatives) is one softmax, cross-entropy on the positive -- the
@@ -36,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -49,11 +51,11 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from retroflow.artifacts import atomic_write_text
-from retroflow.checkpoints import rng_state, safe_load, set_rng_state
 from retroflow.config import StageConfig
-from retroflow.devices import autocast, pick_device, pick_dtype, seed_everything
+from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
-from retrieval.finetune import TEACHER_FORMAT, BatchPlan, param_groups, training_queries, FinetuneConfig
+from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer
+from retrieval.finetune import TEACHER_FORMAT, BatchPlan, Sample, training_queries, FinetuneConfig
 from retrieval.hybrid import FusionSettings
 from retroflow.models import resolve_model_path
 from retrieval.negatives import read_negatives
@@ -141,9 +143,62 @@ def score_pairs(model, tokenizer, queries: list[str], passages: list[str], max_l
     return out
 
 
-def _latest_checkpoint(directory: Path) -> Path | None:
-    found = sorted(directory.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1])) if directory.is_dir() else []
-    return found[-1] if found else None
+class TeacherTrainer:
+    """The cross-encoder's part of retroflow.training's loop: listwise batches and their loss.
+
+    Each query's group (its positive first, then `negatives_per_query` hard negatives) is one
+    softmax; the loss is cross-entropy on the positive."""
+
+    LAST_CHECKPOINTS_KEPT = 1  # TeacherConfig has no keep_checkpoints; the newest is all a resume needs
+
+    def __init__(self, config: TeacherConfig, train, pools: dict[str, list[str]]):
+        self.config, self.train_set, self.pools = config, train, pools
+        self.acc = make_accelerator(config)
+        seed_everything(config.seed)  # the fresh classification head's initial weights
+        model, self.tokenizer = load_cross_encoder(config.init)
+        self.steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
+        optimizer, self.scheduler = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
+                                                   warmup_ratio=config.warmup_ratio, total_steps=self.steps)  # fmt: skip
+        self.model, self.optimizer = self.acc.prepare(model, optimizer)
+        self.plan = BatchPlan(train, config.batch_size, config.negatives_per_query, config.seed)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision scoring runs at, as training did."""
+        return pick_dtype(self.acc.device, self.config.precision)
+
+    def unwrapped(self):
+        return self.acc.unwrap_model(self.model)
+
+    def batches(self, start: int):
+        return (self.plan.global_batch(step, self.pools) for step in range(start, self.steps))
+
+    def train_step(self, step: int, samples: list[Sample]) -> dict[str, float]:
+        group = 1 + self.config.negatives_per_query
+        queries = [s.query for s in samples for _ in range(group)]
+        passages = [self.train_set.passages[d] for s in samples for d in [s.positive, *s.negatives]]
+        batch = pair_batch(self.tokenizer, queries, passages, self.config.max_length, self.acc.device)
+        # the prepared model autocasts to the run's precision itself (and fp16 gets a grad scaler)
+        logits = self.model(**batch).logits[:, 0].float().view(len(samples), group)
+        loss = F.cross_entropy(logits, torch.zeros(len(samples), dtype=torch.long, device=self.acc.device))
+        self.acc.backward(loss)
+        apply_gradients(self.acc, self.model, self.optimizer, self.scheduler, self.config.max_grad_norm)
+        return {"loss": float(loss.detach())}
+
+    def train(self, checkpoint_dir: Path, resume: bool, stop_after: int | None) -> TrainerState:
+        settings = LoopSettings(label="teacher", max_steps=self.steps, checkpoint_dir=checkpoint_dir, save_every=self.config.save_every,
+                                keep_checkpoints=self.LAST_CHECKPOINTS_KEPT, log_every=self.config.log_every)  # fmt: skip
+        loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
+        return loop.run(self, resume=resume, stop_after=stop_after)
+
+    def save(self, dest: Path) -> None:
+        """The trained model and its tokenizer, written to a temporary directory then renamed."""
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.unwrapped().save_pretrained(tmp)
+        self.tokenizer.save_pretrained(tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
 
 
 def run_train_teacher(
@@ -157,74 +212,23 @@ def run_train_teacher(
     stop_after: int | None = None,
 ) -> dict:
     """Train the cross-encoder (or fuse, for kind fusion), then score every training query's candidates into the scores file."""
-    from transformers import get_linear_schedule_with_warmup
-
     if config.kind == "fusion":
         return run_fusion_teacher(config, dataset, out_dir)
 
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
-    seed_everything(config.seed)
-    device = pick_device(config.device)
-    dtype = pick_dtype(device, config.precision)
     train = training_queries(as_finetune_data(config), dataset, None)
     mined = read_negatives(negatives_file)
     pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
-    model, tokenizer = load_cross_encoder(config.init)
-    model.to(device)
-    steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * steps), steps)
-    plan = BatchPlan(train, config.batch_size, config.negatives_per_query, config.seed)
-    checkpoints = partial_dir / "checkpoints"
-    start, losses, resumed_from = 0, [], None
-    latest = _latest_checkpoint(checkpoints) if resume else None
-    if latest is not None:
-        state = safe_load(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = resumed_from = state["step"]
-        losses = list(state["loss_history"])
-        log.info("teacher resumed from %s", latest)
-    model.train()
-    group = 1 + config.negatives_per_query
-    began = time.perf_counter()
-    bar = progress_bar(total=steps, initial=start, desc="teacher", dynamic_ncols=True)
-    for step in range(start, steps):
-        samples = plan.global_batch(step, pools)
-        queries = [s.query for s in samples for _ in range(group)]
-        passages = [train.passages[d] for s in samples for d in [s.positive, *s.negatives]]
-        batch = pair_batch(tokenizer, queries, passages, config.max_length, device)
-        with autocast(device, dtype):
-            logits = model(**batch).logits[:, 0].float().view(len(samples), group)
-        loss = F.cross_entropy(logits, torch.zeros(len(samples), dtype=torch.long, device=device))
-        loss.backward()
-        if config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        bar.update(1)
-        if (step + 1) % config.log_every == 0:
-            log.info("teacher step %d/%d loss %.4f", step + 1, steps, np.mean(losses[-config.log_every :]))
-        if (step + 1) % config.save_every == 0 and step + 1 < steps:
-            save_checkpoint(checkpoints, step + 1, model, optimizer, scheduler, losses)
-        if stop_after is not None and step + 1 >= stop_after:
-            bar.close()
-            return {"steps": step + 1, "loss_history": losses, "stopped_early": True}
-    bar.close()
-    train_seconds = time.perf_counter() - began
-    scored = score_training_candidates(config, model, tokenizer, train, mined.negatives, device, dtype)
+    trainer = TeacherTrainer(config, train, pools)
+    state = trainer.train(partial_dir / "checkpoints", resume=resume, stop_after=stop_after)
+    losses = state.history("loss")
+    if stop_after is not None and state.global_step >= stop_after:  # stopped at the last step too: no outputs then either
+        return {"steps": state.global_step, "loss_history": losses, "stopped_early": True}
+    model, device, dtype = trainer.unwrapped(), trainer.acc.device, trainer.dtype
+    scored = score_training_candidates(config, model, trainer.tokenizer, train, mined.negatives, device, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f"{TEACHER_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir / TEACHER_DIR, ignore_errors=True)
-    tmp.rename(out_dir / TEACHER_DIR)
-    dev_check = rerank_dev_check(config, model, tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
+    trainer.save(out_dir / TEACHER_DIR)
+    dev_check = rerank_dev_check(config, model, trainer.tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
     provenance = {
         "kind": "cross_encoder",
         "teacher_init": config.init,
@@ -240,27 +244,16 @@ def run_train_teacher(
     return {
         **dev_check,
         "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
-        "steps": steps,
+        "steps": trainer.steps,
         "loss_history": losses,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(state.seconds, 2),
         "score_seconds": scored["seconds"],
         "scored_pairs": scored["pairs"],
         "train_mrr_of_positive": scored["mrr"],
-        "resumed_from": resumed_from,
+        "resumed_from": state.resumed_from,
         "num_train_queries": len(train),
         "scores_file": SCORES_FILE,  # relative to the output directory (a stage writes into a temporary one)
     }
-
-
-def save_checkpoint(directory: Path, step: int, model, optimizer, scheduler, losses: list[float]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "rng": rng_state(), "loss_history": losses}  # fmt: skip
-    tmp = directory / f".checkpoint-{step}.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, directory / f"checkpoint-{step}.pt")
-    for old in sorted(directory.glob("checkpoint-*.pt"), key=lambda p: int(p.stem.split("-")[1]))[:-1]:
-        old.unlink()
 
 
 def score_training_candidates(config: TeacherConfig, model, tokenizer, train, negatives: dict[str, list[str]], device, dtype) -> dict:

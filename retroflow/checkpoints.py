@@ -1,4 +1,4 @@
-"""Training checkpoints shared by the pretraining and fine-tuning trainers, loaded without unpickling.
+"""Training checkpoints of every trained stage (retroflow.training's loop), loaded without unpickling.
 
 A checkpoint directory `checkpoint-N/` holds:
 
@@ -14,6 +14,9 @@ planted in a checkpoint directory cannot run code on `--resume` (it fails to loa
 naming it). The directory is written as `checkpoint-N.tmp` and renamed only once every process
 has written its part, so a run killed mid-save resumes from the previous complete checkpoint; a
 directory without the trainer state is never taken for a checkpoint.
+
+Pretraining, fine-tuning and the cross-encoder teacher all write this format. The teacher's earlier
+single-file `checkpoint-N.pt` checkpoints are not read (`list_checkpoints` sees directories only).
 """
 
 from __future__ import annotations

@@ -10,11 +10,12 @@ from typing import Mapping
 from retroflow.artifacts import Artifact
 from retroflow.publish import atomic_write_text
 from retroflow.devices import seed_everything
+from retroflow.training import make_accelerator
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig
 from retromae.data import load_pretraining_chunks, read_texts, train_wordpiece
 from retromae.model import ENCODER_DIR, RetroMAEModel, describe, load_retromae, resolve_checkpoint, scratch_mlm
-from retromae.trainer import PretrainTrainer, make_accelerator
+from retromae.trainer import PretrainTrainer
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -141,26 +142,27 @@ def run_pretrain(
     log.info("%s; %d chunks from %d documents; %d process(es) on %s",
              describe(model), len(dataset), len(texts), accelerator.num_processes, accelerator.device)
     trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), config.train, partial_dir / "checkpoints")
-    result = trainer.train(resume=resume, stop_after=stop_after)
+    state = trainer.train(resume=resume, stop_after=stop_after)
+    losses = state.history("loss")
     metrics = {
-        "final_loss": result.final_loss(),
-        "initial_loss": (sum(result.loss_history[:10]) / max(len(result.loss_history[:10]), 1)) if result.loss_history else None,
-        "steps": result.steps,
-        "steps_per_s": round(result.steps_per_s, 4),
-        "resumed_from": result.resumed_from,
+        "final_loss": state.final_loss(),
+        "initial_loss": (sum(losses[:10]) / max(len(losses[:10]), 1)) if losses else None,
+        "steps": state.global_step,
+        "steps_per_s": round(state.steps_per_s, 4),
+        "resumed_from": state.resumed_from,
         "chunks": len(dataset),
         "documents": len(texts),
         "processes": accelerator.num_processes,
         "objective": config.objective,
         "decoding": config.decoding if config.objective == "retromae" else None,
-        "loss_history": result.loss_history,
+        "loss_history": losses,
     }
-    if stop_after is not None and result.steps < config.train.max_steps:
+    if stop_after is not None and state.global_step < config.train.max_steps:
         return metrics
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.unwrap_model(trainer.model).save(out_dir, tokenizer)
-        history = {k: getattr(result, k) for k in ("loss_history", "encoder_loss_history", "decoder_loss_history")}
+        history = {f"{name}_history": state.history(name) for name in ("loss", "encoder_loss", "decoder_loss")}
         atomic_write_text(out_dir / "loss_history.json", json.dumps(history))
         write_pretraining_card(out_dir / ENCODER_DIR, config, sources, metrics)
     accelerator.wait_for_everyone()

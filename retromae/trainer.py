@@ -1,45 +1,36 @@
-"""Training loop on `accelerate`: DDP (torchrun, NCCL or gloo), bf16/fp16, checkpoints with RNG state.
+"""RetroMAE pretraining on retroflow.training's loop: the batch plan and the loss of one step.
 
-Why a short loop on accelerate rather than HF Trainer: the loss must be normalised by the
-*global* number of targets of an optimizer step (two losses, two counts) so that 2 processes
-x micro-batches reproduce one big batch, and the data order must be a pure function of the
-step so a resumed run continues exactly where the killed one stopped. Accelerate still does
-the parts worth not rewriting: process-group setup, DDP wrapping, autocast/grad scaling.
-Checkpoints are retroflow.checkpoints' pickle-free format (safetensors, weights-only tensors, JSON).
+The loss must be normalised by the *global* number of targets of an optimizer step (two losses,
+two counts) so that 2 processes x micro-batches reproduce one big batch, and the data order must
+be a pure function of the step so a resumed run continues exactly where the killed one stopped.
+Accelerate does process-group setup, DDP wrapping, autocast/grad scaling; the shared loop does
+resumption, checkpoints (retroflow.checkpoints' format), progress and logging.
 """
 
 from __future__ import annotations
 
-import logging
-import math
 import os
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
-from transformers import get_linear_schedule_with_warmup
 
-from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
-from retroflow.devices import pick_device, pick_dtype, step_optimizer
-from retroflow.progress import progress_bar
+from retroflow.training import (
+    LoopSettings,
+    TrainerState,
+    TrainingHook,
+    TrainingLoop,
+    apply_gradients,
+    make_optimizer,
+    mean_over_processes,
+)
 from retromae.collator import IGNORE
 
-log = logging.getLogger("retroflow.retromae")
-
 MAX_LOADER_WORKERS = 4  # collation is ~40 ms per 32 x 512 micro-batch: a few workers hide it behind a GPU step
-
-
-def make_accelerator(train_cfg) -> Accelerator:
-    device = pick_device(train_cfg.device)
-    dtype = pick_dtype(device, train_cfg.precision)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
 
 
 class BatchPlan:
@@ -106,36 +97,9 @@ def loader_workers(device: torch.device, processes_per_host: int) -> int:
     return max(1, min(MAX_LOADER_WORKERS, cores // max(processes_per_host, 1) - 1))
 
 
-@dataclass
-class TrainResult:
-    steps: int
-    loss_history: list[float] = field(default_factory=list)
-    encoder_loss_history: list[float] = field(default_factory=list)
-    decoder_loss_history: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-    steps_run: int = 0
-    resumed_from: int | None = None
-
-    @property
-    def steps_per_s(self) -> float:
-        return self.steps_run / self.seconds if self.seconds > 0 else 0.0
-
-    def final_loss(self, window: int = 10) -> float:
-        tail = self.loss_history[-window:]
-        return sum(tail) / len(tail) if tail else math.nan
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class PretrainTrainer:
+    """RetroMAE's part of retroflow.training's loop: the batch plan and the step's loss."""
+
     def __init__(self, accelerator: Accelerator, model, dataset, collator, train_cfg, checkpoint_dir: Path):
         self.acc = accelerator
         self.cfg = train_cfg
@@ -143,12 +107,9 @@ class PretrainTrainer:
         self.collator = collator
         self.checkpoint_dir = Path(checkpoint_dir)
         self.plan = BatchPlan(len(dataset), train_cfg.batch_size, train_cfg.seed)
-        optimizer = torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr)
-        warmup = int(train_cfg.warmup_ratio * train_cfg.max_steps)
-        # the scheduler is not `prepare`d: accelerate would step it once per process
-        self.scheduler = get_linear_schedule_with_warmup(optimizer, warmup, train_cfg.max_steps)
+        optimizer, self.scheduler = make_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
+                                                   warmup_ratio=train_cfg.warmup_ratio, total_steps=train_cfg.max_steps)  # fmt: skip
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.result = TrainResult(steps=0)
 
     # ---------------------------------------------------------------------------- batches
     def batches(self, start: int) -> DataLoader:
@@ -178,7 +139,7 @@ class PretrainTrainer:
         return counts[0], counts[1]
 
     # ---------------------------------------------------------------------------- one step
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float, float]:
+    def train_step(self, step: int, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         batches = [self._to_device(b) for b in micro_batches]
         enc_count, dec_count = self._global_counts(batches)
         # DDP averages gradients over processes, so each process scales its share by world size
@@ -194,60 +155,13 @@ class PretrainTrainer:
             totals[1] += out.encoder_loss.detach().float()
             if out.decoder_loss is not None:
                 totals[2] += out.decoder_loss.detach().float()
-        if self.cfg.max_grad_norm:
-            self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        step_optimizer(self.optimizer, self.scheduler)
-        self.optimizer.zero_grad(set_to_none=True)
-        totals = self.acc.reduce(totals, reduction="mean") if world > 1 else totals
-        return tuple(float(x) for x in totals)
+        apply_gradients(self.acc, self.model, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
+        loss, encoder_loss, decoder_loss = (float(x) for x in mean_over_processes(self.acc, totals))
+        return {"loss": loss, "encoder_loss": encoder_loss, "decoder_loss": decoder_loss}
 
     # ---------------------------------------------------------------------------- loop
-    def train(self, resume: bool = True, stop_after: int | None = None, on_step: Callable | None = None) -> TrainResult:
-        start = self._maybe_resume() if resume else 0
-        total = self.cfg.max_steps
-        self.model.train()
-        bar = progress_bar(total=total, initial=start, desc="pretrain", disable=not self.acc.is_main_process, dynamic_ncols=True)
-        began, window_start = time.perf_counter(), time.perf_counter()
-        for step, micro_batches in zip(range(start, total), self.batches(start)):
-            loss, enc, dec = self.train_step(micro_batches)
-            self.result.loss_history.append(loss)
-            self.result.encoder_loss_history.append(enc)
-            self.result.decoder_loss_history.append(dec)
-            self.result.steps = step + 1
-            self.result.steps_run += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            if (step + 1) % self.cfg.log_every == 0 or step + 1 == total:
-                rate = self.cfg.log_every / max(time.perf_counter() - window_start, 1e-9)
-                window_start = time.perf_counter()
-                log.info("step %d/%d loss %.4f (enc %.4f dec %.4f) lr %.2e %.2f steps/s",
-                         step + 1, total, loss, enc, dec, self.scheduler.get_last_lr()[0], rate)
-            if (step + 1) % self.cfg.save_every == 0 and step + 1 < total:
-                self.save_checkpoint(step + 1)
-            if on_step is not None:
-                on_step(step + 1, loss)
-            if stop_after is not None and step + 1 >= stop_after:
-                break
-        bar.close()
-        self.result.seconds = time.perf_counter() - began
-        return self.result
-
-    # ---------------------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, step: int) -> Path:
-        history = {
-            "loss_history": self.result.loss_history,
-            "encoder_loss_history": self.result.encoder_loss_history,
-            "decoder_loss_history": self.result.decoder_loss_history,
-        }
-        return save_checkpoint(self.acc, self.checkpoint_dir, step, history, self.cfg.keep_checkpoints,
-                               model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
-
-    def _maybe_resume(self) -> int:
-        state = load_latest_checkpoint(self.acc, self.checkpoint_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-        if state is None:
-            return 0
-        self.result.loss_history = list(state["loss_history"])
-        self.result.encoder_loss_history = list(state.get("encoder_loss_history", []))
-        self.result.decoder_loss_history = list(state.get("decoder_loss_history", []))
-        self.result.steps = self.result.resumed_from = int(state["step"])
-        return int(state["step"])
+    def train(self, resume: bool = True, stop_after: int | None = None, hooks: Sequence[TrainingHook] = ()) -> TrainerState:
+        settings = LoopSettings(label="pretrain", max_steps=self.cfg.max_steps, checkpoint_dir=self.checkpoint_dir,
+                                save_every=self.cfg.save_every, keep_checkpoints=self.cfg.keep_checkpoints, log_every=self.cfg.log_every)  # fmt: skip
+        loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
+        return loop.run(self, resume=resume, stop_after=stop_after, hooks=hooks)

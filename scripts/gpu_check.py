@@ -146,7 +146,15 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
 
     from retroflow.devices import seed_everything
     from retromae.pretrain import build_collator, build_model
-    from retromae.trainer import PretrainTrainer, make_accelerator
+    from retroflow.training import TrainingHook, make_accelerator
+    from retromae.trainer import PretrainTrainer
+
+    class StepClock(TrainingHook):
+        def __init__(self):
+            self.stamps: list[float] = []
+
+        def on_step_end(self, loop, losses):
+            self.stamps.append(time.perf_counter())
 
     precision = "bf16" if device.type == "cuda" else "fp32"
     shape = [f"train.batch_size={sizes.pretrain_batch}", "train.grad_accum_steps=1", f"train.max_steps={steps}",
@@ -163,20 +171,21 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
     dataset = Dataset.from_dict({"input_ids": rows})  # full-length rows: the real batch shape every step
     reset_peak(device)
     trainer = PretrainTrainer(make_accelerator(cfg.train), model, dataset, collator, cfg.train, work / "checkpoints")
-    stamps: list[float] = []
-    result = trainer.train(resume=False, on_step=lambda step, loss: stamps.append(time.perf_counter()))
+    clock = StepClock()
+    state = trainer.train(resume=False, hooks=[clock])
+    stamps = clock.stamps
     step_s = median_interval(stamps, skip=min(5, max(len(stamps) - 2, 0)))
     micro_batch = [{"input_ids": r, "mask_key": i} for i, r in enumerate(rows[: sizes.pretrain_batch])]
     collate_s = statistics.median(timed(lambda: collator(micro_batch), 3))
     figures = {
-        "steps": result.steps,
+        "steps": state.global_step,
         "batch": [sizes.pretrain_batch, sizes.length],
         "precision": precision,
         "step_s_median": round(step_s, 4) if step_s else None,
         "collate_s_per_micro_batch": round(collate_s, 4),
         "collation_share_of_step": round(collate_s / step_s, 4) if step_s else None,
         "peak_memory_gib": peak_gib(device),
-        "loss_first_last": [round(result.loss_history[0], 3), round(result.loss_history[-1], 3)],
+        "loss_first_last": [round(state.history()[0], 3), round(state.history()[-1], 3)],
     }
     return figures, trainer.acc.unwrap_model(trainer.model)
 
@@ -230,7 +239,7 @@ def dpr_part(sizes: Sizes, device: torch.device, work: Path, encoder_dir: Path) 
     seconds = []
     for step in range(sizes.dpr_steps):
         start = time.perf_counter()
-        trainer.train_step(step)
+        trainer.train_step(step, trainer.plan.global_batch(step, trainer.pools))
         seconds.append(time.perf_counter() - start)
     return {
         "steps": sizes.dpr_steps,

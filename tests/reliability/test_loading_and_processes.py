@@ -24,26 +24,45 @@ def test_local_dask_cluster_binds_scheduler_and_dashboard_to_loopback(monkeypatc
     assert runner.cluster_kwargs["dashboard_address"].startswith("127.0.0.1:")
 
 
-def test_teacher_checkpoint_loads_without_pickle(tmp_path):
+def test_rng_state_round_trips_without_pickle(tmp_path):
     import random
 
     import numpy as np
 
-    from retroflow.checkpoints import rng_state as _rng_state, set_rng_state as _set_rng_state
-    from retrieval.teacher import save_checkpoint
+    from retroflow.checkpoints import rng_state, set_rng_state
 
-    model = torch.nn.Linear(3, 1)
-    optimizer = torch.optim.AdamW(model.parameters())
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     np.random.seed(7)
     random.seed(7)
-    save_checkpoint(tmp_path, 5, model, optimizer, scheduler, [1.0, 0.5])
+    torch.save(rng_state(), tmp_path / "rng-0.pt")
     expected = (np.random.rand(), random.random())
-    state = torch.load(tmp_path / "checkpoint-5.pt", weights_only=True)  # raises on any pickled object
-    assert state["step"] == 5 and state["loss_history"] == [1.0, 0.5]
-    _set_rng_state(state["rng"])
+    set_rng_state(torch.load(tmp_path / "rng-0.pt", weights_only=True))  # raises on any pickled object
     assert (np.random.rand(), random.random()) == expected
-    assert isinstance(_rng_state()["numpy"][1], torch.Tensor)
+    assert isinstance(rng_state()["numpy"][1], torch.Tensor)
+
+
+def test_teacher_checkpoints_are_the_shared_pickle_free_format(scifact_small, tiny_bert, tmp_path):
+    """The teacher trains on retroflow.training's loop, so it writes and reads the checkpoints every stage does."""
+    from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
+    from retroflow.config import load_config
+    from retroflow.data.beir import load_dataset
+    from retrieval.negatives import NegativesConfig, run_mine_negatives
+    from retrieval.teacher import TeacherConfig, run_train_teacher
+
+    dataset = load_dataset(scifact_small)
+    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    negatives, partial = tmp_path / "neg" / "negatives.jsonl", tmp_path / "partial"
+    config = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_bert}", "max_steps=4", "save_every=2", "max_queries=8"])
+    stopped = run_train_teacher(config, dataset, negatives, tmp_path / "out", partial, stop_after=2)
+    assert stopped["stopped_early"]
+    checkpoint = list_checkpoints(partial / "checkpoints")[-1]
+    assert checkpoint.name == "checkpoint-2"
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.json", "trainer_state.json"]
+
+    marker = tmp_path / "pwned"
+    torch.save({"state": _Planted(str(marker))}, checkpoint / "optimizer.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: not a plain-tensor checkpoint file"):
+        run_train_teacher(config, dataset, negatives, tmp_path / "out", partial)
+    assert not marker.exists()
 
 
 def alive(pid: int) -> bool:

@@ -1,0 +1,277 @@
+"""One training loop for every trained stage: RetroMAE pretraining, DPR fine-tuning, the cross-encoder teacher.
+
+A stage supplies its model, optimizer and scheduler (`make_accelerator`, `make_optimizer`), a
+batch plan (`batches`) and a `train_step`; `TrainingLoop` does the rest the same way for all of
+them: resume from the newest checkpoint, progress bar, loss log, checkpoints every `save_every`
+steps, an early stop for tests. The shape follows Hugging Face's Trainer (`TrainerState`,
+`TrainerCallback`), kept small because the stages need two things Trainer makes hard:
+
+- exact resume: a stage's batches are a pure function of (seed, step), so resuming is restoring
+  weights, optimizer, scheduler, RNG and the `TrainerState`, then starting the step range at the
+  checkpoint's step -- no iterator state to save;
+- losses normalised over the global batch of a step (each stage's `train_step` does that), so
+  two processes reproduce one.
+
+Checkpoints are retroflow.checkpoints' pickle-free format, the same for every stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol, Sequence
+
+import torch
+
+from retroflow.checkpoints import load_latest_checkpoint, save_checkpoint
+from retroflow.devices import pick_device, pick_dtype, step_optimizer
+from retroflow.progress import progress_bar
+
+log = logging.getLogger("retroflow.training")
+
+HISTORY_SUFFIX = "_history"  # trainer_state.json keeps each loss's history as "<loss name>_history"
+
+
+# ---------------------------------------------------------------------------------------- parts
+
+
+def make_accelerator(settings):
+    """An Accelerator for `settings.device` and `settings.precision` (any config section that has both)."""
+    from accelerate import Accelerator
+
+    device = pick_device(settings.device)
+    dtype = pick_dtype(device, settings.precision)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int):
+    """(AdamW, linear warmup-then-decay schedule). Pass only the optimizer to `accelerator.prepare`:
+    a prepared scheduler would be stepped once per process."""
+    from transformers import get_linear_schedule_with_warmup
+
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(warmup_ratio * total_steps), total_steps)
+
+
+def apply_gradients(accelerator, model, optimizer, scheduler, max_grad_norm: float | None) -> None:
+    """The end of every train_step: clip, step the optimizer (and the schedule, unless the fp16
+    scaler skipped the step), clear the gradients."""
+    if max_grad_norm:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    step_optimizer(optimizer, scheduler)
+    optimizer.zero_grad(set_to_none=True)
+
+
+def mean_over_processes(accelerator, values: torch.Tensor) -> torch.Tensor:
+    return accelerator.reduce(values, reduction="mean") if accelerator.num_processes > 1 else values
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands. `global_step` and the loss histories go into every checkpoint and come
+    back on resume; `resumed_from`, `steps_run` and `seconds` describe this process's run only."""
+
+    max_steps: int
+    global_step: int = 0
+    histories: dict[str, list[float]] = field(default_factory=dict)  # loss name -> one value per step, from step 0
+    resumed_from: int | None = None
+    steps_run: int = 0
+    seconds: float = 0.0
+
+    def record(self, losses: dict[str, float]) -> None:
+        for name, value in losses.items():
+            self.histories.setdefault(name, []).append(value)
+        self.global_step += 1
+        self.steps_run += 1
+
+    def history(self, name: str = "loss") -> list[float]:
+        return self.histories.get(name, [])
+
+    def final_loss(self, window: int = 10) -> float:
+        tail = self.history()[-window:]
+        return float(sum(tail) / len(tail)) if tail else math.nan
+
+    @property
+    def steps_per_s(self) -> float:
+        return self.steps_run / self.seconds if self.seconds > 0 else 0.0
+
+    def to_checkpoint(self) -> dict[str, list[float]]:
+        """What trainer_state.json holds besides the step (retroflow.checkpoints writes that)."""
+        return {name + HISTORY_SUFFIX: values for name, values in self.histories.items()}
+
+    def restore(self, saved: dict) -> None:
+        self.global_step = self.resumed_from = int(saved["step"])
+        self.histories = {key[: -len(HISTORY_SUFFIX)]: list(values) for key, values in saved.items() if key.endswith(HISTORY_SUFFIX)}
+
+
+# ---------------------------------------------------------------------------------------- hooks
+
+
+class TrainingHook:
+    """Called by TrainingLoop at fixed points; override what you need (each default does nothing).
+
+    `loop.state` is current at every call. A hook ends the run after the current step by setting
+    `loop.should_stop`."""
+
+    def on_train_begin(self, loop: TrainingLoop) -> None:
+        """After a resume: `loop.state.global_step` is the first step to run."""
+
+    def on_step_begin(self, loop: TrainingLoop, step: int) -> None:
+        """Before step `step` (0-based) draws its batch: a hook may still change what the batch is made of."""
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        """After the optimizer step; `loop.state.global_step` counts it."""
+
+    def on_train_end(self, loop: TrainingLoop) -> None:
+        """After the last step run, also when stopped early."""
+
+
+class ProgressBar(TrainingHook):
+    def on_train_begin(self, loop: TrainingLoop) -> None:
+        self.bar = progress_bar(total=loop.state.max_steps, initial=loop.state.global_step, desc=loop.settings.label,
+                                disable=not loop.accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{losses['loss']:.3f}", refresh=False)
+
+    def on_train_end(self, loop: TrainingLoop) -> None:
+        self.bar.close()
+
+
+class LossLog(TrainingHook):
+    """A log line every `every` steps and at the last one: each loss averaged over the steps since
+    the previous line (one step's loss is too noisy to read), the learning rate, the speed."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_train_begin(self, loop: TrainingLoop) -> None:
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        self.window_steps += 1
+        step, total = loop.state.global_step, loop.state.max_steps
+        if step % self.every and step != total:
+            return
+        if loop.accelerator.is_main_process:
+            means = " ".join(f"{name} {sum(loop.state.history(name)[-self.window_steps:]) / self.window_steps:.4f}" for name in losses)
+            rate = self.window_steps / max(time.perf_counter() - self.window_start, 1e-9)
+            log.info("%s step %d/%d %s lr %.2e %.2f steps/s", loop.settings.label, step, total, means, loop.learning_rate(), rate)
+        self.window_start, self.window_steps = time.perf_counter(), 0
+
+
+class SaveCheckpoints(TrainingHook):
+    """Every `every` steps, short of the last (the stage saves its final model itself)."""
+
+    def __init__(self, every: int):
+        self.every = every
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        step = loop.state.global_step
+        if step % self.every == 0 and step < loop.state.max_steps:
+            loop.save_checkpoint()
+
+
+class StopAfter(TrainingHook):
+    """End the run once `steps` steps are done, as a kill would (tests of resumption use it)."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        if loop.state.global_step >= self.steps:
+            loop.should_stop = True
+
+
+# ---------------------------------------------------------------------------------------- loop
+
+
+class TrainingStage(Protocol):
+    """What a stage gives the loop besides its model, optimizer and scheduler."""
+
+    def batches(self, start: int) -> Iterable[Any]:
+        """The inputs of steps start, start + 1, ... The loop draws the next one after the
+        on_step_begin hooks, so a lazy iterator sees their changes (the ANCE refresh swaps
+        the negative pools); an iterator that prefetches must not depend on hooks."""
+
+    def train_step(self, step: int, batch: Any) -> dict[str, float]:
+        """Forward, backward and `apply_gradients` for one optimizer step. Returns the step's
+        losses by name, "loss" first, averaged over processes."""
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    label: str  # names the stage in the progress bar and the log lines
+    max_steps: int
+    checkpoint_dir: Path
+    save_every: int
+    keep_checkpoints: int
+    log_every: int
+
+
+class TrainingLoop:
+    """Runs a stage's optimizer steps from the newest checkpoint (or step 0) to `max_steps`."""
+
+    def __init__(self, accelerator, model, optimizer, scheduler, settings: LoopSettings):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.settings = settings
+        self.state = TrainerState(settings.max_steps)
+        self.should_stop = False
+
+    def run(self, stage: TrainingStage, *, resume: bool = True, stop_after: int | None = None,
+            hooks: Sequence[TrainingHook] = ()) -> TrainerState:  # fmt: skip
+        """Hooks run in this order: progress bar, loss log, checkpoint saving, the stage's `hooks`, the early stop."""
+        if resume:
+            self.restore_latest_checkpoint()
+        everyone = [ProgressBar(), LossLog(self.settings.log_every), SaveCheckpoints(self.settings.save_every), *hooks]
+        if stop_after is not None:
+            everyone.append(StopAfter(stop_after))
+        self.model.train()
+        began = time.perf_counter()
+        for hook in everyone:
+            hook.on_train_begin(self)
+        batches = iter(stage.batches(self.state.global_step))
+        for step in range(self.state.global_step, self.settings.max_steps):
+            for hook in everyone:
+                hook.on_step_begin(self, step)
+            losses = stage.train_step(step, next(batches))
+            self.state.record(losses)
+            for hook in everyone:
+                hook.on_step_end(self, losses)
+            if self.should_stop:
+                break
+        for hook in everyone:
+            hook.on_train_end(self)
+        self.state.seconds = time.perf_counter() - began
+        return self.state
+
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save_checkpoint(self) -> Path:
+        """Collective: every process calls it (the hook does, on every process)."""
+        return save_checkpoint(self.accelerator, self.settings.checkpoint_dir, self.state.global_step, self.state.to_checkpoint(),
+                               self.settings.keep_checkpoints, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
+
+    def restore_latest_checkpoint(self) -> None:
+        saved = load_latest_checkpoint(self.accelerator, self.settings.checkpoint_dir,
+                                       model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
+        if saved is not None:
+            self.state.restore(saved)
