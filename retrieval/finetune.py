@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text, publishing
 from retroflow.checkpoints import rng_state, set_rng_state
 from retroflow.config import StageConfig
 from retroflow.devices import seed_everything
@@ -238,14 +238,11 @@ def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool
 
 
 def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int, prefixes: tuple[str, str] = ("", "")) -> None:
-    """HF weights + tokenizer + sentence-transformers files, written to a temp dir then renamed."""
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_sentence_transformer_files(tmp, pooling, normalize, max_seq_length, int(model.config.hidden_size), prompts=prefixes)
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    """HF weights + tokenizer + sentence-transformers files, published whole (retroflow.publish)."""
+    with publishing(dest, replace=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        write_sentence_transformer_files(staging, pooling, normalize, max_seq_length, int(model.config.hidden_size), prompts=prefixes)
 
 
 # ---------------------------------------------------------------------------------------- data plan

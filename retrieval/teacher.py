@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal, Mapping
@@ -50,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from retroflow.artifacts import atomic_write_text
+from retroflow.publish import atomic_write_text, publishing
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
@@ -192,13 +191,10 @@ class TeacherTrainer:
         return loop.run(self, resume=resume, stop_after=stop_after)
 
     def save(self, dest: Path) -> None:
-        """The trained model and its tokenizer, written to a temporary directory then renamed."""
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.unwrapped().save_pretrained(tmp)
-        self.tokenizer.save_pretrained(tmp)
-        shutil.rmtree(dest, ignore_errors=True)
-        tmp.rename(dest)
+        """The trained model and its tokenizer, published whole (retroflow.publish)."""
+        with publishing(dest, replace=True) as staging:
+            self.unwrapped().save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
 
 
 def run_train_teacher(
