@@ -1,0 +1,61 @@
+"""One word per stage, one contract, one key (docs/architecture.md)."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from flows.stages import STAGES, artifact_key, key_config
+from retroflow.artifacts import Artifact
+from retroflow.inputs import ExternalInput
+
+REPO = Path(__file__).resolve().parents[1]
+CHAIN_STAGES = ("data", "pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune", "evaluate")
+WITH_PRESETS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune")
+
+
+@pytest.mark.parametrize("name", CHAIN_STAGES)
+def test_each_stage_has_one_name_for_module_config_command_and_store(name):
+    from flows.cli import build_parser
+    from flows.chain import SECTIONS, PipelineConfig
+
+    stage = STAGES[name]
+    assert list(inspect.signature(stage.run.__func__).parameters) == ["self", "config", "inputs", "out_dir", "partial_dir"]
+    run = getattr(__import__(stage.module, fromlist=[stage.run_function]), stage.run_function)
+    assert list(inspect.signature(run).parameters)[:4] == ["config", "inputs", "out_dir", "partial_dir"]
+    assert stage.config_type().__name__ == stage.config_class
+    if name in WITH_PRESETS:
+        presets = list((REPO / "configs" / name).glob("*.yaml"))
+        assert presets, f"configs/{name}/ holds no preset"
+        for preset in presets:  # every preset loads through the stage's own class
+            from retroflow.config import load_config
+
+            load_config(stage.config_type(), preset)
+    if name != "data":
+        assert name in SECTIONS and name in PipelineConfig.model_fields  # the pipeline section
+        commands = build_parser()._subparsers._group_actions[0].choices
+        assert name in commands  # the command
+
+
+def test_the_key_leaves_out_what_inputs_locate_and_keeps_what_they_are(tmp_path):
+    from retrieval.negatives import NegativesConfig
+
+    data = ExternalInput("d", tmp_path, fingerprint="aaa")
+    here, there = NegativesConfig(dataset="scifact"), NegativesConfig(dataset="/elsewhere/scifact")
+    assert "dataset" not in key_config("negatives", here)
+    assert artifact_key("negatives", here, {"data": data}) == artifact_key("negatives", there, {"data": data})
+    other = ExternalInput("d", tmp_path, fingerprint="bbb")
+    assert artifact_key("negatives", here, {"data": data}) != artifact_key("negatives", here, {"data": other})
+    assert artifact_key("negatives", here, {"data": data}) != artifact_key("negatives", here.with_overrides(rank_end=99), {"data": data})
+    assert artifact_key("negatives", here, {"data": data, "model": None}) == artifact_key("negatives", here, {"data": data})
+
+
+def test_build_refuses_an_input_the_stage_does_not_take(tmp_path):
+    from flows.stages import build
+    from retroflow.artifacts import ArtifactStore
+    from retrieval.index import IndexConfig
+
+    with pytest.raises(ValueError, match="stage 'index' takes inputs embeddings; not data"):
+        build(ArtifactStore(tmp_path), "index", IndexConfig(), {"data": Artifact("data", "k", tmp_path)})
