@@ -9,7 +9,7 @@ import pytest
 from flows.ablation import OBJECTIVE_FIELDS, arm_pretrain_configs, load_ablation_config, parse_arm
 from retroflow.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "ablation"
 
 

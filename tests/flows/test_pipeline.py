@@ -11,7 +11,7 @@ import yaml
 from flows.chain import PipelineConfig, load_pipeline_config, regressions
 from retroflow.config import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_every_shipped_pipeline_config_validates():

@@ -15,7 +15,7 @@ from retrieval.finetune import FinetuneConfig, read_teacher_scores, run_finetune
 from retrieval.negatives import NegativesConfig, read_negatives, run_mine_negatives
 from retrieval.training_data import judged_positives
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"
 
 

@@ -15,7 +15,7 @@ from retrieval.finetune import BatchPlan, FinetuneConfig, distillation_gate, rea
 from retrieval.teacher import TeacherConfig, run_fusion_teacher
 from retrieval.training_data import TrainingExample, TrainingSet, dev_split
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
 
 

@@ -11,7 +11,7 @@ from flows.stages import STAGES, artifact_key, key_config
 from retroflow.artifacts import Artifact
 from retroflow.inputs import ExternalInput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHAIN_STAGES = ("data", "pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune", "evaluate")
 WITH_PRESETS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune")
 

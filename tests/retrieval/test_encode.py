@@ -28,7 +28,7 @@ from retrieval.encode import (
     worker_shards,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

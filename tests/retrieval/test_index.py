@@ -23,7 +23,7 @@ from retrieval.index import (
 from retrieval.search import exact_search
 from retrieval.encode import write_embeddings
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from retrieval.negatives import (
 )
 from retrieval.training_data import judged_positives
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_window_drops_top_ranks_positives_and_self() -> None:

@@ -12,7 +12,7 @@ from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.finetune import FinetuneConfig, FinetuneTrainer, training_queries
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -8,7 +8,7 @@ import torch
 
 from retromae.collator import RetroMAECollator, SpecialIds
 
-SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
+SCIFACT = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "scifact" / "corpus.jsonl"
 FAKE_SPECIAL = SpecialIds(cls=2, sep=3, pad=0, mask=4, vocab_size=500)
 
 

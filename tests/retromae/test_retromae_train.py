@@ -17,7 +17,7 @@ from retromae.pretrain import run_pretrain
 from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 
 pytestmark = pytest.mark.skipif(not SCIFACT.is_file(), reason="SciFact corpus not available")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
