@@ -65,3 +65,13 @@ def test_a_new_back_arrow_fails_the_check():
     assert back_arrows("flows", "import prefect\nfrom eval.report import metric_rows\n", "flows/x.py") == []
     # and the real tree is read: flows/tasks.py is seen importing Prefect
     assert "prefect" in imported_modules((REPO / "flows" / "tasks.py").read_text())
+
+
+def test_the_chain_and_the_cli_run_without_prefect():
+    """`retroflow pipeline` and the stage commands must work where Prefect is absent or broken."""
+    import subprocess
+    import sys
+
+    probe = "import sys, flows.cli, flows.chain, flows.stages; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
