@@ -34,7 +34,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, Sequence
 
@@ -45,7 +44,7 @@ from pydantic import Field
 
 from retroflow.data.beir import BeirDataset
 from retroflow.artifacts import artifact_label
-from retroflow.publish import atomic_write_text, publishing_file
+from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 from retroflow.config import StageConfig
 from retroflow.hashing import hash_json
 from retroflow.progress import progress_bar
@@ -247,7 +246,7 @@ def run_encode_shard(
         "docs_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
         "host_pid": f"{os.uname().nodename}:{os.getpid()}",
     }
-    tmp = out_dir / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = out_dir / staging_name(f".{final.name}")
     tmp.mkdir(parents=True)
     try:
         write_vectors(tmp / VECTORS_FILE, vectors)
@@ -441,8 +440,7 @@ def merge_shards(
                     shutil.rmtree(target)
                 os.replace(shards_dir / name, target)
             shard_list.append({"path": name, "num_docs": m["num_docs"]})
-    for stale in out_dir.glob(".shard-*.tmp-*"):  # left by killed workers; nobody writes now
-        shutil.rmtree(stale, ignore_errors=True)
+    sweep_stale(out_dir)  # shards of killed workers; a live one (an identical run beside this one) keeps its own
     seconds = [m["seconds"] for m in metas]
     meta = {
         "format": FORMAT,
