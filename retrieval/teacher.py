@@ -197,6 +197,21 @@ class TeacherTrainer:
             self.tokenizer.save_pretrained(staging)
 
 
+def write_teacher_card(model_dir: Path, config: TeacherConfig, dataset, dev_check: dict, steps: int, losses: list[float]) -> None:
+    """A model card for the trained cross-encoder: what it is, how it was trained, its dev check."""
+    from retroflow.model_card import ModelCard, write_model_card
+
+    training = {"steps": steps, "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+                **{k: v for k, v in dev_check.items() if k.startswith("dev_") and k != "dev_check_seconds"}}  # fmt: skip
+    summary = (f"A cross-encoder reranker trained from `{config.init}` by retroflow's `teacher` stage on {dataset.name} "
+               f"({config.split} queries, mined negatives). It scores (query, passage) pairs; the dev check below compares "
+               "its reranking of held-out queries with BM25's.")  # fmt: skip
+    card = ModelCard(name=f"retroflow teacher: cross-encoder on {dataset.name}", base_model=config.init, datasets=[dataset.name],
+                     max_seq_length=config.max_length, configs={"teacher": config.canonical()}, training=training,
+                     summary=summary, kind="cross-encoder")  # fmt: skip
+    write_model_card(model_dir, card)
+
+
 def run_train_teacher(
     config: TeacherConfig,
     dataset,
@@ -237,6 +252,7 @@ def run_train_teacher(
         "max_length": config.max_length,
     }
     write_teacher_scores(out_dir / SCORES_FILE, provenance, scored["scores"])
+    write_teacher_card(out_dir / TEACHER_DIR, config, dataset, dev_check, state.global_step, losses)
     return {
         **dev_check,
         "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,

@@ -41,13 +41,16 @@ class ModelCard:
     evaluation: list[Mapping[str, Any]] = field(default_factory=list)  # report rows
     lineage: list[Mapping[str, Any]] = field(default_factory=list)  # {stage, key, path}
     summary: str | None = None  # the opening paragraph; None = a fine-tuned retriever's
+    kind: str = "bi-encoder"  # or "cross-encoder": a reranker scoring (query, passage) pairs
 
 
 def _front_matter(card: ModelCard) -> str:
+    cross = card.kind == "cross-encoder"
     meta = {
         "library_name": "sentence-transformers",
-        "pipeline_tag": "sentence-similarity",
-        "tags": ["sentence-transformers", "feature-extraction", "dense-retrieval", "retroflow"],
+        "pipeline_tag": "text-ranking" if cross else "sentence-similarity",
+        "tags": ["sentence-transformers", "cross-encoder" if cross else "feature-extraction",
+                 "reranking" if cross else "dense-retrieval", "retroflow"],  # fmt: skip
         "base_model": card.base_model,
         "datasets": card.datasets,
     }
@@ -73,7 +76,9 @@ def model_card_markdown(card: ModelCard) -> str:
         "Query prefix": repr(card.query_prefix) if card.query_prefix else "none",
         "Passage prefix": repr(card.passage_prefix) if card.passage_prefix else "none",
     }
-    prompt = ', prompt_name="query"' if card.query_prefix else ""
+    if card.kind == "cross-encoder":
+        details = {"Base model": f"`{card.base_model}`", "Training data": ", ".join(card.datasets) or "-",
+                   "Maximum sequence length (query + passage)": card.max_seq_length}  # fmt: skip
     parts = [
         _front_matter(card),
         f"# {card.name}",
@@ -87,14 +92,7 @@ def model_card_markdown(card: ModelCard) -> str:
         "",
         "## Usage",
         "",
-        "```python",
-        "from sentence_transformers import SentenceTransformer",
-        "",
-        'model = SentenceTransformer("path/to/this/directory")',
-        f'queries = model.encode(["what causes fever?"]{prompt})',
-        "```",
-        "",
-        "or with retroflow: `retroflow evaluate --model path/to/this/directory --dataset scifact`.",
+        *_usage(card),
         "",
     ]
     if card.evaluation:
@@ -107,6 +105,19 @@ def model_card_markdown(card: ModelCard) -> str:
     if card.lineage:
         parts += ["## Lineage", "", _table(card.lineage), ""]
     return "\n".join(parts)
+
+
+def _usage(card: ModelCard) -> list[str]:
+    if card.kind == "cross-encoder":
+        return ["```python", "from sentence_transformers import CrossEncoder", "",
+                'model = CrossEncoder("path/to/this/directory")',
+                'scores = model.predict([("what causes fever?", "Fever is caused by ...")])  # higher = more relevant', "```", "",
+                "In retroflow it is the `teacher` stage's cross-encoder: its scores of each training query's candidates "
+                "(`teacher_scores.jsonl`) are what fine-tuning distils."]  # fmt: skip
+    prompt = ', prompt_name="query"' if card.query_prefix else ""
+    return ["```python", "from sentence_transformers import SentenceTransformer", "",
+            'model = SentenceTransformer("path/to/this/directory")', f'queries = model.encode(["what causes fever?"]{prompt})', "```", "",
+            "or with retroflow: `retroflow evaluate --model path/to/this/directory --dataset scifact`."]  # fmt: skip
 
 
 def write_model_card(model_dir: Path, card: ModelCard) -> Path:

@@ -278,3 +278,11 @@ def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_pa
     assert resumed["resumed_from"] == 4 and resumed["loss_history"] == full["loss_history"]
     assert (tmp_path / "a" / "teacher_scores.jsonl").read_text().splitlines()[1:] == \
         (tmp_path / "b" / "teacher_scores.jsonl").read_text().splitlines()[1:]
+    # the trained cross-encoder explains itself and loads as one
+    from sentence_transformers import CrossEncoder
+
+    card = (tmp_path / "a" / "teacher" / "README.md").read_text()
+    assert "pipeline_tag: text-ranking" in card and f"`{tiny_encoder}`" in card and "CrossEncoder(" in card
+    assert "- **steps:** 8" in card
+    scores = CrossEncoder(str(tmp_path / "a" / "teacher"), device="cpu").predict([("a query", "a passage"), ("a query", "other text")])
+    assert len(scores) == 2
