@@ -20,7 +20,20 @@ from retroflow.inputs import Input, artifact_containing, external_model
 
 
 def runs_in_store(args: argparse.Namespace) -> bool:
-    return getattr(args, "stage", None) in STAGES and getattr(args, "output", None) is None
+    """No --output. `index` and `tune` keep their plain-directory defaults unless their input is a
+    store artifact (and `tune` sweeps with the corpus vectors as queries, as the stage does)."""
+    if getattr(args, "stage", None) not in STAGES or getattr(args, "output", None) is not None:
+        return False
+    if args.stage == "index":
+        return in_artifact(args.embeddings, "encode")
+    if args.stage == "tune":
+        return in_artifact(args.index, "index", "tune") and not (args.queries or args.dataset)
+    return True
+
+
+def in_artifact(path: Path | None, *stages: str) -> bool:
+    artifact = artifact_containing(path) if path is not None and Path(path).exists() else None
+    return artifact is not None and artifact.stage in stages
 
 
 def run_in_store(args: argparse.Namespace) -> int:
@@ -69,6 +82,15 @@ def dataset_of_corpus(corpus: str | None) -> str:
     return str(Path(corpus).expanduser().parent)
 
 
+def tune_inputs(args: argparse.Namespace, config: StageConfig, store: ArtifactStore) -> dict[str, Input | None]:
+    index = artifact_containing(args.index)
+    recorded = index.manifest["inputs"].get("embeddings", {}).get("path")
+    embeddings = artifact_input(args.embeddings or (Path(recorded) if recorded else None), "--embeddings", "encode")
+    if embeddings is None:
+        raise ConfigError(f"{args.index}: the index records no embeddings artifact; pass --embeddings")
+    return {"index": index, "embeddings": embeddings}
+
+
 STAGE_INPUTS = {
     "pretrain": pretrain_inputs,
     "negatives": lambda args, config, store: {
@@ -87,4 +109,6 @@ STAGE_INPUTS = {
         "teacher": artifact_input(args.teacher_scores, "--teacher-scores", "teacher"),
     },
     "encode": lambda args, config, store: {"data": prepare_data(store, config.dataset), "model": model_input(config.model)},
+    "index": lambda args, config, store: {"embeddings": artifact_input(args.embeddings, "--embeddings", "encode")},
+    "tune": tune_inputs,
 }

@@ -125,7 +125,7 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--output", type=Path, help="index directory (default: beside the embeddings, named after the factory)")
     build.add_argument("--num-shards", type=int, help="sub-indexes searched together with IndexShards")
     build.add_argument("--metric", choices=["ip", "l2"])
-    build.set_defaults(func=run_index_build_command)
+    build.set_defaults(func=run_index_build_command, stage="index", config_from_args=index_config)
 
     tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
                                description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
@@ -140,17 +140,29 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--target-recall", type=float)
     tune.add_argument("--num-queries", type=int)
     tune.add_argument("--k", type=int)
-    tune.set_defaults(func=run_index_tune_command)
+    tune.set_defaults(func=run_index_tune_command, stage="tune", config_from_args=tune_config)
 
 
 def factory_slug(factory: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", factory).strip("-").lower()
 
 
-def run_index_build_command(args: argparse.Namespace) -> int:
-    from retrieval.index import IndexConfig, run_build_index
+def index_config(args: argparse.Namespace):
+    from retrieval.index import IndexConfig
 
-    config = load_config(IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")]))
+    return load_config(IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")]))
+
+
+def tune_config(args: argparse.Namespace):
+    from retrieval.tune import TuneConfig
+
+    return load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))
+
+
+def run_index_build_command(args: argparse.Namespace) -> int:
+    from retrieval.index import run_build_index
+
+    config = index_config(args)
     embeddings = args.embeddings.resolve()
     out_dir = args.output or embeddings.parent / f"{embeddings.name}.index-{factory_slug(config.factory)}"
     metrics = run_build_index(config, embeddings, out_dir)
@@ -194,10 +206,14 @@ def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str
 
 
 def run_index_tune_command(args: argparse.Namespace) -> int:
-    from retrieval.tune import TuneConfig, run_tune_index
+    from retroflow.inputs import artifact_containing
+    from retrieval.tune import run_tune_index
     from retrieval.index import read_index_meta
 
-    config = load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))
+    config = tune_config(args)
+    if args.output is None and artifact_containing(args.index) is not None:
+        raise ValueError(f"{args.index} is a store artifact: tuning it in place would change a finished artifact; "
+                         "pass --output DIR (or drop --dataset/--queries: the tune stage then writes a new artifact)")
     meta = read_index_meta(args.index)
     embeddings = args.embeddings or Path(resolve_artifact_label(meta["embeddings"]["path"], near=Path(args.index)))
     if args.queries:

@@ -59,3 +59,33 @@ def test_build_refuses_an_input_the_stage_does_not_take(tmp_path):
 
     with pytest.raises(ValueError, match="stage 'index' takes inputs embeddings; not data"):
         build(ArtifactStore(tmp_path), "index", IndexConfig(), {"data": Artifact("data", "k", tmp_path)})
+
+
+def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_keys(scifact_small, tiny_bert, tmp_path, monkeypatch, capsys):
+    """A user's encode -> index -> tune without --output: store artifacts keyed as the chain keys
+    them; tuning an index artifact in place (with other queries) is refused instead of altering it."""
+    import json
+
+    from flows.cli import main
+    from retrieval.index import IndexConfig
+    from retrieval.tune import TuneConfig
+
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+
+    def cli(*argv) -> dict:
+        assert main([str(a) for a in argv]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    encoded = Path(cli("encode", "--model", tiny_bert, "--dataset", scifact_small, "--shard-size", "200")["artifact"])
+    indexed = Path(cli("index", "--embeddings", encoded, "--factory", "HNSW16")["artifact"])
+    tuned = Path(cli("tune", "--index", indexed, "--num-queries", "20", "--set", "ef_search=[8,16]", "--set", "repeats=1")["artifact"])
+    assert [p.parent.name for p in (encoded, indexed, tuned)] == ["encode", "index", "tune"]
+    embeddings, index = Artifact.open(encoded), Artifact.open(indexed)
+    assert index.key == artifact_key("index", IndexConfig(factory="HNSW16"), {"embeddings": embeddings})
+    tune_config = TuneConfig(num_queries=20, ef_search=[8, 16], repeats=1)
+    assert Artifact.open(tuned).key == artifact_key("tune", tune_config, {"index": index, "embeddings": embeddings})
+
+    manifest = (indexed / "manifest.json").read_bytes()
+    assert main(["tune", "--index", str(indexed), "--dataset", str(scifact_small), "--split", "train"]) == 2
+    assert "tuning it in place would change a finished artifact" in capsys.readouterr().err
+    assert (indexed / "manifest.json").read_bytes() == manifest
