@@ -21,6 +21,7 @@ def setup_logging(verbose: bool = False) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
+        force=True,  # bind to the stderr of now: a handler kept from an earlier call may hold a closed stream
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "bm25s"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
