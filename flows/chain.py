@@ -1,15 +1,17 @@
-"""The pretrain-to-BEIR pipeline as plain Python: one step function per stage.
+"""The pretrain-to-BEIR pipeline as plain Python: the chain of stages, written once.
 
-Each step takes the artifact store, its stage config and its upstream artifacts, and returns
-an `Artifact` (a finished, content-addressed directory). The Prefect flow in `flows/` wraps
-each step in a cached task; `retroflow pipeline` runs the same steps without Prefect.
+Each step is `flows.stages.build` of a stage (config + upstream artifacts -> a finished,
+content-addressed `Artifact`), or one shard of the encoding. `retroflow pipeline` runs the steps
+directly; the Prefect flow passes an `execute` that wraps each in a cached task.
 
-Stage configs inside the pipeline YAML are kept as plain mappings here and validated by each
-stage's own config class when the step runs, so an error names `<file>: <stage>.<field>`.
+Stage configs inside the pipeline YAML are kept as plain mappings and validated through each
+stage's own config class when the pipeline loads (`section_config`), so an error names
+`<file>: <stage>.<field>` before anything runs.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -22,7 +24,7 @@ from pydantic import Field
 
 from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.publish import atomic_write_text
-from flows.stages import STAGES, artifact_key, build, partial_dir_of
+from flows.stages import STAGES, artifact_key, build
 from retroflow.data import data_config
 from retroflow.inputs import ExternalInput, Input, external_model, model_dir
 from retroflow.config import ConfigError, StageConfig, load_config, validate_config
@@ -125,7 +127,7 @@ SHARED_VALUES = {
 def with_shared_values(pipeline: PipelineConfig, section: str, data: dict[str, Any]) -> dict[str, Any]:
     """`data` (a section) with the pipeline-level values placed where the section keeps them;
     the same value set in both places differently is an error (which one would win?)."""
-    data = json.loads(json.dumps(data))  # a deep copy: the pipeline's own mapping stays as written
+    data = copy.deepcopy(data)  # the pipeline's own mapping stays as written
     for name, places in SHARED_VALUES.items():
         value, path = getattr(pipeline, name), places.get(section)
         if value is None or path is None:
@@ -198,7 +200,7 @@ def encode_shard(store: ArtifactStore, config: StageConfig, inputs: Mapping[str,
     key = artifact_key("encode", config, inputs)
     if store.lookup("encode", key) is not None:  # merged already (a re-run of the chain): nothing to encode
         return {"shard": shard, "cached": True, "worker_pid": os.getpid()}
-    shards_dir = partial_dir_of(store, "encode", config, inputs)
+    shards_dir = store.partial_dir("encode", key)
     shards_dir.mkdir(parents=True, exist_ok=True)
     result = run_shard(config, inputs, shard, shards_dir)
     if store.lookup("encode", key) is not None:  # another run merged meanwhile: this copy is surplus

@@ -32,7 +32,7 @@ def runs_in_store(args: argparse.Namespace) -> bool:
 
 
 def in_artifact(path: Path | None, *stages: str) -> bool:
-    artifact = artifact_containing(path) if path is not None and Path(path).exists() else None
+    artifact = artifact_containing(path) if path is not None else None
     return artifact is not None and artifact.stage in stages
 
 
@@ -55,7 +55,7 @@ def short(metrics: dict[str, Any]) -> dict[str, Any]:
 
 def model_input(name: str) -> Input:
     """A model directory the store made (its artifact), else an alias, directory or hub id."""
-    return artifact_containing(name) if Path(name).expanduser().exists() and artifact_containing(name) else external_model(name)
+    return artifact_containing(name) or external_model(name)
 
 
 def artifact_input(path: Path | None, flag: str, stage: str) -> Artifact | None:

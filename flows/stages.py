@@ -88,9 +88,10 @@ def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
     return {k: v for k, v in config.canonical().items() if k not in STAGES[stage].located_by_inputs}
 
 
-def artifact_key(stage: str, config: StageConfig, inputs: Mapping[str, Input | None]) -> str:
-    """THE artifact key: stage, config, inputs by fingerprint, and the stage's code."""
-    return stage_key(stage, key_config(stage, config), present(inputs), code_version(*STAGES[stage].code))
+def artifact_key(stage: str, config: StageConfig, inputs: Mapping[str, Input | None], code: str | None = None) -> str:
+    """THE artifact key: stage, config, inputs by fingerprint, and the stage's code (its version,
+    hashed from the source when not given)."""
+    return stage_key(stage, key_config(stage, config), present(inputs), code or code_version(*STAGES[stage].code))
 
 
 def present(inputs: Mapping[str, Input | None]) -> dict[str, Input]:
@@ -112,12 +113,8 @@ def build(store: ArtifactStore, stage: str, config: StageConfig, inputs: Mapping
             return launch_torchrun(stage, config, inputs, processes, out_dir, partial_dir)
         return spec.run(config, inputs, out_dir, partial_dir)
 
-    return store.build(stage, config, inputs, code_version(*spec.code), body, key=artifact_key(stage, config, inputs))
-
-
-def partial_dir_of(store: ArtifactStore, stage: str, config: StageConfig, inputs: Mapping[str, Input]) -> Path:
-    """Where the stage's resumable state lives until its artifact is published (e.g. encode's shards)."""
-    return store.partial_dir(stage, artifact_key(stage, config, inputs))
+    code = code_version(*spec.code)  # read the source once: the key and the manifest both record it
+    return store.build(stage, config, inputs, code, body, key=artifact_key(stage, config, inputs, code))
 
 
 # ---------------------------------------------------------------------------------------

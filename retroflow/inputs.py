@@ -51,8 +51,12 @@ def model_label(model: Input) -> str:
 
 
 def artifact_containing(path: str | Path) -> Artifact | None:
-    """The finished artifact a path lies in (the directory itself or a file inside it), if any."""
-    path = Path(path).expanduser().resolve()
+    """The finished artifact a path lies in (the directory itself or a file inside it), if any. A
+    path that does not exist lies in none (an alias such as `minilm` is not a file of the cwd)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return None
+    path = path.resolve()
     for candidate in (path, *path.parents):
         if (candidate / MANIFEST).is_file():
             return Artifact.open(candidate)
