@@ -39,7 +39,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -148,7 +148,8 @@ class DistillSection(_Section):
     contrastive_weight: float = Field(1.0, ge=0, description="weight of the in-batch contrastive term")
     false_negative_fraction: float | None = Field(0.9, gt=0, le=1, description="drop a candidate negative whose teacher "
                                                   "score reaches this fraction of the query's best positive (likely unjudged relevant); None = keep all")  # fmt: skip
-    gate: bool = Field(True, description="distil only if the teacher's dev check beats BM25 and the student's own dev score")
+    gate: bool = Field(True, description="distil only if the teacher's dev check beats BM25, its dense model and the "
+                       "student's own dev score (the untrained student reranking the teacher's dev pool)")  # fmt: skip
 
 
 class FinetuneConfig(StageConfig):
@@ -366,18 +367,56 @@ def teacher_pools(scores: dict[str, dict[str, float]], train: TrainingSet, false
     return pools
 
 
-def distillation_gate(provenance: dict[str, Any] | None) -> tuple[bool, str]:
-    """(distil?, why) from the teacher's dev check: it must beat BM25 and the student's own dev score."""
+def distillation_gate(provenance: dict[str, Any] | None, student_dev: float | None = None) -> tuple[bool, str]:
+    """(distil?, why) from the teacher's dev check: it must beat BM25, its own dense model and the
+    student's own dev score (`student_dev`, see `student_dev_check`)."""
     check = (provenance or {}).get("dev_check") or {}
     teacher = check.get("dev_teacher_ndcg@10", check.get("dev_teacher_rerank_ndcg@10"))
     if teacher is None:
         return True, "the teacher has no dev check (dev_fraction 0): distilling ungated"
-    rivals = {"BM25": check.get("dev_bm25_ndcg@10"), "its dense model (the init)": check.get("dev_dense_ndcg@10")}
+    rivals = {"BM25": check.get("dev_bm25_ndcg@10"), "its dense model": check.get("dev_dense_ndcg@10"),
+              "the student (reranking the teacher's dev pool)": student_dev}  # fmt: skip
     for name, value in rivals.items():
         if value is not None and teacher < value:
             return False, f"the teacher's dev nDCG@10 {teacher:.4f} is below {name}'s {value:.4f}: trained without distillation"
     known = ", ".join(f"{n} {v:.4f}" for n, v in rivals.items() if v is not None)
     return True, f"the teacher's dev nDCG@10 {teacher:.4f} beats {known}: distilling"
+
+
+def student_dev_check(config: FinetuneConfig, dataset, model_path: Path, pooling: str, normalize: bool,
+                      dev_pool: Mapping[str, Sequence[str]], teacher_file: Path) -> float | None:
+    """The untrained student's nDCG@10 on the held-out dev queries, reranking each query's
+    candidates in the teacher's dev pool (its top documents for that query).
+
+    Reranking the teacher's own candidates flatters the student (every document it could rank
+    into the top 10 has already passed the teacher), so a teacher that still beats this figure
+    beats the student; and it costs the pool's few thousand passages, not a corpus encoding."""
+    from retroflow.metrics import evaluate_run
+    from retrieval.encoder import Encoder, EncoderSettings
+
+    if not dev_pool or dataset is None:
+        return None
+    trained = {ex.qid for ex in training_queries(config, dataset, None).examples}
+    overlap = sorted(set(dev_pool) & trained)
+    if overlap:
+        raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
+                         "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
+    qrels_all = dataset.split_qrels(config.data.split)
+    qrels = {q: qrels_all[q] for q in dev_pool if q in qrels_all}
+    if not qrels:
+        return None
+    m = config.model
+    encoder = Encoder(model_path, EncoderSettings(pooling=pooling, normalize=normalize, query_max_length=m.query_max_length,
+                                                  passage_max_length=m.serve_max_length or m.passage_max_length,
+                                                  query_prefix=m.query_prefix, passage_prefix=m.passage_prefix,
+                                                  device=config.train.device, show_progress=False))  # fmt: skip
+    query_text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
+    docs = sorted({d for q in qrels for d in dev_pool[q]})
+    doc_text = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
+    doc_vectors = dict(zip(docs, encoder.encode_passages([doc_text[d] for d in docs])))
+    query_vectors = encoder.encode_queries([query_text[q] for q in qrels])
+    run = {q: {d: float(vector @ doc_vectors[d]) for d in dev_pool[q]} for q, vector in zip(qrels, query_vectors)}
+    return round(evaluate_run(qrels, run, ["ndcg@10"])[0]["ndcg@10"], 4)
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -704,9 +743,15 @@ def run_finetune(
     if teacher_scores_file is not None:
         provenance, scores = read_teacher_scores(teacher_scores_file)
         check_teacher_dataset(teacher_scores_file, provenance, dataset)
-        distil, reason = distillation_gate(provenance) if config.distill.gate else (True, "distillation gate off (distill.gate: false)")
+        student_dev = None
+        if config.distill.gate:
+            student_dev = student_dev_check(config, dataset, model_path, trainer.pooling, trainer.normalize,
+                                            provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
+            distil, reason = distillation_gate(provenance, student_dev)
+        else:
+            distil, reason = True, "distillation gate off (distill.gate: false)"
         (log.info if distil else log.warning)("distillation gate: %s", reason)
-        gate = {"distilled": distil, "reason": reason}
+        gate = {"distilled": distil, "reason": reason, "student_dev_ndcg@10": student_dev}
         trainer.set_teacher(scores, distill=distil)
     else:
         pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)

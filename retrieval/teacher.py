@@ -91,6 +91,8 @@ class TeacherConfig(StageConfig):
     candidates_per_query: int = Field(20, ge=1, description="mined negatives scored per query (best-ranked first)")
     dev_check_depth: int = Field(20, ge=0, description="rerank BM25's top N for the held-out dev queries and report the "
                                  "teacher's nDCG@10 beside BM25's (0 = off; needs dev_fraction > 0)")  # fmt: skip
+    dev_pool_depth: int = Field(20, ge=0, description="the teacher's top N per dev query, written to the scores file so "
+                                "fine-tuning can score its own student on them for the gate (0 = none)")  # fmt: skip
     score_batch_size: int = Field(64, ge=1)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -243,7 +245,8 @@ def run_train_teacher(
     provenance = {
         "kind": "cross_encoder",
         "teacher_init": config.init,
-        "dev_check": {k: v for k, v in dev_check.items() if k != "dev_check_seconds"},
+        "dev_check": {k: v for k, v in dev_check.items() if k not in ("dev_check_seconds", "dev_pool")},
+        "dev_pool": dev_check.pop("dev_pool", {}),
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint,
         "split": config.split,
@@ -321,7 +324,16 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
         log.warning("the teacher reranks the dev queries worse than BM25 (nDCG@10 %.4f < %.4f): distilling from it will "
                     "likely hurt; train it longer or from a stronger checkpoint", teacher, bm25)  # fmt: skip
     return {"dev_queries": len(dev), "dev_bm25_ndcg@10": round(bm25, 4), "dev_teacher_rerank_ndcg@10": round(teacher, 4),
-            "dev_check_seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+            "dev_check_seconds": round(time.perf_counter() - started, 2),
+            "dev_pool": dev_pool(reranked, config.dev_pool_depth)}  # fmt: skip
+
+
+def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str]]:
+    """Each dev query's top `depth` documents as the teacher ranks them: the candidates on which
+    fine-tuning scores its student before it decides to distil (`retrieval.finetune.distillation_gate`)."""
+    from retrieval.hybrid import top_hits
+
+    return {q: [d for d, _ in top_hits(hits, depth)] for q, hits in sorted(run.items())} if depth else {}
 
 
 def write_teacher_scores(path: Path, provenance: dict, scores: dict[str, dict[str, float]]) -> None:
@@ -384,6 +396,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     dense_dev, bm25_dev = searcher.side_runs(dev_queries)
     selection = searcher.select_weight(dev_queries, dev_qrels, dev_runs=(dense_dev, bm25_dev))
     weight = selection["weight"]
+    pool = dev_pool(fuse_minmax(dense_dev, bm25_dev, weight, fusion.depth), config.dev_pool_depth)
     dev_check = {
         "dev_queries": len(dev_queries),
         "dev_bm25_ndcg@10": round(evaluate_run(dev_qrels, bm25_dev, ["ndcg@10"])[0]["ndcg@10"], 4),
@@ -416,6 +429,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         "split": config.split,
         "fusion": {**selection, "depth": fusion.depth},
         "dev_check": dev_check,
+        "dev_pool": pool,
         "candidates_per_query": config.candidates_per_query,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
