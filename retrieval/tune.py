@@ -56,7 +56,7 @@ class TuneConfig(StageConfig):
     k: int = Field(10, ge=1)
     num_queries: int = Field(1000, ge=1, description="queries sampled for the sweep")
     ef_search: list[int] = Field(default_factory=lambda: [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
-    nprobe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512])
+    nprobe: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512])
     k_factor: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     batch_size: int = Field(1024, ge=1, description="queries per search call when timing")
     repeats: int = Field(3, ge=1, description="timings per setting; the best is kept (less noise on shared cores)")

@@ -11,7 +11,8 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import BatchPlan, FinetuneConfig, distillation_gate, read_teacher_scores, run_finetune, standardized, teacher_pools
+from retrieval.finetune import (BatchPlan, FinetuneConfig, distillation_gate, read_teacher_scores, run_finetune, standardized,
+                               student_dev_check, teacher_pools)
 from retrieval.teacher import TeacherConfig, run_fusion_teacher
 from retrieval.training_data import TrainingExample, TrainingSet, dev_split
 
@@ -72,6 +73,35 @@ def test_gate_distils_only_when_the_teacher_beats_bm25_and_its_dense_model():
     assert distillation_gate(below_dense)[0] is False
     assert distillation_gate(above)[0] is True
     assert distillation_gate(cross_encoder_below)[0] is False
+    # the student's own dev score is the third rival
+    beaten_by_student = distillation_gate(above, student_dev=0.81)
+    assert beaten_by_student[0] is False and "the student" in beaten_by_student[1]
+    assert distillation_gate(above, student_dev=0.79)[0] is True
+
+
+def test_teacher_writes_its_dev_pool_for_the_held_out_queries_only(fusion_teacher, dataset):
+    out, _ = fusion_teacher
+    provenance, scores = read_teacher_scores(out / "teacher_scores.jsonl")
+    _, dev = dev_split(list(dataset.split_qrels("train")), 0.2, 0)
+    pool = provenance["dev_pool"]
+    assert set(pool) == set(dev) and not set(pool) & set(scores)
+    assert all(0 < len(docs) <= 20 and len(set(docs)) == len(docs) for docs in pool.values())
+
+
+def test_student_dev_check_reranks_the_teacher_pool_and_refuses_a_pool_of_training_queries(fusion_teacher, dataset, tiny_bert, tmp_path):
+    out, _ = fusion_teacher
+    provenance, _ = read_teacher_scores(out / "teacher_scores.jsonl")
+    config = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "distill.loss=kl"])
+    pool = provenance["dev_pool"]
+    score = student_dev_check(config, dataset, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
+    qrels = dataset.split_qrels("train")
+    # a pool holding only each query's judged documents is ranked perfectly by anyone
+    perfect = {q: [d for d in qrels[q]] for q in pool}
+    assert student_dev_check(config, dataset, tiny_bert, "mean", True, perfect, out / "t.jsonl") == pytest.approx(1.0)
+    assert score is not None and 0.0 <= score < 1.0
+    other_split = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "data.dev_seed=7", "distill.loss=kl"])
+    with pytest.raises(ValueError, match=r"teacher_scores\.jsonl: the teacher's dev queries .* are training queries"):
+        student_dev_check(other_split, dataset, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
 
 
 def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, dataset, tiny_bert, tmp_path):
@@ -85,6 +115,7 @@ def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, d
     metrics = run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", teacher_scores_file=scores_file)
     assert metrics["distill"] == "none" and metrics["distill_gate"]["distilled"] is False
     assert "below BM25" in metrics["distill_gate"]["reason"] and metrics["distill_loss_history"] == []
+    assert metrics["distill_gate"]["student_dev_ndcg@10"] is not None  # the student was scored on the teacher's dev pool
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "library_name: sentence-transformers" in card and "distill_gate" in card
 
