@@ -383,7 +383,7 @@ def distillation_gate(provenance: dict[str, Any] | None, student_dev: float | No
     return True, f"the teacher's dev nDCG@10 {teacher:.4f} beats {known}: distilling"
 
 
-def student_dev_check(config: FinetuneConfig, dataset, model_path: Path, pooling: str, normalize: bool,
+def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model_path: Path, pooling: str, normalize: bool,
                       dev_pool: Mapping[str, Sequence[str]], teacher_file: Path) -> float | None:
     """The untrained student's nDCG@10 on the held-out dev queries, reranking each query's
     candidates in the teacher's dev pool (its top documents for that query).
@@ -396,8 +396,7 @@ def student_dev_check(config: FinetuneConfig, dataset, model_path: Path, pooling
 
     if not dev_pool or dataset is None:
         return None
-    trained = {ex.qid for ex in training_queries(config, dataset, None).examples}
-    overlap = sorted(set(dev_pool) & trained)
+    overlap = sorted(set(dev_pool) & {ex.qid for ex in train.examples})
     if overlap:
         raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
                          "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
@@ -410,10 +409,9 @@ def student_dev_check(config: FinetuneConfig, dataset, model_path: Path, pooling
                                                   passage_max_length=m.serve_max_length or m.passage_max_length,
                                                   query_prefix=m.query_prefix, passage_prefix=m.passage_prefix,
                                                   device=config.train.device, show_progress=False))  # fmt: skip
-    query_text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
+    query_text = dataset.split_queries(config.data.split)
     docs = sorted({d for q in qrels for d in dev_pool[q]})
-    doc_text = dict(zip(dataset.doc_ids(), dataset.doc_texts()))
-    doc_vectors = dict(zip(docs, encoder.encode_passages([doc_text[d] for d in docs])))
+    doc_vectors = dict(zip(docs, encoder.encode_passages([train.passages[d] for d in docs])))
     query_vectors = encoder.encode_queries([query_text[q] for q in qrels])
     run = {q: {d: float(vector @ doc_vectors[d]) for d in dev_pool[q]} for q, vector in zip(qrels, query_vectors)}
     return round(evaluate_run(qrels, run, ["ndcg@10"])[0]["ndcg@10"], 4)
@@ -745,7 +743,7 @@ def run_finetune(
         check_teacher_dataset(teacher_scores_file, provenance, dataset)
         student_dev = None
         if config.distill.gate:
-            student_dev = student_dev_check(config, dataset, model_path, trainer.pooling, trainer.normalize,
+            student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
                                             provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
             distil, reason = distillation_gate(provenance, student_dev)
         else:

@@ -242,11 +242,12 @@ def run_train_teacher(
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.save(out_dir / TEACHER_DIR)
     dev_check = rerank_dev_check(config, model, trainer.tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
+    pool = dev_check.pop("dev_pool", {})
     provenance = {
         "kind": "cross_encoder",
         "teacher_init": config.init,
-        "dev_check": {k: v for k, v in dev_check.items() if k not in ("dev_check_seconds", "dev_pool")},
-        "dev_pool": dev_check.pop("dev_pool", {}),
+        "dev_check": {k: v for k, v in dev_check.items() if k != "dev_check_seconds"},
+        "dev_pool": pool,
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint,
         "split": config.split,

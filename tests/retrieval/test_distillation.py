@@ -12,7 +12,7 @@ import torch
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
 from retrieval.finetune import (BatchPlan, FinetuneConfig, distillation_gate, read_teacher_scores, run_finetune, standardized,
-                               student_dev_check, teacher_pools)
+                               student_dev_check, teacher_pools, training_queries)
 from retrieval.teacher import TeacherConfig, run_fusion_teacher
 from retrieval.training_data import TrainingExample, TrainingSet, dev_split
 
@@ -93,15 +93,17 @@ def test_student_dev_check_reranks_the_teacher_pool_and_refuses_a_pool_of_traini
     provenance, _ = read_teacher_scores(out / "teacher_scores.jsonl")
     config = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "distill.loss=kl"])
     pool = provenance["dev_pool"]
-    score = student_dev_check(config, dataset, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
+    train = training_queries(config, dataset, None)
+    score = student_dev_check(config, dataset, train, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
     qrels = dataset.split_qrels("train")
     # a pool holding only each query's judged documents is ranked perfectly by anyone
     perfect = {q: [d for d in qrels[q]] for q in pool}
-    assert student_dev_check(config, dataset, tiny_bert, "mean", True, perfect, out / "t.jsonl") == pytest.approx(1.0)
+    assert student_dev_check(config, dataset, train, tiny_bert, "mean", True, perfect, out / "t.jsonl") == pytest.approx(1.0)
     assert score is not None and 0.0 <= score < 1.0
     other_split = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "data.dev_seed=7", "distill.loss=kl"])
     with pytest.raises(ValueError, match=r"teacher_scores\.jsonl: the teacher's dev queries .* are training queries"):
-        student_dev_check(other_split, dataset, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
+        student_dev_check(other_split, dataset, training_queries(other_split, dataset, None), tiny_bert, "mean", True, pool,
+                          out / "teacher_scores.jsonl")
 
 
 def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, dataset, tiny_bert, tmp_path):
