@@ -84,8 +84,33 @@ STAGES: dict[str, Stage] = {
 
 def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
     """The config as the key sees it: without the fields that inputs fill in (paths differ by
-    machine and store; the inputs enter the key by content instead)."""
-    return {k: v for k, v in config.canonical().items() if k not in STAGES[stage].located_by_inputs}
+    machine and store; the inputs enter the key by content instead), and with every `precision`
+    as it resolves here ('auto' is bf16 on one CPU and fp32 on another: different numbers)."""
+    kept = {k: v for k, v in config.canonical().items() if k not in STAGES[stage].located_by_inputs}
+    return with_resolved_precision(kept)
+
+
+def with_resolved_precision(node: Any) -> Any:
+    """`node` with each section's `precision` replaced by what it resolves to on this machine
+    (using the section's `device`, when it has one)."""
+    if not isinstance(node, dict):
+        return node
+    out = {k: with_resolved_precision(v) for k, v in node.items()}
+    if isinstance(out.get("precision"), str):
+        from retroflow.devices import resolve_precision
+
+        out["precision"] = resolve_precision(str(out.get("device") or "auto"), out["precision"])
+    return out
+
+
+def resolved_precisions(node: Any, prefix: str = "") -> dict[str, str]:
+    """{dotted field: resolved precision} of every `precision` in a key config (for the manifest)."""
+    if not isinstance(node, dict):
+        return {}
+    found = {f"{prefix}precision": node["precision"]} if isinstance(node.get("precision"), str) else {}
+    for k, v in node.items():
+        found.update(resolved_precisions(v, f"{prefix}{k}."))
+    return found
 
 
 def artifact_key(stage: str, config: StageConfig, inputs: Mapping[str, Input | None], code: str | None = None) -> str:
@@ -108,10 +133,15 @@ def build(store: ArtifactStore, stage: str, config: StageConfig, inputs: Mapping
     if unknown:
         raise ValueError(f"stage {stage!r} takes inputs {', '.join(spec.inputs)}; not {', '.join(sorted(unknown))}")
 
+    precisions = resolved_precisions(key_config(stage, config))
+
     def body(out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         if processes > 1:
-            return launch_torchrun(stage, config, inputs, processes, out_dir, partial_dir)
-        return spec.run(config, inputs, out_dir, partial_dir)
+            metrics = launch_torchrun(stage, config, inputs, processes, out_dir, partial_dir)
+        else:
+            metrics = spec.run(config, inputs, out_dir, partial_dir)
+        # the manifest says what 'auto' meant on the machine that built it (the key holds it too)
+        return {**(metrics or {}), **({"precision": precisions} if precisions else {})}
 
     code = code_version(*spec.code)  # read the source once: the key and the manifest both record it
     return store.build(stage, config, inputs, code, body, key=artifact_key(stage, config, inputs, code))

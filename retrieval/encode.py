@@ -46,6 +46,7 @@ from retroflow.data.beir import BeirDataset
 from retroflow.artifacts import artifact_label
 from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 from retroflow.config import StageConfig
+from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
 from retroflow.progress import progress_bar
 from retrieval.encoder import Encoder, EncoderSettings
@@ -59,7 +60,8 @@ IDS_FILE = "ids.parquet"
 SHARD_META = "shard.json"
 
 # Encoder settings that change only speed or where it runs, not the vectors: shards encoded
-# with different values of these (e.g. one worker per GPU) may be mixed in one corpus.
+# with different values of these (e.g. one worker per GPU) may be mixed in one corpus. Precision
+# changes the vectors: it enters the shard key as it resolves (bf16 shards never join fp32 ones).
 _RUNTIME_ONLY = {"batch_size", "max_tokens_per_batch", "device", "precision", "show_progress"}
 
 
@@ -147,6 +149,7 @@ def compatibility_key(config: EncodeConfig, dataset: BeirDataset) -> str:
         {
             "model": artifact_label(config.model),  # a store model by stage/key: the same on every store root
             "encoder": encoder,
+            "precision": resolve_precision(config.encoder.device, config.encoder.precision),
             "dtype": config.dtype,
             "shard_size": config.shard_size,
             "dataset": dataset.fingerprint,

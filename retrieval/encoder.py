@@ -48,7 +48,7 @@ class EncoderSettings(StageConfig):
     batch_size: int = 64  # most texts per batch
     max_tokens_per_batch: int = 16384  # padded tokens per batch
     device: str = "auto"
-    precision: str = "auto"  # auto = bf16/fp16 on GPU, fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, bf16 on a CPU with native bf16, else fp32
     query_prefix: str | None = None  # None = the model's saved "query" prompt (config_sentence_transformers.json), else none
     passage_prefix: str | None = None  # None = its "document" prompt
     show_progress: bool = True

@@ -1,13 +1,17 @@
-"""Device and precision choice in one place: CUDA + bf16 when present, CPU fp32 otherwise."""
+"""Device and precision choice in one place: CUDA + bf16 (or fp16) when present; on a CPU, bf16
+autocast where the processor computes bf16 natively (AVX-512 BF16 or AMX), fp32 elsewhere."""
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from contextlib import nullcontext
 
 import numpy as np
 import torch
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def pick_device(requested: str = "auto") -> torch.device:
@@ -26,15 +30,45 @@ def has_native_bf16(device: torch.device) -> bool:
     return major >= 8
 
 
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN computes bf16 natively on this CPU (AVX-512 BF16 or AMX). Asked of torch, not
+    read from the model name: without native support bf16 is emulated and slower than fp32."""
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:  # a torch built without oneDNN
+        return False
+
+
 def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
-    """'auto' = bf16 on Ampere and newer, fp16 (trained with a grad scaler) on older GPUs, fp32 on CPU."""
-    if precision == "fp32" or device.type != "cuda":
-        return torch.float32  # half precision on CPU is slower and less accurate here
-    if precision == "fp16":
+    """The autocast dtype for `precision` on `device` (weights stay fp32: training keeps fp32 masters).
+
+    'auto': bf16 on Ampere and newer GPUs, fp16 (trained with a grad scaler) on older ones, bf16 on a
+    CPU with native bf16, fp32 on any other CPU. An explicit 'bf16' on a CPU without native bf16 and
+    'fp16' on a CPU are refused: they would run emulated, slower and less accurate than fp32.
+    """
+    if precision == "fp32":
+        return torch.float32
+    if device.type == "cuda":
+        if precision == "fp16":
+            return torch.float16
+        if precision == "bf16" or has_native_bf16(device):
+            return torch.bfloat16
         return torch.float16
-    if precision == "bf16" or has_native_bf16(device):
-        return torch.bfloat16
-    return torch.float16
+    if precision == "fp16":
+        raise ValueError(f"precision 'fp16' is not supported on {device.type}: use 'bf16' where the CPU has it, 'auto' or 'fp32'")
+    native = device.type == "cpu" and cpu_has_native_bf16()
+    if precision == "bf16" and not native:
+        raise ValueError(f"precision 'bf16' requested, but this {device.type} has no native bf16 "
+                         "(AVX-512 BF16 or AMX): use 'auto' (fp32 here) or 'fp32'")  # fmt: skip
+    return torch.bfloat16 if native else torch.float32
+
+
+def resolve_precision(device: str = "auto", precision: str = "auto") -> str:
+    """What `precision` on `device` resolves to on this machine, by name ('fp32', 'bf16', 'fp16'):
+    the value an artifact's key records, since it changes the numbers a model produces."""
+    return PRECISION_NAMES[pick_dtype(pick_device(device), precision)]
 
 
 def autocast(device: torch.device, dtype: torch.dtype):

@@ -89,3 +89,21 @@ def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_k
     assert main(["tune", "--index", str(indexed), "--dataset", str(scifact_small), "--split", "train"]) == 2
     assert "tuning it in place would change a finished artifact" in capsys.readouterr().err
     assert (indexed / "manifest.json").read_bytes() == manifest
+
+
+def test_the_resolved_precision_is_in_the_key_not_the_word_auto(tmp_path, monkeypatch):
+    from retroflow import devices
+    from retrieval.encode import EncodeConfig
+
+    data = ExternalInput("d", tmp_path, fingerprint="aaa")
+    model = ExternalInput("m", tmp_path, fingerprint="mmm")
+    auto, fp32 = EncodeConfig(), EncodeConfig().with_overrides(encoder={"precision": "fp32"})
+
+    def key(config, native: bool) -> str:
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+        return artifact_key("encode", config, {"data": data, "model": model})
+
+    assert key(auto, True) != key(auto, False)  # bf16 here, fp32 there: different vectors
+    assert key(auto, False) == key(fp32, True) == key(fp32, False)  # the same fp32 encoding
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert key_config("encode", auto)["encoder"]["precision"] == "bf16"

@@ -25,8 +25,40 @@ def test_explicit_precision_and_cpu(monkeypatch):
     assert pick_dtype(torch.device("cuda"), "bf16") == torch.bfloat16
     assert pick_dtype(torch.device("cuda"), "fp16") == torch.float16
     assert pick_dtype(torch.device("cuda"), "fp32") == torch.float32
-    for precision in ("auto", "bf16", "fp16"):
-        assert pick_dtype(torch.device("cpu"), precision) == torch.float32
+
+
+def _cpu_bf16(monkeypatch, native: bool):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+
+
+def test_auto_on_a_cpu_is_bf16_exactly_where_the_cpu_computes_it_natively(monkeypatch):
+    cpu = torch.device("cpu")
+    _cpu_bf16(monkeypatch, True)
+    assert pick_dtype(cpu, "auto") == torch.bfloat16 and devices.resolve_precision("cpu") == "bf16"
+    _cpu_bf16(monkeypatch, False)
+    assert pick_dtype(cpu, "auto") == torch.float32 and devices.resolve_precision("cpu") == "fp32"
+
+
+def test_explicit_precisions_on_a_cpu_are_honoured_or_refused(monkeypatch):
+    cpu = torch.device("cpu")
+    _cpu_bf16(monkeypatch, True)
+    assert pick_dtype(cpu, "bf16") == torch.bfloat16
+    assert pick_dtype(cpu, "fp32") == torch.float32
+    with pytest.raises(ValueError, match="'fp16' is not supported on cpu"):
+        pick_dtype(cpu, "fp16")
+    _cpu_bf16(monkeypatch, False)
+    with pytest.raises(ValueError, match="no native bf16"):
+        pick_dtype(cpu, "bf16")
+    assert pick_dtype(cpu, "fp32") == torch.float32
+
+
+def test_the_probe_asks_torch(monkeypatch):
+    devices.cpu_has_native_bf16.cache_clear()
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    try:
+        assert devices.cpu_has_native_bf16() is False
+    finally:
+        devices.cpu_has_native_bf16.cache_clear()
 
 
 class _Counting:
