@@ -105,8 +105,19 @@ class SweepSection(StageConfig):
         return [f"{self.arm}@{name}={value}" for name in SWEEPABLE for value in getattr(self, name)]
 
 
+class PrimaryComparison(StageConfig):
+    """A pre-registered comparison: `arm` against `against` on `dataset`'s `metric` (fine-tuned)."""
+
+    arm: str
+    against: str
+    dataset: str = "scifact"
+    metric: str = "ndcg@10"
+
+
 class AblationConfig(StageConfig):
     name: str = "miniature"
+    init: str | None = Field(None, description="null: every arm from scratch (the paper's setting); a model (e.g. minilm): "
+                             "continued pretraining of it, the `none` arm being the init itself")  # fmt: skip
     store: str = Field("artifacts", description="artifact store (RETROFLOW_STORE overrides)")
     data_dir: str | None = Field(None, description="where dataset names are found (else RETROFLOW_DATA_DIR)")
     arms: list[str] = Field(default_factory=lambda: ["mlm", "retromae-basic", "retromae-enhanced"])
@@ -125,6 +136,11 @@ class AblationConfig(StageConfig):
     negatives: dict[str, Any] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    teacher: dict[str, Any] = Field(default_factory=dict, description="a fusion teacher from the init (continued mode): "
+                                    "the finetune section then distils from it, every arm alike")  # fmt: skip
+    encode: dict[str, Any] = Field(default_factory=dict, description="the init model's encoding the fusion teacher reads")
+    primary: list[PrimaryComparison] = Field(default_factory=list, description="pre-registered comparisons: Holm-corrected together")
+    alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate of the primary comparisons")
 
     @field_validator("arms")
     @classmethod
@@ -149,11 +165,22 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     where = path or "<defaults>"
     if config.baseline not in config.all_arms():
         raise ConfigError(f"{where}: baseline {config.baseline!r} is not one of the arms {config.all_arms()}")
+    for i, comparison in enumerate(config.primary):
+        for name in (comparison.arm, comparison.against):
+            if name not in config.all_arms():
+                raise ConfigError(f"{where}: primary[{i}]: {name!r} is not one of the arms {config.all_arms()}")
+        if comparison.dataset not in config.eval_datasets:
+            raise ConfigError(f"{where}: primary[{i}].dataset {comparison.dataset!r} is not one of eval_datasets {config.eval_datasets}")
+    if config.teacher and config.init is None:
+        raise ConfigError(f"{where}: teacher: a fusion teacher needs init (continued mode)")
     try:
         arm_pretrain_configs(config, config.seeds[0])
         negatives_config(config)
         finetune_config(config, config.seeds[0])
         evaluate_config(config)
+        if config.teacher:
+            teacher_config(config)
+            encode_config(config)
     except ConfigError as err:
         raise ConfigError(f"{where}: {err}") from None
     return config
@@ -165,14 +192,15 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
 
 
 def shared_pretrain_config(config: AblationConfig, seed: int):
-    """The pretraining config every arm of `seed` starts from: from scratch, the study's seed."""
+    """The pretraining config every arm of `seed` starts from: from scratch (or the study's init),
+    the study's seed."""
     from retromae.config import PretrainConfig
 
     section = dict(config.pretrain)
     clash = OBJECTIVE_FIELDS & set(section)
     if clash:
         raise ConfigError(f"ablation '{config.name}', section 'pretrain': {sorted(clash)} are set per arm (arms, sweep), not here")
-    model = {**section.get("model", {}), "init": None}
+    model = {**section.get("model", {}), "init": config.init}
     train = {**section.get("train", {}), "seed": seed}
     return validate_config(PretrainConfig, {**section, "model": model, "train": train},
                            source=f"ablation '{config.name}', section 'pretrain'")  # fmt: skip
@@ -196,13 +224,28 @@ def negatives_config(config: AblationConfig):
 
 
 def finetune_config(config: AblationConfig, seed: int):
+    """Every arm's fine-tuning, identical and ungated: the pretrain gate would let arms start from
+    the same init and erase the difference the study measures."""
     from retrieval.finetune import FinetuneConfig
 
     section = dict(config.finetune)
     train = {**section.get("train", {}), "seed": seed}
     data = {"split": config.train_split, **section.get("data", {})}
-    merged = {**section, "train": train, "data": data}
+    merged = {**section, "train": train, "data": data, "pretrain_gate": {"enabled": False}}
     return validate_config(FinetuneConfig, merged, source=f"ablation '{config.name}', section 'finetune'")
+
+
+def teacher_config(config: AblationConfig):
+    from retrieval.teacher import TeacherConfig
+
+    section = {"kind": "fusion", **config.teacher, "split": config.train_split}
+    return validate_config(TeacherConfig, section, source=f"ablation '{config.name}', section 'teacher'")
+
+
+def encode_config(config: AblationConfig):
+    from retrieval.encode import EncodeConfig
+
+    return validate_config(EncodeConfig, dict(config.encode), source=f"ablation '{config.name}', section 'encode'")
 
 
 def evaluate_config(config: AblationConfig):
@@ -289,6 +332,7 @@ def store_of(config: AblationConfig) -> ArtifactStore:
 
 def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map) -> AblationResult:
     """Pretrain every arm for every seed, fine-tune and evaluate each identically."""
+    from retroflow.inputs import external_model
     from retromae.pretrain import scratch_config, tokenizer_config
 
     apply_data_dir(config)
@@ -302,18 +346,24 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
     negatives = execute("negatives", build, store, "negatives", negatives_config(config), {"data": train_data})
     produced["negatives"] = negatives
     evaluate_cfg = evaluate_config(config)
-    # the tokenizer depends on the text and the vocabulary size only: one for every seed and arm
-    tokenizer = execute("tokenizer", build, store, "tokenizer", tokenizer_config(shared_pretrain_config(config, config.seeds[0])), {"data": corpus})
-    produced["tokenizer"] = tokenizer
+    init = external_model(config.init) if config.init is not None else None
+    tokenizer = teacher = None
+    if init is None:  # from scratch: one tokenizer (it depends on the text and vocabulary size only) for every seed and arm
+        tokenizer = execute("tokenizer", build, store, "tokenizer", tokenizer_config(shared_pretrain_config(config, config.seeds[0])), {"data": corpus})
+        produced["tokenizer"] = tokenizer
+    if config.teacher:  # one teacher from the init for every arm and seed: the arms differ only in pretraining
+        embeddings = execute("encode", build, store, "encode", encode_config(config), {"data": train_data, "model": init})
+        teacher = execute("teacher", build, store, "teacher", teacher_config(config), {"data": train_data, "init": init, "embeddings": embeddings})
+        produced.update({"encode:init": embeddings, "teacher": teacher})
     runs = []
     for seed in config.seeds:
         for arm, pretrain in arm_pretrain_configs(config, seed).items():
             if parse_arm(arm)[0] == NO_PRETRAINING:
-                encoder = execute("scratch", build, store, "scratch", scratch_config(pretrain), {"tokenizer": tokenizer})
+                encoder = init if init is not None else execute("scratch", build, store, "scratch", scratch_config(pretrain), {"tokenizer": tokenizer})
             else:
                 encoder = execute("pretrain", build, store, "pretrain", pretrain, {"data": corpus, "tokenizer": tokenizer})
             produced[f"pretrain:{arm}:{seed}"] = encoder
-            inputs = {"data": train_data, "model": encoder, "negatives": negatives}
+            inputs = {"data": train_data, "model": encoder, "negatives": negatives, "teacher": teacher}
             finetuned = execute("finetune", build, store, "finetune", finetune_config(config, seed), inputs)
             produced[f"finetune:{arm}:{seed}"] = finetuned
             run = ArmRun(arm, seed, encoder, finetuned)

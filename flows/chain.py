@@ -343,7 +343,8 @@ def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, exec
             inputs["negatives"] = negatives
         teacher = execute("teacher", build, store, "teacher", config, inputs)
         produced["teacher"] = teacher
-    inputs = {"data": data, "model": model, "negatives": negatives, "teacher": teacher}
+    # after a pretrain stage, the model it started from is the pretrain gate's rival
+    inputs = {"data": data, "model": model, "negatives": negatives, "teacher": teacher, "init": init_model if model is not init_model else None}
     finetuned = execute("finetune", build, store, "finetune", section_config(pipeline, "finetune"), inputs, pipeline.train_processes)
     produced["finetune"] = finetuned
     return finetuned

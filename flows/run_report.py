@@ -40,6 +40,19 @@ def write_run_report(pipeline, result) -> dict[str, Any]:
     return {**summary, "markdown": markdown}
 
 
+def heldout_table(pretrain) -> str | None:
+    """The pretrain stage's held-out reconstruction losses as a markdown table (None without a held-out slice)."""
+    metrics = getattr(pretrain, "metrics", None) or {}
+    steps = metrics.get("heldout_step_history") or []
+    if not steps:
+        return None
+    encoder = metrics.get("heldout_encoder_loss_history") or []
+    decoder = metrics.get("heldout_decoder_loss_history") or [None] * len(steps)
+    rows = ["| step | encoder MLM loss | decoder loss |", "|---:|---:|---:|"]
+    rows += [f"| {int(s)} | {e:.4f} | {'–' if d is None else f'{d:.4f}'} |" for s, e, d in zip(steps, encoder, decoder)]
+    return "\n".join(rows)
+
+
 def report_sections(result, run_dir: Path) -> dict[str, str]:
     """The report's sections beyond the table: training loss, the distillation gate, recall vs QPS."""
     sections = {}
@@ -47,7 +60,15 @@ def report_sections(result, run_dir: Path) -> dict[str, str]:
     plot = plot_loss_curves(curves, run_dir / "loss.png")
     if plot:
         sections["Training loss"] = embedded_png("training loss", plot)
-    gate = result.artifacts["finetune"].metrics.get("distill_gate") if "finetune" in result.artifacts else None
+    finetune = result.artifacts["finetune"].metrics if "finetune" in result.artifacts else {}
+    start = finetune.get("pretrain_gate")
+    if start:
+        sections["Pretrain gate"] = ("Fine-tuned from the pretrained model: " if start["start"] == "pretrained"
+                                     else "**Pretraining discarded**, fine-tuned from the init: ") + start["reason"]  # fmt: skip
+    heldout = heldout_table(result.artifacts.get("pretrain"))
+    if heldout:
+        sections["Pretraining held-out loss"] = heldout
+    gate = finetune.get("distill_gate")
     if gate:
         sections["Distillation gate"] = ("Distilled from the teacher: " if gate["distilled"] else "**Not distilled**: ") + gate["reason"]
     for name, art in result.artifacts.items():

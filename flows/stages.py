@@ -64,7 +64,7 @@ STAGES: dict[str, Stage] = {
               ("data", "init", "negatives", "embeddings"), ("dataset", "init"),
               summary="the distillation teacher's scores (BM25+dense fusion or a cross-encoder)"),
         Stage("finetune", "retrieval.finetune", "FinetuneConfig", ("retrieval", "retroflow.checkpoints", "retroflow.training"),
-              ("data", "model", "negatives", "teacher"), ("dataset", "init"), summary="DPR fine-tuning of the bi-encoder"),
+              ("data", "model", "negatives", "teacher", "init"), ("dataset", "init"), summary="DPR fine-tuning of the bi-encoder"),
         Stage("encode", "retrieval.encode", "EncodeConfig", ("retrieval",), ("data", "model"), ("model", "dataset"),
               summary="the corpus's vectors, encoded shard by shard"),
         Stage("index", "retrieval.index", "IndexConfig", ("retrieval",), ("embeddings",), summary="a FAISS index over the vectors"),

@@ -84,6 +84,8 @@ class ModelSection(_Section):
     # Training on shorter passages than the model serves is a cheap, common trade on CPUs.
     serve_max_length: int | None = Field(None, ge=8)
     gradient_checkpointing: bool = False
+    allow_pooling_change: bool = Field(False, description="fine-tune with a pooling other than the one the start model "
+                                       "declares (what it was trained with): refused unless set, then reported")  # fmt: skip
     # e5/bge-style instructions; saved as the model's sentence-transformers prompts so serving uses them too
     query_prefix: str = ""
     passage_prefix: str = ""
@@ -152,6 +154,14 @@ class DistillSection(_Section):
                        "student's own dev score (the untrained student reranking the teacher's dev pool)")  # fmt: skip
 
 
+class PretrainGateSection(_Section):
+    enabled: bool = Field(True, description="with an `init` input (the model pretraining started from), start from the "
+                          "pretrained model only if it is not worse than the init on the dev hold-out")  # fmt: skip
+    tolerance: float = Field(0.0, ge=0, le=1, description="keep the pretrained start unless its dev nDCG@10 is more than this below the init's")
+    pool_depth: int = Field(30, ge=1, description="BM25 candidates reranked per dev query when the teacher has no dev pool")
+    bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples over dev queries for the reported interval")
+
+
 class FinetuneConfig(StageConfig):
     dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
     init: str = "minilm"  # used by the CLI; the stage function receives model_path
@@ -161,6 +171,7 @@ class FinetuneConfig(StageConfig):
     train: TrainSection = Field(default_factory=TrainSection)
     ance: AnceSection = Field(default_factory=AnceSection)
     distill: DistillSection = Field(default_factory=DistillSection)
+    pretrain_gate: PretrainGateSection = Field(default_factory=PretrainGateSection)
 
     @model_validator(mode="after")
     def _check(self) -> "FinetuneConfig":
@@ -228,6 +239,20 @@ def load_backbone(path: Path, gradient_checkpointing: bool):
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def pooling_change(config: FinetuneConfig, model_path: Path) -> dict[str, str] | None:
+    """{"declared", "used"} when fine-tuning would pool differently from what the start model
+    declares (the vector its training shaped); refused unless `model.allow_pooling_change`."""
+    declared = read_sentence_transformer_settings(model_path).pooling
+    used = config.model.pooling
+    if used == "auto" or declared is None or declared == used:
+        return None
+    if not config.model.allow_pooling_change:
+        raise ValueError(f"finetune.model.pooling: {model_path} declares {declared} pooling (what it was trained with), the config asks "
+                         f"{used}; set model.pooling to auto or {declared}, or model.allow_pooling_change: true to change it knowingly")  # fmt: skip
+    log.warning("fine-tuning %s with %s pooling although it declares %s (model.allow_pooling_change)", model_path, used, declared)
+    return {"declared": declared, "used": used}
 
 
 def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool, float]:
@@ -383,6 +408,30 @@ def distillation_gate(provenance: dict[str, Any] | None, student_dev: float | No
     return True, f"the teacher's dev nDCG@10 {teacher:.4f} beats {known}: distilling"
 
 
+def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, str], model_path: Path, pooling: str, normalize: bool,
+                      dev_pool: Mapping[str, Sequence[str]]) -> dict[str, float]:  # fmt: skip
+    """{dev qid: nDCG@10} of `model_path` reranking each judged dev query's candidates in `dev_pool`."""
+    from retroflow.metrics import evaluate_run
+    from retrieval.encoder import Encoder, EncoderSettings
+
+    qrels_all = dataset.split_qrels(config.data.split)
+    qrels = {q: qrels_all[q] for q in dev_pool if q in qrels_all}
+    if not qrels:
+        return {}
+    m = config.model
+    encoder = Encoder(model_path, EncoderSettings(pooling=pooling, normalize=normalize, query_max_length=m.query_max_length,
+                                                  passage_max_length=m.serve_max_length or m.passage_max_length,
+                                                  query_prefix=m.query_prefix, passage_prefix=m.passage_prefix,
+                                                  device=config.train.device, precision=config.train.precision, show_progress=False))  # fmt: skip
+    query_text = dataset.split_queries(config.data.split)
+    docs = sorted({d for q in qrels for d in dev_pool[q]})
+    doc_vectors = dict(zip(docs, encoder.encode_passages([passages[d] for d in docs])))
+    query_vectors = encoder.encode_queries([query_text[q] for q in qrels])
+    run = {q: {d: float(vector @ doc_vectors[d]) for d in dev_pool[q]} for q, vector in zip(qrels, query_vectors)}
+    _, per_query = evaluate_run(qrels, run, ["ndcg@10"])
+    return {q: float(values["ndcg@10"]) for q, values in per_query.items()}
+
+
 def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model_path: Path, pooling: str, normalize: bool,
                       dev_pool: Mapping[str, Sequence[str]], teacher_file: Path) -> float | None:
     """The untrained student's nDCG@10 on the held-out dev queries, reranking each query's
@@ -391,30 +440,72 @@ def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model
     Reranking the teacher's own candidates flatters the student (every document it could rank
     into the top 10 has already passed the teacher), so a teacher that still beats this figure
     beats the student; and it costs the pool's few thousand passages, not a corpus encoding."""
-    from retroflow.metrics import evaluate_run
-    from retrieval.encoder import Encoder, EncoderSettings
-
     if not dev_pool or dataset is None:
         return None
     overlap = sorted(set(dev_pool) & {ex.qid for ex in train.examples})
     if overlap:
         raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
                          "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
-    qrels_all = dataset.split_qrels(config.data.split)
-    qrels = {q: qrels_all[q] for q in dev_pool if q in qrels_all}
-    if not qrels:
+    scores = rerank_dev_scores(config, dataset, train.passages, model_path, pooling, normalize, dev_pool)
+    return round(float(np.mean(list(scores.values()))), 4) if scores else None
+
+
+def dev_pool_for_gate(config: FinetuneConfig, dataset, train: TrainingSet, teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[dict, str]:
+    """(dev qid -> candidate doc ids, where they came from): the teacher's dev pool when it has
+    one, else BM25's top `pretrain_gate.pool_depth` for the dev hold-out's queries."""
+    if teacher_pool:
+        return dict(teacher_pool), "the teacher's dev pool"
+    from retrieval.bm25 import BM25Retriever
+
+    everyone = beir_training_set(dataset, config.data.split, config.data.min_grade)
+    _, dev = dev_split([ex.qid for ex in everyone.examples], config.data.dev_fraction, config.data.dev_seed)
+    if not dev:
+        return {}, "no dev hold-out"
+    texts = dataset.split_queries(config.data.split)
+    ids = list(train.passages)
+    run = BM25Retriever(ids, [train.passages[d] for d in ids]).search({q: texts[q] for q in dev}, config.pretrain_gate.pool_depth)
+    return {q: list(docs) for q, docs in run.items()}, f"BM25's top {config.pretrain_gate.pool_depth}"
+
+
+def paired_bootstrap_interval(deltas: Sequence[float], resamples: int, seed: int = 0) -> list[float] | None:
+    """95% interval of the mean of paired per-query differences (resampling queries)."""
+    if resamples == 0 or len(deltas) < 2:
         return None
-    m = config.model
-    encoder = Encoder(model_path, EncoderSettings(pooling=pooling, normalize=normalize, query_max_length=m.query_max_length,
-                                                  passage_max_length=m.serve_max_length or m.passage_max_length,
-                                                  query_prefix=m.query_prefix, passage_prefix=m.passage_prefix,
-                                                  device=config.train.device, show_progress=False))  # fmt: skip
-    query_text = dataset.split_queries(config.data.split)
-    docs = sorted({d for q in qrels for d in dev_pool[q]})
-    doc_vectors = dict(zip(docs, encoder.encode_passages([train.passages[d] for d in docs])))
-    query_vectors = encoder.encode_queries([query_text[q] for q in qrels])
-    run = {q: {d: float(vector @ doc_vectors[d]) for d in dev_pool[q]} for q, vector in zip(qrels, query_vectors)}
-    return round(evaluate_run(qrels, run, ["ndcg@10"])[0]["ndcg@10"], 4)
+    values = np.asarray(deltas, dtype=np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(values), size=(resamples, len(values)))
+    means = values[draws].mean(axis=1)
+    return [round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)]
+
+
+def pretrain_gate(config: FinetuneConfig, dataset, train: TrainingSet, pretrained: Path, init: Path,
+                  teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+    """(where fine-tuning starts, the verdict): the pretrained model, unless it reranks the dev
+    hold-out's candidates worse than the init it was pretrained from (by more than the tolerance)."""
+    gate = config.pretrain_gate
+    pool, source = dev_pool_for_gate(config, dataset, train, teacher_pool)
+    if not pool:
+        verdict = {"start": "pretrained", "reason": "no dev hold-out (data.dev_fraction 0): the pretrained start is unchecked"}
+        log.warning("pretrain gate: %s", verdict["reason"])
+        return pretrained, verdict
+    scores = {}
+    for name, path in (("pretrained", pretrained), ("init", init)):
+        pooling, normalize, _ = resolve_pooling(config, path)
+        scores[name] = rerank_dev_scores(config, dataset, train.passages, path, pooling, normalize, pool)
+    queries = sorted(scores["pretrained"])
+    deltas = [scores["pretrained"][q] - scores["init"][q] for q in queries]
+    pre, ini = (round(float(np.mean([scores[n][q] for q in queries])), 4) for n in ("pretrained", "init"))
+    delta = round(float(np.mean(deltas)), 4)
+    keep = delta >= -gate.tolerance
+    verdict = {
+        "start": "pretrained" if keep else "init",
+        "pretrained_dev_ndcg@10": pre, "init_dev_ndcg@10": ini, "delta": delta,
+        "delta_ci95": paired_bootstrap_interval(deltas, gate.bootstrap), "dev_queries": len(queries),
+        "tolerance": gate.tolerance, "pool": source,
+        "reason": (f"pretrained start {pre:.4f} vs init {ini:.4f} on {len(queries)} dev queries ({source}): "
+                   + ("kept the pretrained model" if keep else f"more than {gate.tolerance} worse: fine-tuning starts from the init instead")),
+    }  # fmt: skip
+    (log.info if keep else log.warning)("pretrain gate: %s", verdict["reason"])
+    return (pretrained if keep else init), verdict
 
 
 # ---------------------------------------------------------------------------------------- training
@@ -729,18 +820,27 @@ def run_finetune(
     resume: bool = True,
     stop_after: int | None = None,
     training_set: TrainingSet | None = None,
+    init_path: Path | None = None,
 ) -> dict:
-    """Fine-tune `model_path` into `out_dir/model`; see the module docstring for files and resumption."""
+    """Fine-tune `model_path` into `out_dir/model`; see the module docstring for files and resumption.
+
+    With `init_path` (the model `model_path` was pretrained from) the pretrain gate may start
+    from `init_path` instead (`pretrain_gate`)."""
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
     model_path = resolve_model_path(model_path)
     if (config.distill.loss == "none") != (teacher_scores_file is None):
         raise ValueError("distill.loss and teacher_scores_file go together: set both (distillation) or neither")
     train = training_queries(config, dataset, training_set)
-    trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
-    provenance, gate = None, None
+    provenance, gate, start_gate = None, None, None
     if teacher_scores_file is not None:
         provenance, scores = read_teacher_scores(teacher_scores_file)
         check_teacher_dataset(teacher_scores_file, provenance, dataset)
+    if init_path is not None and config.pretrain_gate.enabled and dataset is not None:
+        teacher_pool = (provenance or {}).get("dev_pool") if teacher_scores_file is not None else None
+        model_path, start_gate = pretrain_gate(config, dataset, train, model_path, resolve_model_path(init_path), teacher_pool)
+    changed_pooling = pooling_change(config, model_path)
+    trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
+    if teacher_scores_file is not None:
         student_dev = None
         if config.distill.gate:
             student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
@@ -776,6 +876,8 @@ def run_finetune(
         "negatives_provenance": provenance,
         "distill": config.distill.loss if trainer.teacher is not None else "none",
         "distill_gate": gate,
+        "pretrain_gate": start_gate,
+        "pooling_change": changed_pooling,
         "num_train_rows": len(trainer.plan),
         "init": str(model_path),
     }
@@ -794,8 +896,9 @@ def run_finetune(
 
 
 def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
-    """The `finetune` stage: inputs `data`, `model` (where training starts), optional `negatives`
-    and `teacher` (its scores: distillation)."""
+    """The `finetune` stage: inputs `data`, `model` (where training starts), optional `negatives`,
+    `teacher` (its scores: distillation) and `init` (the model `model` was pretrained from: the
+    pretrain gate's rival)."""
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir
     from retrieval.negatives import NEGATIVES_FILE
@@ -805,4 +908,5 @@ def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partia
         config, open_dataset(inputs["data"]), model_dir(inputs["model"]), out_dir, partial_dir,
         negatives_file=inputs["negatives"].file(NEGATIVES_FILE) if "negatives" in inputs else None,
         teacher_scores_file=inputs["teacher"].file(SCORES_FILE) if "teacher" in inputs else None,
+        init_path=model_dir(inputs["init"]) if "init" in inputs else None,
     )  # fmt: skip

@@ -22,7 +22,7 @@ from retroflow.publish import atomic_write_text
 CARD_FILE = "README.md"
 # the fine-tuning metrics a card's "Training Details" lists
 # No wall-clock figures: the card is one of the model's files, and the same weights must give the same artifact.
-CARD_TRAINING_KEYS = ("steps", "num_train_queries", "num_train_rows", "final_loss", "temperature", "distill", "distill_gate")
+CARD_TRAINING_KEYS = ("steps", "num_train_queries", "num_train_rows", "final_loss", "temperature", "distill", "distill_gate", "pretrain_gate", "pooling_change")
 
 
 @dataclass

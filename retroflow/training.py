@@ -42,16 +42,25 @@ def make_accelerator(settings):
     """An Accelerator for `settings.device` and `settings.precision` (any config section that has both)."""
     from accelerate import Accelerator
 
+    from accelerate.state import AcceleratorState
+
     device = pick_device(settings.device)
     dtype = pick_dtype(device, settings.precision)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision", precision) != precision:
+        # accelerate keeps one precision per process; stages of one chain may differ (an fp32
+        # stage after a bf16 one). The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision)
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and LayerNorm weights (the usual BERT recipe)."""
+def param_groups(model: torch.nn.Module | Iterable[tuple[str, torch.nn.Parameter]], weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (the usual BERT recipe). Takes a module or
+    (name, parameter) pairs (a part of a module)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, torch.nn.Module) else model
+    for name, param in named:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -159,11 +159,17 @@ class RetroMAEModel(nn.Module):
         decoding: str = "enhanced",
         decoder_layers: int = 1,
         ce_chunk_size: int | None = None,
+        bottleneck: str = "cls",
+        normalize: bool = False,
     ):
         super().__init__()
         if objective not in ("retromae", "mlm") or decoding not in ("enhanced", "basic"):
             raise ValueError(f"unknown objective/decoding {objective!r}/{decoding!r}")
+        if bottleneck not in ("cls", "mean"):
+            raise ValueError(f"unknown bottleneck {bottleneck!r} (cls or mean)")
         self.mlm = mlm
+        self.bottleneck = bottleneck  # the sentence embedding the decoder reads, and the pooling saved with the encoder
+        self.normalize = normalize  # only declared in the saved files: the decoder reads the raw vector
         self.objective = objective
         self.decoding = decoding
         self.ce_chunk_size = ce_chunk_size  # None: one vocabulary projection over all target rows
@@ -199,7 +205,7 @@ class RetroMAEModel(nn.Module):
         decoder_normaliser: float | torch.Tensor | None = None,
     ) -> RetroMAEOutput:
         hidden = self.encode(input_ids, attention_mask)
-        sentence = hidden[:, 0]
+        sentence = self.sentence_embedding(hidden, attention_mask)
         encoder_loss = self.masked_lm_loss(hidden, labels, encoder_normaliser)
         decoder_loss = None
         if self.objective == "retromae":
@@ -210,6 +216,13 @@ class RetroMAEModel(nn.Module):
             decoder_loss = self.masked_lm_loss(decoded, decoder_labels, decoder_normaliser)
         loss = encoder_loss if decoder_loss is None else encoder_loss + decoder_loss
         return RetroMAEOutput(loss, encoder_loss, decoder_loss, sentence)
+
+    def sentence_embedding(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The bottleneck: [CLS], or the mean over real tokens (the vector a mean-pooling model serves)."""
+        if self.bottleneck == "cls":
+            return hidden[:, 0]
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     def masked_lm_loss(self, hidden: torch.Tensor, labels: torch.Tensor, normaliser=None) -> torch.Tensor:
         """Cross-entropy over labelled positions only: gather first, then the vocabulary projection."""
@@ -263,7 +276,7 @@ class RetroMAEModel(nn.Module):
         self.encoder.save_pretrained(encoder_dir)
         if tokenizer is not None:
             tokenizer.save_pretrained(encoder_dir)
-        declare_cls_pooling(encoder_dir, self.mlm.config)
+        declare_pooling(encoder_dir, self.mlm.config, self.bottleneck, self.normalize)
         decoder_dir = out_dir / DECODER_DIR
         decoder_dir.mkdir(parents=True, exist_ok=True)
         save_file(self.decoder_state(), str(decoder_dir / DECODER_WEIGHTS))
@@ -271,6 +284,7 @@ class RetroMAEModel(nn.Module):
             "objective": self.objective,
             "decoding": self.decoding,
             "decoder_layers": len(self.decoder),
+            "bottleneck": self.bottleneck,
             "mlm_class": type(self.mlm).__name__,
         }
         (decoder_dir / DECODER_CONFIG).write_text(json.dumps(meta, indent=2))
@@ -297,11 +311,11 @@ class RetroMAEModel(nn.Module):
             raise ValueError(f"MLM head state mismatch: missing {really_missing}, unexpected {unexpected}")
 
 
-def declare_cls_pooling(encoder_dir: Path, config) -> None:
-    """sentence-transformers files saying "pool with [CLS]": RetroMAE trains the [CLS] vector, so
-    `retroflow evaluate` and SentenceTransformer(encoder_dir) must not mean-pool it."""
+def declare_pooling(encoder_dir: Path, config, pooling: str = "cls", normalize: bool = False) -> None:
+    """sentence-transformers files declaring the pooling pretraining trained (the bottleneck), so
+    `retroflow evaluate`, fine-tuning and SentenceTransformer(encoder_dir) use that vector."""
     max_len = min(512, getattr(config, "max_position_embeddings", 512))
-    write_sentence_transformer_files(encoder_dir, pooling="cls", normalize=False, max_seq_length=max_len, dim=config.hidden_size)
+    write_sentence_transformer_files(encoder_dir, pooling=pooling, normalize=normalize, max_seq_length=max_len, dim=config.hidden_size)
 
 
 # --------------------------------------------------------------------------- construction
@@ -346,12 +360,13 @@ def scratch_mlm(preset: str, vocab_size: int, pad_token_id: int, max_length: int
 
 
 def load_retromae(
-    path: Path, objective: str, decoding: str, decoder_layers: int, dropout: float | None = None, ce_chunk_size: int | None = None
+    path: Path, objective: str, decoding: str, decoder_layers: int, dropout: float | None = None, ce_chunk_size: int | None = None,
+    bottleneck: str = "cls", normalize: bool = False,
 ) -> RetroMAEModel:
     """A previous pretrain output (encoder/ + decoder/) or any HF checkpoint directory."""
     path = Path(path)
     encoder_dir = path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
-    model = RetroMAEModel(load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers, ce_chunk_size)
+    model = RetroMAEModel(load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers, ce_chunk_size, bottleneck, normalize)
     weights = path / DECODER_DIR / DECODER_WEIGHTS
     if weights.is_file():
         state = load_file(str(weights))

@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+import torch
+
 from retroflow.artifacts import Artifact
 from retroflow.publish import atomic_write_text
 from retroflow.devices import seed_everything
@@ -15,7 +17,7 @@ from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig
 from retromae.data import load_pretraining_chunks, read_texts, train_wordpiece
 from retromae.model import ENCODER_DIR, RetroMAEModel, describe, load_retromae, resolve_checkpoint, scratch_mlm
-from retromae.trainer import PretrainTrainer
+from retromae.trainer import HeldOutLoss, PretrainTrainer
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -75,14 +77,44 @@ def scratch_config(config: PretrainConfig) -> PretrainConfig:
     return PretrainConfig().with_overrides(model=canonical["model"], data=canonical["data"], train={"seed": config.train.seed})
 
 
+def resolve_bottleneck(config: PretrainConfig) -> tuple[str, bool]:
+    """(pooling the decoder reads, normalize to declare): `init` reads the init model's own
+    sentence-transformers pooling; a saved encoder declares what it was trained with."""
+    from retroflow.models import read_sentence_transformer_settings
+
+    if config.bottleneck != "init":
+        return config.bottleneck, False
+    path = resolve_checkpoint(str(config.model.init))
+    encoder_dir = path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
+    st = read_sentence_transformer_settings(Path(encoder_dir))
+    if st.pooling not in ("cls", "mean"):
+        found = "no sentence-transformers pooling config" if st.pooling is None else f"pooling {st.pooling!r}"
+        raise ValueError(f"bottleneck: init needs an init model that declares cls or mean pooling; {config.model.init} ({encoder_dir}) has {found}")
+    return st.pooling, bool(st.normalize)
+
+
 def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
     m = config.model
+    bottleneck, normalize = resolve_bottleneck(config)
     if m.init is not None:
         return load_retromae(resolve_checkpoint(m.init), config.objective, config.decoding, config.decoder_layers, m.dropout,
-                             ce_chunk_size=config.ce_chunk_size)  # fmt: skip
+                             ce_chunk_size=config.ce_chunk_size, bottleneck=bottleneck, normalize=normalize)  # fmt: skip
     mlm = scratch_mlm(m.preset, len(tokenizer), tokenizer.pad_token_id, config.data.max_seq_length, m.dropout)
     log.info("from scratch: preset %s, vocab %d", m.preset, len(tokenizer))
-    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers, ce_chunk_size=config.ce_chunk_size)
+    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers, ce_chunk_size=config.ce_chunk_size,
+                         bottleneck=bottleneck, normalize=normalize)  # fmt: skip
+
+
+def split_heldout(dataset, config: PretrainConfig):
+    """(training chunks, held-out chunks): `data.heldout_fraction` of the chunks (at most
+    `data.heldout_max_chunks`), drawn with a fixed seed so every arm and seed holds out the same text."""
+    want = min(int(round(config.data.heldout_fraction * len(dataset))), config.data.heldout_max_chunks)
+    if want == 0:
+        return dataset, None
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    held = sorted(order[:want])
+    kept = sorted(order[want:])
+    return dataset.select(kept), dataset.select(held)
 
 
 def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
@@ -135,14 +167,21 @@ def run_pretrain(
     tokenizer = load_tokenizer(config, texts, partial_dir, accelerator)
     with accelerator.main_process_first():  # rank 0 tokenises, the others read its cache
         dataset = load_pretraining_chunks(sources, tokenizer, config.data, texts=texts)
+    dataset, heldout = split_heldout(dataset, config)
+    train_cfg = config.train.model_copy(update={"max_steps": config.steps_for(len(dataset))})
     seed_everything(config.train.seed)  # identical initial weights on every process
     model = build_model(config, tokenizer)
     if config.train.gradient_checkpointing:
         model.mlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("%s; %d chunks from %d documents; %d process(es) on %s",
-             describe(model), len(dataset), len(texts), accelerator.num_processes, accelerator.device)
-    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), config.train, partial_dir / "checkpoints")
-    state = trainer.train(resume=resume, stop_after=stop_after)
+    log.info("%s; bottleneck %s; %d training chunks (%d held out) from %d documents; %d steps (%.2f epochs); %d process(es) on %s",
+             describe(model), model.bottleneck, len(dataset), len(heldout or []), len(texts), train_cfg.max_steps,
+             train_cfg.max_steps * train_cfg.batch_size / len(dataset), accelerator.num_processes, accelerator.device)  # fmt: skip
+    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), train_cfg, partial_dir / "checkpoints")
+    hooks = []
+    if heldout is not None:
+        every = train_cfg.eval_every or train_cfg.log_every * 10
+        hooks.append(HeldOutLoss(trainer, heldout, every, max(1, train_cfg.batch_size // train_cfg.grad_accum_steps)))
+    state = trainer.train(resume=resume, stop_after=stop_after, hooks=hooks)
     losses = state.history("loss")
     metrics = {
         "final_loss": state.final_loss(),
@@ -155,7 +194,11 @@ def run_pretrain(
         "processes": accelerator.num_processes,
         "objective": config.objective,
         "decoding": config.decoding if config.objective == "retromae" else None,
+        "bottleneck": model.bottleneck,
+        "epochs": round(state.global_step * train_cfg.batch_size / len(dataset), 4),
+        "heldout_chunks": len(heldout or []),
         "loss_history": losses,
+        **heldout_curves(state),
     }
     if stop_after is not None and state.global_step < config.train.max_steps:
         return metrics
@@ -163,10 +206,19 @@ def run_pretrain(
         out_dir.mkdir(parents=True, exist_ok=True)
         accelerator.unwrap_model(trainer.model).save(out_dir, tokenizer)
         history = {f"{name}_history": state.history(name) for name in ("loss", "encoder_loss", "decoder_loss")}
+        history.update(heldout_curves(state))
         atomic_write_text(out_dir / "loss_history.json", json.dumps(history))
         write_pretraining_card(out_dir / ENCODER_DIR, config, sources, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+HELDOUT_CURVES = ("heldout_step", "heldout_encoder_loss", "heldout_decoder_loss")
+
+
+def heldout_curves(state) -> dict[str, list[float]]:
+    """The held-out reconstruction losses and the steps they were measured at (empty without a held-out slice)."""
+    return {f"{name}_history": state.history(name) for name in HELDOUT_CURVES if state.history(name)}
 
 
 def write_pretraining_card(encoder_dir: Path, config: PretrainConfig, sources: list[Path], metrics: dict) -> None:
@@ -186,8 +238,10 @@ def write_pretraining_card(encoder_dir: Path, config: PretrainConfig, sources: l
     card = card_from_model_dir(
         encoder_dir, name=f"{Path(str(base)).name}, {method} pretraining", base_model=str(base),
         datasets=[source_label(p) for p in sources], configs={"pretrain": {**canonical, "model": model, "data": data}},
-        training={k: metrics[k] for k in ("steps", "final_loss", "chunks", "documents", "objective", "decoding") if metrics.get(k) is not None},
-        summary=f"A BERT encoder pretrained by retroflow with {method}; its sentence embedding is the [CLS] state. "
+        training={k: metrics[k] for k in ("steps", "epochs", "final_loss", "chunks", "documents", "objective", "decoding", "bottleneck")
+                  if metrics.get(k) is not None},
+        summary=f"A BERT encoder pretrained by retroflow with {method}; its sentence embedding is the "
+                f"{'[CLS] state' if metrics.get('bottleneck', 'cls') == 'cls' else 'mean of its token states'} (the bottleneck it was trained through). "
                 "It is meant to be fine-tuned into a retriever (`retroflow finetune`), though it can be scored zero-shot.",
     )  # fmt: skip
     write_model_card(encoder_dir, card)

@@ -25,8 +25,8 @@ from retroflow.training import (
     TrainingHook,
     TrainingLoop,
     apply_gradients,
-    make_optimizer,
     mean_over_processes,
+    param_groups,
 )
 from retromae.collator import IGNORE
 
@@ -97,6 +97,63 @@ def loader_workers(device: torch.device, processes_per_host: int) -> int:
     return max(1, min(MAX_LOADER_WORKERS, cores // max(processes_per_host, 1) - 1))
 
 
+def head_parameter_names(model) -> set[str]:
+    """What a sentence-encoder init lacks: the decoder layers and the MLM head, less its output
+    matrix (tied to the word embeddings, which the encoder owns)."""
+    tied = model.mlm.get_output_embeddings().weight
+    names = {f"decoder.{n}" for n, _ in model.decoder.named_parameters()}
+    head = {id(p) for p in model.head.parameters() if p is not tied}
+    names |= {n for n, p in model.named_parameters() if id(p) in head}
+    return names
+
+
+def linear_factor(step: int, start: int, total: int, warmup_ratio: float) -> float:
+    """transformers' linear warm-up-then-decay over steps start..total (0 before start)."""
+    if step < start:
+        return 0.0
+    span, step = total - start, step - start
+    warmup = int(warmup_ratio * span)
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (span - step) / max(1, span - warmup))
+
+
+def make_pretrain_optimizer(model, cfg, total_steps: int):
+    """AdamW over two parameter sets, each with its own rate and schedule: the encoder (frozen by a
+    zero rate for the first `head_warmup_steps`, then warmed up and decayed over the rest) and the
+    heads (`head_lr`, scheduled over the whole run). Without head options it is the single linear
+    schedule of `retroflow.training.make_optimizer`, step for step."""
+    heads = head_parameter_names(model)
+    named = list(model.named_parameters())
+    groups, factors = [], []
+    for is_head, lr, start in ((False, cfg.lr, cfg.head_warmup_steps), (True, cfg.head_lr or cfg.lr, 0)):
+        for group in param_groups([(n, p) for n, p in named if (n in heads) == is_head], cfg.weight_decay):
+            if group["params"]:
+                groups.append({**group, "lr": lr})
+                factors.append(lambda step, start=start: linear_factor(step, start, total_steps, cfg.warmup_ratio))
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+
+
+class HeldOutLoss(TrainingHook):
+    """The reconstruction loss of chunks kept out of training, every `every` steps and at the end:
+    fixed masks (mask keys past any training slot), eval mode (no dropout, no RNG drawn), so a
+    resumed run logs the same values. Kept in the state's histories (checkpointed with it)."""
+
+    KEY_OFFSET = 1 << 40
+
+    def __init__(self, trainer: "PretrainTrainer", heldout, every: int, batch_size: int):
+        self.trainer, self.heldout, self.every, self.batch_size = trainer, heldout, every, batch_size
+
+    def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
+        step = loop.state.global_step
+        if step % self.every and step != loop.state.max_steps:
+            return
+        values = self.trainer.heldout_losses(self.heldout, self.batch_size, self.KEY_OFFSET)
+        for name, value in (("heldout_step", float(step)), *values.items()):
+            loop.state.histories.setdefault(name, []).append(value)
+
+
 class PretrainTrainer:
     """RetroMAE's part of retroflow.training's loop: the batch plan and the step's loss."""
 
@@ -107,8 +164,7 @@ class PretrainTrainer:
         self.collator = collator
         self.checkpoint_dir = Path(checkpoint_dir)
         self.plan = BatchPlan(len(dataset), train_cfg.batch_size, train_cfg.seed)
-        optimizer, self.scheduler = make_optimizer(model, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay,
-                                                   warmup_ratio=train_cfg.warmup_ratio, total_steps=train_cfg.max_steps)  # fmt: skip
+        optimizer, self.scheduler = make_pretrain_optimizer(model, train_cfg, train_cfg.max_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
 
     # ---------------------------------------------------------------------------- batches
@@ -158,6 +214,30 @@ class PretrainTrainer:
         apply_gradients(self.acc, self.model, self.optimizer, self.scheduler, self.cfg.max_grad_norm)
         loss, encoder_loss, decoder_loss = (float(x) for x in mean_over_processes(self.acc, totals))
         return {"loss": loss, "encoder_loss": encoder_loss, "decoder_loss": decoder_loss}
+
+    @torch.no_grad()
+    def heldout_losses(self, heldout, batch_size: int, key_offset: int) -> dict[str, float]:
+        """Mean encoder / decoder loss per target over the held-out chunks (every process computes
+        the same figure on the whole set: it is small)."""
+        model = self.acc.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        sums = {"heldout_encoder_loss": 0.0, "heldout_decoder_loss": 0.0}
+        counts = {"heldout_encoder_loss": 0, "heldout_decoder_loss": 0}
+        try:
+            for start in range(0, len(heldout), batch_size):
+                rows = heldout[start : start + batch_size]["input_ids"]
+                batch = self._to_device(self.collator([{"input_ids": ids, "mask_key": key_offset + start + j} for j, ids in enumerate(rows)]))
+                with self.acc.autocast():
+                    out = model(**batch, encoder_normaliser=1.0, decoder_normaliser=1.0)  # sums: divided below
+                sums["heldout_encoder_loss"] += float(out.encoder_loss)
+                counts["heldout_encoder_loss"] += int((batch["labels"] != IGNORE).sum())
+                if out.decoder_loss is not None:
+                    sums["heldout_decoder_loss"] += float(out.decoder_loss)
+                    counts["heldout_decoder_loss"] += int((batch["decoder_labels"] != IGNORE).sum())
+        finally:
+            model.train(was_training)
+        return {name: sums[name] / counts[name] for name in sums if counts[name]}
 
     # ---------------------------------------------------------------------------- loop
     def train(self, resume: bool = True, stop_after: int | None = None, hooks: Sequence[TrainingHook] = ()) -> TrainerState:
