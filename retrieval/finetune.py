@@ -429,7 +429,7 @@ def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, st
     query_vectors = encoder.encode_queries([query_text[q] for q in qrels])
     run = {q: {d: float(vector @ doc_vectors[d]) for d in dev_pool[q]} for q, vector in zip(qrels, query_vectors)}
     _, per_query = evaluate_run(qrels, run, ["ndcg@10"])
-    return {q: float(values["ndcg@10"]) for q, values in per_query.items()}
+    return {q: float(value) for q, value in per_query["ndcg@10"].items()}
 
 
 def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model_path: Path, pooling: str, normalize: bool,

@@ -89,11 +89,12 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     assert (model_dir / "modules.json").is_file() and (model_dir / "1_Pooling" / "config.json").is_file()
     assert json.loads((model_dir / "sentence_bert_config.json").read_text())["max_seq_length"] == 64
     texts = dataset.doc_texts()[:12] + ["a short query about cells"]
-    ours = Encoder(model_dir, EncoderSettings(show_progress=False)).encode_passages(texts)
+    ours = Encoder(model_dir, EncoderSettings(show_progress=False, precision="fp32")).encode_passages(texts)
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
-    result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"]), dataset)
+    result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"],
+                                     encoder={"precision": "fp32"}), dataset)  # fmt: skip
     # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
     from retroflow.metrics import evaluate_run
     from retrieval.search import drop_self_hits, exact_search, to_run
