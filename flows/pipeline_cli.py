@@ -48,8 +48,10 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from flows.chain import run_dir
+
     root = ArtifactStore(args.store).root if args.store else default_store().root
-    latest = root / "runs" / args.name / "latest.json"
+    latest = run_dir(root, args.name) / "latest.json"
     if not latest.is_file():
         raise FileNotFoundError(f"no finished run of pipeline '{args.name}' under {root} ({latest} missing)")
     summary = json.loads(latest.read_text())
@@ -63,11 +65,11 @@ def report_command(args: argparse.Namespace) -> int:
 
 def ablation_command(args: argparse.Namespace) -> int:
     from flows.ablation_report import write_report
-    from flows.ablation import load_ablation_config, run_ablation, store_of
+    from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
 
     config = load_ablation_config(args.config, args.set)
     result = run_ablation(config)
-    summary = write_report(config, result, store_of(config).root / "ablations" / config.name)
+    summary = write_report(config, result, ablation_dir(store_of(config).root, config.name))
     summary.pop("markdown")  # written to report.md; the JSON line carries the table
     columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
     print(format_table(summary["rows"], columns))

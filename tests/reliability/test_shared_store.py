@@ -115,3 +115,55 @@ def test_an_upload_never_sends_a_file_outside_the_artifact(tmp_path):
     with pytest.raises(UnsafeArtifactError, match="private.key"):
         store._upload(art)
     assert not any(p.name == "private.key" for p in (tmp_path / "remote").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------
+# Item 2: a pipeline name is one path component under <store>/runs/
+# ---------------------------------------------------------------------------------------
+
+BAD_NAMES = ["../../victim", "/tmp/victim", "a/b", "..", ".", "", "x\\..\\y", ".hidden"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_a_pipeline_name_that_is_not_one_path_component_is_refused_at_load(name):
+    from flows.chain import load_pipeline_config
+    from retroflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field 'name'"):
+        load_pipeline_config(None, [f"name={name!r}" if name else "name=''"])
+
+
+def test_an_ablation_name_is_one_path_component_too():
+    from flows.ablation import load_ablation_config
+    from retroflow.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"field 'name'"):
+        load_ablation_config(None, ["name=../../victim"])
+
+
+def test_the_cli_refuses_a_name_that_would_delete_outside_the_store(tmp_path, capsys, monkeypatch):
+    from flows.cli import main
+
+    victim = tmp_path / "victim" / "model"
+    victim.mkdir(parents=True)
+    (victim / "keep.txt").write_text("precious")
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store" / "x"))
+    assert main(["pipeline", "--config", "configs/pipeline/quickstart.yaml", "--set", "name=../../../victim"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name" in err[0] and "Traceback" not in err[0]
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert main(["report", "../../victim", "--store", str(tmp_path / "store")]) == 2
+
+
+def test_every_run_path_resolves_under_the_stores_runs_folder(tmp_path):
+    from flows.chain import run_dir
+    from retroflow.config import ConfigError
+
+    assert run_dir(tmp_path, "quickstart") == tmp_path.resolve() / "runs" / "quickstart"
+    for name in ["../victim", "/abs", "a/b"]:
+        with pytest.raises(ConfigError, match="runs"):
+            run_dir(tmp_path, name)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "linked").symlink_to(tmp_path / "elsewhere")  # a run folder that leads out of the store
+    with pytest.raises(ConfigError, match="linked"):
+        run_dir(tmp_path, "linked")
