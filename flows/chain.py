@@ -77,11 +77,18 @@ class PipelineConfig(StageConfig):
     dev_seed: int | None = Field(None, description="given once: which queries dev_fraction draws")
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
     train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
+    verify: bool = Field(False, description="re-hash every file of each stored artifact the run reuses (the default check re-hashes "
+                         "only files whose size or modification time changed)")  # fmt: skip
 
     @field_validator("name")
     @classmethod
     def _one_folder(cls, name: str) -> str:
         return check_path_component(name)
+
+    def canonical(self) -> dict[str, Any]:
+        # How hard reused artifacts are checked changes nothing a run computes: the config hash in
+        # the registry and the report stay those of the same pipeline without it.
+        return {k: v for k, v in super().canonical().items() if k != "verify"}
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -164,7 +171,7 @@ def section_config(pipeline: PipelineConfig, section: str) -> StageConfig:
 
 def store_for(pipeline: PipelineConfig) -> ArtifactStore:
     """The store of a pipeline (or any config with a `store` field, e.g. an ablation)."""
-    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store)
+    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store, full_verify=getattr(pipeline, "verify", False))
 
 
 def apply_data_dir(pipeline: PipelineConfig) -> None:

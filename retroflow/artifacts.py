@@ -227,7 +227,11 @@ class ArtifactStore:
     share every finished stage. In-stage checkpoints (`.partial/`) stay on the local disk.
     """
 
-    def __init__(self, root: str | Path, cache: str | Path | None = None):
+    def __init__(self, root: str | Path, cache: str | Path | None = None, full_verify: bool = False):
+        # full_verify: re-hash every file of an artifact before reusing it (once per artifact and
+        # store object), not only files whose size or mtime changed.
+        self.full_verify = full_verify
+        self._fully_verified: set[Path] = set()
         text = str(root)
         self.remote: str | None = None
         if "://" in text:
@@ -251,9 +255,17 @@ class ArtifactStore:
     def key_for(self, stage: str, config: StageConfig, inputs: Mapping[str, Artifact], code: str) -> str:
         return stage_key(stage, config, inputs, code)
 
+    def check(self, path: Path, full_verify: bool = False) -> list[str]:
+        """`verify_artifact` of an artifact of this store, as thoroughly as the store is set to."""
+        full = full_verify or (self.full_verify and path not in self._fully_verified)
+        problems = verify_artifact(path, full=full)
+        if full and not problems:
+            self._fully_verified.add(path)
+        return problems
+
     def lookup(self, stage: str, key: str, full_verify: bool = False) -> Artifact | None:
         path = self.path_for(stage, key)
-        if path.is_dir() and not verify_artifact(path, full=full_verify):
+        if path.is_dir() and not self.check(path, full_verify):
             return Artifact(stage, key, path)
         return self._download(stage, key) if self.remote else None
 
@@ -469,6 +481,35 @@ def lineage(artifact: Artifact) -> list[dict[str, Any]]:
 
     visit(artifact.path, 0)
     return chain
+
+
+def artifact_dirs(root: Path) -> list[Path]:
+    """Every artifact directory of a store (`<root>/<stage>/<key>`): not staging, not in-stage
+    checkpoints, not the run reports (`runs/`, `ablations/`) or Prefect's records (`.prefect/`)."""
+    found = []
+    for stage in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ("runs", "ablations")):
+        found += [p for p in sorted(stage.iterdir()) if p.is_dir() and ".tmp-" not in p.name and not p.name.endswith(".partial")]
+    return found
+
+
+def verify_all(path: Path) -> tuple[int, dict[str, list[str]]]:
+    """Full sha256 check of one artifact (a directory with a manifest) or of every artifact of the
+    store at `path`: (artifacts checked, {stage/key: problems} of the damaged ones)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such store or artifact directory")
+    targets = [path] if (path / MANIFEST).is_file() else artifact_dirs(path)
+    if not targets:
+        raise FileNotFoundError(f"{path}: neither an artifact (no {MANIFEST}) nor a store holding any")
+    damaged = {}
+    for target in targets:
+        try:
+            problems = verify_artifact(target, full=True)
+        except UnsafeArtifactError as err:
+            problems = [str(err)]
+        if problems:
+            damaged[label_of(target)] = problems
+    return len(targets), damaged
 
 
 def default_store() -> ArtifactStore:
