@@ -161,7 +161,7 @@ def artifact_label(path: str | Path) -> str:
     return str(path)
 
 
-def verify_artifact(path: Path, full: bool = False) -> list[str]:
+def verify_artifact(path: Path, full: bool = False, record: bool = True) -> list[str]:
     """Problems found with an artifact directory (empty list = intact).
 
     Raises UnsafeArtifactError when the manifest names a path outside the artifact. Every
@@ -169,7 +169,8 @@ def verify_artifact(path: Path, full: bool = False) -> list[str]:
     hashed (its size or modification time differs from the stamp recorded then), so a file
     rewritten in place, even to the same size, is caught without rehashing multi-GB embeddings
     on every lookup. `full=True` rehashes every file (what a bit flip that keeps the
-    modification time needs).
+    modification time needs). `record=False`: leave no stamps file (a staging directory about to
+    be renamed, whose stamps the caller records under the final name).
     """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -193,7 +194,7 @@ def verify_artifact(path: Path, full: bool = False) -> list[str]:
             rehashed = True
             if sha256_file(file) != meta["sha256"]:
                 problems.append(f"{file} content differs from its manifest hash")
-    if rehashed and not problems:
+    if rehashed and not problems and record:
         try:
             record_stamps(path, files)
         except OSError:  # a read-only store: verified now, verified again next time
@@ -307,7 +308,7 @@ class ArtifactStore:
                 fs.get_file(f"{src}/{rel}", str(local))
             (tmp / MANIFEST).write_bytes(manifest)
             refuse_links(tmp, label)
-            problems = verify_artifact(tmp, full=True)
+            problems = verify_artifact(tmp, full=True, record=False)
         except (OSError, json.JSONDecodeError) as err:
             problems = [f"download failed: {err}"]
         except BaseException:
@@ -365,21 +366,23 @@ class ArtifactStore:
         started = time.time()
         try:
             metrics = body(tmp, partial) or {}
+            manifest = write_manifest(
+                tmp,
+                stage=stage,
+                key=key,
+                config=config.canonical(),
+                inputs={name: art.ref() for name, art in inputs.items()},
+                code=code,
+                started=started,
+                metrics=dict(metrics),
+                extra=extra_manifest,
+            )
+            os.replace(tmp, final)
         except BaseException:
+            # also after the body finished (the manifest or the rename failed): a complete copy
+            # under a staging name is swept only once this process is gone
             shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints in `partial` stay for the re-run
             raise
-        manifest = write_manifest(
-            tmp,
-            stage=stage,
-            key=key,
-            config=config.canonical(),
-            inputs={name: art.ref() for name, art in inputs.items()},
-            code=code,
-            started=started,
-            metrics=dict(metrics),
-            extra=extra_manifest,
-        )
-        os.replace(tmp, final)
         record_stamps(final, manifest["files"])  # hashed just now
         shutil.rmtree(partial, ignore_errors=True)
         artifact = Artifact(stage, key, final)

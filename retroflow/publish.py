@@ -148,7 +148,11 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
         if not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return
-        shutil.rmtree(final)
+        try:
+            shutil.rmtree(final)
+        except BaseException:  # a complete copy under a staging name would stay until this process ends
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     try:
         os.replace(staging, final)
     except OSError:  # lost a race to publish the same name: theirs is as good as ours
