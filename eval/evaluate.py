@@ -34,7 +34,7 @@ from retroflow.config import StageConfig
 from retrieval.bm25 import BM25Retriever, BM25Settings
 from retrieval.encoder import Encoder, EncoderSettings
 from retrieval.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
-from retrieval.index import IndexRetriever
+from retrieval.index import IndexRetriever, read_index_meta
 from retrieval.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
 from retrieval.encode import corpus_vectors
 
@@ -161,7 +161,47 @@ def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: Evalu
     return run, {"fusion": selection, "dense_model": dense_model, "pooling": encoder.pooling, "normalize": encoder.normalize}
 
 
+def same_model(recorded: str, used: str) -> bool:
+    """Whether two model names (as `encode` records them: an alias, a path, or `stage/key` inside a
+    store) name one model: aliases of one model agree, paths agree once resolved."""
+    from retroflow.artifacts import artifact_label
+    from retroflow.models import ALIASES
+
+    names = []
+    for name in (recorded, used):
+        name = ALIASES[name].__name__ if name in ALIASES else artifact_label(name)
+        names.append(str(Path(name).resolve()) if Path(name).is_dir() else name)
+    return names[0] == names[1]
+
+
+def check_index_provenance(config: EvaluateConfig, dataset: BeirDataset) -> dict[str, Any]:
+    """An index holds one dataset's documents encoded by one model. Searching it for another
+    dataset scores the wrong documents (0.0 with the right document count), so that is refused;
+    another model's queries still land in a comparable space only by luck, so that is warned about
+    and recorded in the result. Indexes that record neither are used as they are."""
+    recorded = read_index_meta(config.index).get("embeddings") or {}
+    fingerprint = recorded.get("dataset_fingerprint")
+    if fingerprint and fingerprint != dataset.fingerprint:
+        raise ValueError(f"index {config.index} was built over dataset {recorded.get('dataset')!r} (fingerprint {fingerprint[:12]}), "
+                         f"not over the evaluated dataset {dataset.name!r} (fingerprint {dataset.fingerprint[:12]}); "
+                         "build an index over this dataset, or evaluate without --index")  # fmt: skip
+    model = config.model[len(HYBRID_PREFIX):] if config.model.startswith(HYBRID_PREFIX) else config.model
+    index_model = recorded.get("model")
+    if index_model and not same_model(str(index_model), model):
+        log.warning("index %s was built with model %s, but queries are encoded with %s: scores mix two models", config.index, index_model, model)
+        return {"index_model_mismatch": {"index_model": index_model, "model": model}}
+    return {}
+
+
 def retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
+    if config.index and not config.run_file and config.model != "bm25":
+        checked = check_index_provenance(config, dataset)
+        run, extra = _retrieve(dataset, queries, config)
+        return run, {**extra, **checked}
+    return _retrieve(dataset, queries, config)
+
+
+def _retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     if config.run_file:
         wanted = set(queries)
         run = {qid: hits for qid, hits in read_run(config.run_file).items() if qid in wanted}

@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.hashing import sha256_file
-from retroflow.config import ConfigError, StageConfig, load_config, validate_config
+from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
 from flows.chain import apply_data_dir, direct, direct_map, evaluation, prepare_data, store_for
 from flows.stages import build
 from retroflow.inputs import Input
@@ -141,6 +141,11 @@ class AblationConfig(StageConfig):
     encode: dict[str, Any] = Field(default_factory=dict, description="the init model's encoding the fusion teacher reads")
     primary: list[PrimaryComparison] = Field(default_factory=list, description="pre-registered comparisons: Holm-corrected together")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate of the primary comparisons")
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        return check_path_component(name)
 
     @field_validator("arms")
     @classmethod
@@ -328,6 +333,11 @@ def data_root_datasets() -> list[str]:
 
 def store_of(config: AblationConfig) -> ArtifactStore:
     return store_for(config)  # the pipeline's rule: RETROFLOW_STORE, else the config's `store`
+
+
+def ablation_dir(root: Path, name: str) -> Path:
+    """`<root>/ablations/<name>` (its report), checked to be a folder directly inside `<root>/ablations/`."""
+    return child_dir(Path(root) / "ablations", name, "ablation name")
 
 
 def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map) -> AblationResult:

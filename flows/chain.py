@@ -20,14 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.publish import atomic_write_text
 from flows.stages import STAGES, artifact_key, build
 from retroflow.data import data_config
 from retroflow.inputs import ExternalInput, Input, external_model, model_dir
-from retroflow.config import ConfigError, StageConfig, load_config, validate_config
+from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
 from retroflow.hashing import hash_json
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,18 @@ class PipelineConfig(StageConfig):
     dev_seed: int | None = Field(None, description="given once: which queries dev_fraction draws")
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
     train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
+    verify: bool = Field(False, description="re-hash every file of each stored artifact the run reuses (the default check re-hashes "
+                         "only files whose size or modification time changed)")  # fmt: skip
+
+    @field_validator("name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        return check_path_component(name)
+
+    def canonical(self) -> dict[str, Any]:
+        # How hard reused artifacts are checked changes nothing a run computes: the config hash in
+        # the registry and the report stay those of the same pipeline without it.
+        return {k: v for k, v in super().canonical().items() if k != "verify"}
 
 
 def load_pipeline_config(path: str | Path | None, overrides: list[str] | None = None) -> PipelineConfig:
@@ -159,7 +171,7 @@ def section_config(pipeline: PipelineConfig, section: str) -> StageConfig:
 
 def store_for(pipeline: PipelineConfig) -> ArtifactStore:
     """The store of a pipeline (or any config with a `store` field, e.g. an ablation)."""
-    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store)
+    return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store, full_verify=getattr(pipeline, "verify", False))
 
 
 def apply_data_dir(pipeline: PipelineConfig) -> None:
@@ -366,6 +378,12 @@ def write_json(path: Path, payload: Mapping[str, Any]) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def run_dir(root: Path, name: str) -> Path:
+    """`<root>/runs/<name>`: what a run writes (report, latest.json) and replaces (the exported
+    model), checked to be a folder directly inside `<root>/runs/` however the name arrived."""
+    return child_dir(Path(root) / "runs", name, "pipeline name")
+
+
 def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[dict[str, Any]]) -> Path | None:
     """Copy (hard-link) the produced model to `runs/<name>/model/` with a model card that holds
     the evaluation table and the lineage; the artifact itself stays untouched (content-addressed)."""
@@ -375,7 +393,7 @@ def export_model(pipeline: PipelineConfig, result: PipelineResult, rows: list[di
     if isinstance(result.model, ExternalInput):
         return None
     source = model_dir(result.model)
-    dest = store_for(pipeline).root / "runs" / pipeline.name / "model"
+    dest = run_dir(store_for(pipeline).root, pipeline.name) / "model"
     # Runs of one pipeline name may finish together: each builds its own copy, and the swap is locked.
     dest.parent.mkdir(parents=True, exist_ok=True)
     with key_lock(dest.parent / ".model.lock"), publishing(dest, replace=True) as tmp:

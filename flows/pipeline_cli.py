@@ -14,7 +14,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("pipeline", help="run the pretrain-to-beir chain in this process (no Prefect)")
     run.add_argument("--config", type=Path, default=Path("configs/pipeline/quickstart.yaml"))
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field, e.g. pretrain.train.max_steps=5")
+    run.add_argument("--verify", action="store_true", help="re-hash every file of each stored artifact the run reuses (slow on large stores; the default check re-hashes changed files only)")
     run.set_defaults(func=run_pipeline_command)
+    verify = subparsers.add_parser("verify", help="re-hash every file of a store's artifacts (or of one artifact); exit 1 if any is damaged")
+    verify.add_argument("path", nargs="?", metavar="STORE_OR_ARTIFACT", help="a store directory or URL (its local working copy), or one artifact "
+                        "directory (default $RETROFLOW_STORE or ./artifacts)")  # fmt: skip
+    verify.set_defaults(func=verify_command)
     report = subparsers.add_parser("report", help="print the latest metric table of a pipeline run")
     report.add_argument("name", help="pipeline name (e.g. quickstart)")
     report.add_argument("--store", help="artifact store root (default $RETROFLOW_STORE or ./artifacts)")
@@ -36,7 +41,7 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
     from flows.run_report import write_run_report
     from flows.chain import load_pipeline_config, run_pipeline
 
-    pipeline = load_pipeline_config(args.config, args.set)
+    pipeline = load_pipeline_config(args.config, [*args.set, *(["verify=true"] if args.verify else [])])
     result = run_pipeline(pipeline)
     report = write_run_report(pipeline, result)
     report.pop("markdown")
@@ -48,8 +53,10 @@ def run_pipeline_command(args: argparse.Namespace) -> int:
 
 
 def report_command(args: argparse.Namespace) -> int:
+    from flows.chain import run_dir
+
     root = ArtifactStore(args.store).root if args.store else default_store().root
-    latest = root / "runs" / args.name / "latest.json"
+    latest = run_dir(root, args.name) / "latest.json"
     if not latest.is_file():
         raise FileNotFoundError(f"no finished run of pipeline '{args.name}' under {root} ({latest} missing)")
     summary = json.loads(latest.read_text())
@@ -61,13 +68,28 @@ def report_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def verify_command(args: argparse.Namespace) -> int:
+    from retroflow.artifacts import verify_all
+
+    if args.path is None:
+        root = default_store().root
+    else:
+        root = ArtifactStore(args.path).root if "://" in args.path else Path(args.path).expanduser()
+    checked, damaged = verify_all(root)
+    for label, problems in damaged.items():
+        print(f"DAMAGED {label}: {'; '.join(problems)}")
+    print(f"{checked} artifact(s) fully re-hashed under {root}: {len(damaged)} damaged")
+    emit_json({"path": str(root), "verified": checked, "damaged": damaged})
+    return 1 if damaged else 0
+
+
 def ablation_command(args: argparse.Namespace) -> int:
     from flows.ablation_report import write_report
-    from flows.ablation import load_ablation_config, run_ablation, store_of
+    from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
 
     config = load_ablation_config(args.config, args.set)
     result = run_ablation(config)
-    summary = write_report(config, result, store_of(config).root / "ablations" / config.name)
+    summary = write_report(config, result, ablation_dir(store_of(config).root, config.name))
     summary.pop("markdown")  # written to report.md; the JSON line carries the table
     columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
     print(format_table(summary["rows"], columns))

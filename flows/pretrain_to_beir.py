@@ -46,10 +46,11 @@ def store_executor(store: ArtifactStore):
 
 
 @flow(name="pretrain-to-beir", task_runner=task_runner_from_env())
-def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None) -> dict[str, Any]:
+def pretrain_to_beir(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, verify: bool = False) -> dict[str, Any]:
     """Prepare data -> RetroMAE pretraining -> negatives -> teacher -> fine-tuning -> sharded
-    encoding -> index (+ autotune) -> evaluation on each dataset -> report."""
-    pipeline = load_pipeline_config(config, overrides)
+    encoding -> index (+ autotune) -> evaluation on each dataset -> report. `verify`: re-hash every
+    file of each stored artifact reused (as the config's `verify: true`)."""
+    pipeline = load_pipeline_config(config, [*(overrides or []), *(["verify=true"] if verify else [])])
     result = run_pipeline(pipeline, *task_executor(pipeline))
     return publish_report(pipeline, result)
 

@@ -13,7 +13,7 @@ from flows.ablation_report import write_report
 from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
 from flows.tasks import ui_key
-from flows.ablation import load_ablation_config, run_ablation, store_of
+from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
 
 DEFAULT_CONFIG = "configs/ablation/miniature.yaml"
 
@@ -25,7 +25,7 @@ def retromae_ablation(config: str = DEFAULT_CONFIG, overrides: list[str] | None 
     ablation = load_ablation_config(config, overrides)
     store = store_of(ablation)
     result = run_ablation(ablation, *store_executor(store))
-    summary = write_report(ablation, result, store.root / "ablations" / ablation.name)
+    summary = write_report(ablation, result, ablation_dir(store.root, ablation.name))
     markdown = summary.pop("markdown")
     create_table_artifact(key=ui_key("ablation", ablation.name), table=summary["rows"],
                           description=f"retromae-ablation/{ablation.name}: arms x datasets, mean ± std over seeds {ablation.seeds}, "

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.report import embedded_png, loss_history, metric_rows, plot_loss_curves, run_report_markdown
-from flows.chain import export_model, previous_records, read_evaluation, record_evaluations, regressions, store_for
+from flows.chain import export_model, previous_records, read_evaluation, record_evaluations, regressions, run_dir, store_for
 from retroflow.publish import atomic_write_text
 
 
@@ -22,21 +22,21 @@ def write_run_report(pipeline, result) -> dict[str, Any]:
     references = {source: {name: read_evaluation(art) for name, art in refs.items()} for source, refs in result.references.items()}
     rows = metric_rows(evaluations, {k: rec.metrics for k, rec in previous.items() if rec is not None}, references=references)
     flagged = regressions(pipeline, evaluations, previous)
-    run_dir = store_for(pipeline).root / "runs" / pipeline.name
+    folder = run_dir(store_for(pipeline).root, pipeline.name)
     markdown = run_report_markdown(
         pipeline.name,
         pipeline.canonical(),
         rows,
         [*result.evaluations.values(), *(a for refs in result.references.values() for a in refs.values())],
         flagged,
-        report_sections(result, run_dir),
+        report_sections(result, folder),
     )
-    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(run_dir / "report.md"),
+    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(folder / "report.md"),
                "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
     exported = export_model(pipeline, result, rows)
     summary["model_dir"] = str(exported) if exported else None
-    atomic_write_text(run_dir / "report.md", markdown)
-    atomic_write_text(run_dir / "latest.json", json.dumps(summary, indent=2, default=str))
+    atomic_write_text(folder / "report.md", markdown)
+    atomic_write_text(folder / "latest.json", json.dumps(summary, indent=2, default=str))
     return {**summary, "markdown": markdown}
 
 

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 
-from retroflow.artifacts import Artifact, ArtifactStore, verify_artifact
+from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.hashing import code_version, hash_json
 from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
@@ -64,7 +64,7 @@ def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
         record = cache_index_dir(store) / f"{key}.json"
         if record.is_file():
             paths = json.loads(record.read_text()).get("artifacts", [])
-            if any(verify_artifact(Path(p)) for p in paths):
+            if any(store.check(Path(p)) for p in paths):
                 # the cached result points at missing or damaged files: compute again
                 return f"{key}-stale-{int(time.time())}"
     return key

@@ -19,7 +19,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Callable, Iterable, Mapping
 
 from retroflow import __version__
@@ -29,6 +29,51 @@ from retroflow.publish import atomic_write_bytes, atomic_write_text, staging_nam
 
 MANIFEST = "manifest.json"
 log = logging.getLogger("retroflow.artifacts")
+
+
+class UnsafeArtifactError(ValueError):
+    """An artifact whose manifest names a path outside it, or that holds a symlink: a store
+    someone tampered with, never used (a ValueError: the CLI prints it as one line)."""
+
+
+def check_manifest_path(rel: Any, label: str) -> str:
+    """`rel` when it is a plain relative POSIX path (what `list_files` writes); anything else in a
+    manifest (absolute, `..`, backslashes, drive letters) can only come from tampering, and joining
+    it would reach outside the artifact."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if (
+        not parts
+        or rel == MANIFEST
+        or "\\" in rel
+        or "\x00" in rel
+        or any(part in ("", ".", "..") for part in parts)
+        or PureWindowsPath(parts[0]).drive
+    ):
+        raise UnsafeArtifactError(f"artifact {label}: manifest entry {rel!r} is not a relative path inside the artifact; refusing it")
+    return rel
+
+
+def confined(root: Path, rel: Any, label: str) -> Path:
+    """`root / rel`, refused unless it stays inside `root` once symlinks are followed."""
+    path = root / check_manifest_path(rel, label)
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise UnsafeArtifactError(f"artifact {label}: manifest entry {rel!r} resolves outside the artifact (a symlink); refusing it")
+    return path
+
+
+def manifest_entries(manifest: Any, label: str) -> dict[str, Any]:
+    """The manifest's `files`, every path checked (see `check_manifest_path`)."""
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        raise UnsafeArtifactError(f"artifact {label}: manifest has no 'files' mapping; refusing it")
+    for rel in files:
+        check_manifest_path(rel, label)
+    return files
+
+
+def label_of(path: Path) -> str:
+    """`stage/key` of an artifact directory (what errors name), from its location in the store."""
+    return f"{path.parent.name}/{path.name}"
 
 
 def cache_root() -> Path:
@@ -116,14 +161,16 @@ def artifact_label(path: str | Path) -> str:
     return str(path)
 
 
-def verify_artifact(path: Path, full: bool = False) -> list[str]:
+def verify_artifact(path: Path, full: bool = False, record: bool = True) -> list[str]:
     """Problems found with an artifact directory (empty list = intact).
 
-    Every file's size is checked, and its sha256 whenever the file changed since it was last
+    Raises UnsafeArtifactError when the manifest names a path outside the artifact. Every
+    file's size is checked, and its sha256 whenever the file changed since it was last
     hashed (its size or modification time differs from the stamp recorded then), so a file
     rewritten in place, even to the same size, is caught without rehashing multi-GB embeddings
     on every lookup. `full=True` rehashes every file (what a bit flip that keeps the
-    modification time needs).
+    modification time needs). `record=False`: leave no stamps file (a staging directory about to
+    be renamed, whose stamps the caller records under the final name).
     """
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -132,10 +179,14 @@ def verify_artifact(path: Path, full: bool = False) -> list[str]:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as err:
         return [f"{manifest_path}: unreadable ({err})"]
+    label = label_of(path)
+    files = manifest_entries(manifest, label)
     problems, stamps, rehashed = [], read_stamps(path), False
-    for rel, meta in manifest.get("files", {}).items():
-        file = path / rel
-        if not file.is_file():
+    for rel, meta in files.items():
+        file = confined(path, rel, label)
+        if not isinstance(meta, dict) or not isinstance(meta.get("bytes"), int) or not isinstance(meta.get("sha256"), str):
+            problems.append(f"{file}: manifest entry has no sha256 and byte count")
+        elif not file.is_file():
             problems.append(f"{file} missing")
         elif file.stat().st_size != meta["bytes"]:
             problems.append(f"{file} has {file.stat().st_size} bytes, manifest says {meta['bytes']}")
@@ -143,9 +194,9 @@ def verify_artifact(path: Path, full: bool = False) -> list[str]:
             rehashed = True
             if sha256_file(file) != meta["sha256"]:
                 problems.append(f"{file} content differs from its manifest hash")
-    if rehashed and not problems:
+    if rehashed and not problems and record:
         try:
-            record_stamps(path, manifest.get("files", {}))
+            record_stamps(path, files)
         except OSError:  # a read-only store: verified now, verified again next time
             pass
     return problems
@@ -177,7 +228,11 @@ class ArtifactStore:
     share every finished stage. In-stage checkpoints (`.partial/`) stay on the local disk.
     """
 
-    def __init__(self, root: str | Path, cache: str | Path | None = None):
+    def __init__(self, root: str | Path, cache: str | Path | None = None, full_verify: bool = False):
+        # full_verify: re-hash every file of an artifact before reusing it (once per artifact and
+        # store object), not only files whose size or mtime changed.
+        self.full_verify = full_verify
+        self._fully_verified: set[Path] = set()
         text = str(root)
         self.remote: str | None = None
         if "://" in text:
@@ -201,9 +256,17 @@ class ArtifactStore:
     def key_for(self, stage: str, config: StageConfig, inputs: Mapping[str, Artifact], code: str) -> str:
         return stage_key(stage, config, inputs, code)
 
+    def check(self, path: Path, full_verify: bool = False) -> list[str]:
+        """`verify_artifact` of an artifact of this store, as thoroughly as the store is set to."""
+        full = full_verify or (self.full_verify and path not in self._fully_verified)
+        problems = verify_artifact(path, full=full)
+        if full and not problems:
+            self._fully_verified.add(path)
+        return problems
+
     def lookup(self, stage: str, key: str, full_verify: bool = False) -> Artifact | None:
         path = self.path_for(stage, key)
-        if path.is_dir() and not verify_artifact(path, full=full_verify):
+        if path.is_dir() and not self.check(path, full_verify):
             return Artifact(stage, key, path)
         return self._download(stage, key) if self.remote else None
 
@@ -216,37 +279,49 @@ class ArtifactStore:
 
     def _upload(self, art: Artifact) -> None:
         fs, dest = self._remote_dir(art.stage, art.key)
-        for rel in [*art.manifest["files"], MANIFEST]:  # the manifest last: it marks the upload complete
-            target = f"{dest}/{rel}"
+        label = f"{art.stage}/{art.key}"
+        files = [confined(art.path, rel, label) for rel in manifest_entries(art.manifest, label)]
+        for file in [*files, art.path / MANIFEST]:  # the manifest last: it marks the upload complete
+            target = f"{dest}/{file.relative_to(art.path).as_posix()}"
             fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
-            fs.put_file(str(art.path / rel), target)
+            fs.put_file(str(file), target)
         log.info("uploaded %s/%s to %s", art.stage, art.key, self.remote)
 
     def _download(self, stage: str, key: str) -> Artifact | None:
         fs, src = self._remote_dir(stage, key)
         if not fs.exists(f"{src}/{MANIFEST}"):
             return None
+        label = f"{stage}/{key}"
         manifest = fs.cat_file(f"{src}/{MANIFEST}")
         final = self.path_for(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = final.parent / staging_name(f"{key}.download")
         tmp.mkdir()
         try:
-            for rel in json.loads(manifest).get("files", {}):
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{src}/{rel}", str(tmp / rel))
+            # Paths are checked before anything is fetched: the remote manifest is whatever anyone
+            # with write access to the shared store put there.
+            files = {rel: confined(tmp, rel, label) for rel in manifest_entries(json.loads(manifest), label)}
+            for rel, local in files.items():
+                if _remote_is_link(fs, f"{src}/{rel}"):
+                    raise UnsafeArtifactError(f"artifact {label} in {self.remote}: {rel!r} is a symlink; refusing it")
+                local.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{src}/{rel}", str(local))
             (tmp / MANIFEST).write_bytes(manifest)
-            problems = verify_artifact(tmp, full=True)
+            refuse_links(tmp, label)
+            problems = verify_artifact(tmp, full=True, record=False)
         except (OSError, json.JSONDecodeError) as err:
             problems = [f"download failed: {err}"]
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if problems:
             shutil.rmtree(tmp, ignore_errors=True)
-            log.warning("remote copy of %s/%s in %s not used (rebuilding): %s", stage, key, self.remote, "; ".join(problems[:3]))
+            log.warning("remote copy of %s in %s not used (rebuilding): %s", label, self.remote, "; ".join(problems[:3]))
             return None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        record_stamps(final, json.loads(manifest).get("files", {}))
-        log.info("downloaded %s/%s from %s", stage, key, self.remote)
+        record_stamps(final, files)
+        log.info("downloaded %s from %s", label, self.remote)
         return Artifact(stage, key, final)
 
     def build(
@@ -291,27 +366,45 @@ class ArtifactStore:
         started = time.time()
         try:
             metrics = body(tmp, partial) or {}
+            manifest = write_manifest(
+                tmp,
+                stage=stage,
+                key=key,
+                config=config.canonical(),
+                inputs={name: art.ref() for name, art in inputs.items()},
+                code=code,
+                started=started,
+                metrics=dict(metrics),
+                extra=extra_manifest,
+            )
+            os.replace(tmp, final)
         except BaseException:
+            # also after the body finished (the manifest or the rename failed): a complete copy
+            # under a staging name is swept only once this process is gone
             shutil.rmtree(tmp, ignore_errors=True)  # the checkpoints in `partial` stay for the re-run
             raise
-        manifest = write_manifest(
-            tmp,
-            stage=stage,
-            key=key,
-            config=config.canonical(),
-            inputs={name: art.ref() for name, art in inputs.items()},
-            code=code,
-            started=started,
-            metrics=dict(metrics),
-            extra=extra_manifest,
-        )
-        os.replace(tmp, final)
         record_stamps(final, manifest["files"])  # hashed just now
         shutil.rmtree(partial, ignore_errors=True)
         artifact = Artifact(stage, key, final)
         if self.remote:
             self._upload(artifact)
         return artifact
+
+
+def _remote_is_link(fs, path: str) -> bool:
+    """Whether the store's filesystem says `path` is a symlink (object stores have none)."""
+    islink = getattr(fs, "islink", None)
+    try:
+        return bool(islink(path)) if islink else False
+    except (OSError, NotImplementedError):
+        return False
+
+
+def refuse_links(root: Path, label: str) -> None:
+    """Raise if anything under `root` is a symlink: a downloaded artifact holds plain files only."""
+    for entry in root.rglob("*"):
+        if entry.is_symlink():
+            raise UnsafeArtifactError(f"artifact {label}: {entry.relative_to(root).as_posix()!r} is a symlink; refusing it")
 
 
 @contextmanager
@@ -391,6 +484,35 @@ def lineage(artifact: Artifact) -> list[dict[str, Any]]:
 
     visit(artifact.path, 0)
     return chain
+
+
+def artifact_dirs(root: Path) -> list[Path]:
+    """Every artifact directory of a store (`<root>/<stage>/<key>`): not staging, not in-stage
+    checkpoints, not the run reports (`runs/`, `ablations/`) or Prefect's records (`.prefect/`)."""
+    found = []
+    for stage in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in ("runs", "ablations")):
+        found += [p for p in sorted(stage.iterdir()) if p.is_dir() and ".tmp-" not in p.name and not p.name.endswith(".partial")]
+    return found
+
+
+def verify_all(path: Path) -> tuple[int, dict[str, list[str]]]:
+    """Full sha256 check of one artifact (a directory with a manifest) or of every artifact of the
+    store at `path`: (artifacts checked, {stage/key: problems} of the damaged ones)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such store or artifact directory")
+    targets = [path] if (path / MANIFEST).is_file() else artifact_dirs(path)
+    if not targets:
+        raise FileNotFoundError(f"{path}: neither an artifact (no {MANIFEST}) nor a store holding any")
+    damaged = {}
+    for target in targets:
+        try:
+            problems = verify_artifact(target, full=True)
+        except UnsafeArtifactError as err:
+            problems = [str(err)]
+        if problems:
+            damaged[label_of(target)] = problems
+    return len(targets), damaged
 
 
 def default_store() -> ArtifactStore:

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retroflow.publish import remove_if_empty
+
 log = logging.getLogger("retroflow.checkpoints")
 
 TRAINER_STATE = "trainer_state.json"
@@ -87,10 +89,21 @@ def safe_load(path: Path):
 
 def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, *, model, optimizer, scheduler) -> Path:
     """Collective: every process must call it. Keeps the newest `keep` checkpoints."""
-    from safetensors.torch import save_model
-
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     tmp = directory / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    try:
+        return _save_checkpoint(accelerator, directory, step, trainer_state, keep, final, tmp, model=model, optimizer=optimizer, scheduler=scheduler)
+    except BaseException:
+        if accelerator.is_main_process:  # a full disk, say: no half checkpoint, no empty folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            remove_if_empty(directory)
+        raise
+
+
+def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, final: Path, tmp: Path, *,
+                     model, optimizer, scheduler) -> Path:  # fmt: skip
+    from safetensors.torch import save_model
+
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -7,6 +7,7 @@ values are rejected at load time, not half-way through a training run.
 from __future__ import annotations
 
 import json
+import re
 
 from retroflow.hashing import hash_json
 from pathlib import Path
@@ -20,6 +21,30 @@ C = TypeVar("C", bound="StageConfig")
 
 class ConfigError(ValueError):
     """A config file or override could not be turned into a valid stage config."""
+
+
+# Letters, digits, '.', '_', '-', not starting with '.': one directory name on every OS, and
+# never '..', an absolute path or a hidden (staging-looking) entry.
+PATH_COMPONENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
+
+def check_path_component(value: str) -> str:
+    """For a pydantic validator: `value` when it can be used as one directory name (a run's or an
+    ablation's folder in the store, which is replaced when a run finishes)."""
+    if not PATH_COMPONENT.fullmatch(value):
+        raise ValueError("must be one plain path component (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 characters): "
+                         "it names a folder in the store that each run replaces")  # fmt: skip
+    return value
+
+
+def child_dir(parent: Path, name: str, what: str) -> Path:
+    """`parent / name`, refused unless it resolves to a direct child of `parent` (a name that is a
+    path, or a symlinked folder, would make a run replace a directory outside the store)."""
+    base = parent.resolve()
+    path = base / name
+    if not PATH_COMPONENT.fullmatch(name) or path.resolve().parent != base:
+        raise ConfigError(f"{what} {name!r}: {parent / name} does not resolve to a folder directly inside {base}; refusing to write there")
+    return path
 
 
 class StageConfig(BaseModel):

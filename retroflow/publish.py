@@ -3,30 +3,56 @@
 Every place that builds a directory (a stage's artifact, a normalised dataset, a converted
 MS MARCO or NQ copy, a tokenised corpus) builds it under a staging name beside its final
 path and renames it into place, so a reader sees nothing or everything. A staging name
-carries its builder's pid (`<name>.tmp-<pid>-<token>`): a later run can then tell a
-directory whose builder was killed (remove it) from one still being written (leave it).
-Staging names are local to one machine; a store shared by several hosts keeps its staging
-on each host's local working copy (see `ArtifactStore`).
+carries its builder's pid and origin (`<name>.tmp-<pid>-<host>-<namespace id>-<token>`): a
+later run of the same host and pid namespace can then tell a directory whose builder was killed
+(remove it) from one still being written (leave it). A pid says nothing about another container
+or host on the same store path, so their staging (and names from before the origin was
+recorded) is removed only when nothing was written in it for `STALE_FOREIGN_HOURS` and no build
+holds its key's lock.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import secrets
 import shutil
+import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 log = logging.getLogger("retroflow.publish")
 
-STAGING = re.compile(r"\.tmp-(\d+)(?:-|$)")
+# <name>.tmp-<pid>-<host>-<8 hex: namespace id>-<8 hex: token>
+STAGING = re.compile(r"\.tmp-(?P<pid>\d+)-(?P<origin>[A-Za-z0-9_-]+-[0-9a-f]{8})-[0-9a-f]{8}$")
+LEGACY_STAGING = re.compile(r"\.tmp-\d+(?:-|$)")  # pid only: written before names carried an origin
+# Generous: a build elsewhere writes into its staging directory at least this often or is dead.
+STALE_FOREIGN_HOURS = 24.0
+
+
+def origin() -> str:
+    """`<host>-<id>`: this host's name, and a digest of what makes its pids one namespace (the pid
+    namespace's inode and the boot id, where /proc has them): two containers on one host, or one
+    host before and after a reboot, get different ids even under one host name."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    except OSError:
+        pass
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", parts[0])[:32] or "host"
+    return f"{host}-{hashlib.sha256('|'.join(parts).encode()).hexdigest()[:8]}"
 
 
 def staging_name(name: str) -> str:
-    return f"{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    return f"{name}.tmp-{os.getpid()}-{origin()}-{secrets.token_hex(4)}"
 
 
 def process_alive(pid: int) -> bool:
@@ -45,13 +71,21 @@ def process_alive(pid: int) -> bool:
 
 
 def sweep_stale(parent: Path) -> list[Path]:
-    """Remove staging directories and files in `parent` whose builder no longer runs."""
+    """Remove staging directories and files in `parent` whose builder no longer runs: this host
+    and namespace's whose pid is gone, and others' (or unattributed ones) once stale."""
     removed = []
     if not parent.is_dir():
         return removed
+    here = origin()
     for entry in parent.iterdir():
         found = STAGING.search(entry.name)
-        if found is None or process_alive(int(found.group(1))):
+        if found is not None and found["origin"] == here:
+            if process_alive(int(found["pid"])):
+                continue
+        elif found is not None or LEGACY_STAGING.search(entry.name):
+            if not abandoned(entry):
+                continue
+        else:
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
@@ -61,6 +95,36 @@ def sweep_stale(parent: Path) -> list[Path]:
     if removed:
         log.info("removed %d leftover(s) of killed runs in %s", len(removed), parent)
     return removed
+
+
+def abandoned(entry: Path) -> bool:
+    """Staging of another host or namespace (whose pids mean nothing here) that nobody uses: no
+    write inside it for STALE_FOREIGN_HOURS, and, for a store build, its key's lock is free."""
+    cutoff = time.time() - STALE_FOREIGN_HOURS * 3600
+    try:
+        inside = entry.rglob("*") if entry.is_dir() and not entry.is_symlink() else []
+        newest = max([entry.lstat().st_mtime, *(p.lstat().st_mtime for p in inside)])
+    except OSError:  # vanishing while we look: its owner is at work
+        return False
+    if newest > cutoff:
+        return False
+    lock = entry.with_name(entry.name.split(".tmp-", 1)[0].removesuffix(".download") + ".lock")
+    return not lock.is_file() or lock_is_free(lock)
+
+
+def lock_is_free(path: Path) -> bool:
+    """Whether nobody holds the flock on `path` (see artifacts.key_lock) at this moment."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return True
+    try:
+        with open(path, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
+    except OSError:
+        return False
 
 
 @contextmanager
@@ -84,7 +148,11 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
         if not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return
-        shutil.rmtree(final)
+        try:
+            shutil.rmtree(final)
+        except BaseException:  # a complete copy under a staging name would stay until this process ends
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     try:
         os.replace(staging, final)
     except OSError:  # lost a race to publish the same name: theirs is as good as ours

@@ -188,19 +188,22 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
     return algo.lower(), expected
 
 
-def verify_checksum(path: Path, checksum: str) -> None:
+def verify_checksum(path: Path, checksum: str, shown: Path | None = None) -> None:
+    """`shown`: the name the error gives (the archive, not its staging copy)."""
     algo, expected = parse_checksum(checksum)
     found = file_digest(path, algo)
     if found != expected.lower():
-        raise DatasetError(f"{path}: {algo} is {found}, expected {expected}")
+        raise DatasetError(f"{shown or path}: {algo} is {found}, expected {expected}")
 
 
 def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: float = 30.0) -> Path:
-    """Download `url` into the cache once (checksum-verified) and unpack it safely."""
+    """Download `url` into the cache once per (URL, checksum), verified, and unpack it safely."""
     if not checksum:
         raise DatasetError(f"refusing to download {url} without a checksum (pass sha256:<hex> or md5:<hex>: --checksum or `checksum:`)")
-    parse_checksum(checksum)  # an unknown algorithm fails before anything is downloaded
-    target = cache / "downloads" / sha256_text(url)[:16]
+    algo, expected = parse_checksum(checksum)  # an unknown algorithm fails before anything is downloaded
+    # Keyed by the checksum too: the file at a URL can change, and an entry verified against one
+    # checksum says nothing about another (a wrong one must fail, a new one must download).
+    target = cache / "downloads" / sha256_text(f"{url}\n{algo}:{expected.lower()}")[:16]
     done = target / ".complete"
     if done.is_file():
         return target / "unzipped"
@@ -208,12 +211,24 @@ def download_and_unzip(url: str, cache: Path, checksum: str | None, timeout: flo
     try:
         return fetch_and_unzip(url, target, checksum, timeout)
     except BaseException:
+        # nothing refused or half-unpacked stays: the archive goes with the failed attempt
+        for leftover in (target / Path(url).name, target / "unzipped"):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         remove_if_empty(target)  # a failed download leaves no empty cache folder
         raise
 
 
 def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Path:
     archive = target / Path(url).name
+    if archive.is_file():  # an earlier run stopped before unpacking: reuse the archive only if it checks out
+        try:
+            verify_checksum(archive, checksum)
+        except DatasetError as err:
+            log.warning("cached download not used (downloading again): %s", err)
+            archive.unlink()
     if not archive.is_file():
         with publishing_file(archive) as staging:  # a checksum failure publishes nothing
             try:
@@ -224,9 +239,7 @@ def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Pa
                     f"could not download {url}: {err}. Offline? Point the config at a local copy "
                     f"or set {DATA_DIR_ENV}."
                 ) from None
-            verify_checksum(staging, checksum)
-    else:
-        verify_checksum(archive, checksum)
+            verify_checksum(staging, checksum, shown=archive)
     safe_unzip(archive, target / "unzipped")
     (target / ".complete").write_text(url)
     return target / "unzipped"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,9 +59,12 @@ def dead_pid() -> int:
 def test_temporary_directories_of_killed_builds_are_swept_on_the_next_build(tmp_path):
     stage_dir = tmp_path / "store" / "index"
     stage_dir.mkdir(parents=True)
-    killed = stage_dir / f"otherkey.tmp-{dead_pid()}-1234"
+    def killed_here(name: str) -> str:  # a staging name of this host and namespace, with a dead pid
+        return staging_name(name).replace(f".tmp-{os.getpid()}-", f".tmp-{dead_pid()}-", 1)
+
+    killed = stage_dir / killed_here("otherkey")
     (killed / "half").mkdir(parents=True)
-    download = stage_dir / f"otherkey.download.tmp-{dead_pid()}-abcd"
+    download = stage_dir / killed_here("otherkey.download")
     download.mkdir()
     running = stage_dir / staging_name("busykey")  # ours: still being written
     running.mkdir()

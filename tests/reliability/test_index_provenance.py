@@ -1,0 +1,54 @@
+"""`evaluate --index` checks what the index was built from (issue 22, item 6): another dataset is
+refused, another model is used with a warning that the result records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import build_tiny_bert, write_beir_subset
+from flows.cli import main
+
+
+@pytest.fixture(scope="module")
+def flat_index(scifact_small: Path, tiny_bert: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("provenance")
+    common = ["--model", str(tiny_bert), "--dataset", str(scifact_small)]
+    assert main(["encode", *common, "--output", str(root / "emb"), "--set", "encoder.device=cpu"]) == 0
+    assert main(["index", "--embeddings", str(root / "emb"), "--factory", "Flat", "--output", str(root / "flat")]) == 0
+    return root / "flat"
+
+
+def evaluate_args(model: Path, dataset: Path, index: Path) -> list[str]:
+    return ["evaluate", "--model", str(model), "--dataset", str(dataset), "--index", str(index), "--metrics", "ndcg@10",
+            "--top-k", "10", "--no-registry", "--set", "encoder.device=cpu"]  # fmt: skip
+
+
+def test_an_index_built_over_another_dataset_is_refused(flat_index, tiny_bert, scifact_dir, tmp_path, capsys):
+    other = write_beir_subset(scifact_dir, tmp_path / "other-subset", 30, 60, 300, seed=7)  # same size, other documents
+    capsys.readouterr()
+    assert main(evaluate_args(tiny_bert, other, flat_index)) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "dataset" in err[0] and "other-subset" in err[0], err
+    recorded = json.loads((flat_index / "index.json").read_text())["embeddings"]
+    assert recorded["dataset_fingerprint"][:12] in err[0] and str(flat_index) in err[0]
+
+
+def test_an_index_built_with_another_model_is_used_with_a_recorded_warning(flat_index, tiny_bert, scifact_small, tmp_path, capsys):
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    other_model = build_tiny_bert(tmp_path / "other-bert", texts, seed=1)
+    capsys.readouterr()
+    assert main(evaluate_args(other_model, scifact_small, flat_index)) == 0
+    printed = capsys.readouterr()
+    result = json.loads(printed.out.strip().splitlines()[-1])
+    mismatch = result["index_model_mismatch"]
+    assert mismatch["index_model"] == str(tiny_bert) and mismatch["model"] == str(other_model)
+    assert any("WARNING" in line and "built with" in line and str(other_model) in line for line in printed.err.splitlines())
+
+
+def test_the_matching_model_and_dataset_record_nothing_extra(flat_index, tiny_bert, scifact_small, capsys):
+    capsys.readouterr()
+    assert main(evaluate_args(tiny_bert, scifact_small, flat_index)) == 0
+    assert "index_model_mismatch" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
