@@ -62,7 +62,7 @@ from retroflow.training import (
 )
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
-from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
+from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retrieval.negatives import NegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
 from retrieval.training_data import TrainingSet, beir_training_set, dev_split
 
@@ -232,7 +232,15 @@ def load_backbone(path: Path, gradient_checkpointing: bool):
 
 def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool, float]:
     st = read_sentence_transformer_settings(model_path)
-    pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling if st.pooling in ("cls", "mean") else "cls")
+    # The saved model keeps only the transformer and a Pooling: a Dense head would be dropped, and
+    # another pooling trained as cls would be served as the original one.
+    if st.dense:
+        raise ModelFormatError(f"{model_path}: fine-tuning does not train sentence-transformers Dense modules "
+                               f"({st.dense[0].path.name}); start from a model without one")  # fmt: skip
+    if config.model.pooling == "auto" and st.pooling not in (None, "cls", "mean"):
+        raise ModelFormatError(f"{model_path}: fine-tuning supports cls and mean pooling, the model uses {st.pooling!r}; "
+                               "set model.pooling to cls or mean to retrain it that way")  # fmt: skip
+    pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling or "cls")
     normalize = config.model.normalize if config.model.normalize is not None else st.normalize
     temperature = config.train.temperature or (0.05 if normalize else 1.0)
     return pooling, normalize, temperature
