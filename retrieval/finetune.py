@@ -59,6 +59,7 @@ from retroflow.training import (
     make_accelerator,
     make_optimizer,
     mean_over_processes,
+    run_identity,
 )
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
@@ -474,7 +475,7 @@ class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig, model_path: Path, train: TrainingSet, partial_dir: Path, dataset=None):
         from transformers import AutoTokenizer
 
-        self.config, self.train_set, self.dataset = config, train, dataset
+        self.config, self.train_set, self.dataset, self.model_path = config, train, dataset, model_path
         self.partial_dir = Path(partial_dir)
         self.checkpoint_dir = self.partial_dir / "checkpoints"
         self.acc = make_accelerator(config.train)
@@ -655,7 +656,8 @@ class FinetuneTrainer:
     def train(self, resume: bool = True, stop_after: int | None = None) -> TrainerState:
         t = self.config.train
         settings = LoopSettings(label="finetune", max_steps=self.steps, checkpoint_dir=self.checkpoint_dir,
-                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every)  # fmt: skip
+                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
+                                config=run_identity(self.config.canonical(), dataset=self.dataset, init=self.model_path))  # fmt: skip
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         ance = AnceRefresh(self, refresh_steps(self.config, self.steps))
         return loop.run(self, resume=resume, stop_after=stop_after, hooks=[ance])

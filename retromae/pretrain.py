@@ -141,7 +141,8 @@ def run_pretrain(
         model.mlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("%s; %d chunks from %d documents; %d process(es) on %s",
              describe(model), len(dataset), len(texts), accelerator.num_processes, accelerator.device)
-    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), config.train, partial_dir / "checkpoints")
+    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), config.train, partial_dir / "checkpoints",
+                              run_config=config.canonical())
     state = trainer.train(resume=resume, stop_after=stop_after)
     losses = state.history("loss")
     metrics = {

