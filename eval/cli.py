@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.evaluate import EvaluateConfig, evaluate, record_run, summary, write_result
-from retroflow.config import load_config
+from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
 
@@ -61,16 +61,16 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     overrides = list(args.set)
     flags = (("suite", "suite"), ("model", "model"), ("dataset", "dataset"), ("split", "split"), ("top_k", "top_k"), ("index", "index"),
              ("run_file", "run_file"), ("on_unknown_ids", "on_unknown_ids"), ("checksum", "checksum"))  # fmt: skip
-    for flag, key in flags:
-        value = getattr(args, flag, None)
+    for name, key in flags:
+        value = getattr(args, name, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(flag(key, value))
     if args.metrics:
-        overrides.append(f"metrics=[{args.metrics}]")
+        overrides.append(flag("metrics", [name.strip() for name in args.metrics.split(",")]))
     if args.pooling:
-        overrides.append(f"encoder.pooling={args.pooling}")
+        overrides.append(flag("encoder.pooling", args.pooling))
     if args.batch_size:
-        overrides.append(f"encoder.batch_size={args.batch_size}")
+        overrides.append(flag("encoder.batch_size", args.batch_size))
     return load_config(EvaluateConfig, args.config, overrides)
 
 

@@ -104,6 +104,9 @@ class EvaluateConfig(StageConfig):
             raise ValueError("run_file is not supported by the nq suite")
         if self.model.startswith(HYBRID_PREFIX) and not self.model[len(HYBRID_PREFIX):]:
             raise ValueError("model 'hybrid:' needs a dense model after the colon, e.g. hybrid:minilm")
+        if self.model.startswith(HYBRID_PREFIX) and self.model[len(HYBRID_PREFIX):].startswith(("bm25", HYBRID_PREFIX)):
+            raise ValueError(f"model {self.model!r}: hybrid fuses BM25 with a dense model, so what follows 'hybrid:' must be "
+                             "a dense model (an alias such as minilm, or a model directory), e.g. hybrid:minilm")  # fmt: skip
         if self.model.startswith(HYBRID_PREFIX) and self.run_file:
             raise ValueError("a hybrid model retrieves with BM25 itself; it cannot score a run_file")
         return self

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from retroflow.config import load_config
+from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,12 @@ def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (repeatable)")
 
 
-def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list[str]:
-    overrides = list(args.set)
-    for flag, key in pairs:
-        value = getattr(args, flag, None)
+def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list:
+    overrides: list = list(args.set)
+    for name, key in pairs:
+        value = getattr(args, name, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(flag(key, value))
     return overrides
 
 

@@ -498,6 +498,9 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
     for split, files in qrels_files.items():
         rows = read_qrels_parquet(files) if files[0].suffix == ".parquet" else read_qrels_tsv(files[0])
         qrels[split] = check_qrels_ids(rows, files[0], query_ids, doc_ids, on_unknown_ids)
+        if not rows:  # otherwise the split would vanish and be reported as "no split"
+            raise DatasetError(f"{files[0]}: no judgments (the qrels file is empty or only a header); "
+                               f"split '{split}' cannot be evaluated: remove the file or fill it")  # fmt: skip
 
     corpus = pa.table(corpus_cols)
     queries = pa.table(query_cols)
