@@ -255,10 +255,11 @@ def run_search_command(args: argparse.Namespace) -> int:
     meta = read_index_meta(args.index)
     params = None
     if args.param:
+        from retrieval.index import KNOBS, parse_search_params
+
         params = dict(meta.get("search_params", {}))
-        for text in args.param:
-            name, _, value = text.partition("=")
-            params[name.strip()] = float(value)
+        # an index.json from before search_params were recorded: any FAISS knob name we know
+        params.update(parse_search_params(args.param, args.index, params if "search_params" in meta else KNOBS))
     if args.dataset:
         from retroflow.data.beir import load_dataset
 

@@ -485,7 +485,7 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
         fingerprint = json.loads(index_file.read_text())["fingerprint"]
         cached = cache / "beir" / fingerprint
         if (cached / "dataset.json").is_file():
-            return read_normalised(cached)
+            return read_normalised(cached, name)
 
     corpus_cols = read_id_text_records(corpus_files, "corpus", with_title=True)
     if not corpus_cols["_id"]:
@@ -522,7 +522,7 @@ def write_normalised(
         fingerprint = write_normalised_files(tmp, name, corpus, queries, qrels, source)
         final = publish(fingerprint)  # same content already normalised (maybe by another route): kept
     atomic_write_text(index_file, json.dumps({"fingerprint": fingerprint, "source": str(source)}))
-    return read_normalised(final)
+    return read_normalised(final, name)
 
 
 def write_normalised_files(tmp: Path, name: str, corpus: pa.Table, queries: pa.Table, qrels: pa.Table, source: Path) -> str:
@@ -564,7 +564,9 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def read_normalised(path: Path) -> BeirDataset:
+def read_normalised(path: Path, name: str | None = None) -> BeirDataset:
+    """The dataset in a normalised cache directory; `name` is the one it was loaded as now (the cache
+    is shared by content, so its dataset.json keeps the name of whichever copy came first)."""
     meta = json.loads((path / "dataset.json").read_text())
     qrels_table = pq.read_table(path / "qrels.parquet").to_pydict()
     qrels: dict[str, dict[str, dict[str, int]]] = {}
@@ -573,7 +575,7 @@ def read_normalised(path: Path) -> BeirDataset:
     ):
         qrels.setdefault(split, {}).setdefault(qid, {})[docid] = grade
     return BeirDataset(
-        name=meta["name"],
+        name=name or meta["name"],
         fingerprint=meta["fingerprint"],
         path=path,
         corpus=pq.read_table(path / "corpus.parquet"),
