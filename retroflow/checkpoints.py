@@ -21,6 +21,7 @@ single-file `checkpoint-N.pt` checkpoints are not read (`list_checkpoints` sees 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -85,6 +86,26 @@ def safe_load(path: Path):
         raise UnsafeCheckpointError(f"{path}: not a plain-tensor checkpoint file ({type(err).__name__}); refusing to load it") from None
 
 
+def checkpoint_bytes(model, optimizer) -> int:
+    """About what one checkpoint takes on disk: the weights plus every optimizer state tensor."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in optimizer.state_dict().get("state", {}).values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    if not optimizer.state_dict().get("state"):  # before the first step Adam holds no moments yet: two per weight
+        total *= 3
+    return total + (1 << 20)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse before writing rather than leave a truncated checkpoint (torch reports a full disk as an iostream error)."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"a checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free", str(directory))
+
+
 def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, *, model, optimizer, scheduler) -> Path:
     """Collective: every process must call it. Keeps the newest `keep` checkpoints."""
     from safetensors.torch import save_model
@@ -93,15 +114,23 @@ def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict
     tmp = directory / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        check_free_space(directory, checkpoint_bytes(accelerator.unwrap_model(model), optimizer))
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+    try:
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space
+        if isinstance(err, RuntimeError) and "iostream" not in str(err) and "write" not in str(err).lower():
+            raise
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC if shutil.disk_usage(directory).free < (64 << 20) else errno.EIO
+        raise OSError(code, f"writing the checkpoint failed ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})", str(tmp)) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
