@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from eval.evaluate import EvaluateConfig, evaluate, record_run, summary, write_result
-from retroflow.config import load_config
+from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
 
@@ -61,16 +62,16 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     overrides = list(args.set)
     flags = (("suite", "suite"), ("model", "model"), ("dataset", "dataset"), ("split", "split"), ("top_k", "top_k"), ("index", "index"),
              ("run_file", "run_file"), ("on_unknown_ids", "on_unknown_ids"), ("checksum", "checksum"))  # fmt: skip
-    for flag, key in flags:
-        value = getattr(args, flag, None)
+    for name, key in flags:
+        value = getattr(args, name, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(flag(key, value))
     if args.metrics:
-        overrides.append(f"metrics=[{args.metrics}]")
+        overrides.append(flag("metrics", [name.strip() for name in args.metrics.split(",")]))
     if args.pooling:
-        overrides.append(f"encoder.pooling={args.pooling}")
+        overrides.append(flag("encoder.pooling", args.pooling))
     if args.batch_size:
-        overrides.append(f"encoder.batch_size={args.batch_size}")
+        overrides.append(flag("encoder.batch_size", args.batch_size))
     return load_config(EvaluateConfig, args.config, overrides)
 
 
@@ -128,8 +129,18 @@ def run_compare_command(args: argparse.Namespace) -> int:
     comparisons, only_a, only_b = compare_registry_runs(frame, run_a, run_b, n_resamples=args.resamples, seed=args.seed, top_n=args.top)
     wanted = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     rows, datasets, regressions = [], [], []
+    different = [f"{item.dataset}/{item.split}" for item in comparisons if not item.same_data]
     for item in comparisons:
         metrics = {k: v for k, v in item.comparison.metrics.items() if wanted is None or k in wanted}
+        if not item.same_data:
+            # Same name, other content (another copy, subset or version): per-query differences would
+            # compare different questions and judgments, so no delta, test or regression is reported.
+            for metric in metrics.values():
+                rows.append({"dataset": f"{item.dataset}/{item.split}", "metric": metric.metric, "A": metric.mean_a, "B": metric.mean_b,
+                             "delta": "n/a: different data", "95% CI": "-", "p_t": "-", "p_rand": "-", "W/L/T": "-", "sig": "", "n": "-"})  # fmt: skip
+            datasets.append({"dataset": item.dataset, "split": item.split, "same_data": False,
+                             "mean_a": {k: m.mean_a for k, m in metrics.items()}, "mean_b": {k: m.mean_b for k, m in metrics.items()}})  # fmt: skip
+            continue
         for metric in metrics.values():
             rows.append(
                 {
@@ -152,11 +163,17 @@ def run_compare_command(args: argparse.Namespace) -> int:
         datasets.append(item.to_dict())
     print(f"A = {run_a}\nB = {run_b}   (delta = B - A; * = significant at alpha={args.alpha}, {args.test} test)")
     print(format_table(rows) if rows else "(no dataset/split in common)")
-    print_most_changed(comparisons)
+    if different:
+        message = (f"A and B scored different data under the same name for {', '.join(different)} (dataset fingerprints differ): "
+                   "no deltas, significance tests or regressions are reported for them")  # fmt: skip
+        print(f"WARNING: {message}")
+        logging.getLogger("retroflow.compare").warning("%s", message)
+    print_most_changed([item for item in comparisons if item.same_data])
     for label, names in (("only in A", only_a), ("only in B", only_b)):
         if names:
             print(f"{label}: {', '.join(names)}")
-    emit_json({"run_a": run_a, "run_b": run_b, "datasets": datasets, "only_in_a": only_a, "only_in_b": only_b, "regressions": regressions})
+    emit_json({"run_a": run_a, "run_b": run_b, "datasets": datasets, "only_in_a": only_a, "only_in_b": only_b, "regressions": regressions,
+               "different_data": different})
     return 1 if regressions and args.fail_on_regression else 0
 
 

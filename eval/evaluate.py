@@ -24,7 +24,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, model_validator
 
-from retroflow.data.beir import BeirDataset, load_dataset
+from retroflow.data.beir import BeirDataset, DatasetError, load_dataset
 from retroflow.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from retroflow.data.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
 from retroflow.data.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
@@ -104,6 +104,9 @@ class EvaluateConfig(StageConfig):
             raise ValueError("run_file is not supported by the nq suite")
         if self.model.startswith(HYBRID_PREFIX) and not self.model[len(HYBRID_PREFIX):]:
             raise ValueError("model 'hybrid:' needs a dense model after the colon, e.g. hybrid:minilm")
+        if self.model.startswith(HYBRID_PREFIX) and self.model[len(HYBRID_PREFIX):].startswith(("bm25", HYBRID_PREFIX)):
+            raise ValueError(f"model {self.model!r}: hybrid fuses BM25 with a dense model, so what follows 'hybrid:' must be "
+                             "a dense model (an alias such as minilm, or a model directory), e.g. hybrid:minilm")  # fmt: skip
         if self.model.startswith(HYBRID_PREFIX) and self.run_file:
             raise ValueError("a hybrid model retrieves with BM25 itself; it cannot score a run_file")
         return self
@@ -213,6 +216,13 @@ def _retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateCon
     return retrieve_dense(dataset, queries, config)
 
 
+def check_has_relevant(qrels: dict[str, dict[str, int]], name: str, split: str) -> None:
+    """Every metric of a split without one positive grade is 0 by construction, which reads as a result."""
+    if not any(grade > 0 for docs in qrels.values() for grade in docs.values()):
+        raise DatasetError(f"dataset '{name}' split '{split}': every judgment has grade 0 (no relevant document), "
+                           "so every metric would be 0; check the qrels' score column")  # fmt: skip
+
+
 def warn_shallow_cutoffs(config: EvaluateConfig) -> None:
     deepest = max((parse_metric(m)[1] for m in config.metrics), default=0)
     if deepest > config.top_k:
@@ -228,7 +238,13 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
         dataset = (load_msmarco(config.dataset) if config.suite == "msmarco"
                    else load_dataset(config.dataset, checksum=config.checksum, on_unknown_ids=config.on_unknown_ids))  # fmt: skip
     qrels = dataset.split_qrels(config.split)
+    check_has_relevant(qrels, dataset.name, config.split)
     queries = dataset.split_queries(config.split)
+    empty = sorted(qid for qid, text in queries.items() if not str(text).strip())
+    if empty:
+        # An empty query retrieves nothing and scores 0; say how many of the mean are such zeros.
+        log.warning("%s/%s: %d of %d queries have empty text (e.g. %s); they score 0 and are counted in the means",
+                    dataset.name, config.split, len(empty), len(queries), ", ".join(empty[:3]))  # fmt: skip
     log.info("evaluating %s on %s/%s: %d queries, %d docs", config.model, dataset.name, config.split, len(queries), dataset.num_docs)
     started = time.perf_counter()
     run, extra = retrieve(dataset, queries, config)
@@ -244,6 +260,7 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
         "num_scored_queries": len(next(iter(per_query.values()), {})),
         "num_docs": dataset.num_docs,
         "relevance_level": relevance_level,
+        "num_empty_queries": len(empty),
     }
     return result_record(config, config.suite, dataset, counts, means, per_query, run, extra, started)
 

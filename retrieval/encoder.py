@@ -26,11 +26,11 @@ from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
 from retroflow.progress import progress_bar
 from retrieval import encoder_fused
-from retroflow.models import read_sentence_transformer_settings, resolve_model_path
+from retroflow.models import ModelFormatError, load_dense_weights, read_sentence_transformer_settings, resolve_model_path
 
 log = logging.getLogger(__name__)
 
-Pooling = Literal["auto", "cls", "mean", "max"]
+Pooling = Literal["auto", "cls", "mean", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean"]
 Backend = Literal["auto", "fused", "hf"]
 
 
@@ -56,14 +56,53 @@ class EncoderSettings(StageConfig):
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """sentence-transformers' Pooling on right-padded batches (so the first token is [CLS] and the
+    last real token sits at length - 1)."""
     if mode == "cls":
         return hidden[:, 0]
     mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    if mode == "mean":
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+    if mode in ("mean", "mean_sqrt_len_tokens"):
+        count = mask.sum(1).clamp(min=1e-9)
+        return (hidden * mask).sum(1) / (count if mode == "mean" else count.sqrt())
     if mode == "max":
         return hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).max(1).values
-    raise ValueError(f"unknown pooling '{mode}' (use cls, mean or max)")
+    if mode == "lasttoken":
+        last = (attention_mask.sum(1) - 1).clamp(min=0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "weightedmean":
+        weights = mask * torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype).view(1, -1, 1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    raise ValueError(f"unknown pooling '{mode}' (use cls, mean, max, lasttoken, mean_sqrt_len_tokens or weightedmean)")
+
+
+_ACTIVATIONS = {"identity": lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid,
+                "gelu": F.gelu, "silu": F.silu}
+
+
+class DenseHead:
+    """The sentence-transformers Dense modules of a model, applied to pooled vectors in order."""
+
+    def __init__(self, model_path: Path, layers, device: torch.device):
+        self.layers = []
+        previous = None
+        for layer in layers:
+            if previous is not None and layer.in_features != previous:
+                raise ModelFormatError(f"{layer.path}: Dense expects {layer.in_features} inputs but the module before it gives {previous}")
+            weights = {key: value.to(device) for key, value in load_dense_weights(layer).items()}
+            self.layers.append((layer, weights))
+            previous = layer.out_features
+
+    @property
+    def out_features(self) -> int | None:
+        return self.layers[-1][0].out_features if self.layers else None
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        for layer, weights in self.layers:
+            out = _ACTIVATIONS[layer.activation](F.linear(vectors, weights["linear.weight"], weights.get("linear.bias")))
+            if layer.residual:
+                out = out + (vectors if "residual.weight" not in weights else F.linear(vectors, weights["residual.weight"]))
+            vectors = out
+        return vectors
 
 
 def length_sorted_batches(lengths: Sequence[int], batch_size: int, max_tokens: int) -> list[np.ndarray]:
@@ -86,6 +125,8 @@ class Encoder:
         self.model_path = resolve_model_path(model_name_or_path)
         self.name = str(model_name_or_path)
         st = read_sentence_transformer_settings(self.model_path)
+        if st.prompt_problem and (self.settings.query_prefix is None or self.settings.passage_prefix is None):
+            raise ModelFormatError(st.prompt_problem)
         self.pooling = self.settings.pooling if self.settings.pooling != "auto" else (st.pooling or "cls")
         self.normalize = self.settings.normalize if self.settings.normalize is not None else st.normalize
         # train and serve agree: a fine-tuned model's prefixes travel in its directory
@@ -93,11 +134,26 @@ class Encoder:
         self.passage_prefix = self.settings.passage_prefix if self.settings.passage_prefix is not None else st.passage_prefix
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.precision)
+        if not st.include_prompt and (self.query_prefix or self.passage_prefix):
+            raise ModelFormatError(f"{self.model_path}: its Pooling excludes prompt tokens (include_prompt false), which retroflow "
+                                   "does not reproduce; encode without prefixes or pool with the prompt included")  # fmt: skip
         self.tokenizer = load_tokenizer(self.model_path)
+        if st.do_lower_case and self.tokenizer("A")["input_ids"] != self.tokenizer("a")["input_ids"]:
+            raise ModelFormatError(f"{self.model_path}: sentence_bert_config.json sets do_lower_case but the tokenizer is cased; "
+                                   "retroflow would not lower-case as sentence-transformers does")  # fmt: skip
         self.model = load_encoder_model(self.model_path).to(self.device).eval()
         check_vocabulary(self.tokenizer, self.model, self.model_path)
+        self.head = DenseHead(self.model_path, st.dense, self.device)
+        if st.dense and st.dense[0].in_features != self.model.config.hidden_size:
+            raise ModelFormatError(f"{st.dense[0].path}: Dense expects {st.dense[0].in_features} inputs but the model's vectors "
+                                   f"have {self.model.config.hidden_size}")  # fmt: skip
         self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
-        model_max = st.max_seq_length or min(getattr(self.model.config, "max_position_embeddings", 512), 512)
+        max_positions = getattr(self.model.config, "max_position_embeddings", 512)
+        # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length
+        tokenizer_max = getattr(self.tokenizer, "model_max_length", None) if st.is_sentence_transformer else None
+        if not isinstance(tokenizer_max, int) or tokenizer_max > max_positions:
+            tokenizer_max = None
+        model_max = st.max_seq_length or tokenizer_max or min(max_positions, 512)
         self.query_max_length = self.settings.query_max_length or model_max
         self.passage_max_length = self.settings.passage_max_length or model_max
         self.last_docs_per_s: float | None = None
@@ -109,7 +165,7 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.hidden_size)
+        return int(self.head.out_features or self.model.config.hidden_size)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         return self.encode(texts, self.query_max_length, self.query_prefix, desc="queries")
@@ -147,7 +203,7 @@ class Encoder:
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         with autocast(self.device, self.dtype):
             hidden = (forward or self._hf_forward)(input_ids, attention_mask)
-        vectors = pool(hidden.float(), attention_mask, self.pooling)
+        vectors = self.head(pool(hidden.float(), attention_mask, self.pooling))
         if self.normalize:
             vectors = F.normalize(vectors, p=2, dim=-1)
         return vectors.cpu().numpy()

@@ -59,10 +59,11 @@ from retroflow.training import (
     make_accelerator,
     make_optimizer,
     mean_over_processes,
+    run_identity,
 )
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
-from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
+from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retrieval.negatives import NegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
 from retrieval.training_data import TrainingSet, beir_training_set, dev_split
 
@@ -257,7 +258,15 @@ def pooling_change(config: FinetuneConfig, model_path: Path) -> dict[str, str] |
 
 def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool, float]:
     st = read_sentence_transformer_settings(model_path)
-    pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling if st.pooling in ("cls", "mean") else "cls")
+    # The saved model keeps only the transformer and a Pooling: a Dense head would be dropped, and
+    # another pooling trained as cls would be served as the original one.
+    if st.dense:
+        raise ModelFormatError(f"{model_path}: fine-tuning does not train sentence-transformers Dense modules "
+                               f"({st.dense[0].path.name}); start from a model without one")  # fmt: skip
+    if config.model.pooling == "auto" and st.pooling not in (None, "cls", "mean"):
+        raise ModelFormatError(f"{model_path}: fine-tuning supports cls and mean pooling, the model uses {st.pooling!r}; "
+                               "set model.pooling to cls or mean to retrain it that way")  # fmt: skip
+    pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling or "cls")
     normalize = config.model.normalize if config.model.normalize is not None else st.normalize
     temperature = config.train.temperature or (0.05 if normalize else 1.0)
     return pooling, normalize, temperature
@@ -557,7 +566,7 @@ class FinetuneTrainer:
     def __init__(self, config: FinetuneConfig, model_path: Path, train: TrainingSet, partial_dir: Path, dataset=None):
         from transformers import AutoTokenizer
 
-        self.config, self.train_set, self.dataset = config, train, dataset
+        self.config, self.train_set, self.dataset, self.model_path = config, train, dataset, model_path
         self.partial_dir = Path(partial_dir)
         self.checkpoint_dir = self.partial_dir / "checkpoints"
         self.acc = make_accelerator(config.train)
@@ -738,7 +747,8 @@ class FinetuneTrainer:
     def train(self, resume: bool = True, stop_after: int | None = None) -> TrainerState:
         t = self.config.train
         settings = LoopSettings(label="finetune", max_steps=self.steps, checkpoint_dir=self.checkpoint_dir,
-                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every)  # fmt: skip
+                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
+                                config=run_identity(self.config.canonical(), dataset=self.dataset, init=self.model_path))  # fmt: skip
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         ance = AnceRefresh(self, refresh_steps(self.config, self.steps))
         return loop.run(self, resume=resume, stop_after=stop_after, hooks=[ance])

@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from retroflow.publish import atomic_write_text
-from retroflow.config import load_config
+from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
 PARTIAL = "partial"
@@ -99,9 +99,9 @@ def _finish(output: Path, metrics: dict) -> None:
         emit_json({**short, "output_dir": str(output)})
 
 
-def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list[str]:
+def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list:
     """`--set` overrides plus the command's own flags (flag, config field), the flags winning."""
-    return list(args.overrides) + [f"{key}={getattr(args, flag)}" for flag, key in flags if getattr(args, flag, None) is not None]
+    return list(args.overrides) + [flag(key, getattr(args, name)) for name, key in flags if getattr(args, name, None) is not None]
 
 
 def negatives_config(args: argparse.Namespace):

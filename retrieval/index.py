@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import logging
 import os
 import re
@@ -214,6 +215,29 @@ def ivf_nlist(index: "faiss.Index") -> int:
         if isinstance(inner, faiss.IndexIVF):
             return int(inner.nlist)
     return 0
+
+
+def parse_search_params(texts: list[str], index_dir, available) -> dict[str, float]:
+    """`NAME=VALUE` search knobs checked against the index's own knobs: FAISS accepts a misspelt name
+    or a negative efSearch silently (efSearch=-5 returned 1 hit for k 10)."""
+    available = sorted(available)
+    params: dict[str, float] = {}
+    for text in texts:
+        name, sep, raw = (part.strip() for part in text.partition("="))
+        if not sep or not name:
+            raise ValueError(f"--param {text!r}: expected NAME=VALUE, e.g. efSearch=256")
+        if name not in available:
+            known = f"its knobs are {', '.join(available)}" if available else "it has no search-time knobs (exact search)"
+            raise ValueError(f"--param {name!r} does not apply to the index {index_dir}: {known}")
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ValueError(f"--param {name}={raw!r}: not a number") from None
+        integer = name != "k_factor_rf"
+        if not math.isfinite(value) or value < 1 or (integer and value != int(value)):
+            raise ValueError(f"--param {name}={raw}: must be {'a whole number' if integer else 'a number'} >= 1")
+        params[name] = value
+    return params
 
 
 def set_search_params(index: "faiss.Index", params: dict[str, float]) -> None:

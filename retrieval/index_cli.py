@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from retroflow.config import load_config
+from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
 log = logging.getLogger(__name__)
@@ -37,12 +37,12 @@ def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (repeatable)")
 
 
-def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list[str]:
-    overrides = list(args.set)
-    for flag, key in pairs:
-        value = getattr(args, flag, None)
+def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list:
+    overrides: list = list(args.set)
+    for name, key in pairs:
+        value = getattr(args, name, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            overrides.append(flag(key, value))
     return overrides
 
 
@@ -255,10 +255,11 @@ def run_search_command(args: argparse.Namespace) -> int:
     meta = read_index_meta(args.index)
     params = None
     if args.param:
+        from retrieval.index import KNOBS, parse_search_params
+
         params = dict(meta.get("search_params", {}))
-        for text in args.param:
-            name, _, value = text.partition("=")
-            params[name.strip()] = float(value)
+        # an index.json from before search_params were recorded: any FAISS knob name we know
+        params.update(parse_search_params(args.param, args.index, params if "search_params" in meta else KNOBS))
     if args.dataset:
         from retroflow.data.beir import load_dataset
 

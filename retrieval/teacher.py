@@ -53,7 +53,7 @@ from retroflow.publish import atomic_write_text, publishing
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
-from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer
+from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
 from retrieval.finetune import TEACHER_FORMAT, BatchPlan, Sample, training_queries, FinetuneConfig
 from retrieval.hybrid import FusionSettings
 from retroflow.models import resolve_model_path
@@ -154,6 +154,7 @@ class TeacherTrainer:
 
     def __init__(self, config: TeacherConfig, train, pools: dict[str, list[str]]):
         self.config, self.train_set, self.pools = config, train, pools
+        self.run_config = config.canonical()  # what checkpoints record; run_train_teacher adds the dataset's identity
         self.acc = make_accelerator(config)
         seed_everything(config.seed)  # the fresh classification head's initial weights
         model, self.tokenizer = load_cross_encoder(config.init)
@@ -188,7 +189,8 @@ class TeacherTrainer:
 
     def train(self, checkpoint_dir: Path, resume: bool, stop_after: int | None) -> TrainerState:
         settings = LoopSettings(label="teacher", max_steps=self.steps, checkpoint_dir=checkpoint_dir, save_every=self.config.save_every,
-                                keep_checkpoints=self.LAST_CHECKPOINTS_KEPT, log_every=self.config.log_every)  # fmt: skip
+                                keep_checkpoints=self.LAST_CHECKPOINTS_KEPT, log_every=self.config.log_every,
+                                config=self.run_config)  # fmt: skip
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         return loop.run(self, resume=resume, stop_after=stop_after)
 
@@ -233,6 +235,7 @@ def run_train_teacher(
     mined = read_negatives(negatives_file)
     pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
     trainer = TeacherTrainer(config, train, pools)
+    trainer.run_config = run_identity(config.canonical(), dataset=dataset)
     state = trainer.train(partial_dir / "checkpoints", resume=resume, stop_after=stop_after)
     losses = state.history("loss")
     if stop_after is not None and state.global_step >= stop_after:  # stopped at the last step too: no outputs then either

@@ -21,6 +21,7 @@ single-file `checkpoint-N.pt` checkpoints are not read (`list_checkpoints` sees 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import random
@@ -87,6 +88,26 @@ def safe_load(path: Path):
         raise UnsafeCheckpointError(f"{path}: not a plain-tensor checkpoint file ({type(err).__name__}); refusing to load it") from None
 
 
+def checkpoint_bytes(model, optimizer) -> int:
+    """About what one checkpoint takes on disk: the weights plus every optimizer state tensor."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for state in optimizer.state_dict().get("state", {}).values():
+        total += sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    if not optimizer.state_dict().get("state"):  # before the first step Adam holds no moments yet: two per weight
+        total *= 3
+    return total + (1 << 20)
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    """Refuse before writing rather than leave a truncated checkpoint (torch reports a full disk as an iostream error)."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise OSError(errno.ENOSPC, f"a checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free", str(directory))
+
+
 def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, *, model, optimizer, scheduler) -> Path:
     """Collective: every process must call it. Keeps the newest `keep` checkpoints."""
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
@@ -106,15 +127,23 @@ def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dic
 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
+        check_free_space(directory, checkpoint_bytes(accelerator.unwrap_model(model), optimizer))
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
-    if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-        (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
-        if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+    try:
+        torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+        if accelerator.is_main_process:
+            save_model(accelerator.unwrap_model(model), str(tmp / MODEL_FILE))
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
+            if accelerator.scaler is not None:
+                torch.save(accelerator.scaler.state_dict(), tmp / SCALER_FILE)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space
+        if isinstance(err, RuntimeError) and "iostream" not in str(err) and "write" not in str(err).lower():
+            raise
+        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC if shutil.disk_usage(directory).free < (64 << 20) else errno.EIO
+        raise OSError(code, f"writing the checkpoint failed ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})", str(tmp)) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
@@ -127,30 +156,70 @@ def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dic
     return final
 
 
-def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, scheduler) -> dict | None:
-    """Restore the newest complete checkpoint into the objects; its trainer state, or None."""
+def _damaged(path: Path, err: Exception | str) -> DamagedCheckpointError:
+    detail = err if isinstance(err, str) else f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"
+    return DamagedCheckpointError(f"{path}: damaged checkpoint ({detail}); delete {path.parent.name if path.is_file() else path.name} "
+                                  "to resume from the one before it, or run without --resume")  # fmt: skip
+
+
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer_state.json, or a DamagedCheckpointError naming it."""
+    file = path / TRAINER_STATE
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(file, err) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise _damaged(file, "no integer 'step'")
+    return state
+
+
+def _check_scheduler_state(file: Path, saved, current: dict) -> None:
+    # LR schedulers accept any dict and fail steps later (a string step count, a list for a number):
+    # compare with the fresh scheduler's own state, which has the same keys and types.
+    if not isinstance(saved, dict):
+        raise _damaged(file, f"expected a JSON object, got {type(saved).__name__}")
+    for key, value in current.items():
+        if key not in saved:
+            raise _damaged(file, f"field '{key}' is missing")
+        given = saved[key]
+        numbers = (int, float)
+        same = (isinstance(given, numbers) and not isinstance(given, bool) and isinstance(value, numbers) and not isinstance(value, bool)) \
+            or isinstance(value, type(None)) or isinstance(given, type(value)) or (isinstance(value, tuple) and isinstance(given, list))
+        if not same:
+            raise _damaged(file, f"field '{key}' should be {type(value).__name__}, got {type(given).__name__} {given!r:.40}")
+
+
+def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, scheduler, check=None) -> dict | None:
+    """Restore the newest complete checkpoint into the objects; its trainer state, or None.
+
+    `check(path, trainer_state)` runs before anything is restored (the config comparison)."""
     from safetensors.torch import load_model
 
     found = list_checkpoints(directory)
     if not found:
         return None
     path = found[-1]
+    state = read_trainer_state(path)
+    if check is not None:
+        check(path, state)
+    try:
+        scheduler_state = json.loads((path / SCHEDULER_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _damaged(path / SCHEDULER_FILE, err) from None
+    _check_scheduler_state(path / SCHEDULER_FILE, scheduler_state, scheduler.state_dict())
     try:
         load_model(accelerator.unwrap_model(model), str(path / MODEL_FILE))
         optimizer.load_state_dict(safe_load(path / OPTIMIZER_FILE))
-        scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+        scheduler.load_state_dict(scheduler_state)
     except UnsafeCheckpointError:
         raise
     except Exception as err:  # safetensors, JSON and state-dict errors alike: the files were damaged after saving
-        raise DamagedCheckpointError(
-            f"{path}: damaged checkpoint ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}); "
-            f"delete {path.name} to resume from the one before it, or run without --resume"
-        ) from None
+        raise _damaged(path, err) from None
     if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
         accelerator.scaler.load_state_dict(safe_load(path / SCALER_FILE))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
         set_rng_state(safe_load(rng_file))
-    state = json.loads((path / TRAINER_STATE).read_text())
     log.info("resumed from %s (step %d)", path, state["step"])
     return state

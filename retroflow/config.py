@@ -90,15 +90,24 @@ def validate_config(cls: type[C], data: Mapping[str, Any], source: str = "<dict>
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`a.b=3` -> (['a','b'], 3); the value is parsed as YAML so numbers and bools work."""
+def flag(key: str, value: Any) -> tuple[list[str], Any]:
+    """An override from a command's own flag: its value is used as given, never parsed as YAML, so
+    `--dataset 0123` stays the string '0123' (YAML would read an octal 83), as do `null` and `yes`."""
+    return key.split("."), value
+
+
+def parse_override(text: str | tuple[list[str], Any]) -> tuple[list[str], Any]:
+    """`a.b=3` -> (['a','b'], 3); the value is parsed as YAML so numbers and bools work.
+    A (path, value) pair from `flag` passes through."""
+    if isinstance(text, tuple):
+        return text
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     dotted, raw = text.split("=", 1)
     return dotted.strip().split("."), yaml.safe_load(raw)
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+def apply_overrides(data: dict[str, Any], overrides: list | None) -> dict[str, Any]:
     out = dict(data)
     for text in overrides or []:
         path, value = parse_override(text)
@@ -124,7 +133,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
+def load_config(cls: type[C], path: str | Path | None = None, overrides: list | None = None) -> C:
     """Load `cls` from a YAML file (or defaults when `path` is None) plus `key=value` overrides."""
     data = read_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)

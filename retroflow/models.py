@@ -56,45 +56,215 @@ def _download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
+class ModelFormatError(ValueError):
+    """A sentence-transformers model directory that declares something retroflow cannot encode exactly."""
+
+
+# Pooling modes sentence-transformers writes (`Pooling.POOLING_MODES`), all reproduced exactly by
+# retrieval.encoder.pool; a tuple of modes (concatenated vectors) is refused.
+POOLING_MODES = ("cls", "mean", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
+_LEGACY_POOLING_KEYS = {  # the boolean keys of sentence-transformers < 5, in its own order of precedence
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+# Dense activations by the class path sentence-transformers saves; only stateless torch modules.
+DENSE_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+    "torch.nn.modules.activation.GELU": "gelu",
+    "torch.nn.modules.activation.SiLU": "silu",
+}
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    """A sentence-transformers `Dense` module: weights in `path`, applied to the pooled vector."""
+
+    path: Path
+    in_features: int
+    out_features: int
+    bias: bool
+    activation: str  # a value of DENSE_ACTIVATIONS
+    residual: bool = False
+
+
 @dataclass(frozen=True)
 class SentenceTransformerSettings:
-    """What a sentence-transformers model directory says about pooling, normalisation and length."""
+    """What a sentence-transformers model directory says about pooling, head, normalisation, length and prompts."""
 
-    pooling: str | None = None  # "mean" | "cls" | "max" | None (not a sentence-transformers dir)
+    pooling: str | None = None  # one of POOLING_MODES, or None (not a sentence-transformers dir)
     normalize: bool = False
     max_seq_length: int | None = None
-    query_prefix: str = ""  # the "query" / "document" prompts of config_sentence_transformers.json
+    query_prefix: str = ""  # what SentenceTransformer.encode_query / encode_document prepend
     passage_prefix: str = ""
+    dense: tuple[DenseLayer, ...] = ()
+    is_sentence_transformer: bool = False
+    do_lower_case: bool = False
+    include_prompt: bool = True
+    # Set when the saved prompts do not say unambiguously what to prepend: the encoder refuses
+    # the model unless both prefixes are given explicitly.
+    prompt_problem: str = ""
+
+
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelFormatError(f"{path}: the model's {what} could not be read ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def _pooling_mode(config: dict, config_path: Path) -> str:
+    if "pooling_mode" in config:
+        mode = config["pooling_mode"]
+        if isinstance(mode, list) and len(mode) == 1:
+            mode = mode[0]
+    else:
+        active = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)]
+        if not active and not any(key in config for key in _LEGACY_POOLING_KEYS):
+            raise ModelFormatError(f"{config_path}: Pooling config names no pooling mode (neither 'pooling_mode' nor 'pooling_mode_*' keys)")
+        # sentence-transformers itself pools by mean when every legacy key is present and false
+        mode = active if len(active) > 1 else (active[0] if active else "mean")
+    if isinstance(mode, list):
+        raise ModelFormatError(f"{config_path}: Pooling combines several modes {mode} (concatenated vectors); retroflow encodes one mode only")
+    if mode not in POOLING_MODES:
+        raise ModelFormatError(f"{config_path}: unknown pooling mode {mode!r} (retroflow knows {', '.join(POOLING_MODES)})")
+    return mode
+
+
+def _dense_layer(module_dir: Path) -> DenseLayer:
+    config_path = module_dir / "config.json"
+    config = _read_json(config_path, "Dense config")
+    for key in ("module_input_name", "module_output_name"):
+        if config.get(key, "sentence_embedding") not in ("sentence_embedding", None):
+            raise ModelFormatError(f"{config_path}: Dense reads or writes {config[key]!r}; retroflow supports a Dense on the pooled vector only")
+    activation_name = config.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if activation_name not in DENSE_ACTIVATIONS:
+        raise ModelFormatError(f"{config_path}: Dense activation {activation_name!r} is not supported "
+                               f"(retroflow knows {', '.join(sorted(DENSE_ACTIVATIONS))})")
+    if not any((module_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
+        raise ModelFormatError(f"{module_dir}: Dense module has no weights (model.safetensors or pytorch_model.bin)")
+    try:
+        return DenseLayer(path=module_dir, in_features=int(config["in_features"]), out_features=int(config["out_features"]),
+                          bias=bool(config.get("bias", True)), activation=DENSE_ACTIVATIONS[activation_name],
+                          residual=bool(config.get("use_residual", False)))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFormatError(f"{config_path}: Dense config lacks or mistypes {err}") from None
+
+
+def _check_transformer(model_dir: Path, module: dict) -> bool:
+    """Refuse Transformer settings the encoder would not honour; returns do_lower_case."""
+    if module.get("path", "") not in ("", "."):
+        raise ModelFormatError(f"{model_dir}: the Transformer module lives in {module['path']!r}; retroflow loads models whose "
+                               "Transformer is saved at the top of the directory")  # fmt: skip
+    config_path = model_dir / "sentence_bert_config.json"
+    config = _read_json(config_path, "sentence_bert_config.json") if config_path.is_file() else {}
+    task = config.get("transformer_task", "feature-extraction")
+    if task != "feature-extraction":
+        raise ModelFormatError(f"{config_path}: transformer_task {task!r} is not supported (feature-extraction only)")
+    for key in ("query_length", "document_length", "query_expansion"):
+        if config.get(key) is not None:
+            raise ModelFormatError(f"{config_path}: {key} is set (a multi-vector model); retroflow encodes single vectors only")
+    text = (config.get("modality_config") or {}).get("text") or {}
+    if text.get("method", "forward") != "forward" or text.get("method_output_name", "last_hidden_state") != "last_hidden_state":
+        raise ModelFormatError(f"{config_path}: the text modality uses {text}; retroflow uses the model's forward last_hidden_state only")
+    return bool(config.get("do_lower_case", False))
+
+
+def _prompts(model_dir: Path) -> tuple[str, str, str]:
+    """(query prefix, passage prefix, problem) as SentenceTransformer.encode_query / encode_document apply them."""
+    path = model_dir / "config_sentence_transformers.json"
+    if not path.is_file():
+        return "", "", ""
+    config = _read_json(path, "config_sentence_transformers.json")
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, (str, type(None))) for v in prompts.values()):
+        raise ModelFormatError(f"{path}: 'prompts' must map names to strings")
+    # encode_query uses the "query" prompt, encode_document the "document" one (sentence-transformers
+    # always has both names, so its "passage" / "corpus" fallbacks never apply, and neither does default_prompt_name).
+    query, passage = prompts.get("query") or "", prompts.get("document") or ""
+    problems = []
+    default = config.get("default_prompt_name")
+    if default is not None and prompts.get(default):
+        problems.append(f"default_prompt_name {default!r} (prepended by encode() but not by encode_query/encode_document)")
+    if not passage and any(prompts.get(name) for name in ("passage", "corpus")):
+        problems.append("a 'passage'/'corpus' prompt but no 'document' prompt (encode_document would prepend nothing)")
+    problem = f"{path} declares {' and '.join(problems)}; set encoder.query_prefix and encoder.passage_prefix explicitly" if problems else ""
+    return query, passage, problem
 
 
 def read_sentence_transformer_settings(model_dir: Path) -> SentenceTransformerSettings:
+    """Read every module of modules.json; anything the encoder would not reproduce exactly is a ModelFormatError."""
+    model_dir = Path(model_dir)
     modules_file = model_dir / "modules.json"
     if not modules_file.is_file():
         return SentenceTransformerSettings()
-    modules = json.loads(modules_file.read_text())
-    pooling, normalize = None, False
-    for module in modules:
-        kind = module.get("type", "")
-        if kind.endswith("Pooling"):
-            config = json.loads((model_dir / module["path"] / "config.json").read_text())
-            if config.get("pooling_mode_cls_token"):
-                pooling = "cls"
-            elif config.get("pooling_mode_max_tokens"):
-                pooling = "max"
-            else:
-                pooling = "mean"
-        elif kind.endswith("Normalize"):
+    modules = _read_json(modules_file, "modules.json")
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise ModelFormatError(f"{modules_file}: expected a list of modules")
+    modules = sorted(modules, key=lambda m: m.get("idx", 0))
+    pooling, normalize, dense, do_lower_case, include_prompt = None, False, [], False, True
+    for position, module in enumerate(modules):
+        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
+        where = f"{modules_file}: module {module.get('name', position)!r} ({module.get('type')})"
+        if normalize:
+            raise ModelFormatError(f"{where} follows Normalize; retroflow supports Normalize as the last module only")
+        if position == 0:
+            if kind != "Transformer":
+                raise ModelFormatError(f"{where}: the first module must be a Transformer")
+            do_lower_case = _check_transformer(model_dir, module)
+        elif kind == "Pooling" and position == 1:
+            config_path = model_dir / module.get("path", "") / "config.json"
+            config = _read_json(config_path, "Pooling config")
+            pooling = _pooling_mode(config, config_path)
+            include_prompt = bool(config.get("include_prompt", True))
+        elif kind == "Dense" and pooling is not None:
+            dense.append(_dense_layer(model_dir / module.get("path", "")))
+        elif kind == "Normalize" and pooling is not None:
             normalize = True
+        else:
+            raise ModelFormatError(f"{where} is not supported here (retroflow encodes Transformer, Pooling, then Dense and Normalize modules)")
+    if pooling is None:
+        raise ModelFormatError(f"{modules_file}: no Pooling module after the Transformer; retroflow needs one to make sentence vectors")
     max_len = None
     bert_config = model_dir / "sentence_bert_config.json"
     if bert_config.is_file():
-        max_len = json.loads(bert_config.read_text()).get("max_seq_length")
-    prompts = {}
-    st_config = model_dir / "config_sentence_transformers.json"
-    if st_config.is_file():
-        prompts = json.loads(st_config.read_text()).get("prompts") or {}
-    return SentenceTransformerSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len,
-                                       query_prefix=prompts.get("query", ""), passage_prefix=prompts.get("document", prompts.get("passage", "")))
+        max_len = _read_json(bert_config, "sentence_bert_config.json").get("max_seq_length")
+    query_prefix, passage_prefix, problem = _prompts(model_dir)
+    return SentenceTransformerSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len, query_prefix=query_prefix,
+                                       passage_prefix=passage_prefix, dense=tuple(dense), is_sentence_transformer=True,
+                                       do_lower_case=do_lower_case, include_prompt=include_prompt, prompt_problem=problem)
+
+
+def load_dense_weights(layer: DenseLayer) -> dict:
+    """A Dense module's tensors, read without unpickling arbitrary objects."""
+    import torch
+
+    safetensors_file, bin_file = layer.path / "model.safetensors", layer.path / "pytorch_model.bin"
+    try:
+        if safetensors_file.is_file():
+            from safetensors.torch import load_file
+
+            state = load_file(str(safetensors_file))
+        else:
+            state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated file, a pickle that is not plain tensors
+        raise ModelFormatError(f"{layer.path}: Dense weights could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+    expected = {"linear.weight": (layer.out_features, layer.in_features)}
+    if layer.bias:
+        expected["linear.bias"] = (layer.out_features,)
+    if layer.residual and layer.in_features != layer.out_features:
+        expected["residual.weight"] = (layer.out_features, layer.in_features)
+    for key, shape in expected.items():
+        if key not in state or tuple(state[key].shape) != shape:
+            got = tuple(state[key].shape) if key in state else "missing"
+            raise ModelFormatError(f"{layer.path}: Dense weight {key} should be {shape}, got {got}")
+    return {key: state[key].float() for key in expected}
 
 
 def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: bool, max_seq_length: int, dim: int,

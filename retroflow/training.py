@@ -33,6 +33,67 @@ from retroflow.progress import progress_bar
 log = logging.getLogger("retroflow.training")
 
 HISTORY_SUFFIX = "_history"  # trainer_state.json keeps each loss's history as "<loss name>_history"
+CONFIG_KEY = "config"  # trainer_state.json keeps the run's canonical config, compared on resume
+
+# Config fields (by their last name, in any section) a resume may change: how long to train and how
+# often to log and save change no step already taken, nor the device where a step is computed.
+# Anything else would continue one training under another's settings.
+RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "show_progress", "eval_every"})
+
+
+class ResumeConfigError(ValueError):
+    """--resume asked to continue a checkpoint under a config that differs from the one it was trained with."""
+
+
+def _flatten(config, prefix: str = "") -> dict[str, object]:
+    if isinstance(config, dict):
+        out: dict[str, object] = {}
+        for key, value in config.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: config}
+
+
+def config_differences(saved: dict, current: dict, allowed: frozenset[str] = RESUMABLE_CHANGES) -> list[str]:
+    """'field: checkpoint value -> current value' for every field that differs and may not change on resume."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    changes = []
+    for name in sorted(old.keys() | new.keys()):
+        if name.rsplit(".", 1)[-1] in allowed:
+            continue
+        before, after = old.get(name, missing), new.get(name, missing)
+        if before != after:
+            changes.append(f"{name}: {'(absent)' if before is missing else repr(before)} -> {'(absent)' if after is missing else repr(after)}")
+    return changes
+
+
+def run_identity(config: dict, *, dataset=None, init: str | Path | None = None) -> dict:
+    """`config` with its `dataset` / `init` names replaced by what the stage was actually given (the
+    loaded dataset's content fingerprint, the resolved model path): library callers and store stages
+    pass those beside the config, whose names may then say something else."""
+    out = dict(config)
+    fingerprint = getattr(dataset, "fingerprint", None)
+    if fingerprint:
+        out["dataset"] = f"{getattr(dataset, 'name', '')} (content {fingerprint})"
+    if init is not None:
+        out["init"] = str(init)
+    return out
+
+
+def check_resume_config(checkpoint: Path, saved_state: dict, config: dict | None) -> None:
+    """Refuse to resume `checkpoint` under `config` unless they differ only in RESUMABLE_CHANGES."""
+    if config is None:
+        return
+    saved = saved_state.get(CONFIG_KEY)
+    if saved is None:
+        log.warning("%s records no config (written by an older retroflow): cannot check that the resumed run's config matches", checkpoint)
+        return
+    changes = config_differences(saved, config)
+    if changes:
+        raise ResumeConfigError(f"{checkpoint}: cannot resume, the config differs from the one this checkpoint was trained with "
+                                f"({'; '.join(changes)}); only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. "
+                                "Restore those values, or start a new run without --resume (or in another output directory)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -233,6 +294,7 @@ class LoopSettings:
     save_every: int
     keep_checkpoints: int
     log_every: int
+    config: dict | None = None  # the stage's canonical config, saved with every checkpoint and checked on resume
 
 
 class TrainingLoop:
@@ -276,11 +338,14 @@ class TrainingLoop:
 
     def save_checkpoint(self) -> Path:
         """Collective: every process calls it (the hook does, on every process)."""
-        return save_checkpoint(self.accelerator, self.settings.checkpoint_dir, self.state.global_step, self.state.to_checkpoint(),
+        trainer_state = self.state.to_checkpoint()
+        if self.settings.config is not None:
+            trainer_state[CONFIG_KEY] = self.settings.config
+        return save_checkpoint(self.accelerator, self.settings.checkpoint_dir, self.state.global_step, trainer_state,
                                self.settings.keep_checkpoints, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
 
     def restore_latest_checkpoint(self) -> None:
-        saved = load_latest_checkpoint(self.accelerator, self.settings.checkpoint_dir,
-                                       model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
+        saved = load_latest_checkpoint(self.accelerator, self.settings.checkpoint_dir, model=self.model, optimizer=self.optimizer,
+                                       scheduler=self.scheduler, check=lambda path, state: check_resume_config(path, state, self.settings.config))  # fmt: skip
         if saved is not None:
             self.state.restore(saved)

@@ -176,7 +176,8 @@ def run_pretrain(
     log.info("%s; bottleneck %s; %d training chunks (%d held out) from %d documents; %d steps (%.2f epochs); %d process(es) on %s",
              describe(model), model.bottleneck, len(dataset), len(heldout or []), len(texts), train_cfg.max_steps,
              train_cfg.max_steps * train_cfg.batch_size / len(dataset), accelerator.num_processes, accelerator.device)  # fmt: skip
-    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), train_cfg, partial_dir / "checkpoints")
+    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), train_cfg, partial_dir / "checkpoints",
+                              run_config=config.canonical())
     hooks = []
     if heldout is not None:
         every = train_cfg.eval_every or train_cfg.log_every * 10

@@ -157,8 +157,9 @@ class HeldOutLoss(TrainingHook):
 class PretrainTrainer:
     """RetroMAE's part of retroflow.training's loop: the batch plan and the step's loss."""
 
-    def __init__(self, accelerator: Accelerator, model, dataset, collator, train_cfg, checkpoint_dir: Path):
+    def __init__(self, accelerator: Accelerator, model, dataset, collator, train_cfg, checkpoint_dir: Path, run_config: dict | None = None):
         self.acc = accelerator
+        self.run_config = run_config  # the whole PretrainConfig, canonical: checkpoints keep it, resumes compare it
         self.cfg = train_cfg
         self.dataset = dataset
         self.collator = collator
@@ -242,6 +243,7 @@ class PretrainTrainer:
     # ---------------------------------------------------------------------------- loop
     def train(self, resume: bool = True, stop_after: int | None = None, hooks: Sequence[TrainingHook] = ()) -> TrainerState:
         settings = LoopSettings(label="pretrain", max_steps=self.cfg.max_steps, checkpoint_dir=self.checkpoint_dir,
-                                save_every=self.cfg.save_every, keep_checkpoints=self.cfg.keep_checkpoints, log_every=self.cfg.log_every)  # fmt: skip
+                                save_every=self.cfg.save_every, keep_checkpoints=self.cfg.keep_checkpoints, log_every=self.cfg.log_every,
+                                config=self.run_config)  # fmt: skip
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         return loop.run(self, resume=resume, stop_after=stop_after, hooks=hooks)

@@ -498,7 +498,7 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
         fingerprint = json.loads(index_file.read_text())["fingerprint"]
         cached = cache / "beir" / fingerprint
         if (cached / "dataset.json").is_file():
-            return read_normalised(cached)
+            return read_normalised(cached, name)
 
     corpus_cols = read_id_text_records(corpus_files, "corpus", with_title=True)
     if not corpus_cols["_id"]:
@@ -511,6 +511,9 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
     for split, files in qrels_files.items():
         rows = read_qrels_parquet(files) if files[0].suffix == ".parquet" else read_qrels_tsv(files[0])
         qrels[split] = check_qrels_ids(rows, files[0], query_ids, doc_ids, on_unknown_ids)
+        if not rows:  # otherwise the split would vanish and be reported as "no split"
+            raise DatasetError(f"{files[0]}: no judgments (the qrels file is empty or only a header); "
+                               f"split '{split}' cannot be evaluated: remove the file or fill it")  # fmt: skip
 
     corpus = pa.table(corpus_cols)
     queries = pa.table(query_cols)
@@ -532,7 +535,7 @@ def write_normalised(
         fingerprint = write_normalised_files(tmp, name, corpus, queries, qrels, source)
         final = publish(fingerprint)  # same content already normalised (maybe by another route): kept
     atomic_write_text(index_file, json.dumps({"fingerprint": fingerprint, "source": str(source)}))
-    return read_normalised(final)
+    return read_normalised(final, name)
 
 
 def write_normalised_files(tmp: Path, name: str, corpus: pa.Table, queries: pa.Table, qrels: pa.Table, source: Path) -> str:
@@ -574,7 +577,9 @@ def ensure_dir(path: Path) -> Path:
     return path
 
 
-def read_normalised(path: Path) -> BeirDataset:
+def read_normalised(path: Path, name: str | None = None) -> BeirDataset:
+    """The dataset in a normalised cache directory; `name` is the one it was loaded as now (the cache
+    is shared by content, so its dataset.json keeps the name of whichever copy came first)."""
     meta = json.loads((path / "dataset.json").read_text())
     qrels_table = pq.read_table(path / "qrels.parquet").to_pydict()
     qrels: dict[str, dict[str, dict[str, int]]] = {}
@@ -583,7 +588,7 @@ def read_normalised(path: Path) -> BeirDataset:
     ):
         qrels.setdefault(split, {}).setdefault(qid, {})[docid] = grade
     return BeirDataset(
-        name=meta["name"],
+        name=name or meta["name"],
         fingerprint=meta["fingerprint"],
         path=path,
         corpus=pq.read_table(path / "corpus.parquet"),

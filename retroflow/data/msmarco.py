@@ -128,8 +128,10 @@ def read_queries(path: str | Path) -> dict[str, str]:
     return queries
 
 
-def read_qrels(path: str | Path) -> Qrels:
-    """MS MARCO / TREC qrels (`qid iter pid grade`, tabs or spaces; `qid pid grade` also accepted)."""
+def read_qrels(path: str | Path, check=None) -> Qrels:
+    """MS MARCO / TREC qrels (`qid iter pid grade`, tabs or spaces; `qid pid grade` also accepted).
+
+    `check(line number, qid, pid)` may raise for a row (unknown ids, named in this file and line)."""
     path = Path(path)
     qrels: Qrels = {}
     for number, line in open_text_lines(path):
@@ -147,6 +149,8 @@ def read_qrels(path: str | Path) -> Qrels:
         except ValueError:
             raise DatasetError(f"{path}, line {number}: field 'grade' is not an integer: {grade!r}") from None
         value = checked_grade(value, path, f"line {number}")
+        if check is not None:
+            check(number, qid, pid)
         judged = qrels.setdefault(qid, {})
         if judged.get(pid, value) != value:
             raise DatasetError(f"{path}, line {number}: query '{qid}', passage '{pid}' graded {value} here and {judged[pid]} earlier")
@@ -290,13 +294,30 @@ def write_beir_layout(files: MsMarcoFiles, dest: Path) -> None:
     (dest / "qrels").mkdir(parents=True)
     corpus = read_collection(files.collection)
     corpus.to_pandas().to_json(dest / "corpus.jsonl", orient="records", lines=True, force_ascii=False)
+    queries = merged_queries(files)
     with open(dest / "queries.jsonl", "w", encoding="utf-8") as out:
-        for qid, text in merged_queries(files).items():
+        for qid, text in queries.items():
             out.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
+    doc_ids = set(corpus.column("_id").to_pylist())
+
+    # Checked here, against the user's files, so that errors name their file and line rather than
+    # the converted copy in the cache (which the BEIR loader would otherwise report).
+    def known(path: Path):
+        def check(number: int, qid: str, pid: str) -> None:
+            if qid not in queries:
+                raise DatasetError(f"{path}, line {number}: query id '{qid}' is not in the queries files "
+                                   f"({', '.join(sorted(p.name for p in files.queries.values()))})")  # fmt: skip
+            if pid not in doc_ids:
+                raise DatasetError(f"{path}, line {number}: passage id '{pid}' is not in {files.collection}")
+        return check
+
     for split, path in files.qrels.items():
+        judged = read_qrels(path, check=known(path))
+        if not judged:
+            raise DatasetError(f"{path}: no judgments (the qrels file is empty); split '{split}' cannot be evaluated")
         with open(dest / "qrels" / f"{split}.tsv", "w", encoding="utf-8") as out:
             out.write("query-id\tcorpus-id\tscore\n")
-            for qid, docs in read_qrels(path).items():
+            for qid, docs in judged.items():
                 for pid, grade in docs.items():
                     out.write(f"{qid}\t{pid}\t{grade}\n")
 

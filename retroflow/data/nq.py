@@ -259,6 +259,8 @@ def read_passages(path: str | Path) -> pa.Table:
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: passages file not found")
+    if path.stat().st_size == 0:  # Arrow would say only "Empty CSV file"
+        raise DatasetError(f"{path}: the passages file is empty (expected a header 'id text title' and one passage a line)")
     try:
         # One line is one passage: quoting is off while splitting, so a stray `"` can never swallow
         # the lines after it (CSV quoting would silently merge them); quotes are undone per field below.
