@@ -135,10 +135,14 @@ SHARED_VALUES = {
 
 
 def tune_defaults(pipeline: PipelineConfig) -> dict[str, Any]:
-    """What the tune section takes from the pipeline unless it says otherwise: dev queries held out
-    of the training split, encoded as the evaluation encodes its queries."""
-    encoder = pipeline.evaluate.get("encoder")
-    return {"dev_split": pipeline.train_split, **({"encoder": encoder} if encoder is not None else {})}
+    """What the tune section takes from the pipeline unless it says otherwise: fine-tuning's dev
+    hold-out of the training split, encoded as the evaluation encodes its queries."""
+    defaults: dict[str, Any] = {"dev_split": pipeline.train_split}
+    held_out = pipeline.finetune.get("data", {}) if pipeline.stages.finetune else {}
+    defaults.update({k: held_out[k] for k in ("dev_fraction", "dev_seed") if k in held_out})
+    if "encoder" in pipeline.evaluate:
+        defaults["encoder"] = pipeline.evaluate["encoder"]
+    return defaults
 
 
 def check_tune_hold_out(pipeline: PipelineConfig, tune: StageConfig, finetune: StageConfig) -> None:

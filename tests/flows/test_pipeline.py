@@ -238,3 +238,13 @@ def test_a_small_corpus_is_searched_exactly_and_an_index_shows_exact_beside_it(s
     assert row["ndcg@10 exact"] == round(exact["ndcg@10"], 4)
     assert row["ndcg@10 Δ index"] == pytest.approx(scored["ndcg@10"] - exact["ndcg@10"], abs=1e-4)
     assert "The metric table searched through it" in index_section(through, config)
+
+
+def test_the_tuner_gets_fine_tunings_dev_hold_out_and_the_evaluations_encoder():
+    from flows.chain import section_config
+
+    given_once = section_config(load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml"), "tune")
+    assert (given_once.dev_split, given_once.dev_fraction, given_once.dev_seed) == ("train", 0.1, 0)
+    assert given_once.encoder.query_max_length == 64 and given_once.ndcg_tolerance == 0.001
+    per_section = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", SECTIONS_OWN_HOLD_OUT)
+    assert section_config(per_section, "tune").dev_fraction == 0.1
