@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.evaluate import EvaluateConfig, evaluate, record_run, summary, write_result
+from eval.report import search_columns
 from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
 
@@ -82,6 +83,7 @@ def run_evaluate_command(args: argparse.Namespace) -> int:
     metric_row = {"model": config.model, "dataset": short["dataset"], "split": config.split}
     metric_row.update({m: short[m] for m in config.metrics})
     metric_row["queries"] = short["num_queries"]
+    metric_row.update(search_columns(short, config.metrics))
     print(format_table([metric_row]))
     if args.output:
         write_result(result, args.output)

@@ -72,6 +72,8 @@ class EvaluateConfig(StageConfig):
     bm25: BM25Settings = Field(default_factory=BM25Settings)
     fusion: FusionSettings = Field(default_factory=FusionSettings)  # used by hybrid:<model>
     index: str | None = None  # FAISS index artifact directory; None = exact search
+    exact_beside_index: bool = Field(True, description="searched through an approximate index: also search exactly (over "
+                                     "`embeddings` or the index's own vectors) and report both, so the index's cost is shown")  # fmt: skip
     system: Literal["dense", "hybrid", "bm25"] | None = None  # the `evaluate` stage: how its `model` input is used
     embeddings: str | None = None  # exact search over this encode artifact's vectors instead of encoding the corpus
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
@@ -223,6 +225,42 @@ def check_has_relevant(qrels: dict[str, dict[str, int]], name: str, split: str) 
                            "so every metric would be 0; check the qrels' score column")  # fmt: skip
 
 
+def index_search(config: EvaluateConfig) -> dict[str, Any] | None:
+    """How the dense side was searched: exactly, or through which index with which knobs (None: no dense side)."""
+    if config.run_file or config.model == "bm25":
+        return None
+    if not config.index:
+        return {"approximate": False, "label": "exact"}
+    from retrieval.index import read_index_meta
+
+    meta = read_index_meta(config.index)
+    params = meta.get("search_params") or {}
+    knobs = " ".join(f"{k}={int(v) if float(v).is_integer() else v}" for k, v in sorted(params.items()))
+    return {"approximate": meta["factory"].strip() != "Flat", "factory": meta["factory"], "search_params": params,
+            "label": f"{meta['factory']} {knobs}".strip(), "embeddings": (meta.get("embeddings") or {}).get("path")}  # fmt: skip
+
+
+def exact_config(config: EvaluateConfig, search: Mapping[str, Any]) -> EvaluateConfig:
+    """The same evaluation searched exactly: over the given embeddings, else the vectors the index
+    was built from (when they are still where it records them), else by encoding the corpus."""
+    embeddings = config.embeddings
+    if embeddings is None and search.get("embeddings"):
+        from retrieval.index_cli import resolve_artifact_label
+
+        found = Path(resolve_artifact_label(search["embeddings"], near=Path(config.index)))
+        embeddings = str(found) if found.is_dir() else None
+    return config.model_copy(update={"index": None, "embeddings": embeddings})
+
+
+def exact_beside(dataset: BeirDataset, queries: dict[str, str], qrels, config: EvaluateConfig, relevance_level: int) -> dict[str, float]:
+    """The means an exact search gives on the same queries (the approximate run's reference)."""
+    run, _ = retrieve(dataset, queries, config)
+    if config.suite != "msmarco" and config.ignore_identical_ids:
+        run = drop_self_hits(run)
+    means, _ = evaluate_run(qrels, run, config.metrics, relevance_level)
+    return {m: means[m] for m in config.metrics if m in means}
+
+
 def warn_shallow_cutoffs(config: EvaluateConfig) -> None:
     deepest = max((parse_metric(m)[1] for m in config.metrics), default=0)
     if deepest > config.top_k:
@@ -262,6 +300,12 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
         "relevance_level": relevance_level,
         "num_empty_queries": len(empty),
     }
+    search = index_search(config)
+    if search is not None:
+        extra["search"] = {k: v for k, v in search.items() if k != "embeddings"}
+    if search is not None and search["approximate"] and config.exact_beside_index:
+        # An approximate row beside exact ones (the init model's, say) compares the index as much as the model.
+        extra["exact_search"] = exact_beside(dataset, queries, qrels, exact_config(config, search), relevance_level)
     return result_record(config, config.suite, dataset, counts, means, per_query, run, extra, started)
 
 

@@ -50,11 +50,28 @@ def system_row(dataset: str, system: str, result: Mapping[str, Any], metrics: Se
     for metric in DELTA_METRICS:
         if init is not None and metric in result and metric in init:
             row[f"{metric} Δ init"] = round(float(result[metric]) - float(init[metric]), 4)
+    row.update(search_columns(result))
     fusion = result.get("fusion")
     if isinstance(fusion, Mapping):
         weight = fusion.get("weight")
         row["fusion"] = f"{fusion.get('method')} w={weight} ({fusion.get('chosen_on')})" if weight is not None else str(fusion.get("method"))
     return row
+
+
+def search_columns(result: Mapping[str, Any], metrics: Sequence[str] = DELTA_METRICS) -> dict[str, Any]:
+    """How a row was searched and, when through an approximate index, the exact-search figures
+    beside it and what the index costs (`Δ index` = through the index minus exact)."""
+    search = result.get("search")
+    if not isinstance(search, Mapping):
+        return {}
+    columns: dict[str, Any] = {"search": search.get("label")}
+    exact = result.get("exact_search")
+    if search.get("approximate") and isinstance(exact, Mapping):
+        for metric in metrics:
+            if metric in exact and metric in result:
+                columns[f"{metric} exact"] = round(float(exact[metric]), 4)
+                columns[f"{metric} Δ index"] = round(float(result[metric]) - float(exact[metric]), 4)
+    return columns
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:

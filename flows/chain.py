@@ -52,6 +52,12 @@ class ReferenceSwitches(StageConfig):
     hybrid: bool = Field(True, description="BM25 fused with the produced model (and with the init model)")
 
 
+# Below this many documents exact search is at least as fast as HNSW32 at efSearch 64, batched and
+# single-threaded at 384 dimensions (docs/indexing.md "Exact or approximate"): an index there costs
+# quality and buys no speed.
+EXACT_BELOW_DOCS = 20_000
+
+
 class PipelineConfig(StageConfig):
     name: str = "quickstart"
     store: str = Field("artifacts", description="artifact store: a directory or an fsspec URL such as s3://bucket/prefix (RETROFLOW_STORE overrides)")
@@ -77,6 +83,8 @@ class PipelineConfig(StageConfig):
     dev_seed: int | None = Field(None, description="given once: which queries dev_fraction draws")
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
     train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
+    exact_below_docs: int = Field(EXACT_BELOW_DOCS, ge=0, description="a corpus with fewer documents is searched exactly (Flat) even "
+                                  "when an index is built and tuned (their cost is still reported); 0 = always through the index")  # fmt: skip
     verify: bool = Field(False, description="re-hash every file of each stored artifact the run reuses (the default check re-hashes "
                          "only files whose size or modification time changed)")  # fmt: skip
 
@@ -106,6 +114,7 @@ def validate_sections(pipeline: PipelineConfig) -> None:
     """Each stage section through its own config class (flows.stages), with the values the pipeline gives once."""
     configs = {section: section_config(pipeline, section) for section in SECTIONS}
     check_dev_hold_outs(pipeline, configs["teacher"], configs["finetune"], configs["evaluate"])
+    check_tune_hold_out(pipeline, configs["tune"], configs["finetune"])
 
 
 def check_dev_hold_outs(pipeline: PipelineConfig, teacher: StageConfig, finetune: StageConfig, evaluate: StageConfig) -> None:
@@ -131,9 +140,33 @@ SECTIONS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index", "
 # Values a pipeline gives once, and where in each section they go.
 SHARED_VALUES = {
     "seed": {"pretrain": ("train", "seed"), "teacher": ("seed",), "finetune": ("train", "seed")},
-    "dev_fraction": {"teacher": ("dev_fraction",), "finetune": ("data", "dev_fraction"), "evaluate": ("fusion", "dev_fraction")},
-    "dev_seed": {"teacher": ("dev_seed",), "finetune": ("data", "dev_seed"), "evaluate": ("fusion", "dev_seed")},
+    "dev_fraction": {"teacher": ("dev_fraction",), "finetune": ("data", "dev_fraction"), "evaluate": ("fusion", "dev_fraction"),
+                     "tune": ("dev_fraction",)},
+    "dev_seed": {"teacher": ("dev_seed",), "finetune": ("data", "dev_seed"), "evaluate": ("fusion", "dev_seed"), "tune": ("dev_seed",)},
 }
+
+
+def tune_defaults(pipeline: PipelineConfig) -> dict[str, Any]:
+    """What the tune section takes from the pipeline unless it says otherwise: fine-tuning's dev
+    hold-out of the training split, encoded as the evaluation encodes its queries."""
+    defaults: dict[str, Any] = {"dev_split": pipeline.train_split}
+    held_out = pipeline.finetune.get("data", {}) if pipeline.stages.finetune else {}
+    defaults.update({k: held_out[k] for k in ("dev_fraction", "dev_seed") if k in held_out})
+    if "encoder" in pipeline.evaluate:
+        defaults["encoder"] = pipeline.evaluate["encoder"]
+    return defaults
+
+
+def check_tune_hold_out(pipeline: PipelineConfig, tune: StageConfig, finetune: StageConfig) -> None:
+    """The tuner's nDCG rule is measured on dev queries: never the evaluated ones, never trained-on ones."""
+    if not (pipeline.stages.index and pipeline.stages.tune and tune.dev_fraction):
+        return
+    if tune.dev_split == pipeline.eval_split:
+        raise ConfigError(f"tune.dev_split is '{tune.dev_split}', the evaluated split: the index would be tuned on the test queries")
+    held_out = (finetune.data.dev_fraction, finetune.data.dev_seed)
+    if pipeline.stages.finetune and tune.dev_split == finetune.data.split and (tune.dev_fraction, tune.dev_seed) != held_out:
+        raise ConfigError(f"tune.dev_fraction/dev_seed {(tune.dev_fraction, tune.dev_seed)} differ from finetune.data's {held_out}: "
+                          "the index would be tuned on queries the model trains on")  # fmt: skip
 
 
 def with_shared_values(pipeline: PipelineConfig, section: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +196,9 @@ def section_config(pipeline: PipelineConfig, section: str) -> StageConfig:
         "negatives": {"split": pipeline.train_split},
         "teacher": {"split": pipeline.train_split},
         "evaluate": {"split": pipeline.eval_split},
+        "tune": tune_defaults(pipeline),
     }.get(section, {})
-    data = {**shared, **getattr(pipeline, section)} if section == "evaluate" else {**getattr(pipeline, section), **shared}
+    data = {**shared, **getattr(pipeline, section)} if section in ("evaluate", "tune") else {**getattr(pipeline, section), **shared}
     data = with_shared_values(pipeline, section, data)
     return validate_config(STAGES[section].config_type(), data, source=f"pipeline '{pipeline.name}', section '{section}'")
 
@@ -283,7 +317,9 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
         data = train_data if source == pipeline.train_dataset else execute("data", prepare_data, store, source)
         produced[f"data:{source}"] = data
         index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
-        evaluations[source] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_config, "dense", data, model, index))
+        index = searched_index(pipeline, data, index)
+        embeddings = produced.get(f"encode:{source}")
+        evaluations[source] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_config, "dense", data, model, index, embeddings))
         references[source] = evaluate_references(pipeline, store, execute, execute_map, evaluate_config, data, model, index, init_model, produced, source)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
     shard_results = produced.pop("_shards", [])
@@ -296,7 +332,8 @@ def evaluate_references(pipeline: PipelineConfig, store: ArtifactStore, execute,
     hybrid(init) and BM25. Keyed by content like every step, so each is computed once per dataset."""
     switches, out = pipeline.references, {}
     if switches.hybrid:
-        out["hybrid"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "hybrid", data, model, index))
+        embeddings = produced.get(f"encode:{source}")
+        out["hybrid"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "hybrid", data, model, index, embeddings))
     if switches.init and model is not init_model:
         init_vectors = encode_corpus(pipeline, store, execute, execute_map, data, init_model, produced, f"init:{source}")
         out["init"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "dense", data, init_model, None, init_vectors))
@@ -328,8 +365,17 @@ def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, 
     index = execute("index", build, store, "index", section_config(pipeline, "index"), {"embeddings": embeddings})
     produced[f"index:{source}"] = index
     if pipeline.stages.tune:
-        index = execute("tune", build, store, "tune", section_config(pipeline, "tune"), {"index": index, "embeddings": embeddings})
+        inputs = {"index": index, "embeddings": embeddings, "data": data, "model": model}
+        index = execute("tune", build, store, "tune", section_config(pipeline, "tune"), inputs)
         produced[f"tune:{source}"] = index
+    return index
+
+
+def searched_index(pipeline: PipelineConfig, data: Artifact, index: Artifact | None) -> Artifact | None:
+    """The index the model is evaluated through: None (exact search over its encoding) for a corpus
+    below `exact_below_docs`, where exact search is as fast and loses nothing."""
+    if index is not None and data.manifest["metrics"]["num_docs"] < pipeline.exact_below_docs:
+        return None
     return index
 
 

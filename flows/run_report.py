@@ -29,7 +29,7 @@ def write_run_report(pipeline, result) -> dict[str, Any]:
         rows,
         [*result.evaluations.values(), *(a for refs in result.references.values() for a in refs.values())],
         flagged,
-        report_sections(result, folder),
+        report_sections(result, folder, pipeline),
     )
     summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(folder / "report.md"),
                "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
@@ -53,8 +53,37 @@ def heldout_table(pretrain) -> str | None:
     return "\n".join(rows)
 
 
-def report_sections(result, run_dir: Path) -> dict[str, str]:
-    """The report's sections beyond the table: training loss, the distillation gate, recall vs QPS."""
+def index_section(result, pipeline) -> str | None:
+    """What each index and its tuning cost and chose, and whether the metric table searched through it:
+    an index built but not searched through must still show what it took."""
+    lines = []
+    for name, art in result.artifacts.items():
+        if not name.startswith("index:"):
+            continue
+        source = name.removeprefix("index:")
+        tuned = result.artifacts.get(f"tune:{source}")
+        evaluation = result.evaluations.get(source)
+        used = evaluation is not None and "index" in evaluation.manifest.get("inputs", {})
+        docs = art.metrics.get("ntotal")
+        lines.append(f"- **{source}**: `{art.metrics.get('factory')}` over {docs} documents, built in {art.manifest.get('seconds')} s"
+                     + (f", tuned in {tuned.manifest.get('seconds')} s" if tuned is not None else "") + ".")  # fmt: skip
+        if tuned is not None:
+            m = tuned.metrics
+            dev = m.get("dev") or {}
+            figures = "; ".join(f"{k} {v}" for k, v in dev.items() if k.startswith("exact_ndcg") or k.startswith("ndcg"))
+            lines.append(f"  Chose `{m.get('search_params')}`: {m.get('rule')}" + (" (met)" if m.get("target_met") else " (**not met**)")
+                         + (f"; on {dev.get('num_queries')} dev queries: {figures}" if dev else "")
+                         + f"; recall@{m.get('k')} {m.get('recall')}, {m.get('speedup_vs_exact')}x exact search's queries/s on held-out queries.")  # fmt: skip
+        if used:
+            lines.append("  The metric table searched through it (the `exact` columns show exact search beside it).")
+        else:
+            lines.append(f"  Not searched through: {docs} documents < exact_below_docs {pipeline.exact_below_docs}, "
+                         "so every dense row is exact search.")  # fmt: skip
+    return "\n".join(lines) or None
+
+
+def report_sections(result, run_dir: Path, pipeline=None) -> dict[str, str]:
+    """The report's sections beyond the table: training loss, the distillation gate, the index's cost, recall vs QPS."""
     sections = {}
     curves = {stage: loss_history(art) for stage, art in result.artifacts.items() if stage in ("pretrain", "finetune", "teacher")}
     plot = plot_loss_curves(curves, run_dir / "loss.png")
@@ -71,6 +100,9 @@ def report_sections(result, run_dir: Path) -> dict[str, str]:
     gate = finetune.get("distill_gate")
     if gate:
         sections["Distillation gate"] = ("Distilled from the teacher: " if gate["distilled"] else "**Not distilled**: ") + gate["reason"]
+    index = index_section(result, pipeline) if pipeline is not None else None
+    if index:
+        sections["Index"] = index
     for name, art in result.artifacts.items():
         if name.startswith("tune:") and art.file("tune.png").is_file():
             sections[f"Recall vs QPS ({name.removeprefix('tune:')})"] = embedded_png("recall@10 vs queries/s", art.file("tune.png"))

@@ -4,6 +4,7 @@
                      [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
     retroflow index --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
     retroflow tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
+                   [--dev-dataset scifact --dev-fraction 0.1 [--ndcg-tolerance 0.001]]
     retroflow search --index DIR --query "text" [--query ...] | --dataset D --split test --output run.json
 """
 
@@ -127,7 +128,8 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--metric", choices=["ip", "l2"])
     build.set_defaults(func=run_index_build_command, stage="index", config_from_args=index_config)
 
-    tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest meeting a recall target",
+    tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest that stays within "
+                                 "an nDCG tolerance of exact search on dev queries (else: meeting a recall target)",
                                description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
     _common(tune, "YAML TuneConfig, e.g. configs/tune/default.yaml")
     tune.add_argument("--index", type=Path, required=True)
@@ -140,6 +142,9 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--target-recall", type=float)
     tune.add_argument("--num-queries", type=int)
     tune.add_argument("--k", type=int)
+    tune.add_argument("--dev-dataset", help="hold dev queries out of this dataset's dev_split (default train) and choose by nDCG on them")
+    tune.add_argument("--dev-fraction", type=float, help="share of the dev split's queries held out (use fine-tuning's)")
+    tune.add_argument("--ndcg-tolerance", type=float, help="nDCG@k the choice may lose against exact search on dev (default 0.001)")
     tune.set_defaults(func=run_index_tune_command, stage="tune", config_from_args=tune_config)
 
 
@@ -156,7 +161,9 @@ def index_config(args: argparse.Namespace):
 def tune_config(args: argparse.Namespace):
     from retrieval.tune import TuneConfig
 
-    return load_config(TuneConfig, args.config, _overrides(args, [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k")]))
+    flags = [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k"), ("dev_fraction", "dev_fraction"),
+             ("ndcg_tolerance", "ndcg_tolerance")]  # fmt: skip
+    return load_config(TuneConfig, args.config, _overrides(args, flags))
 
 
 def run_index_build_command(args: argparse.Namespace) -> int:
@@ -222,8 +229,14 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
         _, query_vectors = _dataset_query_vectors(meta, args.dataset, args.split, args.model)
     else:
         query_vectors = None
+    dev, reason = None, "no --dev-dataset given"
+    if args.dev_dataset:
+        from retroflow.data.beir import load_dataset
+        from retrieval.tune import dev_hold_out_queries
+
+        dev, reason = dev_hold_out_queries(config, load_dataset(args.dev_dataset), query_encoder(meta, args.model))
     out_dir = args.output or args.index
-    metrics = run_tune_index(config, args.index, embeddings, query_vectors, out_dir)
+    metrics = run_tune_index(config, args.index, embeddings, query_vectors, out_dir, dev=dev, no_dev_reason=reason)
     print(format_table(json.loads((Path(out_dir) / "tune.json").read_text())["pareto_front"]))
     emit_json({"output": str(out_dir), "plot": str(Path(out_dir) / "tune.png"), **metrics})
     return 0

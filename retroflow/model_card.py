@@ -96,7 +96,9 @@ def model_card_markdown(card: ModelCard) -> str:
         "",
     ]
     if card.evaluation:
-        parts += ["## Evaluation", "", "Every row was computed by the pipeline on the same queries; `Δ init` is against the untouched init model.", "",
+        parts += ["## Evaluation", "", "Every row was computed by the pipeline on the same queries; `Δ init` is against the untouched init model; "
+                  "`search` says how a row was searched, and a row searched through an approximate index has the exact-search "
+                  "figures (`exact`) and the index's cost (`Δ index`) beside it.", "",
                   _table(card.evaluation), ""]  # fmt: skip
     if card.training:
         parts += ["## Training Details", "", *(f"- **{k}:** {v}" for k, v in card.training.items()), ""]

@@ -186,3 +186,65 @@ def test_a_fixed_fusion_weight_needs_no_dev_hold_out():
     config = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml",
                                   ["dev_fraction=null", "dev_seed=null", "teacher.dev_fraction=0.1", "finetune.data.dev_fraction=0.0", "stages.teacher=false", "evaluate.fusion.weight=0.5"])  # fmt: skip
     assert config.evaluate["fusion"]["weight"] == 0.5
+
+
+@pytest.mark.parametrize(("override", "field"), [("exact_below_docs=-1", "exact_below_docs"), ("tune.ndcg_tolerance=-0.1", "ndcg_tolerance"),
+                                                 ("tune.ndcg_tolerance=1.01", "ndcg_tolerance")])  # fmt: skip
+def test_bad_search_thresholds_are_one_line_errors_naming_the_field(override, field):
+    with pytest.raises(ConfigError) as info:
+        load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", [override])
+    message = str(info.value)
+    assert "\n" not in message and f"field '{field}'" in message
+
+
+def test_the_index_is_never_tuned_on_the_evaluated_split():
+    with pytest.raises(ConfigError, match="tune.dev_split is 'test', the evaluated split"):
+        load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", ["tune.dev_split=test"])
+
+
+def test_a_small_corpus_is_searched_exactly_and_an_index_shows_exact_beside_it(scifact_small, tiny_bert, tmp_path, monkeypatch, one_torch_thread):
+    """Below exact_below_docs the model's row is exact search even though the index is built and
+    tuned (on dev, by nDCG); asked for the index (exact_below_docs 0), the row shows exact beside it."""
+    from eval.report import metric_rows
+    from flows.chain import read_evaluation, run_pipeline
+    from flows.run_report import index_section
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scifact").symlink_to(scifact_small)
+    monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+    off = ["stages.pretrain=false", "stages.negatives=false", "stages.teacher=false", "stages.finetune=false", f"model={tiny_bert}",
+           "references.hybrid=false", "references.bm25=false", "tune.ef_search=[4,64]"]  # fmt: skip
+    config = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", off)
+    assert config.exact_below_docs == 20_000
+    result = run_pipeline(config)
+    evaluation = result.evaluations["scifact"]
+    assert "index" not in evaluation.manifest["inputs"] and evaluation.manifest["inputs"]["embeddings"]["stage"] == "encode"
+    scored = read_evaluation(evaluation)
+    assert scored["search"] == {"approximate": False, "label": "exact"} and "exact_search" not in scored
+    tuned = result.artifacts["tune:scifact"].metrics  # still built and tuned, on dev queries
+    assert tuned["dev"]["num_queries"] == 12 and "dev nDCG@10 within 0.001" in tuned["rule"]
+    section = index_section(result, config)
+    assert "HNSW16" in section and "tuned in" in section and "Not searched through" in section
+
+    through = run_pipeline(config.with_overrides(exact_below_docs=0))
+    scored = read_evaluation(through.evaluations["scifact"])
+    assert through.evaluations["scifact"].manifest["inputs"]["index"]["stage"] == "tune"
+    assert scored["search"]["approximate"] and scored["search"]["label"].startswith("HNSW16 efSearch=")
+    exact = read_evaluation(evaluation)
+    assert scored["exact_search"]["ndcg@10"] == pytest.approx(exact["ndcg@10"], abs=1e-6)  # the same model, searched exactly
+    row = metric_rows({"scifact": scored})[0]
+    assert row["ndcg@10 exact"] == round(exact["ndcg@10"], 4)
+    assert row["ndcg@10 Δ index"] == pytest.approx(scored["ndcg@10"] - exact["ndcg@10"], abs=1e-4)
+    assert "The metric table searched through it" in index_section(through, config)
+
+
+def test_the_tuner_gets_fine_tunings_dev_hold_out_and_the_evaluations_encoder():
+    from flows.chain import section_config
+
+    given_once = section_config(load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml"), "tune")
+    assert (given_once.dev_split, given_once.dev_fraction, given_once.dev_seed) == ("train", 0.1, 0)
+    assert given_once.encoder.query_max_length == 64 and given_once.ndcg_tolerance == 0.001
+    per_section = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", SECTIONS_OWN_HOLD_OUT)
+    assert section_config(per_section, "tune").dev_fraction == 0.1

@@ -116,6 +116,9 @@ CASES = [
          r"arms\[1\]: unknown arm 'bert'"),
     Case("config: ablation sweep ratio outside (0, 1)", lambda t, o: ["ablation", "--config", str(REPO / "configs/ablation/tiny.yaml"),
          "--set", "sweep.decoder_mask_ratio=[1.5]"], r"sweep\.decoder_mask_ratio"),
+    Case("config: tune nDCG tolerance above 1", lambda t, o: ["tune", "--index", str(o), "--ndcg-tolerance", "1.5"], r"ndcg_tolerance"),
+    Case("config: pipeline exact_below_docs below 0", lambda t, o: ["pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"),
+         "--set", "exact_below_docs=-1"], r"exact_below_docs"),
     Case("vectors: truncated embeddings.npy", lambda t, o: ["index", "build", "--embeddings", str(truncated_embeddings(t)), "--output", str(o)],
          r"embeddings\.npy: not a complete \.npy vectors file"),
 ]

@@ -66,12 +66,19 @@ def test_evaluate_through_flat_index_equals_exact(encoded, exact, scifact_small,
 def test_hnsw_tune_search_and_evaluate(encoded, exact, scifact_small, capsys, tmp_path):
     run_cli(capsys, "index", "--config", "configs/index/hnsw32.yaml", "--embeddings", encoded, "--output", tmp_path / "hnsw")
     tuned = run_cli(capsys, "tune", "--index", tmp_path / "hnsw", "--dataset", scifact_small, "--split", "train",
-                    "--output", tmp_path / "tuned", "--set", "repeats=1")  # fmt: skip
+                    "--dev-dataset", scifact_small, "--dev-fraction", "0.2", "--output", tmp_path / "tuned", "--set", "repeats=1")  # fmt: skip
     assert tuned["target_met"] and tuned["recall"] >= 0.95 and Path(tuned["plot"]).is_file()
+    assert tuned["dev"]["num_queries"] == 12 and tuned["dev"]["ndcg@10_loss"] <= tuned["ndcg_tolerance"] == 0.001
     hits = run_cli(capsys, "search", "--index", tmp_path / "tuned", "--query", "vitamin D and bone density", "-k", "5")
     assert hits["num_queries"] == 1 and hits["top"][0] is not None and hits["search_params"] == tuned["search_params"]
-    ann = run_cli(capsys, *EVALUATE, "--dataset", scifact_small, "--index", tmp_path / "tuned")
-    assert abs(ann["ndcg@10"] - exact["ndcg@10"]) <= 0.005
+    code = main([*EVALUATE, "--dataset", str(scifact_small), "--index", str(tmp_path / "tuned")])
+    printed = capsys.readouterr().out
+    ann = json.loads(printed.strip().splitlines()[-1])
+    assert code == 0 and abs(ann["ndcg@10"] - exact["ndcg@10"]) <= 0.005
+    # searched through the index, the row carries exact search's figure beside it (over the index's own vectors)
+    assert ann["search"]["approximate"] and ann["exact_search"]["ndcg@10"] == pytest.approx(exact["ndcg@10"], abs=1e-6)
+    header = printed.splitlines()[0]
+    assert "ndcg@10 exact" in header and "ndcg@10 Δ index" in header
     run = tmp_path / "run.json"
     listed = run_cli(capsys, "search", "--index", tmp_path / "tuned", "--dataset", scifact_small, "--output", run)
     assert listed["num_queries"] == len(json.loads(run.read_text())) == 30

@@ -140,3 +140,72 @@ def test_blockwise_exact_search_equals_one_pass(synthetic):
     blocked, _ = exact_topk(open_embeddings(emb), queries[:50], 10, "ip", block=7)  # blocks smaller than k too
     _, direct = exact_search(docs[:500], queries[:50], 10)
     assert recall_at_k(blocked, direct, 10) == 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# The nDCG rule: the fastest setting within a tolerance of exact search on dev queries
+# ---------------------------------------------------------------------------------------
+
+
+def test_choose_rejects_a_faster_setting_that_loses_dev_ndcg():
+    rows = [{"nprobe": 1, "recall": 0.97, "qps": 9000.0, "dev_ndcg": 0.690, "dev_ndcg_loss": 0.005},
+            {"nprobe": 4, "recall": 0.99, "qps": 4000.0, "dev_ndcg": 0.694, "dev_ndcg_loss": 0.001},
+            {"nprobe": 16, "recall": 1.0, "qps": 1000.0, "dev_ndcg": 0.695, "dev_ndcg_loss": 0.0}]  # fmt: skip
+    assert choose(rows, 0.95) == (rows[0], True)  # recall alone takes the lossy one
+    assert choose(rows, 0.95, tolerance=0.001) == (rows[1], True)  # a loss equal to the tolerance is within it
+    assert choose(rows, 0.95, tolerance=0.0) == (rows[2], True)
+    assert choose(rows, 0.995, tolerance=0.001) == (rows[2], True)  # recall still constrains
+    lossy = [dict(r, dev_ndcg_loss=r["dev_ndcg_loss"] + 0.01) for r in rows]
+    assert choose(lossy, 0.95, tolerance=0.001) == (lossy[2], False)  # none within: the least lossy, flagged
+
+
+def dev_queries_for(docs: np.ndarray, count: int, seed: int) -> autotune.DevQueries:
+    """Queries between clusters, each judging its exact top 3 relevant: exact search scores nDCG@10 1.0."""
+    rng = np.random.default_rng(seed)
+    a, b = docs[rng.choice(len(docs), count)], docs[rng.choice(len(docs), count)]
+    vectors = (0.5 * a + 0.5 * b + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
+    _, top = exact_search(docs, vectors, 3)
+    qids = [f"q{i}" for i in range(count)]
+    return autotune.DevQueries(qids, vectors, {q: {f"d{j}": 1 for j in row} for q, row in zip(qids, top)}, "synthetic dev")
+
+
+def test_tuner_rejects_an_index_setting_that_loses_quality_on_dev(synthetic):
+    """Recall alone lets a fast, lossy nprobe through; the nDCG rule keeps a slower one exact search's equal."""
+    root, emb, docs, queries = synthetic
+    index_dir = root / "idx-ndcg"
+    run_build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
+    config = TuneConfig(target_recall=0.05, ndcg_tolerance=0.001, num_queries=300, repeats=3, nprobe=[1, 64])
+    dev = dev_queries_for(docs, 80, seed=5)
+    result = run_tune_index(config, index_dir, emb, queries, root / "tuned-ndcg", dev=dev)
+
+    rows = {r["nprobe"]: r for r in json.loads((root / "tuned-ndcg" / "tune.json").read_text())["rows"]}
+    lossy, exact_enough = rows[1], rows[64]  # nprobe 64 of 64 lists scans every vector
+    assert lossy["dev_ndcg_loss"] > 0.001 and lossy["recall"] >= config.target_recall  # it passes the recall bar
+    assert exact_enough["dev_ndcg_loss"] <= 0.001 and lossy["qps"] > exact_enough["qps"]
+    assert result["search_params"] == {"nprobe": 64} and result["target_met"]
+    assert result["ndcg_tolerance"] == 0.001 and "dev nDCG@10 within 0.001" in result["rule"]
+    assert result["dev"]["num_queries"] == 80 and result["dev"]["exact_ndcg@10"] == pytest.approx(1.0)
+    assert result["dev"]["ndcg@10_loss"] <= 0.001
+    stored = json.loads((root / "tuned-ndcg" / "index.json").read_text())
+    assert stored["search_params"] == {"nprobe": 64} and stored["tuning"]["rule"] == result["rule"]  # recorded with the choice
+    assert "dev_ndcg_loss" in (root / "tuned-ndcg" / "tune.csv").read_text().splitlines()[0]
+
+
+def test_without_dev_queries_the_choice_is_by_recall_and_says_so(synthetic):
+    root, emb, docs, queries = synthetic
+    index_dir = root / "idx-recall-only"
+    run_build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
+    result = run_tune_index(TuneConfig(num_queries=100, repeats=1, nprobe=[1, 64]), index_dir, emb, queries, index_dir,
+                            no_dev_reason="scifact has no split 'train'")  # fmt: skip
+    assert result["dev"] is None and result["ndcg_tolerance"] is None
+    assert result["rule"] == "fastest with recall@10 >= 0.95 (recall only: scifact has no split 'train')"
+
+
+@pytest.mark.parametrize(("field", "value"), [("ndcg_tolerance", -0.001), ("ndcg_tolerance", 1.5)])
+def test_a_tolerance_outside_0_1_is_a_one_line_error_naming_the_field(field, value):
+    from retroflow.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as info:
+        load_config(TuneConfig, None, [f"{field}={value}"])
+    message = str(info.value)
+    assert "\n" not in message and f"field '{field}'" in message and repr(value) in message
