@@ -441,6 +441,13 @@ def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, st
     return {q: float(value) for q, value in per_query["ndcg@10"].items()}
 
 
+def check_pool_is_held_out(dev_pool: Mapping[str, Sequence[str]], train: TrainingSet, teacher_file: Path) -> None:
+    overlap = sorted(set(dev_pool) & {ex.qid for ex in train.examples})
+    if overlap:
+        raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
+                         "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
+
+
 def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model_path: Path, pooling: str, normalize: bool,
                       dev_pool: Mapping[str, Sequence[str]], teacher_file: Path) -> float | None:
     """The untrained student's nDCG@10 on the held-out dev queries, reranking each query's
@@ -451,19 +458,19 @@ def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model
     beats the student; and it costs the pool's few thousand passages, not a corpus encoding."""
     if not dev_pool or dataset is None:
         return None
-    overlap = sorted(set(dev_pool) & {ex.qid for ex in train.examples})
-    if overlap:
-        raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
-                         "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
+    check_pool_is_held_out(dev_pool, train, teacher_file)
     scores = rerank_dev_scores(config, dataset, train.passages, model_path, pooling, normalize, dev_pool)
     return round(float(np.mean(list(scores.values()))), 4) if scores else None
+
+
+TEACHER_POOL = "the teacher's dev pool"
 
 
 def dev_pool_for_gate(config: FinetuneConfig, dataset, train: TrainingSet, teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[dict, str]:
     """(dev qid -> candidate doc ids, where they came from): the teacher's dev pool when it has
     one, else BM25's top `pretrain_gate.pool_depth` for the dev hold-out's queries."""
     if teacher_pool:
-        return dict(teacher_pool), "the teacher's dev pool"
+        return dict(teacher_pool), TEACHER_POOL
     from retrieval.bm25 import BM25Retriever
 
     everyone = beir_training_set(dataset, config.data.split, config.data.min_grade)
@@ -847,14 +854,19 @@ def run_finetune(
         check_teacher_dataset(teacher_scores_file, provenance, dataset)
     if init_path is not None and config.pretrain_gate.enabled and dataset is not None:
         teacher_pool = (provenance or {}).get("dev_pool") if teacher_scores_file is not None else None
+        if teacher_pool:
+            check_pool_is_held_out(teacher_pool, train, teacher_scores_file)
         model_path, start_gate = pretrain_gate(config, dataset, train, model_path, resolve_model_path(init_path), teacher_pool)
     changed_pooling = pooling_change(config, model_path)
     trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
     if teacher_scores_file is not None:
         student_dev = None
         if config.distill.gate:
-            student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
-                                            provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
+            # the pretrain gate already scored the chosen start on the teacher's dev pool: the same figure
+            student_dev = (start_gate or {}).get(f"{start_gate['start']}_dev_ndcg@10") if start_gate and start_gate.get("pool") == TEACHER_POOL else None
+            if student_dev is None:
+                student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
+                                                provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
             distil, reason = distillation_gate(provenance, student_dev)
         else:
             distil, reason = True, "distillation gate off (distill.gate: false)"
