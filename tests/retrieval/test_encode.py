@@ -38,7 +38,7 @@ def dataset(scifact_small):
 
 @pytest.fixture(scope="module")
 def config(tiny_bert, scifact_small) -> EncodeConfig:
-    return EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False})
+    return EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "fp32"})
 
 
 @pytest.fixture(scope="module")

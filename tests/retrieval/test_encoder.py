@@ -12,7 +12,7 @@ import torch
 
 from retrieval.encoder import Encoder, EncoderSettings, choose_backend, length_sorted_batches, pool
 
-QUIET = dict(show_progress=False)
+QUIET = dict(show_progress=False, precision="fp32")  # exact agreement (ST, hand-computed pooling) is an fp32 property; bf16: test_bf16.py
 
 
 def corpus_texts(scifact_small: Path, n: int) -> list[str]:

@@ -51,7 +51,7 @@ def save_st(base: Path, dest: Path, pooling="mean", dense=None, normalize=False,
 
 
 def assert_agree(path: Path, backend: str = "auto") -> Encoder:
-    ours = Encoder(path, EncoderSettings(show_progress=False, backend=backend, device="cpu", batch_size=2))
+    ours = Encoder(path, EncoderSettings(show_progress=False, precision="fp32", backend=backend, device="cpu", batch_size=2))
     theirs = SentenceTransformer(str(path), device="cpu")
     for mine, reference in ((ours.encode_queries(QUERIES), theirs.encode_query(QUERIES)),
                             (ours.encode_passages(PASSAGES), theirs.encode_document(PASSAGES))):
@@ -99,7 +99,7 @@ def test_query_and_document_prompts_agree(st_base, tmp_path):
 
 def refusal(path: Path) -> str:
     with pytest.raises(ModelFormatError) as err:
-        Encoder(path, EncoderSettings(show_progress=False))
+        Encoder(path, EncoderSettings(show_progress=False, precision="fp32"))
     message = str(err.value)
     assert "\n" not in message and str(path) in message
     return message
@@ -135,7 +135,7 @@ def test_default_prompt_name_is_refused_unless_prefixes_given(st_base, tmp_path)
     path = save_st(st_base, tmp_path / "m", pooling="mean", prompts={"classification": "classify: "},
                    default_prompt_name="classification")
     assert "default_prompt_name" in refusal(path)
-    encoder = Encoder(path, EncoderSettings(show_progress=False, query_prefix="", passage_prefix=""))
+    encoder = Encoder(path, EncoderSettings(show_progress=False, precision="fp32", query_prefix="", passage_prefix=""))
     assert encoder.query_prefix == encoder.passage_prefix == ""
 
 

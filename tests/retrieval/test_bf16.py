@@ -1,0 +1,68 @@
+"""bf16 on a CPU that computes it natively: the vectors stay those of fp32 (to rounding), a run is
+still reproducible within its precision, and the precision is part of what an artifact is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retroflow.devices import cpu_has_native_bf16
+from retrieval.encoder import Encoder, EncoderSettings
+
+pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)")
+
+
+def test_bf16_minilm_vectors_are_fp32_vectors_to_rounding(scifact_small):
+    from retroflow.data.beir import load_dataset
+
+    texts = load_dataset(scifact_small).doc_texts()[:48]
+    fp32 = Encoder("minilm", EncoderSettings(precision="fp32", show_progress=False)).encode_passages(texts)
+    bf16_encoder = Encoder("minilm", EncoderSettings(precision="bf16", show_progress=False))
+    bf16 = bf16_encoder.encode_passages(texts)
+    assert bf16_encoder.backend == "hf" and str(bf16_encoder.dtype) == "torch.bfloat16"
+    cosine = np.sum(fp32 * bf16, axis=1)  # both L2-normalised (MiniLM's Normalize module)
+    assert cosine.min() > 0.999 and not np.array_equal(fp32, bf16)  # bf16 really ran, and stayed close
+
+
+def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrupted_one(scifact_small, tiny_bert, tmp_path, monkeypatch):
+    from retroflow.data.beir import load_dataset
+    from retrieval.encode import EncodeConfig, open_embeddings, run_encode
+
+    dataset = load_dataset(scifact_small)
+    config = EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "bf16"})
+    run_encode(config, dataset, tmp_path / "whole", tmp_path / "whole-partial")
+    real, calls = Encoder.encode_passages, {"n": 0}
+
+    def dies_on_second_shard(self, texts):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real(self, texts)
+
+    monkeypatch.setattr(Encoder, "encode_passages", dies_on_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        run_encode(config, dataset, tmp_path / "killed", tmp_path / "killed-partial")
+    monkeypatch.setattr(Encoder, "encode_passages", real)
+    assert run_encode(config, dataset, tmp_path / "killed", tmp_path / "killed-partial")["shards_skipped"] == 1
+    assert np.array_equal(open_embeddings(tmp_path / "whole").vectors(), open_embeddings(tmp_path / "killed").vectors())
+
+
+def test_bf16_pretraining_resumes_bit_identically(tiny_bert, scifact_small, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from retromae.config import PretrainConfig
+    from retromae.pretrain import run_pretrain
+
+    config = PretrainConfig.model_validate({
+        "model": {"init": str(tiny_bert)},
+        "data": {"beir_corpus": str(scifact_small / "corpus.jsonl"), "max_docs": 60, "max_seq_length": 32},
+        "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1, "precision": "bf16"},
+    })  # fmt: skip
+    whole = run_pretrain(config, tmp_path / "whole", tmp_path / "whole-partial")
+    run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial", stop_after=2)  # as a kill after step 2's checkpoint
+    resumed = run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial")
+    assert resumed["resumed_from"] == 2 and resumed["loss_history"] == whole["loss_history"]
+    a = load_file(tmp_path / "whole" / "encoder" / "model.safetensors")
+    b = load_file(tmp_path / "killed" / "encoder" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
