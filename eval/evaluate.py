@@ -245,7 +245,7 @@ def exact_config(config: EvaluateConfig, search: Mapping[str, Any]) -> EvaluateC
     was built from (when they are still where it records them), else by encoding the corpus."""
     embeddings = config.embeddings
     if embeddings is None and search.get("embeddings"):
-        from retrieval.index_cli import resolve_artifact_label
+        from retroflow.artifacts import resolve_artifact_label
 
         found = Path(resolve_artifact_label(search["embeddings"], near=Path(config.index)))
         embeddings = str(found) if found.is_dir() else None

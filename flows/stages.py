@@ -1,4 +1,4 @@
-"""Every stage, once: its config class, its `run` function, the code that enters its key, its inputs.
+"""Every stage, once: its config class, its `run` function, its inputs, and the code that enters its key.
 
 A stage is a plain function with one contract,
 
@@ -8,6 +8,9 @@ where `inputs` maps names to upstream artifacts (or external models) and `out_di
 files. `build` wraps it in the content-addressed store; `artifact_key` is the one key function,
 used by the stage commands, the plain chain (`retroflow pipeline`) and the Prefect tasks, so any
 of them reuses what another built.
+
+A stage's code (`Stage.code_version`) is the source of the files its `run` can execute: its
+module and the project modules that module imports, transitively (`retroflow.code_closure`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from retroflow.artifacts import Artifact, ArtifactStore, stage_key
-from retroflow.hashing import code_version
+from retroflow.code_closure import closure_files, project_root
+from retroflow.hashing import sources_version
 from retroflow.config import StageConfig
 from retroflow.inputs import Input
 
@@ -35,7 +39,6 @@ class Stage:
     name: str
     module: str  # holds `run` and the config class; imported on use (torch is slow to import)
     config_class: str
-    code: tuple[str, ...]  # packages whose source enters the key
     inputs: tuple[str, ...]  # the input names `run` reads (some optional)
     located_by_inputs: tuple[str, ...] = ()  # config fields the inputs fill in: not part of the key
     run_function: str = "run"
@@ -43,6 +46,16 @@ class Stage:
 
     def config_type(self) -> type[StageConfig]:
         return getattr(importlib.import_module(self.module), self.config_class)
+
+    def code_files(self, root: Path | None = None) -> list[Path]:
+        """The source files whose content enters the key: those `run` can execute (its module's
+        import closure, entered at `run` and the config class; `retroflow.code_closure`)."""
+        return closure_files(self.module, (self.run_function, self.config_class), root)
+
+    def code_version(self, root: Path | None = None) -> str:
+        """The hash of `code_files` (under `root`: another checkout of the project, for tests)."""
+        root = Path(root or project_root()).resolve()
+        return sources_version(root, self.code_files(root))
 
     def run(self, config: StageConfig, inputs: Mapping[str, Input], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
         function: Callable[..., dict[str, Any]] = getattr(importlib.import_module(self.module), self.run_function)
@@ -52,31 +65,29 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("data", "retroflow.data", "DataConfig", ("retroflow.data",), (), ("source",),
+        Stage("data", "retroflow.data", "DataConfig", (), ("source",),
               summary="a dataset normalised to Parquet (corpus, queries, qrels)"),
-        Stage("tokenizer", "retromae.pretrain", "PretrainConfig", ("retromae.data", "retromae.pretrain"), ("data",),
+        Stage("tokenizer", "retromae.pretrain", "PretrainConfig", ("data",),
               run_function="run_tokenizer_stage", summary="the WordPiece vocabulary of a from-scratch pretraining"),
-        Stage("pretrain", "retromae.pretrain", "PretrainConfig", ("retromae", "retroflow.checkpoints", "retroflow.training"), ("data", "tokenizer"),
+        Stage("pretrain", "retromae.pretrain", "PretrainConfig", ("data", "tokenizer"),
               summary="RetroMAE (or MLM) pretraining of the encoder"),
-        Stage("negatives", "retrieval.negatives", "NegativesConfig", ("retrieval",), ("data", "model"), ("dataset", "model"),
+        Stage("negatives", "retrieval.negatives", "NegativesConfig", ("data", "model"), ("dataset", "model"),
               summary="hard negatives for the training queries (BM25 or dense)"),
-        Stage("teacher", "retrieval.teacher", "TeacherConfig", ("retrieval", "retroflow.checkpoints", "retroflow.training"),
-              ("data", "init", "negatives", "embeddings"), ("dataset", "init"),
+        Stage("teacher", "retrieval.teacher", "TeacherConfig", ("data", "init", "negatives", "embeddings"), ("dataset", "init"),
               summary="the distillation teacher's scores (BM25+dense fusion or a cross-encoder)"),
-        Stage("finetune", "retrieval.finetune", "FinetuneConfig", ("retrieval", "retroflow.checkpoints", "retroflow.training"),
-              ("data", "model", "negatives", "teacher", "init"), ("dataset", "init"), summary="DPR fine-tuning of the bi-encoder"),
-        Stage("encode", "retrieval.encode", "EncodeConfig", ("retrieval",), ("data", "model"), ("model", "dataset"),
+        Stage("finetune", "retrieval.finetune", "FinetuneConfig", ("data", "model", "negatives", "teacher", "init"), ("dataset", "init"),
+              summary="DPR fine-tuning of the bi-encoder"),
+        Stage("encode", "retrieval.encode", "EncodeConfig", ("data", "model"), ("model", "dataset"),
               summary="the corpus's vectors, encoded shard by shard"),
-        Stage("index", "retrieval.index", "IndexConfig", ("retrieval",), ("embeddings",), summary="a FAISS index over the vectors"),
-        Stage("tune", "retrieval.tune", "TuneConfig", ("retrieval", "retroflow.metrics"), ("index", "embeddings", "data", "model"),
+        Stage("index", "retrieval.index", "IndexConfig", ("embeddings",), summary="a FAISS index over the vectors"),
+        Stage("tune", "retrieval.tune", "TuneConfig", ("index", "embeddings", "data", "model"),
               summary="the index's search knobs, chosen against exact search (nDCG on dev queries, recall)"),
-        Stage("evaluate", "eval.evaluate", "EvaluateConfig", ("eval", "retrieval", "retroflow.data", "retroflow.metrics"),
-              ("data", "model", "index", "embeddings"), ("model", "dataset", "index", "embeddings"),
+        Stage("evaluate", "eval.evaluate", "EvaluateConfig", ("data", "model", "index", "embeddings"), ("model", "dataset", "index", "embeddings"),
               summary="a system's metrics (and per-query values) on a dataset split"),
         # the ablation's own steps (flows/ablation.py)
-        Stage("corpus", "flows.ablation", "CorpusConfig", ("retromae.data", "flows.ablation"), ("corpus*",),
+        Stage("corpus", "flows.ablation", "CorpusConfig", ("corpus*",),
               summary="the ablation's pretraining text"),
-        Stage("scratch", "retromae.pretrain", "PretrainConfig", ("retromae",), ("tokenizer",), run_function="run_scratch_stage",
+        Stage("scratch", "retromae.pretrain", "PretrainConfig", ("tokenizer",), run_function="run_scratch_stage",
               summary="the untrained from-scratch encoder (the ablation's `none` arm)"),
     )
 }  # fmt: skip
@@ -116,7 +127,7 @@ def resolved_precisions(node: Any, prefix: str = "") -> dict[str, str]:
 def artifact_key(stage: str, config: StageConfig, inputs: Mapping[str, Input | None], code: str | None = None) -> str:
     """THE artifact key: stage, config, inputs by fingerprint, and the stage's code (its version,
     hashed from the source when not given)."""
-    return stage_key(stage, key_config(stage, config), present(inputs), code or code_version(*STAGES[stage].code))
+    return stage_key(stage, key_config(stage, config), present(inputs), code or STAGES[stage].code_version())
 
 
 def present(inputs: Mapping[str, Input | None]) -> dict[str, Input]:
@@ -143,7 +154,7 @@ def build(store: ArtifactStore, stage: str, config: StageConfig, inputs: Mapping
         # the manifest says what 'auto' meant on the machine that built it (the key holds it too)
         return {**(metrics or {}), **({"precision": precisions} if precisions else {})}
 
-    code = code_version(*spec.code)  # read the source once: the key and the manifest both record it
+    code = spec.code_version()  # read the source once: the key and the manifest both record it
     return store.build(stage, config, inputs, code, body, key=artifact_key(stage, config, inputs, code))
 
 

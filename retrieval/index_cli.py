@@ -178,22 +178,9 @@ def run_index_build_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_artifact_label(name: str, near: Path | None = None) -> str:
-    """A recorded `stage/key/...` path (see `artifact_label`): looked up in the store holding
-    `near` (an index inside a store), then in the default store; anything else as is."""
-    from retroflow.artifacts import default_store
-
-    if Path(name).exists():
-        return name
-    roots = [*Path(near).resolve().parents[:3]] if near is not None else []
-    for root in [*roots, default_store().root]:
-        if (root / name).exists():
-            return str(root / name)
-    return name
-
-
 def query_encoder(index_meta: dict[str, Any], model: str | None):
     """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
+    from retroflow.artifacts import resolve_artifact_label
     from retrieval.encoder import Encoder, EncoderSettings
 
     recorded = index_meta.get("embeddings", {})
@@ -213,6 +200,7 @@ def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str
 
 
 def run_index_tune_command(args: argparse.Namespace) -> int:
+    from retroflow.artifacts import resolve_artifact_label
     from retroflow.inputs import artifact_containing
     from retrieval.tune import run_tune_index
     from retrieval.index import read_index_meta

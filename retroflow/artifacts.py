@@ -161,6 +161,18 @@ def artifact_label(path: str | Path) -> str:
     return str(path)
 
 
+def resolve_artifact_label(name: str, near: Path | None = None) -> str:
+    """A recorded `stage/key/...` path (see `artifact_label`): looked up in the store holding
+    `near` (an index inside a store), then in the default store; anything else as is."""
+    if Path(name).exists():
+        return name
+    roots = [*Path(near).resolve().parents[:3]] if near is not None else []
+    for root in [*roots, default_store().root]:
+        if (root / name).exists():
+            return str(root / name)
+    return name
+
+
 def verify_artifact(path: Path, full: bool = False, record: bool = True) -> list[str]:
     """Problems found with an artifact directory (empty list = intact).
 

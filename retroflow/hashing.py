@@ -82,7 +82,11 @@ def directory_fingerprint(path: Path) -> str:
 
 
 def code_version(*modules: str) -> str:
-    """Hash of the source of the given modules/packages (all .py files under a package)."""
+    """Hash of the source of the given modules/packages (all .py files under a package).
+
+    (Wide by design: a stage's code version is `sources_version` over its import closure,
+    `flows.stages.Stage.code_version`; this one versions the registry's records and the
+    Prefect cache of non-stage steps.)"""
     from retroflow import __version__
 
     digest = hashlib.sha256(__version__.encode())
@@ -94,3 +98,25 @@ def code_version(*modules: str) -> str:
             digest.update(str(file.relative_to(origin.parent)).encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+_sources_versions: dict[tuple[str, str], str] = {}
+
+
+def sources_version(root: Path, files: Iterable[Path]) -> str:
+    """Hash of source files: the project's version, then each file's path relative to `root`
+    and its bytes, in path order (a stage's code version, over the files its `run` can execute).
+    Memoised by the files' paths, sizes and modification times: keys are computed often."""
+    from retroflow import __version__
+
+    root = Path(root)
+    files = sorted({Path(f) for f in files}, key=lambda f: f.relative_to(root).as_posix())
+    memo = (str(root), stat_signature(files, __version__))
+    if memo not in _sources_versions:
+        digest = hashlib.sha256(__version__.encode())
+        for file in files:
+            source = file.read_bytes()
+            digest.update(f"{file.relative_to(root).as_posix()}\0{len(source)}\0".encode())
+            digest.update(source)
+        _sources_versions[memo] = digest.hexdigest()[:16]
+    return _sources_versions[memo]

@@ -6,6 +6,10 @@
     retroflow/                   foundation: config, artifacts, IO/hashing, models, data readers, training loop
 
 Lazy imports inside functions count too: the walk sees every `import` node.
+
+Two more rules: no cycle of module-level imports between project modules (one would fail, or
+half-initialise a module, depending on which is imported first), and only command-line modules
+(`*cli.py`) import command-line modules (a stage's code key leaves them out: docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -22,6 +26,14 @@ ALLOWED = {
     "flows": {"retroflow", "retromae", "retrieval", "eval", "flows"},
 }
 PREFECT = {"prefect", "prefect_dask", "prefect_ray"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+PROJECT_MODULES = {module_name(p): p for package in ALLOWED for p in sorted((REPO / package).rglob("*.py"))}
 
 
 def imported_modules(source: str, filename: str = "<source>") -> set[str]:
@@ -75,3 +87,94 @@ def test_the_chain_and_the_cli_run_without_prefect():
     probe = "import sys, flows.cli, flows.chain, flows.stages; print(sorted(m for m in sys.modules if m.split('.')[0] == 'prefect'))"
     out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def project_imports(source: str, module_level_only: bool) -> set[str]:
+    """The project modules `source` imports (`from a import b` names `a.b` when that is a module);
+    with `module_level_only`, not those inside functions (they run when called, not on import)."""
+    found = set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and not (module_level_only and inside):
+                if isinstance(child, ast.Import):
+                    names = [alias.name for alias in child.names]
+                else:
+                    names = [child.module, *(f"{child.module}.{alias.name}" for alias in child.names)]
+                found.update(n for n in names if n in PROJECT_MODULES)
+            visit(child, inside)
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (or a module importing itself)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def connect(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1 or v in graph.get(v, ()):
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return cycles
+
+
+def import_graph(module_level_only: bool) -> dict[str, set[str]]:
+    return {name: project_imports(path.read_text(), module_level_only) for name, path in PROJECT_MODULES.items()}
+
+
+# Cycles through imports inside functions (harmless on import, but two modules that need each
+# other are one idea split in two). Fixing one means deleting it here: the test says when.
+KNOWN_LAZY_CYCLES = [
+    ["retrieval.finetune", "retrieval.teacher"],  # the teacher-scores format, split between them (issue 25 item 3)
+]
+
+
+def test_no_module_level_import_cycles():
+    assert import_cycles(import_graph(module_level_only=True)) == []
+
+
+def test_no_import_cycles_but_the_known_lazy_ones():
+    assert import_cycles(import_graph(module_level_only=False)) == KNOWN_LAZY_CYCLES
+
+
+def test_a_new_import_cycle_fails_the_check():
+    graph = {"retrieval.a": {"retrieval.b"}, "retrieval.b": {"retrieval.c"}, "retrieval.c": {"retrieval.a"}, "retrieval.d": {"retrieval.a"}}
+    assert import_cycles(graph) == [["retrieval.a", "retrieval.b", "retrieval.c"]]
+    assert import_cycles({"retrieval.a": {"retrieval.b"}, "retrieval.b": set()}) == []
+    lazy = "def f():\n    from retrieval.teacher import SCORES_FILE\n"
+    assert project_imports(lazy, module_level_only=True) == set()
+    assert project_imports(lazy, module_level_only=False) == {"retrieval.teacher"}
+    assert project_imports("from retroflow import data\n", module_level_only=True) == {"retroflow", "retroflow.data"}
+
+
+def is_cli(module: str) -> bool:
+    return module.rsplit(".", 1)[-1].endswith("cli")
+
+
+def test_only_command_line_modules_import_command_line_modules():
+    graph = import_graph(module_level_only=False)
+    offenders = [f"{name} imports {target}" for name, targets in sorted(graph.items()) if not is_cli(name) for target in sorted(targets) if is_cli(target)]
+    assert offenders == []
