@@ -165,6 +165,9 @@ def bench_model_corpus(model: str, encoder: CachedEncoder, path: Path, variants:
         if held_out and variant == "real":
             dev_queries, dev_qrels = held_out
             selection = searcher.select_weight(dev_queries, dev_qrels)
+            if curves is not None:
+                dev_ids, dev_scores = curve_matrix(*searcher.side_runs(dev_queries), dev_qrels, grid, depth)
+                np.savez(curves / f"{model_key(model)}-{path.name}-dev.npz", scores=dev_scores, grid=np.array(grid), clusters=np.array(dev_ids))
             row["dev"] = {"weight": selection["weight"], "queries": selection["selection_queries"], "ndcg@10": at[selection["weight"]],
                           "delta_vs_better_part": round(at[selection["weight"]] - better, 4)}  # fmt: skip
         out["variants"][variant] = row

@@ -154,38 +154,53 @@ def curve_matrix(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], 
     return qids, scores
 
 
-def guarded_weight(scores: np.ndarray, clusters: Sequence[str], grid: Sequence[float], margin: float,
-                   confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict:  # fmt: skip
+def guarded_weight(scores: np.ndarray, clusters: Sequence[str], grid: Sequence[float], margin: float, confidence: float = 0.95,
+                   styles: Sequence[str] | None = None, resamples: int = 2000, seed: int = 0) -> dict:  # fmt: skip
     """The dense weight pseudo-queries justify, anchored on the dense model alone.
 
     `scores` is queries x grid weights (nDCG@10), `clusters` each query's source document (queries
-    cut from one document are not independent, so the bootstrap resamples documents). A weight
-    other than the dense model's own (the grid's largest) is eligible only when the paired
-    bootstrap's lower `1 - confidence` quantile of its gain over dense alone exceeds `margin`;
-    of the eligible ones the weight with the highest such lower bound wins (the gain most sure to
-    be real), ties going to the weight nearest the better single system. None eligible: dense alone. See docs/evaluation.md for why dense, not the pseudo-query winner, is the anchor."""
+    cut from one document are not independent, so the bootstrap resamples documents), `styles`
+    each query's style (None: one style). A weight other than the dense model's own (the grid's
+    largest) is eligible only when, in *every* style, the paired bootstrap's lower `1 - confidence`
+    quantile of its gain over dense alone exceeds `margin`; the eligible weight with the highest
+    such bound over its worst style wins (the gain most sure to be real whatever the users' queries
+    look like), ties going to the weight nearest the better single system. None eligible: dense
+    alone. Why dense is the anchor and why every style must agree: docs/evaluation.md."""
     grid = list(grid)
-    anchor = int(np.argmax(grid))
+    anchor, bm25_only = int(np.argmax(grid)), int(np.argmin(grid))
+    labels = np.asarray(styles) if styles is not None else np.zeros(len(scores), dtype=int)
     groups, inverse = np.unique(np.asarray(clusters), return_inverse=True)
-    sums = np.zeros((len(groups), len(grid)))
-    np.add.at(sums, inverse, scores)
-    counts = np.bincount(inverse, minlength=len(groups)).astype(float)
     # how often each document is drawn in each resample: resamples x documents
     draws = np.random.default_rng(seed).multinomial(len(groups), np.full(len(groups), 1 / len(groups)), size=resamples)
-    boot = (draws @ sums) / (draws @ counts)[:, None]
-    lower = np.quantile(boot - boot[:, [anchor]], 1 - confidence, axis=0)
+    lower, per_style = {}, {}
+    for style in dict.fromkeys(labels.tolist()):
+        rows = labels == style
+        sums = np.zeros((len(groups), len(grid)))
+        np.add.at(sums, inverse[rows], scores[rows])
+        counts = np.bincount(inverse[rows], minlength=len(groups)).astype(float)
+        boot = (draws @ sums) / np.maximum(draws @ counts, 1)[:, None]
+        lower[style] = np.quantile(boot - boot[:, [anchor]], 1 - confidence, axis=0)
+        per_style[style] = scores[rows].mean(axis=0)
+    worst = np.min(np.stack(list(lower.values())), axis=0)
     means = scores.mean(axis=0)
-    eligible = [j for j in range(len(grid)) if j != anchor and lower[j] > margin]
-    # equal lower bounds (a plateau, e.g. one side already perfect) go to the weight nearest the better single system
-    better = anchor if means[anchor] >= means[int(np.argmin(grid))] else int(np.argmin(grid))
-    chosen = max(eligible, key=lambda j: (round(float(lower[j]), 6), -abs(grid[j] - grid[better]))) if eligible else anchor
+    eligible = [j for j in range(len(grid)) if j != anchor and worst[j] > margin]
+    # equal bounds (a plateau, e.g. one side already perfect) go to the weight nearest the better single system
+    better = anchor if means[anchor] >= means[bm25_only] else bm25_only
+    chosen = max(eligible, key=lambda j: (round(float(worst[j]), 6), -abs(grid[j] - grid[better]))) if eligible else anchor
+    named = {str(k): v for k, v in per_style.items()} if styles is not None else {}
+    if eligible:
+        reason = (f"w={grid[chosen]} beats dense alone on pseudo-queries by {means[chosen] - means[anchor]:+.4f}"
+                  f"{' in every style' if len(lower) > 1 else ''}: bootstrap {confidence:.0%} lower bound {worst[chosen]:+.4f}"
+                  f"{' (worst style)' if len(lower) > 1 else ''} > margin {margin}")  # fmt: skip
+    else:
+        reason = (f"dense alone: no weight beats it on pseudo-queries by more than the margin {margin} at {confidence:.0%} "
+                  f"confidence{' in every style' if len(lower) > 1 else ''}")  # fmt: skip
     return {
-        "weight": grid[chosen],
-        "reason": (f"w={grid[chosen]} beats dense alone on pseudo-queries by {means[chosen] - means[anchor]:+.4f}, "
-                   f"bootstrap {confidence:.0%} lower bound {lower[chosen]:+.4f} > margin {margin}") if eligible
-                  else f"no weight beats dense alone on pseudo-queries by more than the margin {margin} at {confidence:.0%} confidence",
-        "margin": margin, "confidence": confidence,
-        "gain_lower_bound": {str(w): round(float(v), 4) for w, v in zip(grid, lower)},
+        "weight": grid[chosen], "reason": reason, "margin": margin, "confidence": confidence,
+        "gain_lower_bound": {str(w): round(float(v), 4) for w, v in zip(grid, worst)},
+        "by_style": {style: {"dense": round(float(m[anchor]), 4), "bm25": round(float(m[bm25_only]), 4), "at_weight": round(float(m[chosen]), 4),
+                             "gain_lower_bound": round(float(lower[style][chosen]), 4) if chosen != anchor else None}
+                     for style, m in named.items()},
     }  # fmt: skip
 
 
@@ -365,15 +380,14 @@ class HybridSearcher:
             log.warning("hybrid: %s", reason)
             return {"method": "minmax", "weight": 1.0, "chosen_on": "fallback (too few pseudo-queries)", "reason": reason,
                     "selection_queries": len(pseudo.queries), "pseudo_documents": pseudo.documents}  # fmt: skip
-        guarded = guarded_weight(scores, [pseudo.source[q] for q in qids], s.weight_grid, s.pseudo_margin, s.pseudo_confidence, seed=s.pseudo_seed)
+        guarded = guarded_weight(scores, [pseudo.source[q] for q in qids], s.weight_grid, s.pseudo_margin, s.pseudo_confidence,
+                                 styles=[pseudo.styles[q] for q in qids], seed=s.pseudo_seed)  # fmt: skip
         by_weight = dict(zip(s.weight_grid, scores.mean(axis=0).tolist()))
-        by_style = {style: round(float(scores[[pseudo.styles[q] == style for q in qids]].mean(axis=0)[s.weight_grid.index(guarded["weight"])]), 4)
-                    for style in dict.fromkeys(s.pseudo_styles)}  # fmt: skip
         return {"method": "minmax", "weight": guarded["weight"], "chosen_on": "pseudo-queries", "reason": guarded["reason"],
                 "selection_queries": len(qids), "pseudo_documents": pseudo.documents, "pseudo_styles": list(s.pseudo_styles),
                 "pseudo_keep_fraction": s.pseudo_keep_fraction, "pseudo_seed": s.pseudo_seed,
                 "margin": guarded["margin"], "confidence": guarded["confidence"], "gain_lower_bound": guarded["gain_lower_bound"],
-                "selection_ndcg@10_by_style": by_style, **curve_summary(by_weight, guarded["weight"])}  # fmt: skip
+                "by_style": guarded["by_style"], **curve_summary(by_weight, guarded["weight"])}  # fmt: skip
 
     def pseudo_runs(self, pseudo: PseudoQueries) -> tuple[Run, Run]:
         """Both sides' runs for the pseudo-queries, each searching the corpus in which the

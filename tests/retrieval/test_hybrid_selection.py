@@ -87,7 +87,7 @@ def test_where_bm25_is_useless_the_rule_keeps_the_dense_model_alone():
     selection = hybrid.select_weight(None, None)
     assert selection["chosen_on"] == "pseudo-queries" and selection["weight"] == 1.0
     assert selection["selection_dense_ndcg@10"] > 0.5 > selection["selection_bm25_ndcg@10"]
-    assert "no weight beats dense alone" in selection["reason"]
+    assert selection["reason"].startswith("dense alone: no weight beats it") and selection["reason"].endswith("in every style")
     assert selection["pseudo_documents"] == 60 and selection["margin"] == FusionSettings().pseudo_margin
 
 
@@ -98,6 +98,8 @@ def test_where_the_dense_model_is_useless_the_rule_picks_bm25():
     assert selection["weight"] == 0.0, selection["reason"]
     assert selection["selection_bm25_ndcg@10"] > 0.5 > selection["selection_dense_ndcg@10"]
     assert "beats dense alone" in selection["reason"] and selection["gain_lower_bound"]["0.0"] > selection["margin"]
+    assert set(selection["by_style"]) == {"keywords", "phrase", "sentence"}
+    assert all(style["bm25"] > style["dense"] for style in selection["by_style"].values())
 
 
 def test_the_query_sentence_leaves_its_document_except_in_the_kept_fraction():
@@ -156,6 +158,19 @@ def test_guarded_weight_needs_a_gain_beyond_noise_and_margin():
     chosen = guarded_weight(clear, clusters, grid, margin=0.005)
     assert chosen["weight"] == 0.5 and chosen["gain_lower_bound"]["0.5"] == pytest.approx(0.05, abs=1e-6)
     assert guarded_weight(clear, clusters, grid, margin=0.06)["weight"] == 1.0  # a gain under the margin is not enough
+
+
+def test_guarded_weight_fuses_only_when_every_query_style_gains():
+    rng = np.random.default_rng(1)
+    grid = [0.0, 0.5, 1.0]
+    base = rng.uniform(0.3, 0.7, size=600)
+    clusters = [f"d{i // 2}" for i in range(600)]
+    styles = ["keywords", "sentence"] * 300
+    gains = np.where(np.array(styles) == "keywords", 0.1, -0.02)  # keyword queries gain from BM25, sentences lose
+    scores = np.stack([base - 0.1, base + gains, base], axis=1)
+    assert guarded_weight(scores, clusters, grid, margin=0.005)["weight"] == 0.5  # pooled, fusion looks like a gain
+    split = guarded_weight(scores, clusters, grid, margin=0.005, styles=styles)
+    assert split["weight"] == 1.0 and split["by_style"]["sentence"]["dense"] > split["by_style"]["sentence"]["bm25"]
 
 
 def test_too_small_a_corpus_falls_back_to_dense_alone_with_a_logged_reason(caplog):
