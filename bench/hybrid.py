@@ -45,7 +45,8 @@ from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 from retrieval.bm25 import BM25Retriever  # noqa: E402
 from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
-from retrieval.hybrid import FusionSettings, HybridSearcher, content_words, curve_matrix, dev_hold_out  # noqa: E402
+from retroflow.metrics import evaluate_run  # noqa: E402
+from retrieval.hybrid import FusionSettings, HybridSearcher, content_words, curve_matrix, dev_hold_out, fuse_rrf  # noqa: E402
 from retrieval.search import ExactDenseRetriever  # noqa: E402
 
 TOLERANCE, GAIN_KEPT = 0.01, 0.8
@@ -152,7 +153,9 @@ def bench_model_corpus(model: str, encoder: CachedEncoder, path: Path, variants:
         bm25_score, dense_score = at[0.0], at[1.0]
         better = max(bm25_score, dense_score)
         best_w = max(at, key=lambda w: (at[w], w))
+        rrf = evaluate_run(qrels, fuse_rrf(dense, sparse, settings.rrf_k, depth), ["ndcg@10"])[0]["ndcg@10"]
         row = {"queries": len(qids), "example_query": next(iter(queries.values())), "bm25": bm25_score, "dense": dense_score,
+               "rrf_k60": round(rrf, 4),
                "best_test_weight_reference_only": {"weight": best_w, "ndcg@10": at[best_w], "gain_over_better_part": round(at[best_w] - better, 4)},
                "zero_shot": [{"seed": seed, "weight": sel["weight"], "ndcg@10": at[sel["weight"]], "delta_vs_better_part": round(at[sel["weight"]] - better, 4),
                               "previous_rule_weight": prev, "previous_rule_delta": round(at[prev] - better, 4) if prev is not None else None}
