@@ -2,7 +2,8 @@
 
     fuse(dense_run, bm25_run, settings, weight) -> Run
     choose_weight(dense_run, bm25_run, qrels, settings) -> (weight, {weight: nDCG@10})
-    pseudo_queries(doc_ids, doc_texts, count, seed) -> PseudoQueries
+    pseudo_queries(doc_ids, doc_texts, count, seed, styles, keep_fraction) -> PseudoQueries
+    guarded_weight(scores, clusters, grid, margin, confidence, styles) -> {'weight', 'reason', ...}
     HybridSearcher(dense, bm25, settings, doc_texts).search(queries, k, weight=None) -> Run
         a `retrieval.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
 
@@ -15,14 +16,15 @@ Two fusions, each over every query's top `depth` from both sides:
 - `rrf`: reciprocal rank fusion, `sum 1 / (k + rank)` with ranks from 1; no weight.
 
 The dense weight `w` is never chosen on the evaluated queries. `choose_weight` picks it on
-queries with judgments the model was not trained on (a dev hold-out of the training split);
-on a corpus without any, `pseudo_queries` builds inverse-cloze queries from the corpus itself
-(a sentence taken out of a document is the query, the rest of that document its only positive),
-so the choice reflects how well each side works *on this corpus*. The grid includes 0 and 1, so
-when fusing does not help on the selection queries the hybrid falls back to the better single
-system.
+queries with judgments the model was not trained on (a dev hold-out of the training split). On
+a corpus without any, `pseudo_queries` cuts a sentence out of documents drawn across the corpus
+(Inverse Cloze Task: the rest of the document is the positive) and writes it as keywords, a
+phrase and the whole sentence, and `guarded_weight` keeps the dense model alone unless some
+weight beats it beyond the bootstrap noise and a margin in *every* style: pseudo-queries cannot
+know how the users' queries look, and they lean to BM25 (docs/evaluation.md has the
+measurements). Too few usable documents: dense alone, with the reason logged.
 
-The fusion is a few lines of numpy-free Python over the run dictionaries; ranx offers the same
+The fusion is a few lines of plain Python over the run dictionaries; ranx offers the same
 fusions but brings numba and its compile time for nothing we need here.
 """
 
