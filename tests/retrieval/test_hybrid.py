@@ -106,8 +106,9 @@ def test_hybrid_on_a_corpus_without_dev_queries_uses_pseudo_queries(scifact_smal
                             fusion={"pseudo_queries": 40})  # fmt: skip
     result = evaluate(config)
     fusion = result["fusion"]
-    assert fusion["chosen_on"] == "pseudo-queries" and fusion["selection_queries"] == 40
-    assert fusion["weight"] in FusionSettings().weight_grid
+    assert fusion["chosen_on"] == "pseudo-queries" and fusion["pseudo_documents"] == 40
+    assert fusion["selection_queries"] > 40  # several queries (styles) per document
+    assert fusion["weight"] in FusionSettings().weight_grid and fusion["reason"] and fusion["margin"] == FusionSettings().pseudo_margin
     # the fused run is the fusion of the two sides at that weight
     bm25 = evaluate(EvaluateConfig(model="bm25", dataset=str(zero_shot)))
     assert bm25["num_queries"] == result["num_queries"]
