@@ -30,7 +30,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
