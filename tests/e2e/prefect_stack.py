@@ -59,8 +59,11 @@ class PrefectStack:
             "RETROFLOW_ROOT": str(REPO),
             "OMP_NUM_THREADS": "1",
         }
+        # a database URL from the developer's shell must not turn the SQLite case into another database
+        for name in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+            self.env.pop(name, None)
         if database_url:
-            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
+            self.env["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url  # the name docker/compose.yaml uses
         self.processes: list[subprocess.Popen] = []
 
     def spawn(self, log_name: str, *args: str) -> subprocess.Popen:
