@@ -19,10 +19,11 @@ from typing import Any, Callable
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.filesystems import LocalFileSystem
 
 from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.hashing import code_version, hash_json
-from retroflow.publish import atomic_write_text
+from retroflow.publish import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
 from flows.stages import artifact_key
 from retroflow.inputs import ExternalInput
@@ -121,6 +122,35 @@ def make_task(step: str, fn: Callable[..., Any], store: ArtifactStore, task_name
         retry_delay_seconds=RETRY_DELAYS[:2],
         retry_condition_fn=is_transient_failure,
     )
+
+
+def _write_by_rename(self: LocalFileSystem, path: str, content: bytes, _sync: bool | None = None) -> str:
+    resolved = Path(self._resolve_path(path))
+    if resolved.exists() and not resolved.is_file():
+        raise ValueError(f"Path {resolved} already exists and is not a file.")
+    atomic_write_bytes(resolved, content)
+    return str(resolved)
+
+
+async def _awrite_by_rename(self: LocalFileSystem, path: str, content: bytes) -> str:
+    return _write_by_rename(self, path, content)
+
+
+def write_cache_records_by_rename() -> None:
+    """Make Prefect's local storage replace a file by a rename instead of rewriting it in place.
+
+    Flow runs at once on one store finish identical tasks together (the second adopts the first's
+    artifact through the store's lock) and each writes the same cache record; Prefect's
+    `LocalFileSystem.write_path` truncates and rewrites the file, so a run looking the key up at
+    that moment can read half a record (a cache miss, or a failed task when the half comes after
+    `exists`). A subclass cannot be used instead: Prefect accepts a block object as a task's
+    `result_storage` only once saved on the server. Patched here because only `flows` imports
+    Prefect; every local write of a record goes through these two methods (`prefect.results`)."""
+    LocalFileSystem.write_path = _write_by_rename
+    LocalFileSystem.awrite_path = _awrite_by_rename
+
+
+write_cache_records_by_rename()
 
 
 class ProgressArtifacts:
