@@ -12,18 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
 from test_bad_input_catalogue import beir, evaluate
+from test_messages import error_line
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def error_line(argv: list[str], capsys) -> str:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    [line] = [line for line in err.splitlines() if line.startswith("error:")]
-    return line
 
 
 @pytest.mark.parametrize("code, cause", [(errno.EROFS, "read-only"), (errno.EACCES, "permission denied"), (errno.ENOSPC, "disk is full")])

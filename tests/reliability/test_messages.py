@@ -17,7 +17,7 @@ from test_bad_input_catalogue import beir, evaluate, msmarco, nq
 
 
 def error_line(argv: list[str], capsys) -> str:
-    assert main(argv) == 2
+    assert main([str(a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]

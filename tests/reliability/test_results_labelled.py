@@ -14,18 +14,11 @@ import pytest
 
 from flows.cli import main
 from test_bad_input_catalogue import beir, evaluate
+from test_messages import error_line
 
 
 def last_json(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
-
-
-def error_line(argv: list[str], capsys) -> str:
-    assert main([str(a) for a in argv]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err, err
-    [line] = [line for line in err.splitlines() if line.startswith("error:")]
-    return line
 
 
 def test_a_renamed_copy_is_registered_under_its_own_name(tmp_path: Path, capsys):
