@@ -466,6 +466,14 @@ def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model
 TEACHER_POOL = "the teacher's dev pool"
 
 
+def chosen_start_dev_score(verdict: dict[str, Any] | None) -> float | None:
+    """The pretrain gate's dev nDCG@10 of the start it chose, when it scored on the teacher's dev
+    pool: then it is the distillation gate's student figure, already computed."""
+    if not verdict or verdict.get("pool") != TEACHER_POOL:
+        return None
+    return verdict.get(f"{verdict['start']}_dev_ndcg@10")
+
+
 def dev_pool_for_gate(config: FinetuneConfig, dataset, train: TrainingSet, teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[dict, str]:
     """(dev qid -> candidate doc ids, where they came from): the teacher's dev pool when it has
     one, else BM25's top `pretrain_gate.pool_depth` for the dev hold-out's queries."""
@@ -863,7 +871,7 @@ def run_finetune(
         student_dev = None
         if config.distill.gate:
             # the pretrain gate already scored the chosen start on the teacher's dev pool: the same figure
-            student_dev = (start_gate or {}).get(f"{start_gate['start']}_dev_ndcg@10") if start_gate and start_gate.get("pool") == TEACHER_POOL else None
+            student_dev = chosen_start_dev_score(start_gate)
             if student_dev is None:
                 student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
                                                 provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
