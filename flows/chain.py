@@ -239,30 +239,26 @@ def encode_shard_count(config: StageConfig, data: Artifact) -> int:
 
 def encode_shard(store: ArtifactStore, config: StageConfig, inputs: Mapping[str, Input], shard: int) -> dict[str, Any]:
     """One shard of the `encode` stage into its partial directory (atomic; a finished shard is
-    skipped). One task per shard, which a distributed task runner may spread over machines."""
-    from retroflow.publish import remove_if_empty
-    from retrieval.encode import run_shard, shard_name
+    skipped). One task per shard, which a distributed task runner may spread over machines.
+    Shards of concurrent runs share the directory; a run's merge waits for them (and they for
+    it), so publishing the artifact never deletes a shard being written."""
+    from retrieval.encode import run_shard
 
     key = artifact_key("encode", config, inputs)
     if store.lookup("encode", key) is not None:  # merged already (a re-run of the chain): nothing to encode
         return {"shard": shard, "cached": True, "worker_pid": os.getpid()}
-    shards_dir = store.partial_dir("encode", key)
-    shards_dir.mkdir(parents=True, exist_ok=True)
-    result = run_shard(config, inputs, shard, shards_dir)
-    if store.lookup("encode", key) is not None:  # another run merged meanwhile: this copy is surplus
-        shutil.rmtree(shards_dir / shard_name(shard), ignore_errors=True)
-        remove_if_empty(shards_dir)
+    with store.contributing("encode", key) as shards_dir:
+        if store.lookup("encode", key) is not None:  # another run merged while we waited
+            return {"shard": shard, "cached": True, "worker_pid": os.getpid()}
+        shards_dir.mkdir(parents=True, exist_ok=True)
+        result = run_shard(config, inputs, shard, shards_dir)
     return {**result, "worker_pid": os.getpid()}  # which process did it (distributed runners)
 
 
 def merge_encoding(store: ArtifactStore, config: StageConfig, inputs: Mapping[str, Input], after: list | None = None) -> Artifact:
     """The `encode` artifact from the finished shards (encoding any shard still missing).
     `after` (the shard steps' results) only orders this step after them; it is not an input."""
-    from retroflow.publish import remove_if_empty
-
-    merged = build(store, "encode", config, inputs)
-    remove_if_empty(store.partial_dir("encode", merged.key))  # emptied by surplus shard steps of a concurrent run
-    return merged
+    return build(store, "encode", config, inputs)
 
 
 def read_evaluation(art: Artifact) -> dict[str, Any]:

@@ -20,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from retroflow import __version__
 from retroflow.config import StageConfig
@@ -368,6 +368,16 @@ class ArtifactStore:
                 return cached
             return self._build_locked(stage, key, final, config, inputs, code, body, extra_manifest)
 
+    @contextmanager
+    def contributing(self, stage: str, key: str) -> Iterator[Path]:
+        """Yield the partial directory of (`stage`, `key`) (not created) for a step that adds a
+        piece to it (an encode shard), holding the key's lock shared: several such steps run at once, but never
+        while the key's build runs, which would delete the directory under them."""
+        final = self.path_for(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with key_lock(final.parent / f"{key}.lock", shared=True):
+            yield self.partial_dir(stage, key)
+
     def _build_locked(self, stage, key, final, config, inputs, code, body, extra_manifest) -> Artifact:
         if final.exists():  # present but failed verification: rebuild from scratch
             shutil.rmtree(final)
@@ -420,16 +430,19 @@ def refuse_links(root: Path, label: str) -> None:
 
 
 @contextmanager
-def key_lock(path: Path):
-    """An exclusive advisory lock (flock) on `path`, held for the block; waits for another holder.
-    Local filesystems only (NFS flock support varies); where fcntl is missing, no lock."""
+def key_lock(path: Path, shared: bool = False):
+    """An advisory lock (flock) on `path`, held for the block; waits for a conflicting holder.
+    Exclusive for the one build of a key; `shared` for steps that write into the key's partial
+    directory beside other such steps, and that the build (which deletes that directory when
+    it publishes) must not overlap. Local filesystems only (NFS flock support varies); where
+    fcntl is missing, no lock."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        fcntl.flock(handle, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         try:
             yield
         finally:

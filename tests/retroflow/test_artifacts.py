@@ -111,3 +111,40 @@ def test_a_remote_store_shares_finished_artifacts_between_machines(tmp_path):
     (tmp_path / "remote" / "toy" / first.key / "manifest.json").unlink()  # an upload that never finished
     ArtifactStore(url, cache=tmp_path / "machine-d").build("toy", ToyConfig(), {}, "v1", write_numbers(calls))
     assert len(calls) == 3
+
+
+def test_a_build_waits_for_pieces_being_written_into_its_partial_directory(tmp_path):
+    """Two runs of one pipeline at once: run A still writes an encode shard into the key's partial
+    directory when run B publishes the artifact (which deletes that directory). B must wait."""
+    import threading
+
+    store = ArtifactStore(tmp_path)
+    key = store.key_for("toy", ToyConfig(), {}, "v1")
+    writing, finish, events = threading.Event(), threading.Event(), []
+
+    def contribute():
+        with store.contributing("toy", key) as partial:
+            partial.mkdir(parents=True, exist_ok=True)
+            writing.set()
+            finish.wait(timeout=10)
+            (partial / "shard-00000").write_text("vectors")
+            events.append("shard written")
+
+    def merge(out_dir: Path, partial_dir: Path) -> dict:
+        events.append("build")
+        (out_dir / "merged.txt").write_text((partial_dir / "shard-00000").read_text())
+        return {}
+
+    writer = threading.Thread(target=contribute)
+    writer.start()
+    assert writing.wait(timeout=10)
+    builder = threading.Thread(target=store.build, args=("toy", ToyConfig(), {}, "v1", merge))
+    builder.start()
+    builder.join(timeout=0.5)
+    assert builder.is_alive() and events == []  # held off while the shard is written
+    finish.set()
+    writer.join(timeout=10)
+    builder.join(timeout=10)
+    assert events == ["shard written", "build"]
+    assert (store.lookup("toy", key).path / "merged.txt").read_text() == "vectors"
+    assert not store.partial_dir("toy", key).exists()
