@@ -16,14 +16,14 @@ history) go to `partial_dir/checkpoints` every `train.save_every` steps and a re
 the latest one; ANCE rounds write their re-mined negatives to `partial_dir/ance/` so a resumed
 run reuses them.
 
-Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`.
+Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`, whose
+scores file (`retrieval.teacher_scores`) distillation reads.
 
 Design notes
-- The data order is a pure function of (seed, step): step s takes slots s*B..(s+1)*B-1 of
-  per-epoch permutations of the queries; the positive and the hard negatives of a slot are
-  drawn from an RNG seeded with (seed, slot). A resumed run therefore replays exactly the
-  batches the killed run would have seen, and every DDP rank can compute the doc ids of the
-  whole global batch without communication (used to mask in-batch false negatives).
+- The data order (`retrieval.training_data.BatchPlan`) is a pure function of (seed, step): a
+  resumed run replays exactly the batches the killed run would have seen, and every DDP rank
+  can compute the doc ids of the whole global batch without communication (used to mask
+  in-batch false negatives).
 - One forward call encodes queries and passages together, so DDP sees one forward per backward.
 - Training pools and normalises exactly as the saved sentence-transformers config says, so the
   trained similarity is the one used at search time.
@@ -37,7 +37,6 @@ from contextlib import nullcontext
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -64,8 +63,9 @@ from retroflow.training import (
 from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
 from retrieval.encoder import check_vocabulary
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.negatives import NegativesConfig, mine_negatives, read_headed_jsonl, read_negatives, write_negatives
-from retrieval.training_data import TrainingSet, beir_training_set, dev_split
+from retrieval.negatives import NegativesConfig, mine_negatives, read_negatives, write_negatives
+from retrieval.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, read_teacher_scores
+from retrieval.training_data import BatchPlan, QuerySelection, Sample, TrainingSet, beir_training_set, dev_split, training_queries
 
 log = logging.getLogger("retroflow.finetune")
 
@@ -101,6 +101,9 @@ class DataSection(_Section):
     rows: Literal["per_positive", "per_query"] = Field(
         "per_positive", description="per_positive: one training row per (query, judged positive), as sentence-transformers "
         "recipes do; per_query: one row per query with a random positive each time")  # fmt: skip
+
+    def selection(self) -> QuerySelection:
+        return QuerySelection(self.split, self.min_grade, self.dev_fraction, self.dev_seed, self.max_queries)
 
 
 class NegativesSection(_Section):
@@ -280,64 +283,7 @@ def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, ma
         write_sentence_transformer_files(staging, pooling, normalize, max_seq_length, int(model.config.hidden_size), prompts=prefixes)
 
 
-# ---------------------------------------------------------------------------------------- data plan
-
-
-@dataclass
-class Sample:
-    qid: str
-    query: str
-    positive: str
-    negatives: list[str]
-
-
-class BatchPlan:
-    """Global batch of step s: a pure function of (seed, step, negatives pool)."""
-
-    def __init__(self, train: TrainingSet, batch_size: int, hard_negatives: int, seed: int, rows: str = "per_query"):
-        self.train, self.batch_size, self.n, self.seed = train, batch_size, hard_negatives, seed
-        self.examples = train.examples
-        self.all_doc_ids = sorted(train.passages)
-        # a row = (example index, its positive or None = a random one each time it comes round)
-        if rows == "per_positive":
-            self.rows = [(i, p) for i, ex in enumerate(self.examples) for p in ex.positives]
-        else:
-            self.rows = [(i, None) for i in range(len(self.examples))]
-        self._perms: dict[int, np.ndarray] = {}
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
-        return self._perms[epoch]
-
-    def sample(self, slot: int, pools: dict[str, list[str]]) -> Sample:
-        count = len(self.rows)
-        index, positive = self.rows[int(self.permutation(slot // count)[slot % count])]
-        example = self.examples[index]
-        rng = np.random.default_rng([self.seed, 1, slot])
-        if positive is None:
-            positive = example.positives[int(rng.integers(len(example.positives)))]
-        pool = pools.get(example.qid) or list(example.negatives)
-        if self.n == 0:
-            chosen: list[str] = []
-        elif len(pool) >= self.n:
-            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=False)]
-        elif pool:
-            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=True)]
-        else:  # no mined negative for this query: random passages that are not its positives
-            banned = self.train.positives_of(example.qid) | set(example.positives)
-            chosen = []
-            while len(chosen) < self.n:
-                doc = self.all_doc_ids[int(rng.integers(len(self.all_doc_ids)))]
-                if doc not in banned:
-                    chosen.append(doc)
-        return Sample(example.qid, example.query, positive, chosen)
-
-    def global_batch(self, step: int, pools: dict[str, list[str]]) -> list[Sample]:
-        return [self.sample(slot, pools) for slot in range(step * self.batch_size, (step + 1) * self.batch_size)]
+# ---------------------------------------------------------------------------------------- batches
 
 
 def micro_batches(batch: list[Sample], rank: int, world: int, accum: int) -> list[list[list[Sample]]]:
@@ -360,21 +306,7 @@ def false_negative_mask(local: list[Sample], everyone: list[list[Sample]], train
     return mask  # the label column is re-enabled inside contrastive_loss
 
 
-# ---------------------------------------------------------------------------------------- teacher scores
-
-
-TEACHER_FORMAT = "retroflow-teacher-scores/1"
-
-
-def read_teacher_scores(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
-    """(provenance, {qid: {doc id: score}}) from a teacher scores file (see retrieval.teacher)."""
-    provenance, records = read_headed_jsonl(path, TEACHER_FORMAT, "teacher scores")
-    scores: dict[str, dict[str, float]] = {}
-    for number, record in records:
-        if len(record.get("doc_ids", [])) != len(record.get("scores", [None])):
-            raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
-        scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}
-    return provenance, scores
+# ---------------------------------------------------------------------------------------- distillation and the dev gates
 
 
 def standardized(scores: torch.Tensor) -> torch.Tensor:
@@ -401,14 +333,13 @@ def teacher_pools(scores: dict[str, dict[str, float]], train: TrainingSet, false
     return pools
 
 
-def distillation_gate(provenance: dict[str, Any] | None, student_dev: float | None = None) -> tuple[bool, str]:
-    """(distil?, why) from the teacher's dev check: it must beat BM25, its own dense model and the
-    student's own dev score (`student_dev`, see `student_dev_check`)."""
-    check = (provenance or {}).get("dev_check") or {}
-    teacher = check.get("dev_teacher_ndcg@10", check.get("dev_teacher_rerank_ndcg@10"))
+def distillation_gate(dev_check: Mapping[str, Any], student_dev: float | None = None) -> tuple[bool, str]:
+    """(distil?, why) from the teacher's dev check (`TeacherScores.dev_check`): it must beat BM25,
+    its own dense model and the student's own dev score (`student_dev`, see `student_dev_check`)."""
+    teacher = dev_check.get(DEV_TEACHER)
     if teacher is None:
         return True, "the teacher has no dev check (dev_fraction 0): distilling ungated"
-    rivals = {"BM25": check.get("dev_bm25_ndcg@10"), "its dense model": check.get("dev_dense_ndcg@10"),
+    rivals = {"BM25": dev_check.get(DEV_BM25), "its dense model": dev_check.get(DEV_DENSE),
               "the student (reranking the teacher's dev pool)": student_dev}  # fmt: skip
     for name, value in rivals.items():
         if value is not None and teacher < value:
@@ -784,15 +715,6 @@ class FinetuneTrainer:
 # ---------------------------------------------------------------------------------------- stage
 
 
-def training_queries(config: FinetuneConfig, dataset, training_set: TrainingSet | None) -> TrainingSet:
-    """The training examples: the split's judged queries minus the dev hold-out (and max_queries)."""
-    train = training_set or beir_training_set(dataset, config.data.split, config.data.min_grade)
-    keep, _ = dev_split([ex.qid for ex in train.examples], config.data.dev_fraction, config.data.dev_seed)
-    if config.data.max_queries:
-        keep = keep[: config.data.max_queries]
-    return train.subset(keep)
-
-
 def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_dir: Path, negatives_file: Path | None):
     """Hard-negative pools per query (+ provenance): from the file, or mined with BM25 into partial_dir."""
     if config.negatives.hard_negatives == 0:
@@ -833,6 +755,29 @@ def check_teacher_dataset(path: Path, provenance: dict[str, Any], dataset) -> No
                          f"({fingerprint[:12]}), not on {dataset.name} ({dataset.fingerprint[:12]})")  # fmt: skip
 
 
+def read_teacher(path: Path, dataset) -> TeacherScores:
+    teacher = read_teacher_scores(path)
+    check_teacher_dataset(path, teacher.provenance, dataset)
+    return teacher
+
+
+def distillation_verdict(config: FinetuneConfig, dataset, train: TrainingSet, trainer: "FinetuneTrainer", teacher: TeacherScores,
+                         teacher_file: Path, start_gate: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """{'distilled', 'reason', 'student_dev_ndcg@10'}: the distillation gate's decision, logged."""
+    student_dev = None
+    if config.distill.gate:
+        # the pretrain gate already scored the chosen start on the teacher's dev pool: the same figure
+        student_dev = chosen_start_dev_score(start_gate)
+        if student_dev is None:
+            student_dev = student_dev_check(config, dataset, train, trainer.model_path, trainer.pooling, trainer.normalize,
+                                            teacher.dev_pool, teacher_file)  # fmt: skip
+        distil, reason = distillation_gate(teacher.dev_check, student_dev)
+    else:
+        distil, reason = True, "distillation gate off (distill.gate: false)"
+    (log.info if distil else log.warning)("distillation gate: %s", reason)
+    return {"distilled": distil, "reason": reason, "student_dev_ndcg@10": student_dev}
+
+
 def run_finetune(
     config: FinetuneConfig,
     dataset,
@@ -855,32 +800,20 @@ def run_finetune(
     model_path = resolve_model_path(model_path)
     if (config.distill.loss == "none") != (teacher_scores_file is None):
         raise ValueError("distill.loss and teacher_scores_file go together: set both (distillation) or neither")
-    train = training_queries(config, dataset, training_set)
+    train = training_queries(config.data.selection(), dataset, training_set)
+    teacher = read_teacher(teacher_scores_file, dataset) if teacher_scores_file is not None else None
     provenance, gate, start_gate = None, None, None
-    if teacher_scores_file is not None:
-        provenance, scores = read_teacher_scores(teacher_scores_file)
-        check_teacher_dataset(teacher_scores_file, provenance, dataset)
     if init_path is not None and config.pretrain_gate.enabled and dataset is not None:
-        teacher_pool = (provenance or {}).get("dev_pool") if teacher_scores_file is not None else None
+        teacher_pool = teacher.dev_pool if teacher is not None else None
         if teacher_pool:
             check_pool_is_held_out(teacher_pool, train, teacher_scores_file)
         model_path, start_gate = pretrain_gate(config, dataset, train, model_path, resolve_model_path(init_path), teacher_pool)
     changed_pooling = pooling_change(config, model_path)
     trainer = FinetuneTrainer(config, model_path, train, partial_dir, dataset)
-    if teacher_scores_file is not None:
-        student_dev = None
-        if config.distill.gate:
-            # the pretrain gate already scored the chosen start on the teacher's dev pool: the same figure
-            student_dev = chosen_start_dev_score(start_gate)
-            if student_dev is None:
-                student_dev = student_dev_check(config, dataset, train, model_path, trainer.pooling, trainer.normalize,
-                                                provenance.get("dev_pool") or {}, teacher_scores_file)  # fmt: skip
-            distil, reason = distillation_gate(provenance, student_dev)
-        else:
-            distil, reason = True, "distillation gate off (distill.gate: false)"
-        (log.info if distil else log.warning)("distillation gate: %s", reason)
-        gate = {"distilled": distil, "reason": reason, "student_dev_ndcg@10": student_dev}
-        trainer.set_teacher(scores, distill=distil)
+    if teacher is not None:
+        provenance = teacher.provenance
+        gate = distillation_verdict(config, dataset, train, trainer, teacher, teacher_scores_file, start_gate)
+        trainer.set_teacher(teacher.scores, distill=gate["distilled"])
     else:
         pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)
         trainer.set_pools(pools)
@@ -932,7 +865,6 @@ def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partia
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir
     from retrieval.negatives import NEGATIVES_FILE
-    from retrieval.teacher import SCORES_FILE
 
     return run_finetune(
         config, open_dataset(inputs["data"]), model_dir(inputs["model"]), out_dir, partial_dir,

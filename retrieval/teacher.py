@@ -18,8 +18,8 @@ Stage function (plain, no Prefect):
                       stop_after: int | None = None) -> dict
 
 writes `out_dir/teacher/` (a Hugging Face sequence-classification model + tokenizer scoring
-`[CLS] query [SEP] passage [SEP]` with one logit) and `out_dir/teacher_scores.jsonl` (first line:
-format + provenance; then `{"qid", "doc_ids", "scores"}` per training query, candidates = the
+`[CLS] query [SEP] passage [SEP]` with one logit) and `out_dir/teacher_scores.jsonl`
+(`retrieval.teacher_scores`, the file's format and its reader; candidates = each training
 query's positives + its best-ranked `candidates_per_query` mined negatives). Distillation
 (`retrieval.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
 teacher never has to score again. It trains on retroflow.training's loop, like pretraining and
@@ -36,7 +36,6 @@ used (a softmax over the same kind of candidate list).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -49,21 +48,20 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from retroflow.publish import atomic_write_text, publishing
+from retroflow.publish import publishing
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
 from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
-from retrieval.finetune import TEACHER_FORMAT, BatchPlan, Sample, training_queries, FinetuneConfig
 from retrieval.hybrid import FusionSettings
 from retroflow.models import resolve_model_path
 from retrieval.negatives import read_negatives
-from retrieval.training_data import beir_training_set, dev_split
+from retrieval.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, write_teacher_scores
+from retrieval.training_data import BatchPlan, QuerySelection, Sample, beir_training_set, dev_split, training_queries
 
 log = logging.getLogger("retroflow.teacher")
 
 TEACHER_DIR = "teacher"
-SCORES_FILE = "teacher_scores.jsonl"
 
 
 class TeacherConfig(StageConfig):
@@ -106,11 +104,9 @@ class TeacherConfig(StageConfig):
                              "(the fine-tuning run's, e.g. 0.1)")  # fmt: skip
         return self
 
-
-def as_finetune_data(config: TeacherConfig) -> FinetuneConfig:
-    """Reuse the fine-tuning stage's query selection (split, dev hold-out) so both see the same queries."""
-    return FinetuneConfig(data={"split": config.split, "min_grade": config.min_grade, "dev_fraction": config.dev_fraction,
-                                "dev_seed": config.dev_seed, "max_queries": config.max_queries})  # fmt: skip
+    def selection(self) -> QuerySelection:
+        """The training queries, selected as fine-tuning selects them (its `data` section must match)."""
+        return QuerySelection(self.split, self.min_grade, self.dev_fraction, self.dev_seed, self.max_queries)
 
 
 def load_cross_encoder(init: str | Path):
@@ -231,7 +227,7 @@ def run_train_teacher(
         return run_fusion_teacher(config, dataset, out_dir)
 
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
-    train = training_queries(as_finetune_data(config), dataset, None)
+    train = training_queries(config.selection(), dataset)
     mined = read_negatives(negatives_file)
     pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
     trainer = TeacherTrainer(config, train, pools)
@@ -258,7 +254,7 @@ def run_train_teacher(
         "candidates_per_query": config.candidates_per_query,
         "max_length": config.max_length,
     }
-    write_teacher_scores(out_dir / SCORES_FILE, provenance, scored["scores"])
+    write_teacher_scores(out_dir / SCORES_FILE, TeacherScores(provenance, scored["scores"]))
     write_teacher_card(out_dir / TEACHER_DIR, config, dataset, dev_check, state.global_step, losses)
     return {
         **dev_check,
@@ -327,7 +323,7 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     if teacher < bm25:
         log.warning("the teacher reranks the dev queries worse than BM25 (nDCG@10 %.4f < %.4f): distilling from it will "
                     "likely hurt; train it longer or from a stronger checkpoint", teacher, bm25)  # fmt: skip
-    return {"dev_queries": len(dev), "dev_bm25_ndcg@10": round(bm25, 4), "dev_teacher_rerank_ndcg@10": round(teacher, 4),
+    return {"dev_queries": len(dev), DEV_BM25: round(bm25, 4), DEV_TEACHER: round(teacher, 4),
             "dev_check_seconds": round(time.perf_counter() - started, 2),
             "dev_pool": dev_pool(reranked, config.dev_pool_depth)}  # fmt: skip
 
@@ -338,13 +334,6 @@ def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str
     from retrieval.hybrid import top_hits
 
     return {q: [d for d, _ in top_hits(hits, depth)] for q, hits in sorted(run.items())} if depth else {}
-
-
-def write_teacher_scores(path: Path, provenance: dict, scores: dict[str, dict[str, float]]) -> None:
-    lines = [json.dumps({"format": TEACHER_FORMAT, "provenance": provenance})]
-    for qid, docs in scores.items():
-        lines.append(json.dumps({"qid": qid, "doc_ids": list(docs), "scores": [round(v, 5) for v in docs.values()]}))
-    atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- fusion teacher
@@ -389,7 +378,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     started = time.perf_counter()
     fusion = config.fusion.model_copy(update={"dev_split": config.split, "dev_fraction": config.dev_fraction, "dev_seed": config.dev_seed})
     config = config.model_copy(update={"fusion": fusion})
-    train = training_queries(as_finetune_data(config), dataset, None)
+    train = training_queries(config.selection(), dataset)
     searcher = fusion_searcher(config, dataset, embeddings_dir)
     held_out = dev_hold_out(dataset, fusion)
     if held_out is None:
@@ -403,9 +392,9 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     pool = dev_pool(fuse_minmax(dense_dev, bm25_dev, weight, fusion.depth), config.dev_pool_depth)
     dev_check = {
         "dev_queries": len(dev_queries),
-        "dev_bm25_ndcg@10": round(evaluate_run(dev_qrels, bm25_dev, ["ndcg@10"])[0]["ndcg@10"], 4),
-        "dev_dense_ndcg@10": round(evaluate_run(dev_qrels, dense_dev, ["ndcg@10"])[0]["ndcg@10"], 4),
-        "dev_teacher_ndcg@10": round(cross_fitted_ndcg(dense_dev, bm25_dev, dev_qrels, fusion, config.dev_seed), 4),
+        DEV_BM25: round(evaluate_run(dev_qrels, bm25_dev, ["ndcg@10"])[0]["ndcg@10"], 4),
+        DEV_DENSE: round(evaluate_run(dev_qrels, dense_dev, ["ndcg@10"])[0]["ndcg@10"], 4),
+        DEV_TEACHER: round(cross_fitted_ndcg(dense_dev, bm25_dev, dev_qrels, fusion, config.dev_seed), 4),
         "dev_teacher_ndcg@10_at_chosen_weight": selection.get("selection_ndcg@10"),
     }
     queries = {ex.qid: ex.query for ex in train.examples}
@@ -423,7 +412,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         first = next((i for i, d in enumerate(ranked) if d in set(ex.positives)), None)
         reciprocal.append(0.0 if first is None else 1.0 / (first + 1))
     bar.close()
-    if dev_check["dev_teacher_ndcg@10"] < max(dev_check["dev_bm25_ndcg@10"], dev_check["dev_dense_ndcg@10"]):
+    if dev_check[DEV_TEACHER] < max(dev_check[DEV_BM25], dev_check[DEV_DENSE]):
         log.warning("the fusion teacher ranks the dev queries below one of its parts (%s): distillation will be skipped", dev_check)
     provenance = {
         "kind": "fusion",
@@ -437,9 +426,9 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         "candidates_per_query": config.candidates_per_query,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_teacher_scores(out_dir / SCORES_FILE, provenance, scores)
+    write_teacher_scores(out_dir / SCORES_FILE, TeacherScores(provenance, scores))
     log.info("fusion teacher: weight %.2f, dev nDCG@10 BM25 %.4f dense %.4f fusion (cross-fitted) %.4f", weight,
-             dev_check["dev_bm25_ndcg@10"], dev_check["dev_dense_ndcg@10"], dev_check["dev_teacher_ndcg@10"])  # fmt: skip
+             dev_check[DEV_BM25], dev_check[DEV_DENSE], dev_check[DEV_TEACHER])  # fmt: skip
     return {
         **dev_check,
         "kind": "fusion",

@@ -1,4 +1,5 @@
-"""Fine-tuning data: (query, positive passages[, given negatives]) from BEIR, MS MARCO and NQ (DPR JSON).
+"""Training data: (query, positive passages[, given negatives]) from BEIR, MS MARCO and NQ (DPR
+JSON), the choice of training queries, and the order they are trained in.
 
 Every loader returns a `TrainingSet`: the examples plus a passage table (doc id -> text), so
 the trainer, the negative miner and the teacher all address passages by id. Sources:
@@ -13,6 +14,10 @@ the trainer, the negative miner and the teacher all address passages by id. Sour
 
 A query without any positive is an error naming the file and query (or dropped with
 `on_missing_positive="skip"`), because a contrastive example without a positive is meaningless.
+
+`training_queries` selects a split's training queries (`QuerySelection`: the dev hold-out,
+`max_queries`) for the teacher and fine-tuning alike; `BatchPlan` turns them into the global
+batch of each step (`Sample`s), a pure function of (seed, step).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
+
+import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -249,3 +256,89 @@ def dev_split(qids: Iterable[str], fraction: float, seed: int) -> tuple[list[str
     n_dev = int(round(len(ordered) * fraction))
     dev = set(random.Random(seed).sample(ordered, n_dev)) if n_dev else set()
     return [q for q in ordered if q not in dev], [q for q in ordered if q in dev]
+
+
+@dataclass(frozen=True)
+class QuerySelection:
+    """Which judged queries of a split are trained on. The teacher and fine-tuning must select
+    alike (the same dev hold-out), so that the dev queries stay unseen by both."""
+
+    split: str = "train"
+    min_grade: int = 1
+    dev_fraction: float = 0.0
+    dev_seed: int = 0
+    max_queries: int | None = None
+
+
+def training_queries(selection: QuerySelection, dataset, training_set: TrainingSet | None = None) -> TrainingSet:
+    """The training examples: the split's judged queries (or `training_set`'s) minus the dev hold-out (and max_queries)."""
+    train = training_set or beir_training_set(dataset, selection.split, selection.min_grade)
+    keep, _ = dev_split([ex.qid for ex in train.examples], selection.dev_fraction, selection.dev_seed)
+    if selection.max_queries:
+        keep = keep[: selection.max_queries]
+    return train.subset(keep)
+
+
+# ---------------------------------------------------------------------------------------- batches
+
+
+@dataclass
+class Sample:
+    qid: str
+    query: str
+    positive: str
+    negatives: list[str]
+
+
+class BatchPlan:
+    """Global batch of step s: a pure function of (seed, step, negatives pool).
+
+    Step s takes slots s*B..(s+1)*B-1 of per-epoch permutations of the rows; the positive and
+    the hard negatives of a slot are drawn from an RNG seeded with (seed, slot). A resumed run
+    therefore replays exactly the batches the killed run would have seen, and every process can
+    compute the doc ids of the whole global batch without communication."""
+
+    def __init__(self, train: TrainingSet, batch_size: int, hard_negatives: int, seed: int, rows: str = "per_query"):
+        self.train, self.batch_size, self.n, self.seed = train, batch_size, hard_negatives, seed
+        self.examples = train.examples
+        self.all_doc_ids = sorted(train.passages)
+        # a row = (example index, its positive or None = a random one each time it comes round)
+        if rows == "per_positive":
+            self.rows = [(i, p) for i, ex in enumerate(self.examples) for p in ex.positives]
+        else:
+            self.rows = [(i, None) for i in range(len(self.examples))]
+        self._perms: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.rows))}
+        return self._perms[epoch]
+
+    def sample(self, slot: int, pools: dict[str, list[str]]) -> Sample:
+        count = len(self.rows)
+        index, positive = self.rows[int(self.permutation(slot // count)[slot % count])]
+        example = self.examples[index]
+        rng = np.random.default_rng([self.seed, 1, slot])
+        if positive is None:
+            positive = example.positives[int(rng.integers(len(example.positives)))]
+        pool = pools.get(example.qid) or list(example.negatives)
+        if self.n == 0:
+            chosen: list[str] = []
+        elif len(pool) >= self.n:
+            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=False)]
+        elif pool:
+            chosen = [pool[i] for i in rng.choice(len(pool), self.n, replace=True)]
+        else:  # no mined negative for this query: random passages that are not its positives
+            banned = self.train.positives_of(example.qid) | set(example.positives)
+            chosen = []
+            while len(chosen) < self.n:
+                doc = self.all_doc_ids[int(rng.integers(len(self.all_doc_ids)))]
+                if doc not in banned:
+                    chosen.append(doc)
+        return Sample(example.qid, example.query, positive, chosen)
+
+    def global_batch(self, step: int, pools: dict[str, list[str]]) -> list[Sample]:
+        return [self.sample(slot, pools) for slot in range(step * self.batch_size, (step + 1) * self.batch_size)]

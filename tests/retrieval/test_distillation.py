@@ -11,10 +11,10 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import (BatchPlan, FinetuneConfig, distillation_gate, read_teacher_scores, run_finetune, standardized,
-                               student_dev_check, teacher_pools, training_queries)
+from retrieval.finetune import FinetuneConfig, distillation_gate, run_finetune, standardized, student_dev_check, teacher_pools
 from retrieval.teacher import TeacherConfig, run_fusion_teacher
-from retrieval.training_data import TrainingExample, TrainingSet, dev_split
+from retrieval.teacher_scores import TeacherScores, read_teacher_scores, write_teacher_scores
+from retrieval.training_data import BatchPlan, TrainingExample, TrainingSet, dev_split, training_queries
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -34,7 +34,8 @@ def fusion_teacher(dataset, tiny_bert: Path, tmp_path_factory) -> tuple[Path, di
 
 def test_fusion_teacher_scores_positives_and_fused_top_candidates_of_training_queries_only(fusion_teacher, dataset):
     out, metrics = fusion_teacher
-    provenance, scores = read_teacher_scores(out / "teacher_scores.jsonl")
+    teacher = read_teacher_scores(out / "teacher_scores.jsonl")
+    provenance, scores = teacher.provenance, teacher.scores
     train = dataset.split_qrels("train")
     kept, dev = dev_split(list(train), 0.2, 0)
     assert set(scores) == set(kept) and not set(scores) & set(dev)
@@ -65,14 +66,15 @@ def test_positive_aware_filter_drops_candidates_scored_like_the_positive():
 
 
 def test_gate_distils_only_when_the_teacher_beats_bm25_and_its_dense_model():
-    below_bm25 = {"dev_check": {"dev_teacher_ndcg@10": 0.70, "dev_bm25_ndcg@10": 0.75, "dev_dense_ndcg@10": 0.60}}
-    below_dense = {"dev_check": {"dev_teacher_ndcg@10": 0.70, "dev_bm25_ndcg@10": 0.65, "dev_dense_ndcg@10": 0.72}}
-    above = {"dev_check": {"dev_teacher_ndcg@10": 0.80, "dev_bm25_ndcg@10": 0.77, "dev_dense_ndcg@10": 0.73}}
-    cross_encoder_below = {"dev_check": {"dev_teacher_rerank_ndcg@10": 0.58, "dev_bm25_ndcg@10": 0.77}}
+    below_bm25 = {"dev_teacher_ndcg@10": 0.70, "dev_bm25_ndcg@10": 0.75, "dev_dense_ndcg@10": 0.60}
+    below_dense = {"dev_teacher_ndcg@10": 0.70, "dev_bm25_ndcg@10": 0.65, "dev_dense_ndcg@10": 0.72}
+    above = {"dev_teacher_ndcg@10": 0.80, "dev_bm25_ndcg@10": 0.77, "dev_dense_ndcg@10": 0.73}
+    cross_encoder_below = {"dev_teacher_ndcg@10": 0.58, "dev_bm25_ndcg@10": 0.77}
     assert distillation_gate(below_bm25)[0] is False and "BM25" in distillation_gate(below_bm25)[1]
     assert distillation_gate(below_dense)[0] is False
     assert distillation_gate(above)[0] is True
     assert distillation_gate(cross_encoder_below)[0] is False
+    assert distillation_gate({})[0] is True  # no dev check: ungated
     # the student's own dev score is the third rival
     beaten_by_student = distillation_gate(above, student_dev=0.81)
     assert beaten_by_student[0] is False and "the student" in beaten_by_student[1]
@@ -81,19 +83,18 @@ def test_gate_distils_only_when_the_teacher_beats_bm25_and_its_dense_model():
 
 def test_teacher_writes_its_dev_pool_for_the_held_out_queries_only(fusion_teacher, dataset):
     out, _ = fusion_teacher
-    provenance, scores = read_teacher_scores(out / "teacher_scores.jsonl")
+    teacher = read_teacher_scores(out / "teacher_scores.jsonl")
     _, dev = dev_split(list(dataset.split_qrels("train")), 0.2, 0)
-    pool = provenance["dev_pool"]
-    assert set(pool) == set(dev) and not set(pool) & set(scores)
+    pool = teacher.dev_pool
+    assert set(pool) == set(dev) and not set(pool) & set(teacher.scores)
     assert all(0 < len(docs) <= 20 and len(set(docs)) == len(docs) for docs in pool.values())
 
 
 def test_student_dev_check_reranks_the_teacher_pool_and_refuses_a_pool_of_training_queries(fusion_teacher, dataset, tiny_bert, tmp_path):
     out, _ = fusion_teacher
-    provenance, _ = read_teacher_scores(out / "teacher_scores.jsonl")
+    pool = read_teacher_scores(out / "teacher_scores.jsonl").dev_pool
     config = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "distill.loss=kl"])
-    pool = provenance["dev_pool"]
-    train = training_queries(config, dataset, None)
+    train = training_queries(config.data.selection(), dataset)
     score = student_dev_check(config, dataset, train, tiny_bert, "mean", True, pool, out / "teacher_scores.jsonl")
     qrels = dataset.split_qrels("train")
     # a pool holding only each query's judged documents is ranked perfectly by anyone
@@ -102,8 +103,28 @@ def test_student_dev_check_reranks_the_teacher_pool_and_refuses_a_pool_of_traini
     assert score is not None and 0.0 <= score < 1.0
     other_split = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "data.dev_seed=7", "distill.loss=kl"])
     with pytest.raises(ValueError, match=r"teacher_scores\.jsonl: the teacher's dev queries .* are training queries"):
-        student_dev_check(other_split, dataset, training_queries(other_split, dataset, None), tiny_bert, "mean", True, pool,
+        student_dev_check(other_split, dataset, training_queries(other_split.data.selection(), dataset), tiny_bert, "mean", True, pool,
                           out / "teacher_scores.jsonl")
+
+
+def test_the_scores_file_round_trips_and_reads_an_older_file_s_dev_check_under_its_one_name(tmp_path):
+    teacher = TeacherScores({"kind": "fusion", "dev_check": {"dev_teacher_ndcg@10": 0.7}, "dev_pool": {"q9": ["d1"]}},
+                            {"q1": {"p": 0.912345678, "n": 0.1}})  # fmt: skip
+    write_teacher_scores(tmp_path / "t.jsonl", teacher)
+    again = read_teacher_scores(tmp_path / "t.jsonl")
+    assert again.provenance == teacher.provenance and again.dev_pool == {"q9": ["d1"]}
+    assert again.scores == {"q1": {"p": 0.91235, "n": 0.1}}  # rounded to 5 decimals
+    # a cross-encoder's file from before the kinds shared the name
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    header["provenance"]["dev_check"] = {"dev_teacher_rerank_ndcg@10": 0.58, "dev_bm25_ndcg@10": 0.77}
+    (tmp_path / "old.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    old = read_teacher_scores(tmp_path / "old.jsonl")
+    assert old.dev_check == {"dev_teacher_ndcg@10": 0.58, "dev_bm25_ndcg@10": 0.77}
+    assert distillation_gate(old.dev_check)[0] is False
+    (tmp_path / "bad.jsonl").write_text('{"format": "x", "provenance": {}}\n')
+    with pytest.raises(ValueError, match="not a retroflow teacher scores file"):
+        read_teacher_scores(tmp_path / "bad.jsonl")
 
 
 def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, dataset, tiny_bert, tmp_path):

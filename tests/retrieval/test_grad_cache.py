@@ -10,7 +10,8 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import FinetuneConfig, FinetuneTrainer, training_queries
+from retrieval.finetune import FinetuneConfig, FinetuneTrainer
+from retrieval.training_data import training_queries
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -40,7 +41,7 @@ def test_grad_cache_gradient_equals_the_full_batch_gradient(scifact_small, no_dr
     overrides = ["train.batch_size=8", "negatives.hard_negatives=1", "train.max_steps=1"]
     plain_cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", overrides)
     cached_cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", [*overrides, "train.grad_cache_chunk=3"])
-    train = training_queries(plain_cfg, dataset, None)
+    train = training_queries(plain_cfg.data.selection(), dataset)
     pools = {ex.qid: [d for d in dataset.doc_ids()[:20] if d not in train.positives_of(ex.qid)] for ex in train.examples}
     grads = []
     for cfg in (plain_cfg, cached_cfg):
