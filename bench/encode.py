@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retroflow.publish import atomic_write_text  # noqa: E402
-from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retroflow.models import resolve_model_path  # noqa: E402
 
 MAX_LENGTH = 256

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 torch.set_num_threads(1)
 from retroflow.models import resolve_model_path
-from retrieval.encoder import Encoder, EncoderSettings
+from retrieval.serving.encoder import Encoder, EncoderSettings
 from transformers import AutoTokenizer, AutoModel
 import onnxruntime as ort
 

@@ -2,7 +2,7 @@
 
     python bench/export_vectors.py [--data DIR] [--cache DIR] [--model minilm]   # prints the directories as JSON
 
-What it writes (each an embeddings directory readable by `retrieval.encode.open_embeddings`):
+What it writes (each an embeddings directory readable by `retrieval.serving.encode.open_embeddings`):
 
 - `sentences`: SciFact and TREC-DL passages split into sentences, plus SciFact titles,
   deduplicated (~62k vectors). The speed / recall@10 half of the index benchmark: the shared
@@ -12,7 +12,7 @@ What it writes (each an embeddings directory readable by `retrieval.encode.open_
   encode` writes), for nDCG@10 through each index.
 - `queries-<dataset>-<split>`: query vectors, ids = query ids (SciFact train/test, TREC-DL test).
 
-Corpora go through `retrieval.encode.run_encode` (resumable 10k-row shards, so a killed first
+Corpora go through `retrieval.serving.encode.run_encode` (resumable 10k-row shards, so a killed first
 run keeps its finished shards), queries through `Encoder.encode_queries`. Everything lives
 under `$RETROFLOW_CACHE/bench-index/` (outside the repository) in directories named after a
 hash of the model, the encoder settings that change vectors, and the text, so a re-run finds
@@ -36,8 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from retroflow.data.beir import BeirDataset, load_dataset  # noqa: E402
 from retroflow.artifacts import cache_root  # noqa: E402
 from retroflow.hashing import hash_json  # noqa: E402
-from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
-from retrieval.encode import META_FILE, EncodeConfig, compatibility_key, run_encode, write_embeddings  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
+from retrieval.serving.encode import META_FILE, EncodeConfig, compatibility_key, run_encode, write_embeddings  # noqa: E402
 
 SCIFACT, TREC = "scifact", "trec-dl-2019-subset5k"
 # A sentence ends at . ! or ? followed by whitespace and something that can start a sentence;

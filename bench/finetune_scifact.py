@@ -37,12 +37,12 @@ from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
-from retrieval.bm25 import BM25Retriever  # noqa: E402
-from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
-from retrieval.finetune import FinetuneConfig, run_finetune  # noqa: E402
-from retrieval.search import drop_self_hits, exact_search, to_run  # noqa: E402
-from retrieval.teacher import TeacherConfig, run_train_teacher  # noqa: E402
-from retrieval.training_data import dev_split  # noqa: E402
+from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
+from retrieval.training.finetune import FinetuneConfig, run_finetune  # noqa: E402
+from retrieval.serving.search import drop_self_hits, exact_search, to_run  # noqa: E402
+from retrieval.training.teacher import TeacherConfig, run_train_teacher  # noqa: E402
+from retroflow.data.splits import dev_split  # noqa: E402
 
 log = logging.getLogger("bench.finetune_scifact")
 METRICS = ["ndcg@10", "recall@100", "mrr@10"]
@@ -62,7 +62,7 @@ def query_texts(dataset, qrels: dict) -> dict[str, str]:
 
 def evaluate_model(model: str | Path, dataset, splits: dict, doc_cache: Path | None = None) -> dict:
     """Dense and hybrid nDCG@10 etc. on each split from one corpus encoding (exact search, top 1000)."""
-    from retrieval.hybrid import DenseSide, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax
+    from retrieval.serving.hybrid import DenseSide, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax
 
     encoder = Encoder(model, EncoderSettings(show_progress=False))
     started = time.perf_counter()

@@ -43,11 +43,11 @@ sys.path.insert(0, str(REPO))
 
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
-from retrieval.bm25 import BM25Retriever  # noqa: E402
-from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
+from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
-from retrieval.hybrid import FusionSettings, HybridSearcher, content_words, curve_matrix, dev_hold_out, fuse_rrf  # noqa: E402
-from retrieval.search import ExactDenseRetriever  # noqa: E402
+from retrieval.serving.hybrid import FusionSettings, HybridSearcher, content_words, curve_matrix, dev_hold_out, fuse_rrf  # noqa: E402
+from retrieval.serving.search import ExactDenseRetriever  # noqa: E402
 
 TOLERANCE, GAIN_KEPT = 0.01, 0.8
 

@@ -46,9 +46,9 @@ from bench.export_vectors import build_all, default_data_dir  # noqa: E402
 from retroflow.artifacts import cache_root  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
-from retrieval.tune import TuneConfig, run_tune_index  # noqa: E402
-from retrieval.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
-from retrieval.encode import open_embeddings, write_embeddings  # noqa: E402
+from retrieval.serving.tune import TuneConfig, run_tune_index  # noqa: E402
+from retrieval.serving.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
+from retrieval.serving.encode import open_embeddings, write_embeddings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "index"

@@ -53,7 +53,7 @@ def encoding(texts: list[str], trials: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
     from retroflow.models import resolve_model_path
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     st = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     st.max_seq_length = MAX_LENGTH
@@ -126,7 +126,7 @@ def training_steps(steps: int) -> dict:
     from retroflow.models import resolve_model_path
     from retromae.collator import RetroMAECollator, SpecialIds
     from retromae.model import load_retromae
-    from retrieval.finetune import pool_hidden
+    from retrieval.training.finetune import pool_hidden
 
     path = resolve_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)

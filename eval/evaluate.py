@@ -31,12 +31,12 @@ from retroflow.data.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_met
 from retroflow.hashing import code_version
 from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
-from retrieval.bm25 import BM25Retriever, BM25Settings
-from retrieval.encoder import Encoder, EncoderSettings
-from retrieval.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
-from retrieval.index import IndexRetriever, read_index_meta
-from retrieval.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
-from retrieval.encode import corpus_vectors
+from retrieval.serving.bm25 import BM25Retriever, BM25Settings
+from retrieval.serving.encoder import Encoder, EncoderSettings
+from retrieval.serving.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
+from retrieval.serving.index import IndexRetriever, read_index_meta
+from retrieval.serving.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
+from retrieval.serving.encode import corpus_vectors
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ def index_search(config: EvaluateConfig) -> dict[str, Any] | None:
         return None
     if not config.index:
         return {"approximate": False, "label": "exact"}
-    from retrieval.index import read_index_meta
+    from retrieval.serving.index import read_index_meta
 
     meta = read_index_meta(config.index)
     params = meta.get("search_params") or {}
@@ -377,7 +377,7 @@ def run(config: EvaluateConfig, inputs: Mapping[str, Any], out_dir: Path, partia
     `result.json` keeps the per-query values; the returned metrics do not."""
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir, model_label
-    from retrieval.hybrid import HYBRID_PREFIX
+    from retrieval.serving.hybrid import HYBRID_PREFIX
 
     system = config.system or "dense"
     if system != "bm25" and "model" not in inputs:

@@ -222,7 +222,7 @@ def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
 
 
 def negatives_config(config: AblationConfig):
-    from retrieval.negatives import NegativesConfig
+    from retrieval.training.negatives import NegativesConfig
 
     section = {"method": "bm25", **config.negatives, "split": config.train_split}
     return validate_config(NegativesConfig, section, source=f"ablation '{config.name}', section 'negatives'")
@@ -231,7 +231,7 @@ def negatives_config(config: AblationConfig):
 def finetune_config(config: AblationConfig, seed: int):
     """Every arm's fine-tuning, identical and ungated: the pretrain gate would let arms start from
     the same init and erase the difference the study measures."""
-    from retrieval.finetune import FinetuneConfig
+    from retrieval.training.finetune import FinetuneConfig
 
     section = dict(config.finetune)
     train = {**section.get("train", {}), "seed": seed}
@@ -241,14 +241,14 @@ def finetune_config(config: AblationConfig, seed: int):
 
 
 def teacher_config(config: AblationConfig):
-    from retrieval.teacher import TeacherConfig
+    from retrieval.training.teacher import TeacherConfig
 
     section = {"kind": "fusion", **config.teacher, "split": config.train_split}
     return validate_config(TeacherConfig, section, source=f"ablation '{config.name}', section 'teacher'")
 
 
 def encode_config(config: AblationConfig):
-    from retrieval.encode import EncodeConfig
+    from retrieval.serving.encode import EncodeConfig
 
     return validate_config(EncodeConfig, dict(config.encode), source=f"ablation '{config.name}', section 'encode'")
 

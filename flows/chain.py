@@ -232,7 +232,7 @@ def evaluation(config: StageConfig, system: str, data: Artifact, model: Input | 
 
 
 def encode_shard_count(config: StageConfig, data: Artifact) -> int:
-    from retrieval.encode import plan_shards
+    from retrieval.serving.encode import plan_shards
 
     return len(plan_shards(data.manifest["metrics"]["num_docs"], config.shard_size))
 
@@ -242,7 +242,7 @@ def encode_shard(store: ArtifactStore, config: StageConfig, inputs: Mapping[str,
     skipped). One task per shard, which a distributed task runner may spread over machines.
     Shards of concurrent runs share the directory; a run's merge waits for them (and they for
     it), so publishing the artifact never deletes a shard being written."""
-    from retrieval.encode import run_shard
+    from retrieval.serving.encode import run_shard
 
     key = artifact_key("encode", config, inputs)
     if store.lookup("encode", key) is not None:  # merged already (a re-run of the chain): nothing to encode

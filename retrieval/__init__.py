@@ -1,1 +1,3 @@
-"""Dense and sparse retrieval: encoders, BM25, FAISS search, fine-tuning and negatives."""
+"""Dense and sparse retrieval, as two jobs: `training` a retriever (negatives, the teacher,
+fine-tuning) and `serving` one (encoders, BM25, FAISS indexes, search, fusion). Training may
+import serving (negatives are mined by searching); serving never imports training."""

@@ -1,11 +1,11 @@
-"""`retroflow` commands of the retrieval package, collected from its sub-modules."""
+"""`retroflow` commands of the retrieval package, collected from its two jobs' command modules."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 
-SUBMODULES = ["retrieval.finetune_cli", "retrieval.index_cli"]
+SUBMODULES = ["retrieval.training.finetune_cli", "retrieval.serving.index_cli"]
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -43,7 +43,7 @@ def project_root() -> Path:
 
 
 def is_cli(module: str) -> bool:
-    """A command-line module (`flows/cli.py`, `retrieval/index_cli.py`, ...)."""
+    """A command-line module (`flows/cli.py`, `retrieval/serving/index_cli.py`, ...)."""
     return module.rsplit(".", 1)[-1].endswith("cli")
 
 

@@ -61,7 +61,7 @@ class ModelFormatError(ValueError):
 
 
 # Pooling modes sentence-transformers writes (`Pooling.POOLING_MODES`), all reproduced exactly by
-# retrieval.encoder.pool; a tuple of modes (concatenated vectors) is refused.
+# retrieval.serving.encoder.pool; a tuple of modes (concatenated vectors) is refused.
 POOLING_MODES = ("cls", "mean", "max", "lasttoken", "mean_sqrt_len_tokens", "weightedmean")
 _LEGACY_POOLING_KEYS = {  # the boolean keys of sentence-transformers < 5, in its own order of precedence
     "pooling_mode_cls_token": "cls",

@@ -7,7 +7,7 @@ Parts, each reported as {"status": "ok" | "skipped" | "failed", ...}:
             (ce_chunk_size, decoder_target_fraction) for their step time and peak memory
   dpr_step  DPR fine-tuning steps of configs/finetune/msmarco-paper.yaml (per-GPU share of its
             batch, 15 hard negatives) on the encoder the pretrain part produced
-  encode    retrieval.encoder.Encoder passage-encoding throughput of that encoder
+  encode    retrieval.serving.encoder.Encoder passage-encoding throughput of that encoder
   faiss     a flat inner-product index of random vectors built on CPU and copied to the GPU with
             the library's `to_gpu`, searched on both; the GPU's top-k must match the CPU's
 
@@ -82,7 +82,7 @@ CPU_SMOKE = Sizes(pretrain_steps=3, option_steps=2, pretrain_batch=2, length=64,
 
 
 def finetune_config(overrides: list[str] | None = None):
-    from retrieval.finetune import FinetuneConfig
+    from retrieval.training.finetune import FinetuneConfig
 
     return load_config(FinetuneConfig, FINETUNE_CONFIG, overrides)
 
@@ -217,8 +217,8 @@ def pretrain_part(sizes: Sizes, device: torch.device, work: Path, encoder_out: P
 def dpr_part(sizes: Sizes, device: torch.device, work: Path, encoder_dir: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from retrieval.finetune import FinetuneTrainer
-    from retrieval.training_data import TrainingExample, TrainingSet
+    from retrieval.training.finetune import FinetuneTrainer
+    from retrieval.training.training_data import TrainingExample, TrainingSet
 
     cfg = finetune_config([f"train.batch_size={sizes.dpr_batch}", f"train.max_steps={sizes.dpr_steps}",
                            f"train.device={device.type}", f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}"])  # fmt: skip
@@ -253,7 +253,7 @@ def dpr_part(sizes: Sizes, device: torch.device, work: Path, encoder_dir: Path) 
 
 
 def encode_part(sizes: Sizes, device: torch.device, encoder_dir: Path) -> dict:
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     encoder = Encoder(encoder_dir, EncoderSettings(show_progress=False, device=device.type, passage_max_length=256))
     texts = random_texts(sizes.encode_docs, 200, len(encoder.tokenizer), seed=2)  # ~200 tokens, like a passage
@@ -267,7 +267,7 @@ def faiss_part(sizes: Sizes) -> dict:
     import faiss
     import numpy as np
 
-    from retrieval.index import gpu_count, to_gpu
+    from retrieval.serving.index import gpu_count, to_gpu
 
     if gpu_count() == 0:
         return skipped("faiss sees no GPU (faiss-cpu build or no visible device)")

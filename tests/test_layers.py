@@ -3,8 +3,12 @@
     flows/                       the chain, the CLI, the Prefect wiring (the only Prefect user)
     eval/                        evaluate, report, registry, compare
     retromae/    retrieval/      the stage packages (they do not import each other)
+                   training/     training a retriever: negatives, teacher, fine-tuning
+                   serving/      serving one: encoders, encode, BM25, index, tune, search, fusion
     retroflow/                   foundation: config, artifacts, IO/hashing, models, data readers, training loop
 
+Inside `retrieval/`, training may import serving (negatives are mined by searching) and serving
+never imports training; `eval/` evaluates what serving serves, so it imports serving only.
 Lazy imports inside functions count too: the walk sees every `import` node.
 
 Two more rules: no cycle of imports between project modules, at module level (one would fail, or
@@ -19,11 +23,16 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("retroflow", "retromae", "retrieval", "eval", "flows")
+# layer -> the layers its modules may import. A layer is a package or a sub-package; a module
+# belongs to the longest layer its name starts with, and allowing a layer allows its sub-layers.
 ALLOWED = {
     "retroflow": {"retroflow"},
     "retromae": {"retroflow", "retromae"},
-    "retrieval": {"retroflow", "retrieval"},
-    "eval": {"retroflow", "retrieval", "eval"},
+    "retrieval": {"retroflow", "retrieval"},  # the package itself and its command dispatcher
+    "retrieval.serving": {"retroflow", "retrieval.serving"},
+    "retrieval.training": {"retroflow", "retrieval.serving", "retrieval.training"},
+    "eval": {"retroflow", "retrieval.serving", "eval"},
     "flows": {"retroflow", "retromae", "retrieval", "eval", "flows"},
 }
 PREFECT = {"prefect", "prefect_dask", "prefect_ray"}
@@ -34,7 +43,16 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-PROJECT_MODULES = {module_name(p): p for package in ALLOWED for p in sorted((REPO / package).rglob("*.py"))}
+PROJECT_MODULES = {module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))}
+
+
+def within(module: str, layer: str) -> bool:
+    return module == layer or module.startswith(layer + ".")
+
+
+def layer_of(module: str) -> str | None:
+    """The layer `module` belongs to (None: not the project's)."""
+    return max((layer for layer in ALLOWED if within(module, layer)), key=len, default=None)
 
 
 def imported_modules(source: str, filename: str = "<source>") -> set[str]:
@@ -47,24 +65,39 @@ def imported_modules(source: str, filename: str = "<source>") -> set[str]:
     return names
 
 
-def back_arrows(package: str, source: str, filename: str) -> list[str]:
-    """Imports of `source` (a file of `package`) that break the layering."""
+def back_arrows(layer: str, source: str, filename: str) -> list[str]:
+    """Imports of `source` (a file of `layer`) that break the layering."""
     found = []
     for name in sorted(imported_modules(source, filename)):
-        top = name.split(".")[0]
-        if top in ALLOWED and top not in ALLOWED[package]:
-            found.append(f"{filename} imports {name} ({package} may import only {', '.join(sorted(ALLOWED[package]))})")
-        if top in PREFECT and package != "flows":
+        target = layer_of(name)
+        if target is not None and not any(within(target, allowed) for allowed in ALLOWED[layer]):
+            found.append(f"{filename} imports {name} ({layer} may import only {', '.join(sorted(ALLOWED[layer]))})")
+        if name.split(".")[0] in PREFECT and layer.split(".")[0] != "flows":
             found.append(f"{filename} imports {name} (Prefect belongs in flows/)")
     return found
 
 
 def test_every_package_imports_only_the_layers_below_it():
     offenders = []
-    for package in ALLOWED:
-        for path in sorted((REPO / package).rglob("*.py")):
-            offenders += back_arrows(package, path.read_text(), str(path.relative_to(REPO)))
+    for name, path in sorted(PROJECT_MODULES.items()):
+        offenders += back_arrows(layer_of(name), path.read_text(), str(path.relative_to(REPO)))
     assert not offenders, "\n".join(offenders)
+
+
+def test_retrieval_holds_its_two_jobs_and_serving_never_imports_training():
+    # every retrieval module but the package's own and its command dispatcher is in one of the two
+    assert {name for name in PROJECT_MODULES if layer_of(name) == "retrieval"} == {"retrieval", "retrieval.cli"}
+    assert layer_of("retrieval.serving.hybrid") == "retrieval.serving" and layer_of("retrieval.training") == "retrieval.training"
+    # what a regression would look like: serving reaching into training, even lazily
+    lazy = "def f():\n    from retrieval.training.teacher_scores import SCORES_FILE\n"
+    assert back_arrows("retrieval.serving", lazy, "retrieval/serving/x.py") == [
+        "retrieval/serving/x.py imports retrieval.training.teacher_scores (retrieval.serving may import only retrieval.serving, retroflow)"
+    ]
+    assert back_arrows("retrieval.serving", "from retrieval import training\n", "retrieval/serving/x.py")
+    assert back_arrows("eval", "from retrieval.training.finetune import FinetuneConfig\n", "eval/x.py")
+    # the arrow the other way is allowed: negatives are mined by searching
+    assert back_arrows("retrieval.training", "from retrieval.serving.search import Run\n", "retrieval/training/x.py") == []
+    assert back_arrows("flows", "from retrieval.training.finetune import FinetuneConfig\n", "flows/x.py") == []
 
 
 def test_a_new_back_arrow_fails_the_check():
@@ -73,7 +106,7 @@ def test_a_new_back_arrow_fails_the_check():
         "retroflow/x.py imports eval.evaluate (retroflow may import only retroflow)"
     ]
     assert back_arrows("retrieval", "import flows.chain\n", "retrieval/x.py")
-    assert back_arrows("retromae", "from retrieval.encoder import Encoder\n", "retromae/x.py")  # siblings stay apart
+    assert back_arrows("retromae", "from retrieval.serving.encoder import Encoder\n", "retromae/x.py")  # siblings stay apart
     assert back_arrows("eval", "import prefect\n", "eval/x.py") == ["eval/x.py imports prefect (Prefect belongs in flows/)"]
     assert back_arrows("flows", "import prefect\nfrom eval.report import metric_rows\n", "flows/x.py") == []
     # and the real tree is read: flows/tasks.py is seen importing Prefect
@@ -160,9 +193,9 @@ def test_a_new_import_cycle_fails_the_check():
     graph = {"retrieval.a": {"retrieval.b"}, "retrieval.b": {"retrieval.c"}, "retrieval.c": {"retrieval.a"}, "retrieval.d": {"retrieval.a"}}
     assert import_cycles(graph) == [["retrieval.a", "retrieval.b", "retrieval.c"]]
     assert import_cycles({"retrieval.a": {"retrieval.b"}, "retrieval.b": set()}) == []
-    lazy = "def f():\n    from retrieval.teacher import SCORES_FILE\n"
+    lazy = "def f():\n    from retrieval.training.teacher import SCORES_FILE\n"
     assert project_imports(lazy, module_level_only=True) == set()
-    assert project_imports(lazy, module_level_only=False) == {"retrieval.teacher"}
+    assert project_imports(lazy, module_level_only=False) == {"retrieval.training.teacher"}
     assert project_imports("from retroflow import data\n", module_level_only=True) == {"retroflow", "retroflow.data"}
 
 

@@ -1,5 +1,6 @@
 """The `data` stage and the dataset readers every stage uses: BEIR (`beir`), MS MARCO
-(`msmarco`) and Natural Questions in DPR format (`nq`), each normalised once to Parquet."""
+(`msmarco`) and Natural Questions in DPR format (`nq`), each normalised once to Parquet; and
+the dev hold-out of a split's queries (`splits`)."""
 
 from __future__ import annotations
 

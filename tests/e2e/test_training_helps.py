@@ -13,7 +13,7 @@ import pytest
 
 from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
-from retrieval.finetune import FinetuneConfig, run_finetune
+from retrieval.training.finetune import FinetuneConfig, run_finetune
 
 ENCODER = {"show_progress": False, "passage_max_length": 64, "query_max_length": 32}
 

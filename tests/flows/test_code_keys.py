@@ -44,13 +44,14 @@ def touch(root: Path, relative: str, text: str = "\n# an edit\n") -> None:
 
 # (file edited, stages whose key must change, stages whose key must not)
 EDITS = [
-    ("retrieval/tune.py", {"tune"}, {"negatives", "teacher", "finetune", "encode", "index", "evaluate"}),
+    ("retrieval/serving/tune.py", {"tune"}, {"negatives", "teacher", "finetune", "encode", "index", "evaluate"}),
     ("retroflow/models.py", {"encode", "finetune", "pretrain", "negatives", "evaluate"}, {"data"}),
     ("retroflow/devices.py", {"finetune", "pretrain", "encode", "teacher"}, {"data", "corpus"}),
     ("retroflow/data/beir.py", {"data", "encode", "negatives", "finetune", "evaluate"}, {"pretrain", "corpus"}),
-    ("retrieval/index_cli.py", set(), set(STAGES)),
+    ("retrieval/serving/index_cli.py", set(), set(STAGES)),
     ("flows/chain.py", set(), set(STAGES)),
-    ("retrieval/hybrid.py", {"teacher", "evaluate"}, {"negatives", "encode", "index", "pretrain"}),
+    ("retrieval/serving/hybrid.py", {"teacher", "evaluate"}, {"negatives", "finetune", "encode", "index", "pretrain"}),
+    ("retrieval/training/teacher_scores.py", {"teacher", "finetune"}, {"negatives", "encode", "index", "tune", "evaluate"}),
     ("retromae/data.py", {"corpus", "tokenizer", "pretrain", "scratch"}, {"finetune", "encode", "evaluate"}),
     ("flows/ablation.py", {"corpus"}, set(STAGES) - {"corpus"}),
 ]
@@ -67,10 +68,10 @@ def test_an_edit_changes_the_keys_of_the_stages_that_run_the_file_and_no_others(
 
 
 def test_the_issue_cases(checkout):
-    """Issue 25: touching retrieval/tune.py leaves the finetune key unchanged; touching
+    """Issue 25: touching retrieval/serving/tune.py leaves the finetune key unchanged; touching
     retroflow/models.py changes the encode key; retroflow/devices.py changes finetune and pretrain."""
     before = keys(checkout)
-    touch(checkout, "retrieval/tune.py")
+    touch(checkout, "retrieval/serving/tune.py")
     assert keys(checkout)["finetune"] == before["finetune"]
     touch(checkout, "retroflow/models.py")
     assert keys(checkout)["encode"] != before["encode"]

@@ -40,7 +40,7 @@ def test_each_stage_has_one_name_for_module_config_command_and_store(name):
 
 
 def test_the_key_leaves_out_what_inputs_locate_and_keeps_what_they_are(tmp_path):
-    from retrieval.negatives import NegativesConfig
+    from retrieval.training.negatives import NegativesConfig
 
     data = ExternalInput("d", tmp_path, fingerprint="aaa")
     here, there = NegativesConfig(dataset="scifact"), NegativesConfig(dataset="/elsewhere/scifact")
@@ -55,7 +55,7 @@ def test_the_key_leaves_out_what_inputs_locate_and_keeps_what_they_are(tmp_path)
 def test_build_refuses_an_input_the_stage_does_not_take(tmp_path):
     from flows.stages import build
     from retroflow.artifacts import ArtifactStore
-    from retrieval.index import IndexConfig
+    from retrieval.serving.index import IndexConfig
 
     with pytest.raises(ValueError, match="stage 'index' takes inputs embeddings; not data"):
         build(ArtifactStore(tmp_path), "index", IndexConfig(), {"data": Artifact("data", "k", tmp_path)})
@@ -67,8 +67,8 @@ def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_k
     import json
 
     from flows.cli import main
-    from retrieval.index import IndexConfig
-    from retrieval.tune import TuneConfig
+    from retrieval.serving.index import IndexConfig
+    from retrieval.serving.tune import TuneConfig
 
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
 
@@ -93,7 +93,7 @@ def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_k
 
 def test_the_resolved_precision_is_in_the_key_not_the_word_auto(tmp_path, monkeypatch):
     from retroflow import devices
-    from retrieval.encode import EncodeConfig
+    from retrieval.serving.encode import EncodeConfig
 
     data = ExternalInput("d", tmp_path, fingerprint="aaa")
     model = ExternalInput("m", tmp_path, fingerprint="mmm")

@@ -137,7 +137,7 @@ def pipeline_with_typo(tmp: Path) -> str:
 def truncated_embeddings(tmp: Path) -> Path:
     import numpy as np
 
-    from retrieval.encode import write_embeddings
+    from retrieval.serving.encode import write_embeddings
 
     folder = tmp / "embeddings"
     write_embeddings(folder, np.ones((20, 8), dtype=np.float32), [f"d{i}" for i in range(20)])
@@ -172,7 +172,7 @@ def test_a_damaged_model_is_one_clear_error(damage, tiny_bert, tmp_path, capsys)
 def test_a_damaged_checkpoint_is_one_clear_error_on_resume(scifact_small, tiny_bert, tmp_path):
     from retroflow.data.beir import load_dataset
     from retroflow.config import load_config
-    from retrieval.finetune import FinetuneConfig, run_finetune
+    from retrieval.training.finetune import FinetuneConfig, run_finetune
 
     out, overrides = tmp_path / "run", ["train.save_every=2", "train.max_steps=4"]
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", overrides)

@@ -45,8 +45,8 @@ def test_teacher_checkpoints_are_the_shared_pickle_free_format(scifact_small, ti
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
     from retroflow.data.beir import load_dataset
-    from retrieval.negatives import NegativesConfig, run_mine_negatives
-    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
 
     dataset = load_dataset(scifact_small)
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
@@ -109,7 +109,7 @@ def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     from retroflow.data.beir import load_dataset
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
-    from retrieval.finetune import FinetuneConfig, run_finetune
+    from retrieval.training.finetune import FinetuneConfig, run_finetune
 
     dataset = load_dataset(scifact_small)
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=4", "train.save_every=2"])
@@ -140,8 +140,8 @@ def test_damaged_index_and_vectors_files_are_named_errors(tmp_path):
     import faiss
     import numpy as np
 
-    from retrieval.index import read_faiss_file
-    from retrieval.encode import load_vectors
+    from retrieval.serving.index import read_faiss_file
+    from retrieval.serving.encode import load_vectors
 
     index = faiss.IndexFlatIP(8)
     index.add(np.random.default_rng(0).random((50, 8), dtype=np.float32))
@@ -160,7 +160,7 @@ def test_damaged_index_and_vectors_files_are_named_errors(tmp_path):
 def test_unloadable_models_are_named_errors(tiny_bert, tmp_path):
     import shutil
 
-    from retrieval.encoder import Encoder, EncoderSettings, ModelLoadError
+    from retrieval.serving.encoder import Encoder, EncoderSettings, ModelLoadError
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bert, broken)
@@ -181,7 +181,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tiny_bert, tm
 
     from transformers import BertConfig, BertModel
 
-    from retrieval.encoder import Encoder, EncoderSettings, ModelLoadError
+    from retrieval.serving.encoder import Encoder, EncoderSettings, ModelLoadError
 
     small = tmp_path / "small-vocab"
     shutil.copytree(tiny_bert, small)

@@ -44,7 +44,7 @@ def test_set_values_are_still_yaml_and_flags_are_not(tmp_path: Path):
 def test_finetune_flags_stay_strings():
     import argparse
 
-    from retrieval.finetune_cli import finetune_config
+    from retrieval.training.finetune_cli import finetune_config
 
     args = argparse.Namespace(config=None, overrides=[], dataset="0123", model="null", max_steps=None, seed=None)
     config = finetune_config(args)

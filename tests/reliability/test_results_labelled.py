@@ -65,7 +65,7 @@ def test_empty_query_texts_are_warned_about_and_counted(tmp_path: Path, capsys):
 
 @pytest.fixture(scope="module")
 def hnsw_index(tmp_path_factory) -> Path:
-    from retrieval.encode import write_embeddings
+    from retrieval.serving.encode import write_embeddings
 
     tmp = tmp_path_factory.mktemp("hnsw")
     vectors = np.random.default_rng(0).standard_normal((200, 16)).astype(np.float32)

@@ -83,7 +83,7 @@ def test_config_differences_ignore_only_the_resumable_fields():
 
 def test_finetune_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
     from retroflow.data.beir import load_dataset
-    from retrieval.finetune import FinetuneConfig, run_finetune
+    from retrieval.training.finetune import FinetuneConfig, run_finetune
 
     dataset = load_dataset(scifact_small)
     tiny = REPO / "configs/finetune/tiny.yaml"
@@ -99,8 +99,8 @@ def test_finetune_resume_with_another_config_is_refused(scifact_small: Path, tin
 
 def test_teacher_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
     from retroflow.data.beir import load_dataset
-    from retrieval.negatives import NegativesConfig, run_mine_negatives
-    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
 
     dataset = load_dataset(scifact_small)
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=10), dataset, tmp_path / "neg")

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from retroflow.devices import cpu_has_native_bf16
-from retrieval.encoder import Encoder, EncoderSettings
+from retrieval.serving.encoder import Encoder, EncoderSettings
 
 pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)")
 
@@ -26,7 +26,7 @@ def test_bf16_minilm_vectors_are_fp32_vectors_to_rounding(scifact_small):
 
 def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrupted_one(scifact_small, tiny_bert, tmp_path, monkeypatch):
     from retroflow.data.beir import load_dataset
-    from retrieval.encode import EncodeConfig, open_embeddings, run_encode
+    from retrieval.serving.encode import EncodeConfig, open_embeddings, run_encode
 
     dataset = load_dataset(scifact_small)
     config = EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "bf16"})

@@ -11,10 +11,11 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import FinetuneConfig, distillation_gate, run_finetune, standardized, student_dev_check, teacher_pools
-from retrieval.teacher import TeacherConfig, run_fusion_teacher
-from retrieval.teacher_scores import TeacherScores, read_teacher_scores, write_teacher_scores
-from retrieval.training_data import BatchPlan, TrainingExample, TrainingSet, dev_split, training_queries
+from retrieval.training.finetune import FinetuneConfig, distillation_gate, run_finetune, standardized, student_dev_check, teacher_pools
+from retrieval.training.teacher import TeacherConfig, run_fusion_teacher
+from retrieval.training.teacher_scores import TeacherScores, read_teacher_scores, write_teacher_scores
+from retroflow.data.splits import dev_split
+from retrieval.training.training_data import BatchPlan, TrainingExample, TrainingSet, training_queries
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -170,7 +171,7 @@ def test_kl_teacher_scores_are_standardised_per_query():
 
 
 def test_prefixes_are_trained_with_and_saved_for_serving(dataset, tiny_bert, tmp_path):
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     config = load_config(FinetuneConfig, TINY, ["train.max_steps=1", "model.query_prefix='query: '", "model.passage_prefix='passage: '"])
     run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial")

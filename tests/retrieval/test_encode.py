@@ -1,4 +1,4 @@
-"""Sharded, resumable corpus encoding (retrieval/encode.py) on the real SciFact subset with a tiny BERT."""
+"""Sharded, resumable corpus encoding (retrieval/serving/encode.py) on the real SciFact subset with a tiny BERT."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from retroflow.data.beir import load_dataset
-from retrieval.encoder import Encoder
-from retrieval.encode import (
+from retrieval.serving.encoder import Encoder
+from retrieval.serving.encode import (
     EncodeConfig,
     encode_shards,
     merge_shards,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.encoder import Encoder, EncoderSettings, choose_backend, length_sorted_batches, pool
+from retrieval.serving.encoder import Encoder, EncoderSettings, choose_backend, length_sorted_batches, pool
 
 QUIET = dict(show_progress=False, precision="fp32")  # exact agreement (ST, hand-computed pooling) is an fp32 property; bf16: test_bf16.py
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from retroflow.data.beir import load_dataset
-from retrieval.training_data import (
+from retrieval.training.training_data import (
     TrainingDataError,
     beir_training_set,
     dev_split,

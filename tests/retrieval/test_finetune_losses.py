@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from retrieval.losses import (
+from retrieval.training.losses import (
     contrastive_logits,
     contrastive_loss,
     gather_across_ranks,

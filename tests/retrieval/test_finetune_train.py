@@ -11,10 +11,10 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import FinetuneConfig, run_finetune
-from retrieval.teacher_scores import read_teacher_scores
-from retrieval.negatives import NegativesConfig, read_negatives, run_mine_negatives
-from retrieval.training_data import judged_positives
+from retrieval.training.finetune import FinetuneConfig, run_finetune
+from retrieval.training.teacher_scores import read_teacher_scores
+from retrieval.training.negatives import NegativesConfig, read_negatives, run_mine_negatives
+from retrieval.training.training_data import judged_positives
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"
@@ -84,7 +84,7 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     from sentence_transformers import SentenceTransformer
 
     from eval.evaluate import EvaluateConfig, evaluate
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     model_dir = tiny_run[0] / "out" / "model"
     assert (model_dir / "modules.json").is_file() and (model_dir / "1_Pooling" / "config.json").is_file()
@@ -98,7 +98,7 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
                                      encoder={"precision": "fp32"}), dataset)  # fmt: skip
     # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
     from retroflow.metrics import evaluate_run
-    from retrieval.search import drop_self_hits, exact_search, to_run
+    from retrieval.serving.search import drop_self_hits, exact_search, to_run
 
     qrels = dataset.split_qrels("test")
     text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
@@ -144,7 +144,7 @@ def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_pa
 
 
 def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
 
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     teacher_cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_encoder}"])
@@ -170,10 +170,10 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
 def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     """With a dev hold-out the teacher reports BM25's and its own nDCG@10 on exactly those queries."""
     from retroflow.metrics import evaluate_run
-    from retrieval.bm25 import BM25Retriever
-    from retrieval.search import drop_self_hits
-    from retrieval.teacher import TeacherConfig, run_train_teacher
-    from retrieval.training_data import dev_split
+    from retrieval.serving.bm25 import BM25Retriever
+    from retrieval.serving.search import drop_self_hits
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
+    from retroflow.data.splits import dev_split
 
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml",
@@ -268,7 +268,7 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
 
 
 def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    from retrieval.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
 
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     negatives = tmp_path / "neg" / "negatives.jsonl"

@@ -10,8 +10,8 @@ import torch
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.finetune import FinetuneConfig, FinetuneTrainer
-from retrieval.training_data import training_queries
+from retrieval.training.finetune import FinetuneConfig, FinetuneTrainer
+from retrieval.training.training_data import training_queries
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -60,7 +60,7 @@ def test_grad_cache_and_gradient_accumulation_are_exclusive():
 
 
 def test_a_grad_cache_run_trains_and_saves(scifact_small, no_dropout_encoder, tmp_path):
-    from retrieval.finetune import run_finetune
+    from retrieval.training.finetune import run_finetune
 
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=3", "train.grad_cache_chunk=4"])
     metrics = run_finetune(cfg, load_dataset(scifact_small), no_dropout_encoder, tmp_path / "out", tmp_path / "partial")

@@ -1,4 +1,4 @@
-"""Hybrid retrieval (retrieval.hybrid): fusion arithmetic, weight choice off the test queries,
+"""Hybrid retrieval (retrieval.serving.hybrid): fusion arithmetic, weight choice off the test queries,
 pseudo-queries for corpora without dev queries, and `retroflow evaluate --model hybrid:...`."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
 from flows.cli import main
 from retroflow.config import ConfigError, load_config
-from retrieval.hybrid import FusionSettings, choose_weight, dev_hold_out, fuse_minmax, fuse_rrf, pseudo_queries, split_sentences
+from retrieval.serving.hybrid import FusionSettings, choose_weight, dev_hold_out, fuse_minmax, fuse_rrf, pseudo_queries, split_sentences
 
 DENSE = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
 BM25 = {"q": {"c": 12.0, "d": 8.0, "a": 4.0}}
@@ -76,7 +76,7 @@ def test_pseudo_queries_take_a_sentence_out_of_its_document():
 
 
 def test_hybrid_cli_chooses_the_weight_on_dev_queries_never_on_test(scifact_small, tiny_bert, capsys, monkeypatch):
-    import retrieval.hybrid as hybrid
+    import retrieval.serving.hybrid as hybrid
 
     seen = []
     real = hybrid.choose_weight
@@ -115,7 +115,7 @@ def test_hybrid_on_a_corpus_without_dev_queries_uses_pseudo_queries(scifact_smal
 
 
 def test_fusion_on_a_corpus_bm25_cannot_index_is_a_clear_error():
-    from retrieval.bm25 import BM25Retriever
+    from retrieval.serving.bm25 import BM25Retriever
 
     with pytest.raises(ValueError, match="BM25 cannot index this corpus: 2 documents"):
         BM25Retriever(["d1", "d2"], ["the a", ""])

@@ -1,4 +1,4 @@
-"""The zero-shot fusion weight (retrieval.hybrid): pseudo-queries that behave like queries and the
+"""The zero-shot fusion weight (retrieval.serving.hybrid): pseudo-queries that behave like queries and the
 guarded rule that leaves the dense model alone unless pseudo-queries show a gain beyond their
 noise. Synthetic corpora and fake dense encoders: no model, fast."""
 
@@ -12,9 +12,9 @@ import re
 import numpy as np
 import pytest
 
-from retrieval.bm25 import BM25Retriever
-from retrieval.hybrid import FusionSettings, HybridSearcher, content_words, guarded_weight, pseudo_queries
-from retrieval.search import ExactDenseRetriever
+from retrieval.serving.bm25 import BM25Retriever
+from retrieval.serving.hybrid import FusionSettings, HybridSearcher, content_words, guarded_weight, pseudo_queries
+from retrieval.serving.search import ExactDenseRetriever
 
 FILLERS = ["river", "apple", "stone", "cloud", "paper", "green", "music", "table", "window", "garden", "silver", "forest"]
 TOPIC = re.compile(r"t(\d+)q", re.IGNORECASE)
@@ -134,14 +134,14 @@ def test_the_searched_corpus_has_lost_the_query_sentence_on_both_sides():
             seen["texts"] = list(docs)
             super().__init__(ids, docs, settings)
 
-    import retrieval.bm25
+    import retrieval.serving.bm25
 
-    original = retrieval.bm25.BM25Retriever
-    retrieval.bm25.BM25Retriever = Recorder
+    original = retrieval.serving.bm25.BM25Retriever
+    retrieval.serving.bm25.BM25Retriever = Recorder
     try:
         hybrid.pseudo_runs(pseudo)
     finally:
-        retrieval.bm25.BM25Retriever = original
+        retrieval.serving.bm25.BM25Retriever = original
     for qid, query in pseudo.queries.items():
         doc = pseudo.source[qid]
         assert query not in seen["texts"][hybrid.doc_ids.index(doc)]
@@ -175,7 +175,7 @@ def test_guarded_weight_fuses_only_when_every_query_style_gains():
 
 def test_too_small_a_corpus_falls_back_to_dense_alone_with_a_logged_reason(caplog):
     texts = dense_useless_corpus(10)
-    with caplog.at_level(logging.WARNING, logger="retrieval.hybrid"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.serving.hybrid"):
         selection = searcher(texts, RandomEncoder()).select_weight(None, None)
     assert selection["weight"] == 1.0 and selection["chosen_on"].startswith("fallback")
     assert "only 10 documents could give pseudo-queries" in selection["reason"] and selection["reason"] in caplog.text
@@ -183,7 +183,7 @@ def test_too_small_a_corpus_falls_back_to_dense_alone_with_a_logged_reason(caplo
 
 def test_documents_without_sentences_fall_back_to_dense_alone_with_a_logged_reason(caplog):
     texts = [f"doc{i}word1 doc{i}word2 river apple stone without any full stop" for i in range(100)]
-    with caplog.at_level(logging.WARNING, logger="retrieval.hybrid"):
+    with caplog.at_level(logging.WARNING, logger="retrieval.serving.hybrid"):
         selection = searcher(texts, RandomEncoder()).select_weight(None, None)
     assert selection["weight"] == 1.0 and selection["pseudo_documents"] == 0
     assert "100 fewer than two sentences" in selection["reason"] and selection["reason"] in caplog.text

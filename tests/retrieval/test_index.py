@@ -1,4 +1,4 @@
-"""FAISS index build / save / load / search (retrieval/index.py) on small clustered synthetic vectors."""
+"""FAISS index build / save / load / search (retrieval/serving/index.py) on small clustered synthetic vectors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from conftest import clustered
 from retroflow.config import ConfigError, load_config
-from retrieval.index import (
+from retrieval.serving.index import (
     IndexConfig,
     _load_index_cached,
     gpu_count,
@@ -20,8 +20,8 @@ from retrieval.index import (
     search_with_index,
     to_gpu,
 )
-from retrieval.search import exact_search
-from retrieval.encode import write_embeddings
+from retrieval.serving.search import exact_search
+from retrieval.serving.encode import write_embeddings
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,13 +9,13 @@ import pytest
 
 from retroflow.data.beir import load_dataset
 from retroflow.config import ConfigError, load_config
-from retrieval.negatives import (
+from retrieval.training.negatives import (
     NegativesConfig,
     read_negatives,
     run_mine_negatives,
     select_window,
 )
-from retrieval.training_data import judged_positives
+from retrieval.training.training_data import judged_positives
 
 REPO = Path(__file__).resolve().parents[2]
 

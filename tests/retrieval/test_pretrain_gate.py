@@ -13,7 +13,7 @@ import torch
 from retroflow.config import load_config
 from retroflow.data.beir import load_dataset
 from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.finetune import FinetuneConfig, paired_bootstrap_interval, run_finetune
+from retrieval.training.finetune import FinetuneConfig, paired_bootstrap_interval, run_finetune
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"

@@ -1,4 +1,4 @@
-"""The retrieval interface (retrieval.search.Retriever): every implementation answers
+"""The retrieval interface (retrieval.serving.search.Retriever): every implementation answers
 `search({qid: text}, k)` with the same run shape, and each agrees with an independent reference."""
 
 from __future__ import annotations
@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from retroflow.data.beir import load_dataset
-from retrieval.bm25 import BM25Retriever
-from retrieval.encode import write_embeddings
-from retrieval.encoder import Encoder, EncoderSettings
-from retrieval.hybrid import DenseSide, FusionSettings, HybridSearcher
-from retrieval.index import IndexConfig, IndexRetriever, run_build_index
-from retrieval.negatives import dense_retriever
-from retrieval.search import ExactDenseRetriever, MemoryIndexRetriever, Retriever
+from retrieval.serving.bm25 import BM25Retriever
+from retrieval.serving.encode import write_embeddings
+from retrieval.serving.encoder import Encoder, EncoderSettings
+from retrieval.serving.hybrid import DenseSide, FusionSettings, HybridSearcher
+from retrieval.serving.index import IndexConfig, IndexRetriever, run_build_index
+from retrieval.training.negatives import dense_retriever
+from retrieval.serving.search import ExactDenseRetriever, MemoryIndexRetriever, Retriever
 
 K = 10
 
@@ -132,7 +132,7 @@ def test_bm25_through_the_interface_equals_the_old_bm25_ranking(retrievers, corp
 
 
 def test_hybrid_cuts_the_fusion_to_k_and_fuses_its_two_sides(retrievers, corpus):
-    from retrieval.hybrid import fuse_minmax, top_hits
+    from retrieval.serving.hybrid import fuse_minmax, top_hits
 
     _, queries = corpus
     hybrid = retrievers["hybrid"]
@@ -152,7 +152,7 @@ def test_dense_side_is_exact_search_or_the_index(corpus, encoder, doc_vectors, f
 
 
 def test_blockwise_exact_search_equals_exact_search_and_marks_missing_rows(corpus, encoder, doc_vectors):
-    from retrieval.search import exact_search, exact_search_blocks
+    from retrieval.serving.search import exact_search, exact_search_blocks
 
     _, queries = corpus
     query_vectors = encoder.encode_queries(list(queries.values()))

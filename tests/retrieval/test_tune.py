@@ -1,4 +1,4 @@
-"""Autotuning of search knobs (retrieval/tune.py): the choice meets its recall target, the front is Pareto."""
+"""Autotuning of search knobs (retrieval/serving/tune.py): the choice meets its recall target, the front is Pareto."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from conftest import clustered
-import retrieval.tune as autotune
-from retrieval.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
-from retrieval.index import IndexConfig, run_build_index, search_with_index
-from retrieval.search import exact_search
-from retrieval.encode import open_embeddings, write_embeddings
+import retrieval.serving.tune as autotune
+from retrieval.serving.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
+from retrieval.serving.index import IndexConfig, run_build_index, search_with_index
+from retrieval.serving.search import exact_search
+from retrieval.serving.encode import open_embeddings, write_embeddings
 
 
 @pytest.fixture(scope="module")

@@ -58,7 +58,7 @@ def test_agrees_with_beir_evaluator_on_a_real_run(scifact_small):
     from beir.retrieval.evaluation import EvaluateRetrieval
 
     from retroflow.data.beir import load_dataset
-    from retrieval.bm25 import BM25Retriever
+    from retrieval.serving.bm25 import BM25Retriever
 
     ds = load_dataset(scifact_small)
     queries = ds.split_queries("test")

@@ -16,7 +16,7 @@ import torch
 pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer, models  # noqa: E402
 
-from retrieval.encoder import Encoder, EncoderSettings  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings  # noqa: E402
 
 QUERIES = ["what causes fever?", "a", "the effect of vitamin d on bone density in older adults over five years"]
@@ -140,7 +140,7 @@ def test_default_prompt_name_is_refused_unless_prefixes_given(st_base, tmp_path)
 
 
 def test_finetuning_refuses_what_it_cannot_train(st_base, tmp_path):
-    from retrieval.finetune import FinetuneConfig, resolve_pooling
+    from retrieval.training.finetune import FinetuneConfig, resolve_pooling
 
     path = save_st(st_base, tmp_path / "m", pooling="lasttoken")
     with pytest.raises(ModelFormatError, match="lasttoken"):

@@ -49,7 +49,7 @@ from retroflow.config import StageConfig
 from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
 from retroflow.progress import progress_bar
-from retrieval.encoder import Encoder, EncoderSettings
+from retrieval.serving.encoder import Encoder, EncoderSettings
 
 log = logging.getLogger(__name__)
 

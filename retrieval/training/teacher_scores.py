@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from retroflow.publish import atomic_write_text
-from retrieval.negatives import read_headed_jsonl
+from retrieval.training.negatives import read_headed_jsonl
 
 SCORES_FILE = "teacher_scores.jsonl"
 FORMAT = "retroflow-teacher-scores/1"

@@ -5,7 +5,7 @@ MiniLM), else [CLS] (the RetroMAE / DPR convention); either can be overridden. T
 tokenised once, sorted by token length and cut into batches under a token budget, so
 padding is minimal and short texts go through in large batches.
 
-BERT-family models run through `retrieval.encoder_fused` (same fp32 arithmetic, less overhead:
+BERT-family models run through `retrieval.serving.encoder_fused` (same fp32 arithmetic, less overhead:
 see bench/README.md `## encode`); `EncoderSettings(backend="hf")` forces transformers' forward.
 """
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
 from retroflow.progress import progress_bar
-from retrieval import encoder_fused
+from retrieval.serving import encoder_fused
 from retroflow.models import ModelFormatError, load_dense_weights, read_sentence_transformer_settings, resolve_model_path
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ Stage functions (plain, no Prefect):
         stored in the directory (set by the autotuner) unless `params` overrides them.
     load_index(index_dir, device="auto") -> LoadedIndex
     IndexRetriever(index_dir, encoder, params=None, device="auto")
-        The index with its query encoder as a `retrieval.search.Retriever`.
+        The index with its query encoder as a `retrieval.serving.search.Retriever`.
 
 Index directory (every file written under a temporary name, then renamed):
 
@@ -45,8 +45,8 @@ from pydantic import Field, field_validator
 from retroflow.artifacts import artifact_label
 from retroflow.publish import atomic_write_text, publishing_file
 from retroflow.config import StageConfig
-from retrieval.encode import Embeddings, open_embeddings, write_ids
-from retrieval.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
+from retrieval.serving.encode import Embeddings, open_embeddings, write_ids
+from retrieval.serving.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
 
 log = logging.getLogger(__name__)
 

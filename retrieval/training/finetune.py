@@ -16,11 +16,11 @@ history) go to `partial_dir/checkpoints` every `train.save_every` steps and a re
 the latest one; ANCE rounds write their re-mined negatives to `partial_dir/ance/` so a resumed
 run reuses them.
 
-Related stages: `retrieval.negatives.run_mine_negatives` and `retrieval.teacher.run_train_teacher`, whose
-scores file (`retrieval.teacher_scores`) distillation reads.
+Related stages: `retrieval.training.negatives.run_mine_negatives` and `retrieval.training.teacher.run_train_teacher`, whose
+scores file (`retrieval.training.teacher_scores`) distillation reads.
 
 Design notes
-- The data order (`retrieval.training_data.BatchPlan`) is a pure function of (seed, step): a
+- The data order (`retrieval.training.training_data.BatchPlan`) is a pure function of (seed, step): a
   resumed run replays exactly the batches the killed run would have seen, and every DDP rank
   can compute the doc ids of the whole global batch without communication (used to mask
   in-batch false negatives).
@@ -60,12 +60,13 @@ from retroflow.training import (
     mean_over_processes,
     run_identity,
 )
-from retrieval.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
-from retrieval.encoder import check_vocabulary
+from retrieval.training.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
+from retrieval.serving.encoder import check_vocabulary
+from retroflow.data.splits import dev_split
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.negatives import NegativesConfig, mine_negatives, read_negatives, write_negatives
-from retrieval.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, read_teacher_scores
-from retrieval.training_data import BatchPlan, QuerySelection, Sample, TrainingSet, beir_training_set, dev_split, training_queries
+from retrieval.training.negatives import NegativesConfig, mine_negatives, read_negatives, write_negatives
+from retrieval.training.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, read_teacher_scores
+from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, TrainingSet, beir_training_set, training_queries
 
 log = logging.getLogger("retroflow.finetune")
 
@@ -231,7 +232,7 @@ class BiEncoder(torch.nn.Module):
 def load_backbone(path: Path, gradient_checkpointing: bool):
     from transformers import AutoModel
 
-    from retrieval.encoder import ModelLoadError
+    from retrieval.serving.encoder import ModelLoadError
 
     try:
         model = AutoModel.from_pretrained(path)
@@ -352,7 +353,7 @@ def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, st
                       dev_pool: Mapping[str, Sequence[str]]) -> dict[str, float]:  # fmt: skip
     """{dev qid: nDCG@10} of `model_path` reranking each judged dev query's candidates in `dev_pool`."""
     from retroflow.metrics import evaluate_run
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     qrels_all = dataset.split_qrels(config.data.split)
     qrels = {q: qrels_all[q] for q in dev_pool if q in qrels_all}
@@ -410,7 +411,7 @@ def dev_pool_for_gate(config: FinetuneConfig, dataset, train: TrainingSet, teach
     one, else BM25's top `pretrain_gate.pool_depth` for the dev hold-out's queries."""
     if teacher_pool:
         return dict(teacher_pool), TEACHER_POOL
-    from retrieval.bm25 import BM25Retriever
+    from retrieval.serving.bm25 import BM25Retriever
 
     everyone = beir_training_set(dataset, config.data.split, config.data.min_grade)
     _, dev = dev_split([ex.qid for ex in everyone.examples], config.data.dev_fraction, config.data.dev_seed)
@@ -864,7 +865,7 @@ def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partia
     pretrain gate's rival)."""
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir
-    from retrieval.negatives import NEGATIVES_FILE
+    from retrieval.training.negatives import NEGATIVES_FILE
 
     return run_finetune(
         config, open_dataset(inputs["data"]), model_dir(inputs["model"]), out_dir, partial_dir,

@@ -25,12 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
 import numpy as np
+
+from retroflow.data.splits import dev_split
 
 log = logging.getLogger(__name__)
 
@@ -245,17 +246,7 @@ def dpr_json_training_set(path: Path, on_missing_positive: MissingPositive = "er
     return TrainingSet(examples, passages, judged, source=f"dpr-json:{path}")
 
 
-# ---------------------------------------------------------------------------------------- splits
-
-
-def dev_split(qids: Iterable[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """(train qids, dev qids): a seeded random `fraction` of the queries held out as dev."""
-    ordered = sorted(qids)
-    if not 0 <= fraction < 1:
-        raise ValueError(f"dev fraction must be in [0, 1), got {fraction}")
-    n_dev = int(round(len(ordered) * fraction))
-    dev = set(random.Random(seed).sample(ordered, n_dev)) if n_dev else set()
-    return [q for q in ordered if q not in dev], [q for q in ordered if q in dev]
+# ---------------------------------------------------------------------------------------- query selection
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Distillation teachers: a fusion of BM25 and a dense model, or a trained cross-encoder; both cache their scores.
 
-`kind: fusion` (retrieval.hybrid): BM25 fused with the dense model (min-max, dense weight chosen
+`kind: fusion` (retrieval.serving.hybrid): BM25 fused with the dense model (min-max, dense weight chosen
 on the dev hold-out); no training. Each training query's candidates are its positives plus the
 fused list's top `candidates_per_query`, scored with the fused score (0..1). Its dev check
 reports BM25, the dense model and the fusion on the dev queries, the fusion's figure
@@ -19,9 +19,9 @@ Stage function (plain, no Prefect):
 
 writes `out_dir/teacher/` (a Hugging Face sequence-classification model + tokenizer scoring
 `[CLS] query [SEP] passage [SEP]` with one logit) and `out_dir/teacher_scores.jsonl`
-(`retrieval.teacher_scores`, the file's format and its reader; candidates = each training
+(`retrieval.training.teacher_scores`, the file's format and its reader; candidates = each training
 query's positives + its best-ranked `candidates_per_query` mined negatives). Distillation
-(`retrieval.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
+(`retrieval.training.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
 teacher never has to score again. It trains on retroflow.training's loop, like pretraining and
 fine-tuning: checkpoints (model, optimizer, scheduler, RNG, loss history; retroflow.checkpoints'
 format, `checkpoint-N/` directories) go to `partial_dir/checkpoints` and a re-run resumes from
@@ -53,11 +53,12 @@ from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.progress import progress_bar
 from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
-from retrieval.hybrid import FusionSettings
+from retrieval.serving.hybrid import FusionSettings
+from retroflow.data.splits import dev_split
 from retroflow.models import resolve_model_path
-from retrieval.negatives import read_negatives
-from retrieval.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, write_teacher_scores
-from retrieval.training_data import BatchPlan, QuerySelection, Sample, beir_training_set, dev_split, training_queries
+from retrieval.training.negatives import read_negatives
+from retrieval.training.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, write_teacher_scores
+from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, beir_training_set, training_queries
 
 log = logging.getLogger("retroflow.teacher")
 
@@ -301,8 +302,8 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     and as the teacher reranks them. A teacher below BM25 would teach the student worse
     rankings than the negatives' own source, so that case is logged as a warning."""
     from retroflow.metrics import evaluate_run
-    from retrieval.bm25 import BM25Retriever
-    from retrieval.search import drop_self_hits
+    from retrieval.serving.bm25 import BM25Retriever
+    from retrieval.serving.search import drop_self_hits
 
     started = time.perf_counter()
     judged = beir_training_set(dataset, config.split, config.min_grade)
@@ -330,8 +331,8 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
 
 def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str]]:
     """Each dev query's top `depth` documents as the teacher ranks them: the candidates on which
-    fine-tuning scores its student before it decides to distil (`retrieval.finetune.distillation_gate`)."""
-    from retrieval.hybrid import top_hits
+    fine-tuning scores its student before it decides to distil (`retrieval.training.finetune.distillation_gate`)."""
+    from retrieval.serving.hybrid import top_hits
 
     return {q: [d for d, _ in top_hits(hits, depth)] for q, hits in sorted(run.items())} if depth else {}
 
@@ -340,10 +341,10 @@ def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str
 
 
 def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None = None):
-    from retrieval.bm25 import BM25Retriever
-    from retrieval.encoder import Encoder, EncoderSettings
-    from retrieval.hybrid import DenseSide, HybridSearcher
-    from retrieval.encode import corpus_vectors
+    from retrieval.serving.bm25 import BM25Retriever
+    from retrieval.serving.encoder import Encoder, EncoderSettings
+    from retrieval.serving.hybrid import DenseSide, HybridSearcher
+    from retrieval.serving.encode import corpus_vectors
 
     encoder = Encoder(config.init, EncoderSettings(query_max_length=config.query_max_length, passage_max_length=config.passage_max_length,
                                                    device=config.device, show_progress=False))  # fmt: skip
@@ -356,7 +357,7 @@ def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None 
 def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: int) -> float:
     """nDCG@10 of the weight-choosing procedure on queries it did not choose on (2-fold)."""
     from retroflow.metrics import evaluate_run
-    from retrieval.hybrid import choose_weight, fuse_minmax
+    from retrieval.serving.hybrid import choose_weight, fuse_minmax
 
     qids = sorted(qrels)
     random.Random(seed).shuffle(qids)
@@ -373,7 +374,7 @@ def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: 
 def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings_dir: Path | None = None) -> dict:
     """Score every training query's candidates with the BM25 + dense fusion (weight chosen on dev)."""
     from retroflow.metrics import evaluate_run
-    from retrieval.hybrid import dev_hold_out, fuse_minmax, top_hits
+    from retrieval.serving.hybrid import dev_hold_out, fuse_minmax, top_hits
 
     started = time.perf_counter()
     fusion = config.fusion.model_copy(update={"dev_split": config.split, "dev_fraction": config.dev_fraction, "dev_seed": config.dev_seed})
@@ -452,6 +453,6 @@ def run(config: TeacherConfig, inputs: Mapping[str, Any], out_dir: Path, partial
     if config.kind == "fusion":
         embeddings = inputs.get("embeddings")
         return run_fusion_teacher(config, dataset, out_dir, embeddings.path if embeddings else None)
-    from retrieval.negatives import NEGATIVES_FILE
+    from retrieval.training.negatives import NEGATIVES_FILE
 
     return run_train_teacher(config, dataset, inputs["negatives"].file(NEGATIVES_FILE), out_dir, partial_dir)

@@ -50,11 +50,12 @@ from pydantic import Field
 
 from retroflow.publish import atomic_write_bytes, atomic_write_text
 from retroflow.config import StageConfig
+from retroflow.data.splits import dev_split
 from retroflow.metrics import evaluate_run
-from retrieval.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
-from retrieval.encode import Embeddings, open_embeddings
-from retrieval.encoder import EncoderSettings
-from retrieval.search import exact_search_blocks
+from retrieval.serving.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
+from retrieval.serving.encode import Embeddings, open_embeddings
+from retrieval.serving.encoder import EncoderSettings
+from retrieval.serving.search import exact_search_blocks
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +307,8 @@ def measure_dev(loaded, embeddings: Embeddings, rows: list[dict[str, Any]], dev:
 
 def dev_hold_out_queries(config: TuneConfig, dataset, encoder) -> tuple[DevQueries | None, str]:
     """The dev hold-out of `config.dev_split` encoded with `encoder`, or None and why there is none.
-    The same draw as fine-tuning's (`training_data.dev_split` over the judged queries), so with the
+    The same draw as fine-tuning's (`retroflow.data.splits.dev_split` over the judged queries), so with the
     pipeline's dev_fraction/dev_seed these are queries the model never trained on."""
-    from retrieval.training_data import dev_split
-
     if config.dev_split not in dataset.splits:
         return None, f"{dataset.name} has no split '{config.dev_split}' to hold dev queries out of"
     if config.dev_fraction == 0:
@@ -432,7 +431,7 @@ def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
     if "data" in inputs and "model" in inputs:
         from retroflow.data import open_dataset
         from retroflow.inputs import model_dir
-        from retrieval.encoder import Encoder
+        from retrieval.serving.encoder import Encoder
 
         settings = config.encoder or EncoderSettings(**(open_embeddings(inputs["embeddings"].path).meta.get("encoder") or {}))
         encoder = Encoder(model_dir(inputs["model"]), settings.with_overrides(show_progress=False, device=config.device))

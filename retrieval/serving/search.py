@@ -5,11 +5,11 @@
 
 Implementations:
 
-- `retrieval.bm25.BM25Retriever`               BM25 over document texts
+- `retrieval.serving.bm25.BM25Retriever`               BM25 over document texts
 - `ExactDenseRetriever` (here)                 exact inner-product search over corpus vectors
 - `MemoryIndexRetriever` (here)                any FAISS index built in memory over the corpus vectors
-- `retrieval.index.IndexRetriever`             an index directory built by `retroflow index`
-- `retrieval.hybrid.HybridSearcher`            BM25 fused with one of the dense retrievers
+- `retrieval.serving.index.IndexRetriever`             an index directory built by `retroflow index`
+- `retrieval.serving.hybrid.HybridSearcher`            BM25 fused with one of the dense retrievers
 
 A run holds at most k hits per query, best first (dict order is rank order, so callers that need
 ranks, such as negative mining, read them off the run), and only real hits: FAISS's -1 padding and

@@ -1,4 +1,4 @@
-"""BM25 baseline with `bm25s` (Lucene-style scoring, English stemmer and stopwords); a `retrieval.search.Retriever`."""
+"""BM25 baseline with `bm25s` (Lucene-style scoring, English stemmer and stopwords); a `retrieval.serving.search.Retriever`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from pydantic import Field
 
 from retroflow.config import StageConfig
-from retrieval.search import Run
+from retrieval.serving.search import Run
 
 
 class BM25Settings(StageConfig):

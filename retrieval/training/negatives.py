@@ -27,10 +27,10 @@ from pydantic import Field, model_validator
 
 from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
-from retrieval.bm25 import BM25Settings
-from retrieval.encoder import EncoderSettings
-from retrieval.search import Run
-from retrieval.training_data import beir_training_set, judged_positives
+from retrieval.serving.bm25 import BM25Settings
+from retrieval.serving.encoder import EncoderSettings
+from retrieval.serving.search import Run
+from retrieval.training.training_data import beir_training_set, judged_positives
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ def ranked_lists(run: Run, qids: Sequence[str]) -> tuple[list[list[str]], list[l
 
 
 def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str], qids: Sequence[str] | None = None):
-    from retrieval.bm25 import BM25Retriever
+    from retrieval.serving.bm25 import BM25Retriever
 
     qids = qids_or_positions(queries, qids)
     run = BM25Retriever(doc_ids, doc_texts, config.bm25).search(dict(zip(qids, queries)), config.rank_end)
@@ -166,7 +166,7 @@ def dense_retriever(encoder, doc_ids: Sequence[str], doc_vectors: np.ndarray, in
     """Exact (flat) search, or an HNSW graph over the same vectors searched at least `k` wide."""
     import faiss
 
-    from retrieval.search import ExactDenseRetriever, MemoryIndexRetriever
+    from retrieval.serving.search import ExactDenseRetriever, MemoryIndexRetriever
 
     if index == "flat":
         return ExactDenseRetriever(encoder, doc_ids, doc_vectors)
@@ -178,7 +178,7 @@ def dense_retriever(encoder, doc_ids: Sequence[str], doc_vectors: np.ndarray, in
 
 def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None, qids: Sequence[str] | None = None):
     """Encode with retroflow's Encoder (pooling as the model's sentence-transformers config says)."""
-    from retrieval.encoder import Encoder
+    from retrieval.serving.encoder import Encoder
 
     encoder = Encoder(model, config.encoder)
     if doc_vectors is None:

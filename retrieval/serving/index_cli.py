@@ -75,7 +75,7 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
 
 
 def encode_config(args: argparse.Namespace):
-    from retrieval.encode import EncodeConfig
+    from retrieval.serving.encode import EncodeConfig
 
     overrides = _overrides(args, [("model", "model"), ("dataset", "dataset"), ("shard_size", "shard_size"), ("dtype", "dtype"),
                                   ("batch_size", "encoder.batch_size")])  # fmt: skip
@@ -86,7 +86,7 @@ def encode_config(args: argparse.Namespace):
 
 def run_encode_command(args: argparse.Namespace) -> int:
     from retroflow.data.beir import load_dataset
-    from retrieval.encode import META_FILE, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+    from retrieval.serving.encode import META_FILE, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
 
     config = encode_config(args)
     dataset = load_dataset(config.dataset)
@@ -153,13 +153,13 @@ def factory_slug(factory: str) -> str:
 
 
 def index_config(args: argparse.Namespace):
-    from retrieval.index import IndexConfig
+    from retrieval.serving.index import IndexConfig
 
     return load_config(IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")]))
 
 
 def tune_config(args: argparse.Namespace):
-    from retrieval.tune import TuneConfig
+    from retrieval.serving.tune import TuneConfig
 
     flags = [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k"), ("dev_fraction", "dev_fraction"),
              ("ndcg_tolerance", "ndcg_tolerance")]  # fmt: skip
@@ -167,7 +167,7 @@ def tune_config(args: argparse.Namespace):
 
 
 def run_index_build_command(args: argparse.Namespace) -> int:
-    from retrieval.index import run_build_index
+    from retrieval.serving.index import run_build_index
 
     config = index_config(args)
     embeddings = args.embeddings.resolve()
@@ -181,7 +181,7 @@ def run_index_build_command(args: argparse.Namespace) -> int:
 def query_encoder(index_meta: dict[str, Any], model: str | None):
     """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
     from retroflow.artifacts import resolve_artifact_label
-    from retrieval.encoder import Encoder, EncoderSettings
+    from retrieval.serving.encoder import Encoder, EncoderSettings
 
     recorded = index_meta.get("embeddings", {})
     name = model or recorded.get("model")
@@ -202,8 +202,8 @@ def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str
 def run_index_tune_command(args: argparse.Namespace) -> int:
     from retroflow.artifacts import resolve_artifact_label
     from retroflow.inputs import artifact_containing
-    from retrieval.tune import run_tune_index
-    from retrieval.index import read_index_meta
+    from retrieval.serving.tune import run_tune_index
+    from retrieval.serving.index import read_index_meta
 
     config = tune_config(args)
     if args.output is None and artifact_containing(args.index) is not None:
@@ -220,7 +220,7 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
     dev, reason = None, "no --dev-dataset given"
     if args.dev_dataset:
         from retroflow.data.beir import load_dataset
-        from retrieval.tune import dev_hold_out_queries
+        from retrieval.serving.tune import dev_hold_out_queries
 
         dev, reason = dev_hold_out_queries(config, load_dataset(args.dev_dataset), query_encoder(meta, args.model))
     out_dir = args.output or args.index
@@ -251,12 +251,12 @@ def _add_search(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search_command(args: argparse.Namespace) -> int:
     from retroflow.publish import atomic_write_text
-    from retrieval.index import IndexRetriever, read_index_meta
+    from retrieval.serving.index import IndexRetriever, read_index_meta
 
     meta = read_index_meta(args.index)
     params = None
     if args.param:
-        from retrieval.index import KNOBS, parse_search_params
+        from retrieval.serving.index import KNOBS, parse_search_params
 
         params = dict(meta.get("search_params", {}))
         # an index.json from before search_params were recorded: any FAISS knob name we know

@@ -105,26 +105,26 @@ def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...])
 
 
 def negatives_config(args: argparse.Namespace):
-    from retrieval.negatives import NegativesConfig
+    from retrieval.training.negatives import NegativesConfig
 
     return load_config(NegativesConfig, args.config, flag_overrides(args, (("dataset", "dataset"), ("method", "method"), ("model", "model"))))
 
 
 def teacher_config(args: argparse.Namespace):
-    from retrieval.teacher import TeacherConfig
+    from retrieval.training.teacher import TeacherConfig
 
     return load_config(TeacherConfig, args.config, flag_overrides(args, (("dataset", "dataset"),)))
 
 
 def finetune_config(args: argparse.Namespace):
-    from retrieval.finetune import FinetuneConfig
+    from retrieval.training.finetune import FinetuneConfig
 
     flags = (("dataset", "dataset"), ("model", "init"), ("max_steps", "train.max_steps"), ("seed", "train.seed"))
     return load_config(FinetuneConfig, args.config, flag_overrides(args, flags))
 
 
 def run_mine_command(args: argparse.Namespace) -> int:
-    from retrieval.negatives import run_mine_negatives
+    from retrieval.training.negatives import run_mine_negatives
 
     config = negatives_config(args)
     metrics = run_mine_negatives(config, _load_dataset(config.dataset), args.output)
@@ -135,7 +135,7 @@ def run_mine_command(args: argparse.Namespace) -> int:
 
 
 def run_teacher_command(args: argparse.Namespace) -> int:
-    from retrieval.teacher import run_train_teacher
+    from retrieval.training.teacher import run_train_teacher
 
     config = teacher_config(args)
     if config.kind == "cross_encoder" and args.negatives is None:
@@ -147,7 +147,7 @@ def run_teacher_command(args: argparse.Namespace) -> int:
 
 
 def run_finetune_command(args: argparse.Namespace) -> int:
-    from retrieval.finetune import run_finetune
+    from retrieval.training.finetune import run_finetune
 
     config = finetune_config(args)
     partial = _partial_dir(args.output, args.resume)

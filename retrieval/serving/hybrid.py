@@ -5,7 +5,7 @@
     pseudo_queries(doc_ids, doc_texts, count, seed, styles, keep_fraction) -> PseudoQueries
     guarded_weight(scores, clusters, grid, margin, confidence, styles) -> {'weight', 'reason', ...}
     HybridSearcher(dense, bm25, settings, doc_texts).search(queries, k, weight=None) -> Run
-        a `retrieval.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
+        a `retrieval.serving.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
 
 Two fusions, each over every query's top `depth` from both sides:
 
@@ -41,7 +41,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from retroflow.config import StageConfig
-from retrieval.search import DenseRetriever, Run, drop_self_hits
+from retroflow.data.splits import dev_split
+from retrieval.serving.search import DenseRetriever, Run, drop_self_hits
 
 log = logging.getLogger(__name__)
 
@@ -311,10 +312,10 @@ def DenseSide(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None =
               index: str | None = None, doc_vectors=None) -> DenseRetriever:  # fmt: skip
     """The hybrid's dense side: the FAISS index directory `index` when given, else exact search over
     `doc_vectors` (or over the texts, encoded on first use). Kept under its old name for its callers."""
-    from retrieval.search import ExactDenseRetriever
+    from retrieval.serving.search import ExactDenseRetriever
 
     if index:
-        from retrieval.index import IndexRetriever
+        from retrieval.serving.index import IndexRetriever
 
         return IndexRetriever(index, encoder)
     return ExactDenseRetriever(encoder, doc_ids, doc_vectors=doc_vectors, doc_texts=doc_texts)
@@ -394,7 +395,7 @@ class HybridSearcher:
     def pseudo_runs(self, pseudo: PseudoQueries) -> tuple[Run, Run]:
         """Both sides' runs for the pseudo-queries, each searching the corpus in which the
         queries' documents have lost the sentence that became their query."""
-        from retrieval.bm25 import BM25Retriever
+        from retrieval.serving.bm25 import BM25Retriever
 
         depth = self.settings.depth
         changed_ids = list(pseudo.remainders)
@@ -423,8 +424,6 @@ def curve_summary(by_weight: Mapping[float, float], weight: float) -> dict:
 
 def dev_hold_out(dataset, settings: FusionSettings, evaluated_split: str | None = None) -> tuple[dict[str, str], dict[str, dict[str, int]]] | None:
     """(queries, qrels) of the dev hold-out of `settings.dev_split`, or None when the dataset has no such split."""
-    from retrieval.training_data import dev_split
-
     if settings.dev_split not in dataset.splits or settings.dev_split == evaluated_split:
         return None
     qrels = dataset.split_qrels(settings.dev_split)
