@@ -757,12 +757,13 @@ def check_teacher_dataset(path: Path, provenance: dict[str, Any], dataset) -> No
 
 
 def read_teacher(path: Path, dataset) -> TeacherScores:
+    """The teacher's scores file, refused when its scores were made on another dataset."""
     teacher = read_teacher_scores(path)
     check_teacher_dataset(path, teacher.provenance, dataset)
     return teacher
 
 
-def distillation_verdict(config: FinetuneConfig, dataset, train: TrainingSet, trainer: "FinetuneTrainer", teacher: TeacherScores,
+def distillation_verdict(config: FinetuneConfig, dataset, train: TrainingSet, trainer: FinetuneTrainer, teacher: TeacherScores,
                          teacher_file: Path, start_gate: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
     """{'distilled', 'reason', 'student_dev_ndcg@10'}: the distillation gate's decision, logged."""
     student_dev = None
