@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from flows.ablation import OBJECTIVES, corpus_config, data_root_datasets, evaluate_config, load_ablation_config, shared_pretrain_config  # noqa: E402
-from flows.chain import apply_data_dir, evaluation, prepare_data, read_evaluation, store_for  # noqa: E402
+from flows.chain import evaluation, prepare_data, read_evaluation, store_for  # noqa: E402
 from flows.stages import build  # noqa: E402
 from retromae.pretrain import tokenizer_config  # noqa: E402
 
@@ -40,14 +40,13 @@ def main() -> None:
     args = parser.parse_args()
 
     config = load_ablation_config(args.config, args.set)
-    apply_data_dir(config)
     store = store_for(config)
-    names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
-    corpora = {f"corpus{i}": prepare_data(store, name) for i, name in enumerate(names)}
+    names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets(config)
+    corpora = {f"corpus{i}": prepare_data(store, name, config.data_dir) for i, name in enumerate(names)}
     corpus = build(store, "corpus", corpus_config(list(config.pretrain_files)), corpora)
     base = shared_pretrain_config(config, args.seed).with_overrides(**OBJECTIVES["retromae-enhanced"])
     tokenizer = build(store, "tokenizer", tokenizer_config(base), {"data": corpus})
-    datasets = {name: prepare_data(store, name) for name in config.eval_datasets}
+    datasets = {name: prepare_data(store, name, config.data_dir) for name in config.eval_datasets}
 
     rows = []
     for fraction in args.fractions:

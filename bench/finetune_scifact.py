@@ -33,6 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.provenance import shown_path  # noqa: E402
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     dpr_cfg = load_config(FinetuneConfig, args.config, [f"dataset={args.dataset}"])
     splits = split_qrels(dataset, dpr_cfg)
     report: dict = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "seeds": args.seeds,
-                    "configs": {"dpr": args.config, "distill": args.distill_config, "teacher": args.teacher_config},
+                    "configs": {"dpr": shown_path(args.config), "distill": shown_path(args.distill_config), "teacher": shown_path(args.teacher_config)},
                     "dev_queries": len(splits["dev"]), "test_queries": len(splits["test"]), "complete": False}  # fmt: skip
 
     def save() -> None:

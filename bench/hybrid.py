@@ -41,6 +41,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.provenance import shown_command, shown_path  # noqa: E402
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
@@ -197,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         args.curves.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
-    report = {"command": "python bench/hybrid.py " + " ".join(sys.argv[1:] if argv is None else argv), "commit": commit + ("-dirty" if dirty else ""),
+    report = {"command": shown_command("hybrid.py", sys.argv[1:] if argv is None else argv), "commit": commit + ("-dirty" if dirty else ""),
               "settings": FusionSettings().model_dump(exclude={"weight_grid"}), "tolerance": TOLERANCE, "results": {}}  # fmt: skip
     for model in args.models:
         encoder = CachedEncoder(Encoder(model, EncoderSettings(show_progress=False)), args.cache / model_key(model))
         for name in args.datasets:
-            report["results"][f"{model} | {name}"] = bench_model_corpus(model, encoder, args.data_dir / name, args.variants, args.pseudo_seeds, args.curves)
+            report["results"][f"{shown_path(model) if model.startswith('/') else model} | {name}"] = bench_model_corpus(model, encoder, args.data_dir / name, args.variants, args.pseudo_seeds, args.curves)
             atomic_write_text(args.out, json.dumps(report, indent=2))
     summary = {k: {v: (r["bm25"], r["dense"], [z["weight"] for z in r["zero_shot"]], r["zero_shot_worst_delta"], r["best_test_weight_reference_only"])
                    for v, r in res["variants"].items()} for k, res in report["results"].items()}  # fmt: skip

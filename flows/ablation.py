@@ -22,7 +22,6 @@ interrupted study resumes, and adding a seed or an arm reuses everything already
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from pydantic import Field, field_validator
 from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.hashing import sha256_file
 from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
-from flows.chain import apply_data_dir, direct, direct_map, evaluation, prepare_data, store_for
+from flows.chain import data_root, direct, direct_map, evaluation, prepare_data, store_for
 from flows.stages import build
 from retroflow.inputs import Input
 
@@ -320,10 +319,10 @@ class AblationResult:
     artifacts: dict[str, Artifact]
 
 
-def data_root_datasets() -> list[str]:
-    """Every BEIR-format dataset (a folder with corpus.jsonl) directly under RETROFLOW_DATA_DIR."""
-    root = os.environ.get("RETROFLOW_DATA_DIR")
-    if not root:
+def data_root_datasets(config: AblationConfig) -> list[str]:
+    """Every BEIR-format dataset (a folder with corpus.jsonl) directly under the config's data root."""
+    root = data_root(config)
+    if root is None:
         raise ConfigError("pretrain_corpora is null (every dataset in the data root) but neither data_dir nor RETROFLOW_DATA_DIR is set")
     found = sorted(p.name for p in Path(root).iterdir() if (p / "corpus.jsonl").is_file())
     if not found:
@@ -345,10 +344,9 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
     from retroflow.inputs import external_model
     from retromae.pretrain import scratch_config, tokenizer_config
 
-    apply_data_dir(config)
     store = store_for(config)
-    names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets()
-    datasets = {name: execute("data", prepare_data, store, name) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
+    names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets(config)
+    datasets = {name: execute("data", prepare_data, store, name, config.data_dir) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
     corpora = {f"corpus{i}": datasets[n] for i, n in enumerate(names)}
     corpus = execute("corpus", build, store, "corpus", corpus_config(list(config.pretrain_files)), corpora)
     produced: dict[str, Artifact] = {"corpus": corpus}

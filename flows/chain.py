@@ -18,7 +18,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from pydantic import Field, field_validator
 
@@ -208,10 +208,21 @@ def store_for(pipeline: PipelineConfig) -> ArtifactStore:
     return ArtifactStore(os.environ.get("RETROFLOW_STORE") or pipeline.store, full_verify=getattr(pipeline, "verify", False))
 
 
-def apply_data_dir(pipeline: PipelineConfig) -> None:
-    """Point RETROFLOW_DATA_DIR at a config's `data_dir` (a pipeline's or an ablation's)."""
-    if pipeline.data_dir:
-        os.environ["RETROFLOW_DATA_DIR"] = str(Path(pipeline.data_dir).expanduser().resolve())
+def data_root(config: PipelineConfig) -> Path | None:
+    """Where a config's bare dataset names are found: its `data_dir`, else RETROFLOW_DATA_DIR."""
+    root = config.data_dir or os.environ.get("RETROFLOW_DATA_DIR")
+    return Path(root).expanduser().resolve() if root else None
+
+
+def dataset_source(name: str, data_dir: str | None) -> str:
+    """`name` as the data stage reads it: a bare name with a folder under `data_dir` becomes that
+    folder's path (passed on, never put in the environment: a step may run in another process);
+    anything else as given (a path, a name under RETROFLOW_DATA_DIR, a BEIR name to download)."""
+    if data_dir and "/" not in name and "\\" not in name:
+        folder = Path(data_dir).expanduser().resolve() / name
+        if folder.is_dir():
+            return str(folder)
+    return name
 
 
 # ---------------------------------------------------------------------------------------
@@ -219,9 +230,10 @@ def apply_data_dir(pipeline: PipelineConfig) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def prepare_data(store: ArtifactStore, source: str) -> Artifact:
-    """The `data` artifact of `source` (reading its content first: the content is the key)."""
-    return build(store, "data", data_config(source), {})
+def prepare_data(store: ArtifactStore, source: str, data_dir: str | None = None) -> Artifact:
+    """The `data` artifact of `source`, a bare name looked up under `data_dir` first (reading its
+    content first: the content is the key, not where it was found)."""
+    return build(store, "data", data_config(dataset_source(source, data_dir)), {})
 
 
 def evaluation(config: StageConfig, system: str, data: Artifact, model: Input | None = None, index: Artifact | None = None,
@@ -283,87 +295,101 @@ class PipelineResult:
     references: dict[str, dict[str, Artifact]] = field(default_factory=dict)
 
 
+@dataclass
+class ChainRun:
+    """One run of a pipeline while it runs: its config and store, how it executes steps, the model
+    it started from, and what it has produced so far (so a step shared by two parts runs once)."""
+
+    pipeline: PipelineConfig
+    store: ArtifactStore
+    execute: Callable
+    execute_map: Callable
+    init_model: Input
+    produced: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, step: str, config: StageConfig, inputs: Mapping[str, Input], *extra) -> Artifact:
+        """`step` as one executed step: the stage's `build` of `config` over `inputs`."""
+        return self.execute(step, build, self.store, step, config, inputs, *extra)
+
+    def evaluate(self, config: StageConfig, system: str, data: Artifact, model: Input | None = None,
+                 index: Artifact | None = None, embeddings: Artifact | None = None) -> Artifact:  # fmt: skip
+        return self.execute("evaluate", build, self.store, "evaluate", *evaluation(config, system, data, model, index, embeddings))
+
+
 def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_map) -> PipelineResult:
     """Run every switched-on stage in order. `execute(step, fn, *args)` runs one step and
     `execute_map(step, fn, [args, ...])` many independent ones (directly, or as cached
     Prefect tasks that a distributed task runner may spread over machines)."""
-    apply_data_dir(pipeline)
-    store = store_for(pipeline)
-    produced: dict[str, Any] = {}
-    train_data = execute("data", prepare_data, store, pipeline.train_dataset)
+    run = ChainRun(pipeline, store_for(pipeline), execute, execute_map, external_model(pipeline.model))
+    produced = run.produced
+    train_data = execute("data", prepare_data, run.store, pipeline.train_dataset, pipeline.data_dir)
     produced["data:" + pipeline.train_dataset] = train_data
-    init_model: Input = external_model(pipeline.model)
-    model: Input = init_model
+    model: Input = run.init_model
     if pipeline.stages.pretrain:
         from retromae.pretrain import needs_tokenizer, tokenizer_config
 
         config = section_config(pipeline, "pretrain")
         tokenizer = None
         if needs_tokenizer(config):
-            tokenizer = execute("tokenizer", build, store, "tokenizer", tokenizer_config(config), {"data": train_data})
+            tokenizer = run.build("tokenizer", tokenizer_config(config), {"data": train_data})
             produced["tokenizer"] = tokenizer
-        inputs = {"data": train_data, "tokenizer": tokenizer}
-        model = execute("pretrain", build, store, "pretrain", config, inputs, pipeline.train_processes)
+        model = run.build("pretrain", config, {"data": train_data, "tokenizer": tokenizer}, pipeline.train_processes)
         produced["pretrain"] = model
     if pipeline.stages.finetune:
-        model = run_finetuning(pipeline, store, execute, execute_map, train_data, model, init_model, produced)
+        model = run_finetuning(run, train_data, model)
     evaluations, references = {}, {}
     evaluate_config = section_config(pipeline, "evaluate")
     for source in pipeline.eval_datasets:
-        data = train_data if source == pipeline.train_dataset else execute("data", prepare_data, store, source)
+        data = train_data if source == pipeline.train_dataset else execute("data", prepare_data, run.store, source, pipeline.data_dir)
         produced[f"data:{source}"] = data
-        index = build_search_index(pipeline, store, execute, execute_map, data, model, produced, source) if pipeline.stages.index else None
+        index = build_search_index(run, data, model, source) if pipeline.stages.index else None
         index = searched_index(pipeline, data, index)
-        embeddings = produced.get(f"encode:{source}")
-        evaluations[source] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_config, "dense", data, model, index, embeddings))
-        references[source] = evaluate_references(pipeline, store, execute, execute_map, evaluate_config, data, model, index, init_model, produced, source)
+        evaluations[source] = run.evaluate(evaluate_config, "dense", data, model, index, produced.get(f"encode:{source}"))
+        references[source] = evaluate_references(run, evaluate_config, data, model, index, source)
     produced.update({f"evaluate:{k}": v for k, v in evaluations.items()})
     shard_results = produced.pop("_shards", [])
     return PipelineResult(model=model, evaluations=evaluations, artifacts=produced, shard_results=shard_results, references=references)
 
 
-def evaluate_references(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, config: StageConfig, data: Artifact,
-                        model: Input, index: Artifact | None, init_model: Input, produced: dict[str, Any], source: str) -> dict[str, Artifact]:  # fmt: skip
+def evaluate_references(run: ChainRun, config: StageConfig, data: Artifact, model: Input, index: Artifact | None, source: str) -> dict[str, Artifact]:
     """The systems the produced model is compared with on `data`: hybrid(model), the init model,
     hybrid(init) and BM25. Keyed by content like every step, so each is computed once per dataset."""
-    switches, out = pipeline.references, {}
+    switches, out, init_model = run.pipeline.references, {}, run.init_model
     if switches.hybrid:
-        embeddings = produced.get(f"encode:{source}")
-        out["hybrid"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "hybrid", data, model, index, embeddings))
+        out["hybrid"] = run.evaluate(config, "hybrid", data, model, index, run.produced.get(f"encode:{source}"))
     if switches.init and model is not init_model:
-        init_vectors = encode_corpus(pipeline, store, execute, execute_map, data, init_model, produced, f"init:{source}")
-        out["init"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "dense", data, init_model, None, init_vectors))
+        init_vectors = encode_corpus(run, data, init_model, f"init:{source}")
+        out["init"] = run.evaluate(config, "dense", data, init_model, None, init_vectors)
         if switches.hybrid:
-            out["hybrid(init)"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "hybrid", data, init_model, None, init_vectors))
+            out["hybrid(init)"] = run.evaluate(config, "hybrid", data, init_model, None, init_vectors)
     if switches.bm25:
-        out["bm25"] = execute("evaluate", build, store, "evaluate", *evaluation(config, "bm25", data))
-    produced.update({f"evaluate-{name}:{source}": art for name, art in out.items()})
+        out["bm25"] = run.evaluate(config, "bm25", data)
+    run.produced.update({f"evaluate-{name}:{source}": art for name, art in out.items()})
     return out
 
 
-def encode_corpus(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: Input,
-                  produced: dict[str, Any], label: str) -> Artifact:  # fmt: skip
+def encode_corpus(run: ChainRun, data: Artifact, model: Input, label: str) -> Artifact:
     """Sharded encoding (one step per shard) -> merged `encode` artifact (once per run and label)."""
-    if f"encode:{label}" in produced:  # e.g. the init model's encoding, made for the fusion teacher
-        return produced[f"encode:{label}"]
-    config, inputs = section_config(pipeline, "encode"), {"data": data, "model": model}
-    calls = [(store, config, inputs, shard) for shard in range(encode_shard_count(config, data))]
-    shards = execute_map("encode-shard", encode_shard, calls)
-    produced.setdefault("_shards", []).extend(shards)
-    embeddings = execute("encode", merge_encoding, store, config, inputs, shards)
-    produced[f"encode:{label}"] = embeddings
+    if f"encode:{label}" in run.produced:  # e.g. the init model's encoding, made for the fusion teacher
+        return run.produced[f"encode:{label}"]
+    config, inputs = section_config(run.pipeline, "encode"), {"data": data, "model": model}
+    calls = [(run.store, config, inputs, shard) for shard in range(encode_shard_count(config, data))]
+    shards = run.execute_map("encode-shard", encode_shard, calls)
+    run.produced.setdefault("_shards", []).extend(shards)
+    embeddings = run.execute("encode", merge_encoding, run.store, config, inputs, shards)
+    run.produced[f"encode:{label}"] = embeddings
     return embeddings
 
 
-def build_search_index(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: Input, produced: dict[str, Any], source: str) -> Artifact:
+def build_search_index(run: ChainRun, data: Artifact, model: Input, source: str) -> Artifact:
     """Sharded encoding (one step per shard) -> merged embeddings -> FAISS index (-> tuned)."""
-    embeddings = encode_corpus(pipeline, store, execute, execute_map, data, model, produced, source)
-    index = execute("index", build, store, "index", section_config(pipeline, "index"), {"embeddings": embeddings})
-    produced[f"index:{source}"] = index
-    if pipeline.stages.tune:
+    embeddings = encode_corpus(run, data, model, source)
+    index = run.build("index", section_config(run.pipeline, "index"), {"embeddings": embeddings})
+    run.produced[f"index:{source}"] = index
+    if run.pipeline.stages.tune:
         inputs = {"index": index, "embeddings": embeddings, "data": data, "model": model}
-        index = execute("tune", build, store, "tune", section_config(pipeline, "tune"), inputs)
-        produced[f"tune:{source}"] = index
+        index = run.build("tune", section_config(run.pipeline, "tune"), inputs)
+        run.produced[f"tune:{source}"] = index
     return index
 
 
@@ -375,32 +401,31 @@ def searched_index(pipeline: PipelineConfig, data: Artifact, index: Artifact | N
     return index
 
 
-def run_finetuning(pipeline: PipelineConfig, store: ArtifactStore, execute, execute_map, data: Artifact, model: Input,
-                   init_model: Input, produced: dict[str, Any]) -> Input:  # fmt: skip
+def run_finetuning(run: ChainRun, data: Artifact, model: Input) -> Input:
     """Negatives -> (teacher) -> DPR fine-tuning, each a step; returns the fine-tuned model."""
-    negatives = teacher = None
+    pipeline, negatives, teacher = run.pipeline, None, None
     if pipeline.stages.negatives:
         config = section_config(pipeline, "negatives")
-        inputs = {"data": data, "model": model if config.method == "dense" else None}
-        negatives = execute("negatives", build, store, "negatives", config, inputs)
-        produced["negatives"] = negatives
+        negatives = run.build("negatives", config, {"data": data, "model": model if config.method == "dense" else None})
+        run.produced["negatives"] = negatives
     if pipeline.stages.teacher:
         config = section_config(pipeline, "teacher")
         if negatives is None and config.kind == "cross_encoder":
             raise ConfigError(f"pipeline '{pipeline.name}': the cross-encoder teacher needs stages.negatives on")
         named = pipeline.teacher.get("init")
-        init = external_model(named) if named else init_model
+        init = external_model(named) if named else run.init_model
         inputs = {"data": data, "init": init}
         if config.kind == "fusion":  # its dense side is the init model: the same encoding the init reference uses
-            inputs["embeddings"] = encode_corpus(pipeline, store, execute, execute_map, data, init, produced, f"init:{pipeline.train_dataset}")
+            inputs["embeddings"] = encode_corpus(run, data, init, f"init:{pipeline.train_dataset}")
         else:
             inputs["negatives"] = negatives
-        teacher = execute("teacher", build, store, "teacher", config, inputs)
-        produced["teacher"] = teacher
+        teacher = run.build("teacher", config, inputs)
+        run.produced["teacher"] = teacher
     # after a pretrain stage, the model it started from is the pretrain gate's rival
-    inputs = {"data": data, "model": model, "negatives": negatives, "teacher": teacher, "init": init_model if model is not init_model else None}
-    finetuned = execute("finetune", build, store, "finetune", section_config(pipeline, "finetune"), inputs, pipeline.train_processes)
-    produced["finetune"] = finetuned
+    rival = run.init_model if model is not run.init_model else None
+    inputs = {"data": data, "model": model, "negatives": negatives, "teacher": teacher, "init": rival}
+    finetuned = run.build("finetune", section_config(pipeline, "finetune"), inputs, pipeline.train_processes)
+    run.produced["finetune"] = finetuned
     return finetuned
 
 

@@ -21,10 +21,6 @@ from flows.stage_cli import run_in_store, runs_in_store
 COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.pipeline_cli"]
 
 
-class UserError(Exception):
-    """An error caused by the user's input: printed without a traceback, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="retroflow", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"retroflow {__version__}")
@@ -41,13 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Spellings from before one word per stage, still accepted (and listed nowhere).
-LEGACY_COMMANDS = {("index", "build"): ["index"], ("index", "tune"): ["tune"]}
+# Spellings from before one word per stage: deprecated, still accepted with a warning until 0.2.
+DEPRECATED_COMMANDS = {("index", "build"): ["index"], ("index", "tune"): ["tune"]}
 
 
 def modern_argv(argv: list[str]) -> list[str]:
-    for old, new in LEGACY_COMMANDS.items():
+    for old, new in DEPRECATED_COMMANDS.items():
         if tuple(argv[: len(old)]) == old:
+            print(f"retroflow: '{' '.join(old)}' is deprecated and will be removed in 0.2; use '{' '.join(new)}'", file=sys.stderr)
             return [*new, *argv[len(old):]]
     return argv
 
@@ -63,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         if runs_in_store(args):
             return run_in_store(args)
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, FileNotFoundError, ValueError, OSError, RuntimeError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, OSError, RuntimeError) as err:
         message = error_message(err)
         if args.verbose or message is None:
             raise
@@ -95,7 +92,7 @@ def error_message(err: BaseException) -> str | None:
         else:
             shown = repr(text[max(0, start - 40): start + 40])
         return f"a path or text is not valid UTF-8: {shown!r} ({type(err).__name__}); rename it with UTF-8 characters"
-    if isinstance(err, (UserError, ConfigError, FileNotFoundError, ValueError)):
+    if isinstance(err, (ConfigError, FileNotFoundError, ValueError)):
         return str(err)
     if isinstance(err, OSError) and err.errno in ENVIRONMENT_ERRNOS:
         where = err.filename if err.filename is not None else "(no path given)"

@@ -65,9 +65,6 @@ def reevaluate(
         evaluate=evaluate or {},
         regression_threshold=threshold,
     )
-    from flows.chain import apply_data_dir
-
-    apply_data_dir(pipeline)
     execute, _ = task_executor(pipeline)
     artifact_store = store_for(pipeline)
     model_ref = model_reference(model)
@@ -75,7 +72,7 @@ def reevaluate(
     config = section_config(pipeline, "evaluate")
     arts = {}
     for source in pipeline.eval_datasets:
-        data = execute("data", prepare_data, artifact_store, source)
+        data = execute("data", prepare_data, artifact_store, source, data_dir)
         arts[source] = execute("evaluate", build, artifact_store, "evaluate", *evaluation(config, "dense", data, model_ref, index_ref))
     results = {name: read_evaluation(art) for name, art in arts.items()}
     record_evaluations(pipeline, arts, results)

@@ -36,6 +36,11 @@ class UnsafeArtifactError(ValueError):
     someone tampered with, never used (a ValueError: the CLI prints it as one line)."""
 
 
+class DamagedArtifactError(ValueError):
+    """A damaged artifact the store will not delete to rebuild: it lies behind a symlink, outside
+    the store's own folders (a ValueError: the CLI prints it as one line)."""
+
+
 def check_manifest_path(rel: Any, label: str) -> str:
     """`rel` when it is a plain relative POSIX path (what `list_files` writes); anything else in a
     manifest (absolute, `..`, backslashes, drive letters) can only come from tampering, and joining
@@ -379,6 +384,10 @@ class ArtifactStore:
             yield self.partial_dir(stage, key)
 
     def _build_locked(self, stage, key, final, config, inputs, code, body, extra_manifest) -> Artifact:
+        if final.is_symlink():  # a link someone made (an artifact moved to another disk) to a damaged copy
+            problems = "; ".join(self.check(final, True)[:3]) or "its target is missing"
+            raise DamagedArtifactError(f"{final} is a symlink to {os.path.realpath(final)}, whose artifact fails verification "
+                                       f"({problems}); repair the target, or remove the link to rebuild it here")  # fmt: skip
         if final.exists():  # present but failed verification: rebuild from scratch
             shutil.rmtree(final)
         partial = self.partial_dir(stage, key)

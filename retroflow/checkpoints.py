@@ -11,9 +11,10 @@ A checkpoint directory `checkpoint-N/` holds:
 
 Everything is read back with safetensors, `json` or `torch.load(weights_only=True)`, so a file
 planted in a checkpoint directory cannot run code on `--resume` (it fails to load, with an error
-naming it). The directory is written as `checkpoint-N.tmp` and renamed only once every process
-has written its part, so a run killed mid-save resumes from the previous complete checkpoint; a
-directory without the trainer state is never taken for a checkpoint.
+naming it). The directory is written under a staging name (`checkpoint-N.tmp-<pid>-<origin>-<token>`,
+retroflow.publish) and renamed only once every process has written its part, so a run killed
+mid-save resumes from the previous complete checkpoint, and the next save sweeps the killed one's
+staging directory; only `checkpoint-<N>` directories with their trainer state are checkpoints.
 
 Pretraining, fine-tuning and the cross-encoder teacher all write this format. The teacher's earlier
 single-file `checkpoint-N.pt` checkpoints are not read (`list_checkpoints` sees directories only).
@@ -25,18 +26,20 @@ import errno
 import json
 import logging
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from retroflow.publish import remove_if_empty
+from retroflow.publish import remove_if_empty, staging_name, sweep_stale
 
 log = logging.getLogger("retroflow.checkpoints")
 
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}\d+")  # not a staging copy (checkpoint-N.tmp-...)
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.json"
@@ -51,7 +54,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints under `directory`, oldest first."""
     if not directory.is_dir():
         return []
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / TRAINER_STATE).is_file()]
+    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()]
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -108,10 +111,21 @@ def check_free_space(directory: Path, needed: int) -> None:
         raise OSError(errno.ENOSPC, f"a checkpoint needs about {needed / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free", str(directory))
 
 
+def shared_staging_name(accelerator, name: str) -> str:
+    """The main process's staging name for `name`, the same on every process (each writes its RNG
+    state there): it carries the main process's pid, which a later sweep checks for life."""
+    names = [staging_name(name) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(names, from_process=0)
+    return names[0]
+
+
 def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, *, model, optimizer, scheduler) -> Path:
     """Collective: every process must call it. Keeps the newest `keep` checkpoints."""
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = directory / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    tmp = directory / shared_staging_name(accelerator, final.name)
     try:
         return _save_checkpoint(accelerator, directory, step, trainer_state, keep, final, tmp, model=model, optimizer=optimizer, scheduler=scheduler)
     except BaseException:
@@ -126,7 +140,7 @@ def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dic
     from safetensors.torch import save_model
 
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sweep_stale(directory)  # the staging copy of a save that was killed
         check_free_space(directory, checkpoint_bytes(accelerator.unwrap_model(model), optimizer))
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()

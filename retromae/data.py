@@ -113,7 +113,7 @@ def texts_digest(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def default_cache_dir() -> Path:
+def token_cache_dir() -> Path:
     return cache_root() / "pretrain-tokens"
 
 
@@ -128,7 +128,7 @@ def tokenize_corpus(
     """Dataset with one `input_ids` row (no special tokens) per chunk of max_seq_length - 2 tokens."""
     body = max_seq_length - 2  # room for [CLS] and [SEP]
     key = sha256_text(json.dumps([cache_key or texts_digest(texts), _tokenizer_digest(tokenizer), max_seq_length, min_chunk_tokens], default=str))[:20]
-    target = Path(cache_dir or default_cache_dir()) / key
+    target = Path(cache_dir or token_cache_dir()) / key
     if (target / "dataset_info.json").is_file():
         log.info("tokenised corpus from cache %s", target)
         return datasets.load_from_disk(str(target))

@@ -114,10 +114,6 @@ class BeirDataset:
 # ---------------------------------------------------------------------------------------
 
 
-def default_cache_dir() -> Path:
-    return cache_root()
-
-
 def load_dataset(
     source: str | Path,
     cache_dir: str | Path | None = None,
@@ -128,7 +124,7 @@ def load_dataset(
 
     `on_unknown_ids`: "error" (default) or "drop" qrels rows whose query or doc is unknown.
     """
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else cache_root()
     if is_normalised_dir(Path(source)):  # a pipeline `data` artifact or a cache entry
         return read_normalised(Path(source))
     local = resolve_local_source(str(source), cache, checksum)

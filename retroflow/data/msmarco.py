@@ -38,9 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from retroflow.artifacts import cache_root
 from retroflow.hashing import stat_signature
 from retroflow.publish import publishing, remove_if_empty
-from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, default_cache_dir, load_dataset, open_text_lines
+from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,6 @@ def load_msmarco(source: str | Path, cache_dir: str | Path | None = None) -> Bei
     """MS MARCO official-file directory, BEIR-format directory, or any `load_dataset` source."""
     path = Path(source).expanduser()
     if path.is_dir() and not is_beir_layout(path) and any(path.glob("collection.tsv*")):
-        cache = Path(cache_dir) if cache_dir else default_cache_dir()
+        cache = Path(cache_dir) if cache_dir else cache_root()
         return load_dataset(convert_to_beir(path, cache), cache_dir=cache)
     return load_dataset(source, cache_dir=cache_dir)

@@ -44,9 +44,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import regex
 
+from retroflow.artifacts import cache_root
 from retroflow.hashing import files_digest, sha256_text, stat_signature
 from retroflow.publish import publishing
-from retroflow.data.beir import BeirDataset, DatasetError, default_cache_dir, iter_jsonl_records
+from retroflow.data.beir import BeirDataset, DatasetError, iter_jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +405,7 @@ def load_nq(
 ) -> NQDataset:
     """Passages + one split's questions/answers from a DPR-layout directory or explicit files."""
     passage_path, question_path = locate_nq_files(source, split, passages, questions)
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    cache = Path(cache_dir) if cache_dir else cache_root()
     corpus = cached_passages(passage_path, cache)
     question_text, answers = read_qa_file(question_path)
     fingerprint = sha256_text(f"{corpus.fingerprint}|{files_digest([question_path])[:24]}")[:24]

@@ -25,7 +25,8 @@ def test_bm25_prints_table_then_json_line(scifact_small, capsys, tmp_path):
     for key in ("ndcg@10", "recall@100", "mrr@10", "map@100", "num_queries", "num_docs", "encode_docs_per_s", "model", "dataset"):
         assert key in result
     assert result["num_queries"] == 30 and result["model"] == "bm25"
-    assert 0.3 < result["ndcg@10"] <= 1.0
+    # BM25 is deterministic: these are its scores on this subset (bm25s defaults), pinned as a regression
+    assert result["ndcg@10"] == pytest.approx(0.78945, abs=1e-4) and result["mrr@10"] == pytest.approx(0.77778, abs=1e-4)
     written = json.loads(out_file.read_text())
     assert len(written["per_query"]["ndcg@10"]) == 30
     assert sum(written["per_query"]["ndcg@10"].values()) / 30 == pytest.approx(result["ndcg@10"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -78,12 +79,14 @@ def test_cli_refuses_an_empty_pretraining_file_naming_it(scifact_small, tmp_path
     data.mkdir()
     (data / "scifact").symlink_to(scifact_small)
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))  # data_dir below sets it for the process: restored after
+    monkeypatch.delenv("RETROFLOW_DATA_DIR", raising=False)  # `scifact` is found through data_dir alone
     code = main(["ablation", "--config", str(CONFIGS / "tiny.yaml"), "--set", f"data_dir={data}",
                  "--set", "pretrain_corpora=[]", "--set", f"pretrain_files=[{empty}]"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and str(empty) in err and "no pretraining text" in err, err
     assert not list((tmp_path / "store" / "corpus").glob("*/manifest.json")), "nothing published"
+    assert list((tmp_path / "store" / "data").glob("*/manifest.json")), "the datasets were read from data_dir"
+    assert "RETROFLOW_DATA_DIR" not in os.environ  # and the process environment left alone
 
 
 def test_cli_refuses_an_unknown_arm_before_any_work(tmp_path, monkeypatch, capsys):

@@ -70,8 +70,8 @@ def test_torch_iostream_error_while_saving_names_the_checkpoint(shared_data: Pat
     with pytest.raises(OSError) as err:
         run_pretrain(tiny_pretrain(shared_data, tmp_path), tmp_path / "out", tmp_path / "partial")
     line = error_message(err.value)
-    assert "checkpoint-2.tmp" in line and "writing the checkpoint failed" in line and "\n" not in line
-    assert not (tmp_path / "partial" / "checkpoints" / "checkpoint-2.tmp").exists()  # no half checkpoint left
+    assert "checkpoint-2.tmp-" in line and "writing the checkpoint failed" in line and "\n" not in line
+    assert not list((tmp_path / "partial" / "checkpoints").glob("checkpoint-2.tmp*"))  # no half checkpoint left
 
 
 def test_iostream_runtime_error_is_one_line(capsys):
@@ -91,3 +91,35 @@ def test_a_non_utf8_path_is_one_line(tmp_path: Path):
     assert done.returncode == 2 and "Traceback" not in err, err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]
     assert "not valid UTF-8" in line and "d\\udcff" in line
+
+
+def test_a_damaged_artifact_behind_a_symlink_is_one_line_and_its_target_is_left_alone(tmp_path: Path):
+    """An artifact moved to another disk and linked back, then damaged there: the store cannot
+    rebuild it in place without deleting what the link points to, so it says so in one line."""
+    import os
+    import shutil
+
+    from flows.cli import error_message
+    from retroflow.artifacts import ArtifactStore, DamagedArtifactError
+    from retroflow.config import StageConfig
+
+    class Toy(StageConfig):
+        size: int = 3
+
+    def body(out_dir: Path, partial_dir: Path) -> dict:
+        (out_dir / "numbers.txt").write_text("1 2 3")
+        return {}
+
+    store = ArtifactStore(tmp_path / "store")
+    art = store.build("toy", Toy(), {}, "v1", body)
+    elsewhere = tmp_path / "other-disk" / art.key
+    elsewhere.parent.mkdir()
+    shutil.move(str(art.path), elsewhere)
+    os.symlink(elsewhere, art.path)
+    assert store.build("toy", Toy(), {}, "v1", body).path == art.path  # intact behind the link: used as is
+    (elsewhere / "numbers.txt").write_text("1")
+    with pytest.raises(DamagedArtifactError) as err:
+        store.build("toy", Toy(), {}, "v1", body)
+    line = error_message(err.value)
+    assert str(art.path) in line and str(elsewhere) in line and "numbers.txt" in line and "\n" not in line
+    assert (elsewhere / "numbers.txt").read_text() == "1" and art.path.is_symlink()  # nothing deleted

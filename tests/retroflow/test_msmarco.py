@@ -209,5 +209,6 @@ def test_cli_on_the_real_trec_dl_subset_with_bm25(shared_data: Path, tmp_path: P
     line = last_json(capsys)
     assert line["run_id"] is None and not (tmp_path / "registry.parquet").exists()
     assert line["num_queries"] == 43 and line["num_docs"] == 5000 and line["relevance_level"] == 2
-    # BM25 is a strong baseline on DL19 (nDCG@10 0.48-0.51 on the full 8.8M collection); over 5k passages higher.
-    assert 0.5 < line["ndcg@10"] <= 1 and 0.5 < line["mrr@10"] <= 1
+    # BM25 is deterministic: its scores on this subset, pinned as a regression (on the full 8.8M-passage
+    # collection DL19 BM25 gets 0.48-0.51 nDCG@10; over 5k passages with graded qrels it is higher)
+    assert line["ndcg@10"] == pytest.approx(0.72883, abs=1e-4) and line["mrr@10"] == pytest.approx(0.80216, abs=1e-4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -107,3 +108,19 @@ def test_no_weight_decay_on_biases_and_norms():
     decay, no_decay = param_groups(model, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])] and len(no_decay["params"]) == 3
     assert decay["weight_decay"] == pytest.approx(0.1) and no_decay["weight_decay"] == 0.0
+
+
+def test_a_save_killed_before_its_rename_is_no_checkpoint_and_is_swept(tmp_path):
+    """A kill between writing the trainer state and the rename leaves a complete-looking staging copy:
+    it is not resumed from, and the next save removes it (its pid is dead)."""
+    import shutil
+
+    from retroflow.publish import staging_name
+
+    stage = ToyStage(tmp_path)
+    stage.train(stop_after=3)
+    killed = tmp_path / staging_name("checkpoint-4").replace(f".tmp-{os.getpid()}-", ".tmp-999999999-", 1)
+    shutil.copytree(tmp_path / "checkpoint-2", killed)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
+    assert ToyStage(tmp_path).train().resumed_from == 2
+    assert not killed.exists()
