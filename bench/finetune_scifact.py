@@ -63,7 +63,7 @@ def query_texts(dataset, qrels: dict) -> dict[str, str]:
 
 def evaluate_model(model: str | Path, dataset, splits: dict, doc_cache: Path | None = None) -> dict:
     """Dense and hybrid nDCG@10 etc. on each split from one corpus encoding (exact search, top 1000)."""
-    from retrieval.serving.hybrid import DenseSide, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax
+    from retrieval.serving.hybrid import dense_side, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax
 
     encoder = Encoder(model, EncoderSettings(show_progress=False))
     started = time.perf_counter()
@@ -84,7 +84,7 @@ def evaluate_model(model: str | Path, dataset, splits: dict, doc_cache: Path | N
         out[name] = {**means, "queries": len(queries)}
     texts = dataset.doc_texts()
     fusion = FusionSettings()
-    searcher = HybridSearcher(DenseSide(encoder, dataset.doc_ids(), texts, doc_vectors=docs), BM25Retriever(dataset.doc_ids(), texts), fusion, texts)
+    searcher = HybridSearcher(dense_side(encoder, dataset.doc_ids(), texts, doc_vectors=docs), BM25Retriever(dataset.doc_ids(), texts), fusion, texts)
     held_out = dev_hold_out(dataset, fusion, evaluated_split="test")
     selection = searcher.select_weight(*(held_out or (None, None)))
     dense, bm25 = searcher.side_runs(query_texts(dataset, splits["test"]))

@@ -33,7 +33,7 @@ from retroflow.publish import atomic_write_text
 from retroflow.config import StageConfig
 from retrieval.serving.bm25 import BM25Retriever, BM25Settings
 from retrieval.serving.encoder import Encoder, EncoderSettings
-from retrieval.serving.hybrid import HYBRID_PREFIX, DenseSide, FusionSettings, HybridSearcher, dev_hold_out
+from retrieval.serving.hybrid import HYBRID_PREFIX, dense_side, FusionSettings, HybridSearcher, dev_hold_out
 from retrieval.serving.index import IndexRetriever, read_index_meta
 from retrieval.serving.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
 from retrieval.serving.encode import corpus_vectors
@@ -152,7 +152,7 @@ def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: Evalu
     encoder = Encoder(dense_model, config.encoder)
     texts = dataset.doc_texts()
     vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings and not config.index else None
-    dense = DenseSide(encoder, dataset.doc_ids(), texts, index=config.index, doc_vectors=vectors)
+    dense = dense_side(encoder, dataset.doc_ids(), texts, index=config.index, doc_vectors=vectors)
     bm25 = BM25Retriever(dataset.doc_ids(), texts, config.bm25)
     searcher = HybridSearcher(dense, bm25, config.fusion, texts, config.bm25)
     held_out = dev_hold_out(dataset, config.fusion, evaluated_split=config.split)

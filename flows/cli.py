@@ -38,7 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Spellings from before one word per stage: deprecated, still accepted with a warning until 0.2.
-DEPRECATED_COMMANDS = {("index", "build"): ["index"], ("index", "tune"): ["tune"]}
+DEPRECATED_COMMANDS = {
+    ("index", "build"): ["index"],
+    ("index", "tune"): ["tune"],
+    ("mine-negatives",): ["negatives"],
+    ("train-teacher",): ["teacher"],
+}
 
 
 def modern_argv(argv: list[str]) -> list[str]:

@@ -48,13 +48,8 @@ class BM25Retriever:
         indices, scores = self.model.retrieve(tokens, k=k, show_progress=False, n_threads=0)
         return np.asarray(indices), np.asarray(scores)
 
-    def search(self, queries: Mapping[str, str] | Sequence[str], k: int | Sequence[str], legacy_k: int | None = None) -> Run:
-        """The `Retriever` search: `search({qid: text}, k)`.
-
-        The older form `search(query_ids, query_texts, k)` still works: callers being moved to
-        the interface elsewhere must not break meanwhile."""
-        if legacy_k is not None:
-            queries, k = dict(zip(queries, k)), legacy_k
+    def search(self, queries: Mapping[str, str], k: int) -> Run:
+        """The `Retriever` search: `search({qid: text}, k)`."""
         indices, scores = self.search_arrays(list(queries.values()), k)
         run: Run = {}
         for qid, row_idx, row_scores in zip(queries, indices, scores):

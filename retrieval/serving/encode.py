@@ -1,6 +1,7 @@
 """Sharded, resumable corpus encoding: a corpus -> fixed-size shards of vectors -> one embeddings directory.
 
-Stage functions (plain, no Prefect; the flow maps one task per shard):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     plan_shards(num_docs: int, shard_size: int) -> list[range]
     run_encode_shard(config: EncodeConfig, dataset: BeirDataset, shard_index: int, out_dir: Path,

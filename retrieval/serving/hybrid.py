@@ -5,7 +5,7 @@
     pseudo_queries(doc_ids, doc_texts, count, seed, styles, keep_fraction) -> PseudoQueries
     guarded_weight(scores, clusters, grid, margin, confidence, styles) -> {'weight', 'reason', ...}
     HybridSearcher(dense, bm25, settings, doc_texts).search(queries, k, weight=None) -> Run
-        a `retrieval.serving.search.Retriever`; `dense` is any dense retriever (`DenseSide` picks one)
+        a `retrieval.serving.search.Retriever`; `dense` is any dense retriever (`dense_side` picks one)
 
 Two fusions, each over every query's top `depth` from both sides:
 
@@ -308,10 +308,10 @@ def pseudo_queries(doc_ids: Sequence[str], doc_texts: Sequence[str], count: int,
 # ---------------------------------------------------------------------------------------- searcher
 
 
-def DenseSide(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
+def dense_side(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
               index: str | None = None, doc_vectors=None) -> DenseRetriever:  # fmt: skip
     """The hybrid's dense side: the FAISS index directory `index` when given, else exact search over
-    `doc_vectors` (or over the texts, encoded on first use). Kept under its old name for its callers."""
+    `doc_vectors` (or over the texts, encoded on first use)."""
     from retrieval.serving.search import ExactDenseRetriever
 
     if index:

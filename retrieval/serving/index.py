@@ -1,6 +1,7 @@
 """FAISS indexes over an embeddings directory: build (train on a sample, add in batches), save, load, search.
 
-Stage functions (plain, no Prefect):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) -> dict
         Train once on a sample, then build `config.num_shards` sub-indexes and write the index

@@ -1,6 +1,7 @@
 """Autotuning of search-time knobs (efSearch, nprobe, refine k_factor) against exact search.
 
-Stage function (plain, no Prefect):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     run_tune_index(config: TuneConfig, index_dir: Path, embeddings_dir: Path,
                    query_vectors: np.ndarray | None, out_dir: Path,

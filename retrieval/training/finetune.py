@@ -1,6 +1,7 @@
 """DPR fine-tuning with in-batch + hard negatives, ANCE-style negative refresh, and distillation.
 
-Stage function (plain, no Prefect; the lead's flow wraps it in `ArtifactStore.build`):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     run_finetune(config: FinetuneConfig, dataset: BeirDataset | None, model_path: Path,
                  out_dir: Path, partial_dir: Path, negatives_file: Path | None = None,

@@ -64,13 +64,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     finetune.add_argument("--seed", type=int, help="override train.seed")
     finetune.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
     finetune.set_defaults(func=run_finetune_command, stage="finetune", config_from_args=finetune_config)
-    hidden_alias(subparsers, "mine-negatives", mine)  # the names before one word per stage
-    hidden_alias(subparsers, "train-teacher", teacher)
-
-
-def hidden_alias(subparsers: argparse._SubParsersAction, old: str, parser: argparse.ArgumentParser) -> None:
-    """`old` still runs `parser` but is listed nowhere (argparse's own aliases show in the help)."""
-    subparsers._name_parser_map[old] = parser
 
 
 def _is_main_process() -> bool:

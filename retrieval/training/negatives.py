@@ -1,6 +1,7 @@
 """Hard-negative mining with BM25 (`bm25s`) or a dense model (FAISS flat / HNSW), saved with provenance.
 
-Stage function (plain, no Prefect):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     run_mine_negatives(config: NegativesConfig, dataset: BeirDataset, out_dir: Path,
                        model_path: Path | None = None) -> dict

@@ -11,7 +11,8 @@ hold-out it ranks above both of its parts, where a cross-encoder trained on 2 co
 `kind: cross_encoder` (below): trained on (query, positive, hard negatives); for users with
 GPUs or real reranker checkpoints.
 
-Stage function (plain, no Prefect):
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
+adapts the inputs for the library functions below, which tests and benchmarks also call directly:
 
     run_train_teacher(config: TeacherConfig, dataset: BeirDataset, negatives_file: Path,
                       out_dir: Path, partial_dir: Path, *, resume: bool = True,
@@ -343,14 +344,14 @@ def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str
 def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None = None):
     from retrieval.serving.bm25 import BM25Retriever
     from retrieval.serving.encoder import Encoder, EncoderSettings
-    from retrieval.serving.hybrid import DenseSide, HybridSearcher
+    from retrieval.serving.hybrid import dense_side, HybridSearcher
     from retrieval.serving.encode import corpus_vectors
 
     encoder = Encoder(config.init, EncoderSettings(query_max_length=config.query_max_length, passage_max_length=config.passage_max_length,
                                                    device=config.device, show_progress=False))  # fmt: skip
     texts = dataset.doc_texts()
     vectors = corpus_vectors(embeddings_dir, dataset.doc_ids()) if embeddings_dir else None
-    dense = DenseSide(encoder, dataset.doc_ids(), texts, doc_vectors=vectors)
+    dense = dense_side(encoder, dataset.doc_ids(), texts, doc_vectors=vectors)
     return HybridSearcher(dense, BM25Retriever(dataset.doc_ids(), texts), config.fusion, texts)
 
 

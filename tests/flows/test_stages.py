@@ -107,3 +107,16 @@ def test_the_resolved_precision_is_in_the_key_not_the_word_auto(tmp_path, monkey
     assert key(auto, False) == key(fp32, True) == key(fp32, False)  # the same fp32 encoding
     monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
     assert key_config("encode", auto)["encoder"]["precision"] == "bf16"
+
+
+@pytest.mark.parametrize("old, new", [("mine-negatives", "negatives"), ("train-teacher", "teacher"),
+                                      ("index build", "index"), ("index tune", "tune")])  # fmt: skip
+def test_an_old_command_spelling_runs_the_new_command_and_says_it_is_deprecated(old, new, capsys):
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main([*old.split(), "--help"])
+    assert done.value.code == 0
+    out, err = capsys.readouterr()
+    assert f"'{old}' is deprecated" in err and f"use '{new}'" in err
+    assert out.startswith(f"usage: retroflow {new} ")

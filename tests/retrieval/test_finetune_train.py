@@ -185,7 +185,7 @@ def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encod
     scores = read_teacher_scores(tmp_path / "t" / "teacher_scores.jsonl").scores
     assert metrics["dev_queries"] == len(dev) > 0 and not set(dev) & set(scores)  # dev never trained on
     text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
-    bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search(dev, [text[q] for q in dev], 10))
+    bm25 = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search({q: text[q] for q in dev}, 10))
     expected = evaluate_run({q: train[q] for q in dev}, bm25, ["ndcg@10"])[0]["ndcg@10"]
     assert metrics["dev_bm25_ndcg@10"] == pytest.approx(expected, abs=1e-4)
     # reranking only permutes BM25's top 10: the teacher's figure lies between the worst and the best order of that pool

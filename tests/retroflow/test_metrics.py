@@ -62,7 +62,7 @@ def test_agrees_with_beir_evaluator_on_a_real_run(scifact_small):
 
     ds = load_dataset(scifact_small)
     queries = ds.split_queries("test")
-    run = BM25Retriever(ds.doc_ids(), ds.doc_texts()).search(list(queries), list(queries.values()), 100)
+    run = BM25Retriever(ds.doc_ids(), ds.doc_texts()).search(queries, 100)
     qrels = ds.split_qrels("test")
     ours, _ = evaluate_run(qrels, run, ["ndcg@10", "recall@100", "map@100", "mrr@10"])
     ndcg, _map, recall, _ = EvaluateRetrieval.evaluate(qrels, run, [10, 100])
