@@ -52,7 +52,11 @@ def main() -> None:
     for fraction in args.fractions:
         started = time.perf_counter()
         encoder = build(store, "pretrain", base.with_overrides(decoder_target_fraction=fraction), {"data": corpus, "tokenizer": tokenizer})
-        row = {"decoder_target_fraction": fraction, "pretrain_artifact": str(encoder.path), "seconds": round(time.perf_counter() - started, 1)}
+        row = {
+            "decoder_target_fraction": fraction,
+            "pretrain_artifact": str(encoder.path),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
         metrics = encoder.metrics
         row.update({k: metrics.get(k) for k in ("steps", "steps_per_s", "final_loss")})
         history = json.loads(encoder.file("loss_history.json").read_text())
@@ -69,8 +73,14 @@ def main() -> None:
         if reference.get("steps_per_s") and row.get("steps_per_s"):
             row["speed_vs_reference"] = round(row["steps_per_s"] / reference["steps_per_s"], 3)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    report = {"command": " ".join(["python", "bench/decoder_target_fraction.py", *sys.argv[1:]]), "commit": commit,
-              "config": str(args.config), "seed": args.seed, "reference_fraction": reference["decoder_target_fraction"], "rows": rows}  # fmt: skip
+    report = {
+        "command": " ".join(["python", "bench/decoder_target_fraction.py", *sys.argv[1:]]),
+        "commit": commit,
+        "config": str(args.config),
+        "seed": args.seed,
+        "reference_fraction": reference["decoder_target_fraction"],
+        "rows": rows,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
     print(json.dumps(report))

@@ -28,9 +28,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from retroflow.publish import atomic_write_text  # noqa: E402
 from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retroflow.models import resolve_model_path  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 
 MAX_LENGTH = 256
 ST_BATCH_SIZES = (32, 64)
@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     st.max_seq_length = MAX_LENGTH
     lengths = [len(x) for x in ours.tokenize(texts, MAX_LENGTH)]
 
-    runners = {f"sentence_transformers_bs{bs}": (lambda bs=bs: st.encode(texts, batch_size=bs, convert_to_numpy=True))
-               for bs in ST_BATCH_SIZES}  # fmt: skip
+    runners = {
+        f"sentence_transformers_bs{bs}": (lambda bs=bs: st.encode(texts, batch_size=bs, convert_to_numpy=True)) for bs in ST_BATCH_SIZES
+    }
     runners["retroflow"] = lambda: ours.encode_passages(texts)
     # warm-up: first-call allocations and lazy imports
     st.encode(texts[:8], batch_size=8)
@@ -111,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_abs_diff": float(np.abs(vectors["retroflow"] - st_vectors).max()),
         "target": {"ratio": 1.3, "max_deviation": 1e-4},
         "loadavg_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                    "torch": torch.__version__},  # fmt: skip
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(), "torch": torch.__version__},
     }
     result["meets_target"] = result["ratio"] >= 1.3 and result["max_deviation_1_minus_cos"] <= 1e-4
     args.out.parent.mkdir(parents=True, exist_ok=True)

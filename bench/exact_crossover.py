@@ -29,7 +29,7 @@ def clustered(rng: np.random.Generator, n: int) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def batched_qps(index: "faiss.Index", queries: np.ndarray, repeats: int = 3) -> float:
+def batched_qps(index: faiss.Index, queries: np.ndarray, repeats: int = 3) -> float:
     index.search(queries[:16], 10)  # warm caches
     best = float("inf")
     for _ in range(repeats):

@@ -33,11 +33,11 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retroflow.data.beir import BeirDataset, load_dataset  # noqa: E402
-from retroflow.artifacts import cache_root  # noqa: E402
-from retroflow.hashing import hash_json  # noqa: E402
-from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retrieval.serving.encode import META_FILE, EncodeConfig, compatibility_key, run_encode, write_embeddings  # noqa: E402
+from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
+from retroflow.artifacts import cache_root  # noqa: E402
+from retroflow.data.beir import BeirDataset, load_dataset  # noqa: E402
+from retroflow.hashing import hash_json  # noqa: E402
 
 SCIFACT, TREC = "scifact", "trec-dl-2019-subset5k"
 # A sentence ends at . ! or ? followed by whitespace and something that can start a sentence;

@@ -34,16 +34,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.provenance import shown_path  # noqa: E402
-from retroflow.data.beir import load_dataset  # noqa: E402
-from retroflow.metrics import evaluate_run  # noqa: E402
-from retroflow.publish import atomic_write_text  # noqa: E402
-from retroflow.config import load_config  # noqa: E402
 from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
 from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
-from retrieval.training.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from retrieval.serving.search import drop_self_hits, exact_search, to_run  # noqa: E402
+from retrieval.training.finetune import FinetuneConfig, run_finetune  # noqa: E402
 from retrieval.training.teacher import TeacherConfig, run_train_teacher  # noqa: E402
+from retroflow.config import load_config  # noqa: E402
+from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.data.splits import dev_split  # noqa: E402
+from retroflow.metrics import evaluate_run  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 
 log = logging.getLogger("bench.finetune_scifact")
 METRICS = ["ndcg@10", "recall@100", "mrr@10"]
@@ -63,7 +63,7 @@ def query_texts(dataset, qrels: dict) -> dict[str, str]:
 
 def evaluate_model(model: str | Path, dataset, splits: dict, doc_cache: Path | None = None) -> dict:
     """Dense and hybrid nDCG@10 etc. on each split from one corpus encoding (exact search, top 1000)."""
-    from retrieval.serving.hybrid import dense_side, FusionSettings, HybridSearcher, dev_hold_out, fuse_minmax
+    from retrieval.serving.hybrid import FusionSettings, HybridSearcher, dense_side, dev_hold_out, fuse_minmax
 
     encoder = Encoder(model, EncoderSettings(show_progress=False))
     started = time.perf_counter()
@@ -84,12 +84,16 @@ def evaluate_model(model: str | Path, dataset, splits: dict, doc_cache: Path | N
         out[name] = {**means, "queries": len(queries)}
     texts = dataset.doc_texts()
     fusion = FusionSettings()
-    searcher = HybridSearcher(dense_side(encoder, dataset.doc_ids(), texts, doc_vectors=docs), BM25Retriever(dataset.doc_ids(), texts), fusion, texts)
+    searcher = HybridSearcher(
+        dense_side(encoder, dataset.doc_ids(), texts, doc_vectors=docs), BM25Retriever(dataset.doc_ids(), texts), fusion, texts
+    )
     held_out = dev_hold_out(dataset, fusion, evaluated_split="test")
     selection = searcher.select_weight(*(held_out or (None, None)))
     dense, bm25 = searcher.side_runs(query_texts(dataset, splits["test"]))
-    out["hybrid"] = {"fusion": {k: v for k, v in selection.items() if k != "by_weight"},
-                     "test": evaluate_run(splits["test"], fuse_minmax(dense, bm25, selection["weight"], fusion.depth), METRICS)[0]}  # fmt: skip
+    out["hybrid"] = {
+        "fusion": {k: v for k, v in selection.items() if k != "by_weight"},
+        "test": evaluate_run(splits["test"], fuse_minmax(dense, bm25, selection["weight"], fusion.depth), METRICS)[0],
+    }
     return out
 
 
@@ -122,15 +126,21 @@ def cached(path: Path, build):
 
 
 def summarise(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values) if values else None,
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None, "values": values}  # fmt: skip
+    return {
+        "mean": statistics.mean(values) if values else None,
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0 if values else None,
+        "values": values,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default=str(REPO.parent / "shared" / "data" / "scifact"))
-    parser.add_argument("--check-dataset", default=str(REPO.parent / "shared" / "data" / "trec-dl-2019-subset5k"),
-                        help="a corpus not trained on: each model's delta against the untouched one there ('' = skip)")  # fmt: skip
+    parser.add_argument(
+        "--check-dataset",
+        default=str(REPO.parent / "shared" / "data" / "trec-dl-2019-subset5k"),
+        help="a corpus not trained on: each model's delta against the untouched one there ('' = skip)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--config", default=str(REPO / "configs/finetune/minilm-scifact.yaml"))
     parser.add_argument("--distill-config", default=str(REPO / "configs/finetune/minilm-scifact-distill.yaml"))
@@ -154,9 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     check_splits = {"test": check.split_qrels("test")} if check else {}
     dpr_cfg = load_config(FinetuneConfig, args.config, [f"dataset={args.dataset}"])
     splits = split_qrels(dataset, dpr_cfg)
-    report: dict = {"dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint, "seeds": args.seeds,
-                    "configs": {"dpr": shown_path(args.config), "distill": shown_path(args.distill_config), "teacher": shown_path(args.teacher_config)},
-                    "dev_queries": len(splits["dev"]), "test_queries": len(splits["test"]), "complete": False}  # fmt: skip
+    report: dict = {
+        "dataset": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "seeds": args.seeds,
+        "configs": {"dpr": shown_path(args.config), "distill": shown_path(args.distill_config), "teacher": shown_path(args.teacher_config)},
+        "dev_queries": len(splits["dev"]),
+        "test_queries": len(splits["test"]),
+        "complete": False,
+    }
 
     def save() -> None:
         report["wall_seconds"] = round(time.time() - began, 1)
@@ -182,7 +198,19 @@ def main(argv: list[str] | None = None) -> int:
                 metrics = run_finetune(cfg, dataset, cfg.init, run_dir, run_dir / "partial", **files)
             result = {
                 "seed": seed,
-                "train": {k: metrics.get(k) for k in ("final_loss", "steps", "seconds", "num_train_queries", "num_train_rows", "temperature", "distill", "distill_gate")},
+                "train": {
+                    k: metrics.get(k)
+                    for k in (
+                        "final_loss",
+                        "steps",
+                        "seconds",
+                        "num_train_queries",
+                        "num_train_rows",
+                        "temperature",
+                        "distill",
+                        "distill_gate",
+                    )
+                },
                 "eval": evaluate_model(model, dataset, splits),
                 "st_max_abs_diff": st_agreement(model, sample_texts),
             }
@@ -201,29 +229,44 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_distill:
         teacher_cfg = load_config(TeacherConfig, args.teacher_config, [f"dataset={args.dataset}"])
         teacher_dir = work / "teacher-fusion"
-        report["teacher"] = cached(teacher_dir / "result.json", lambda: run_train_teacher(teacher_cfg, dataset, None, teacher_dir, teacher_dir / "partial"))
+        report["teacher"] = cached(
+            teacher_dir / "result.json", lambda: run_train_teacher(teacher_cfg, dataset, None, teacher_dir, teacher_dir / "partial")
+        )
         distill_cfg = load_config(FinetuneConfig, args.distill_config, [f"dataset={args.dataset}"])
         report["distill"] = []
         for seed in args.seeds:
-            report["distill"].append(train_and_eval("distill-fusion", distill_cfg, seed, teacher_scores_file=teacher_dir / "teacher_scores.jsonl"))
+            report["distill"].append(
+                train_and_eval("distill-fusion", distill_cfg, seed, teacher_scores_file=teacher_dir / "teacher_scores.jsonl")
+            )
             save()
 
     base = report["untouched"]["test"]["ndcg@10"]
-    table = [{"variant": "untouched", "test_ndcg@10": base, "dev_ndcg@10": report["untouched"]["dev"]["ndcg@10"]},
-             {"variant": "bm25", "test_ndcg@10": report["bm25"]["test"]["ndcg@10"], "dev_ndcg@10": report["bm25"]["dev"]["ndcg@10"]},
-             {"variant": "hybrid(untouched)", "test_ndcg@10": report["untouched"]["hybrid"]["test"]["ndcg@10"],
-              "fusion_weight": report["untouched"]["hybrid"]["fusion"]["weight"]}]  # fmt: skip
+    table = [
+        {"variant": "untouched", "test_ndcg@10": base, "dev_ndcg@10": report["untouched"]["dev"]["ndcg@10"]},
+        {"variant": "bm25", "test_ndcg@10": report["bm25"]["test"]["ndcg@10"], "dev_ndcg@10": report["bm25"]["dev"]["ndcg@10"]},
+        {
+            "variant": "hybrid(untouched)",
+            "test_ndcg@10": report["untouched"]["hybrid"]["test"]["ndcg@10"],
+            "fusion_weight": report["untouched"]["hybrid"]["fusion"]["weight"],
+        },
+    ]
     for variant in ("dpr", "distill"):
         rows = report.get(variant) or []
         if not rows:
             continue
         test = summarise([r["eval"]["test"]["ndcg@10"] for r in rows])
         hybrid = summarise([r["eval"]["hybrid"]["test"]["ndcg@10"] for r in rows])
-        entry = {"variant": variant, "test_ndcg@10_mean": test["mean"], "test_ndcg@10_std": test["std"],
-                 "dev_ndcg@10_mean": summarise([r["eval"]["dev"]["ndcg@10"] for r in rows])["mean"],
-                 f"hybrid({variant})_test_ndcg@10_mean": hybrid["mean"], f"hybrid({variant})_test_ndcg@10_std": hybrid["std"],
-                 "ratio_to_untouched": test["mean"] / base, "every_seed_above_untouched": all(v > base for v in test["values"]),
-                 "seeds": len(rows)}  # fmt: skip
+        entry = {
+            "variant": variant,
+            "test_ndcg@10_mean": test["mean"],
+            "test_ndcg@10_std": test["std"],
+            "dev_ndcg@10_mean": summarise([r["eval"]["dev"]["ndcg@10"] for r in rows])["mean"],
+            f"hybrid({variant})_test_ndcg@10_mean": hybrid["mean"],
+            f"hybrid({variant})_test_ndcg@10_std": hybrid["std"],
+            "ratio_to_untouched": test["mean"] / base,
+            "every_seed_above_untouched": all(v > base for v in test["values"]),
+            "seeds": len(rows),
+        }
         if check and all("check" in r for r in rows):
             check_base = report["check_untouched"]["test"]["ndcg@10"]
             entry["check_delta_vs_untouched_mean"] = statistics.mean(r["check"]["test"]["ndcg@10"] - check_base for r in rows)

@@ -42,13 +42,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.provenance import shown_command, shown_path  # noqa: E402
-from retroflow.data.beir import load_dataset  # noqa: E402
-from retroflow.publish import atomic_write_text  # noqa: E402
 from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
 from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
-from retroflow.metrics import evaluate_run  # noqa: E402
 from retrieval.serving.hybrid import FusionSettings, HybridSearcher, content_words, curve_matrix, dev_hold_out, fuse_rrf  # noqa: E402
 from retrieval.serving.search import ExactDenseRetriever  # noqa: E402
+from retroflow.data.beir import load_dataset  # noqa: E402
+from retroflow.metrics import evaluate_run  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 
 TOLERANCE, GAIN_KEPT = 0.01, 0.8
 
@@ -130,14 +130,28 @@ def bench_model_corpus(model: str, encoder: CachedEncoder, path: Path, variants:
         sentence_only = np.array([pseudo.styles[q] == "sentence" for q in qids])
         previous = argmax_weight(scores[sentence_only], grid) if sentence_only.any() else None
         selections.append((seed, selection, previous))
-        out["pseudo"].append({"seed": seed, "weight": selection["weight"], "reason": selection["reason"],
-                              "queries": selection.get("selection_queries"), "documents": selection.get("pseudo_documents"),
-                              "pseudo_dense": selection.get("selection_dense_ndcg@10"), "pseudo_bm25": selection.get("selection_bm25_ndcg@10"),
-                              "pseudo_at_weight": selection.get("selection_ndcg@10"), "argmax_all_styles": argmax_weight(scores, grid) if qids else None,
-                              "argmax_sentences_previous_rule": previous})  # fmt: skip
+        out["pseudo"].append(
+            {
+                "seed": seed,
+                "weight": selection["weight"],
+                "reason": selection["reason"],
+                "queries": selection.get("selection_queries"),
+                "documents": selection.get("pseudo_documents"),
+                "pseudo_dense": selection.get("selection_dense_ndcg@10"),
+                "pseudo_bm25": selection.get("selection_bm25_ndcg@10"),
+                "pseudo_at_weight": selection.get("selection_ndcg@10"),
+                "argmax_all_styles": argmax_weight(scores, grid) if qids else None,
+                "argmax_sentences_previous_rule": previous,
+            }
+        )
         if curves is not None and qids:
-            np.savez(curves / f"{model_key(model)}-{path.name}-pseudo-{seed}.npz", scores=scores, grid=np.array(grid),
-                     clusters=np.array([pseudo.source[q] for q in qids]), styles=np.array([pseudo.styles[q] for q in qids]))  # fmt: skip
+            np.savez(
+                curves / f"{model_key(model)}-{path.name}-pseudo-{seed}.npz",
+                scores=scores,
+                grid=np.array(grid),
+                clusters=np.array([pseudo.source[q] for q in qids]),
+                styles=np.array([pseudo.styles[q] for q in qids]),
+            )
 
     split = "test" if "test" in dataset.splits else dataset.splits[0]
     held_out = dev_hold_out(dataset, settings, evaluated_split=split)
@@ -155,12 +169,29 @@ def bench_model_corpus(model: str, encoder: CachedEncoder, path: Path, variants:
         better = max(bm25_score, dense_score)
         best_w = max(at, key=lambda w: (at[w], w))
         rrf = evaluate_run(qrels, fuse_rrf(dense, sparse, settings.rrf_k, depth), ["ndcg@10"])[0]["ndcg@10"]
-        row = {"queries": len(qids), "example_query": next(iter(queries.values())), "bm25": bm25_score, "dense": dense_score,
-               "rrf_k60": round(rrf, 4),
-               "best_test_weight_reference_only": {"weight": best_w, "ndcg@10": at[best_w], "gain_over_better_part": round(at[best_w] - better, 4)},
-               "zero_shot": [{"seed": seed, "weight": sel["weight"], "ndcg@10": at[sel["weight"]], "delta_vs_better_part": round(at[sel["weight"]] - better, 4),
-                              "previous_rule_weight": prev, "previous_rule_delta": round(at[prev] - better, 4) if prev is not None else None}
-                             for seed, sel, prev in selections]}  # fmt: skip
+        row = {
+            "queries": len(qids),
+            "example_query": next(iter(queries.values())),
+            "bm25": bm25_score,
+            "dense": dense_score,
+            "rrf_k60": round(rrf, 4),
+            "best_test_weight_reference_only": {
+                "weight": best_w,
+                "ndcg@10": at[best_w],
+                "gain_over_better_part": round(at[best_w] - better, 4),
+            },
+            "zero_shot": [
+                {
+                    "seed": seed,
+                    "weight": sel["weight"],
+                    "ndcg@10": at[sel["weight"]],
+                    "delta_vs_better_part": round(at[sel["weight"]] - better, 4),
+                    "previous_rule_weight": prev,
+                    "previous_rule_delta": round(at[prev] - better, 4) if prev is not None else None,
+                }
+                for seed, sel, prev in selections
+            ],
+        }
         deltas = [z["delta_vs_better_part"] for z in row["zero_shot"]]
         gain = at[best_w] - better
         row["zero_shot_worst_delta"] = min(deltas)
@@ -171,9 +202,15 @@ def bench_model_corpus(model: str, encoder: CachedEncoder, path: Path, variants:
             selection = searcher.select_weight(dev_queries, dev_qrels)
             if curves is not None:
                 dev_ids, dev_scores = curve_matrix(*searcher.side_runs(dev_queries), dev_qrels, grid, depth)
-                np.savez(curves / f"{model_key(model)}-{path.name}-dev.npz", scores=dev_scores, grid=np.array(grid), clusters=np.array(dev_ids))
-            row["dev"] = {"weight": selection["weight"], "queries": selection["selection_queries"], "ndcg@10": at[selection["weight"]],
-                          "delta_vs_better_part": round(at[selection["weight"]] - better, 4)}  # fmt: skip
+                np.savez(
+                    curves / f"{model_key(model)}-{path.name}-dev.npz", scores=dev_scores, grid=np.array(grid), clusters=np.array(dev_ids)
+                )
+            row["dev"] = {
+                "weight": selection["weight"],
+                "queries": selection["selection_queries"],
+                "ndcg@10": at[selection["weight"]],
+                "delta_vs_better_part": round(at[selection["weight"]] - better, 4),
+            }
         out["variants"][variant] = row
     out["seconds"] = round(time.perf_counter() - started, 1)
     return out
@@ -197,16 +234,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.curves:
         args.curves.mkdir(parents=True, exist_ok=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip())
-    report = {"command": shown_command("hybrid.py", sys.argv[1:] if argv is None else argv), "commit": commit + ("-dirty" if dirty else ""),
-              "settings": FusionSettings().model_dump(exclude={"weight_grid"}), "tolerance": TOLERANCE, "results": {}}  # fmt: skip
+    dirty = bool(
+        subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    )
+    report = {
+        "command": shown_command("hybrid.py", sys.argv[1:] if argv is None else argv),
+        "commit": commit + ("-dirty" if dirty else ""),
+        "settings": FusionSettings().model_dump(exclude={"weight_grid"}),
+        "tolerance": TOLERANCE,
+        "results": {},
+    }
     for model in args.models:
         encoder = CachedEncoder(Encoder(model, EncoderSettings(show_progress=False)), args.cache / model_key(model))
         for name in args.datasets:
-            report["results"][f"{shown_path(model) if model.startswith('/') else model} | {name}"] = bench_model_corpus(model, encoder, args.data_dir / name, args.variants, args.pseudo_seeds, args.curves)
+            report["results"][f"{shown_path(model) if model.startswith('/') else model} | {name}"] = bench_model_corpus(
+                model, encoder, args.data_dir / name, args.variants, args.pseudo_seeds, args.curves
+            )
             atomic_write_text(args.out, json.dumps(report, indent=2))
-    summary = {k: {v: (r["bm25"], r["dense"], [z["weight"] for z in r["zero_shot"]], r["zero_shot_worst_delta"], r["best_test_weight_reference_only"])
-                   for v, r in res["variants"].items()} for k, res in report["results"].items()}  # fmt: skip
+    summary = {
+        k: {
+            v: (
+                r["bm25"],
+                r["dense"],
+                [z["weight"] for z in r["zero_shot"]],
+                r["zero_shot_worst_delta"],
+                r["best_test_weight_reference_only"],
+            )
+            for v, r in res["variants"].items()
+        }
+        for k, res in report["results"].items()
+    }
     print(json.dumps(summary))
     return 0
 

@@ -43,12 +43,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.export_vectors import build_all, default_data_dir  # noqa: E402
-from retroflow.artifacts import cache_root  # noqa: E402
-from retroflow.publish import atomic_write_text  # noqa: E402
-from retroflow.config import load_config  # noqa: E402
-from retrieval.serving.tune import TuneConfig, run_tune_index  # noqa: E402
-from retrieval.serving.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
 from retrieval.serving.encode import open_embeddings, write_embeddings  # noqa: E402
+from retrieval.serving.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
+from retrieval.serving.tune import TuneConfig, run_tune_index  # noqa: E402
+from retroflow.artifacts import cache_root  # noqa: E402
+from retroflow.config import load_config  # noqa: E402
+from retroflow.publish import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = REPO / "configs" / "index"
@@ -136,8 +136,11 @@ def single_query_latency(index_dir: Path, queries: np.ndarray, passes: int = 2) 
             started = time.perf_counter()
             loaded.index.search(row[None, :], K)
             seconds[i] = min(seconds[i], time.perf_counter() - started)
-    return {"qps_single": round(len(queries) / float(seconds.sum()), 1), "latency_p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3),
-            "latency_p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3)}  # fmt: skip
+    return {
+        "qps_single": round(len(queries) / float(seconds.sum()), 1),
+        "latency_p50_ms": round(float(np.percentile(seconds, 50)) * 1e3, 3),
+        "latency_p99_ms": round(float(np.percentile(seconds, 99)) * 1e3, 3),
+    }
 
 
 def ndcg_at_10(index_dir: Path, query_vectors: np.ndarray, qids: list[str], dataset: Path) -> float:
@@ -157,9 +160,15 @@ def bench_preset(name: str, part: Part, work: Path, repeats: int) -> dict:
     config = preset_config(name, num_vectors)
     index_dir = work / part.name / name
     built = run_build_index(config, part.embeddings, index_dir)
-    tune = TuneConfig(target_recall=target_recall(config.factory), num_queries=max(len(part.tune_queries), len(part.report_queries)),
-                      repeats=repeats, ef_search=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
-                      nprobe=NPROBE_GRID, k_factor=[1, 2, 4, 8, 12, 16], device="never")  # fmt: skip
+    tune = TuneConfig(
+        target_recall=target_recall(config.factory),
+        num_queries=max(len(part.tune_queries), len(part.report_queries)),
+        repeats=repeats,
+        ef_search=[16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512],
+        nprobe=NPROBE_GRID,
+        k_factor=[1, 2, 4, 8, 12, 16],
+        device="never",
+    )
     tuned = run_tune_index(tune, index_dir, part.embeddings, part.tune_queries, index_dir, report_vectors=part.report_queries)
     row = {
         "preset": name,
@@ -201,9 +210,16 @@ def run_part(part: Part, presets: list[str], work: Path, repeats: int) -> dict:
     embeddings = open_embeddings(part.embeddings)
     rows = [bench_preset(name, part, work, repeats) for name in presets]
     add_ratios(rows)
-    return {"embeddings": str(part.embeddings), "n": embeddings.num_docs, "dim": embeddings.dim, "model": embeddings.meta.get("model"),
-            "tuned_on": f"{part.tune_label} ({len(part.tune_queries)})", "reported_on": f"{part.report_label} ({len(part.report_queries)})",
-            "rows": rows, "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+    return {
+        "embeddings": str(part.embeddings),
+        "n": embeddings.num_docs,
+        "dim": embeddings.dim,
+        "model": embeddings.meta.get("model"),
+        "tuned_on": f"{part.tune_label} ({len(part.tune_queries)})",
+        "reported_on": f"{part.report_label} ({len(part.report_queries)})",
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -231,11 +247,30 @@ def real_parts(paths: dict[str, Path], data_dir: Path, work: Path, max_vectors: 
     sentences = paths["sentences"]
     if max_vectors:  # --quick: a prefix of the sentences, as its own embeddings directory
         head = open_embeddings(sentences)
-        sentences = write_embeddings(work / "sentences-head", np.asarray(head.parts[0][:max_vectors], np.float32),
-                                     head.ids.to_pylist()[:max_vectors], model=head.meta.get("model"))  # fmt: skip
+        sentences = write_embeddings(
+            work / "sentences-head",
+            np.asarray(head.parts[0][:max_vectors], np.float32),
+            head.ids.to_pylist()[:max_vectors],
+            model=head.meta.get("model"),
+        )
     return [
-        Part("sentences", sentences, train, "SciFact train queries", np.concatenate([test, trec]), "SciFact test (not in train) + TREC-DL test queries"),
-        Part("scifact_real", paths["scifact-docs"], train, "SciFact train queries", test, "SciFact test queries not in train", ndcg=(test_ids, data_dir / "scifact")),
+        Part(
+            "sentences",
+            sentences,
+            train,
+            "SciFact train queries",
+            np.concatenate([test, trec]),
+            "SciFact test (not in train) + TREC-DL test queries",
+        ),
+        Part(
+            "scifact_real",
+            paths["scifact-docs"],
+            train,
+            "SciFact train queries",
+            test,
+            "SciFact test queries not in train",
+            ndcg=(test_ids, data_dir / "scifact"),
+        ),
     ]
 
 
@@ -316,14 +351,22 @@ def main(argv: list[str] | None = None) -> int:
         "git_head": git_head(),
         "reference": "faiss IndexFlatIP (exact search), same run",
         "faiss": faiss.__version__,
-        "machine": {"cpus": os.cpu_count(), "faiss_threads": faiss.omp_get_max_threads(), "platform": platform.platform(),
-                    "load_avg_at_start": os.getloadavg()},  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "faiss_threads": faiss.omp_get_max_threads(),
+            "platform": platform.platform(),
+            "load_avg_at_start": os.getloadavg(),
+        },
         "recall": "k-recall@10: fraction of the exact top-10 found in the index's top-10, on the report queries (never the tuning ones)",
         "latency": "single-query, one query per search call, each query's best of 2 passes",
     }
     vectors_started = time.perf_counter()
     paths = build_all(args.data, args.cache)
-    result["vectors"] = {"cache": str(args.cache), "seconds": round(time.perf_counter() - vectors_started, 1), **{k: str(v) for k, v in paths.items()}}
+    result["vectors"] = {
+        "cache": str(args.cache),
+        "seconds": round(time.perf_counter() - vectors_started, 1),
+        **{k: str(v) for k, v in paths.items()},
+    }
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
         work = Path(tmp)
         parts = real_parts(paths, args.data, work, 20_000 if args.quick else None)
@@ -336,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     result["machine"]["load_avg_at_end"] = os.getloadavg()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.output, json.dumps(result, indent=2, default=str))
-    print(json.dumps({"output": str(args.output), "seconds": result["seconds"], "goals": {g: v["met"] for g, v in result["goals"].items()}}))
+    print(
+        json.dumps({"output": str(args.output), "seconds": result["seconds"], "goals": {g: v["met"] for g, v in result["goals"].items()}})
+    )
     return 0
 
 

@@ -30,7 +30,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -52,19 +51,25 @@ def bf16_autocast(on: bool):
 def encoding(texts: list[str], trials: int) -> dict:
     from sentence_transformers import SentenceTransformer
 
-    from retroflow.models import resolve_model_path
     from retrieval.serving.encoder import Encoder, EncoderSettings
+    from retroflow.models import resolve_model_path
 
     st = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     st.max_seq_length = MAX_LENGTH
-    ours = {p: Encoder("minilm", EncoderSettings(show_progress=False, passage_max_length=MAX_LENGTH, precision=p)) for p in ("fp32", "auto")}
+    ours = {
+        p: Encoder("minilm", EncoderSettings(show_progress=False, passage_max_length=MAX_LENGTH, precision=p)) for p in ("fp32", "auto")
+    }
 
     def st_encode(bf16: bool):
         with bf16_autocast(bf16):
             return st.encode(texts, batch_size=32, convert_to_numpy=True)
 
-    runners = {"st_fp32": lambda: st_encode(False), "st_bf16": lambda: st_encode(True),
-               "retroflow_fp32": lambda: ours["fp32"].encode_passages(texts), "retroflow_bf16": lambda: ours["auto"].encode_passages(texts)}  # fmt: skip
+    runners = {
+        "st_fp32": lambda: st_encode(False),
+        "st_bf16": lambda: st_encode(True),
+        "retroflow_fp32": lambda: ours["fp32"].encode_passages(texts),
+        "retroflow_bf16": lambda: ours["auto"].encode_passages(texts),
+    }
     for fn in runners.values():  # warm-up: first-call allocations, oneDNN kernel selection
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in runners}
@@ -78,7 +83,9 @@ def encoding(texts: list[str], trials: int) -> dict:
     docs_per_s = {name: len(texts) / statistics.median(s) for name, s in seconds.items()}
     best_st = max(("st_fp32", "st_bf16"), key=docs_per_s.get)
     return {
-        "texts": len(texts), "max_length": MAX_LENGTH, "trials": trials,
+        "texts": len(texts),
+        "max_length": MAX_LENGTH,
+        "trials": trials,
         "retroflow_backends": {p: e.backend for p, e in ours.items()},
         "docs_per_s": {k: round(v, 2) for k, v in docs_per_s.items()},
         "seconds_per_trial": {k: [round(x, 2) for x in v] for k, v in seconds.items()},
@@ -88,7 +95,7 @@ def encoding(texts: list[str], trials: int) -> dict:
         "ratio_retroflow_bf16_vs_fp32": round(docs_per_s["retroflow_bf16"] / docs_per_s["retroflow_fp32"], 3),
         "max_1_minus_cos_bf16_vs_st_fp32": max_cosine_deviation(vectors["retroflow_bf16"], vectors["st_fp32"]),
         "max_1_minus_cos_fp32_vs_st_fp32": max_cosine_deviation(vectors["retroflow_fp32"], vectors["st_fp32"]),
-    }  # fmt: skip
+    }
 
 
 def scifact_ndcg(dataset_dir: Path) -> dict:
@@ -98,8 +105,12 @@ def scifact_ndcg(dataset_dir: Path) -> dict:
     dataset = load_dataset(dataset_dir)
     out = {}
     for precision in ("fp32", "auto"):
-        config = EvaluateConfig(model="minilm", dataset=str(dataset_dir), metrics=["ndcg@10"],
-                                encoder={"precision": precision, "passage_max_length": MAX_LENGTH, "show_progress": False})  # fmt: skip
+        config = EvaluateConfig(
+            model="minilm",
+            dataset=str(dataset_dir),
+            metrics=["ndcg@10"],
+            encoder={"precision": precision, "passage_max_length": MAX_LENGTH, "show_progress": False},
+        )
         out["retroflow_" + ("bf16" if precision == "auto" else "fp32")] = round(evaluate(config, dataset)["ndcg@10"], 4)
     out["delta_bf16_minus_fp32"] = round(out["retroflow_bf16"] - out["retroflow_fp32"], 4)
     return out
@@ -123,10 +134,10 @@ def training_steps(steps: int) -> dict:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
+    from retrieval.training.finetune import pool_hidden
     from retroflow.models import resolve_model_path
     from retromae.collator import RetroMAECollator, SpecialIds
     from retromae.model import load_retromae
-    from retrieval.training.finetune import pool_hidden
 
     path = resolve_model_path("minilm")
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -136,8 +147,15 @@ def training_steps(steps: int) -> dict:
     variants = {}
     for objective in ("retromae", "mlm"):
         model = load_retromae(path, objective, "enhanced", 1).train()
-        collator = RetroMAECollator(special=SpecialIds.from_tokenizer(tokenizer), max_length=128, encoder_mask_ratio=0.3,
-                                    decoder_mask_ratio=0.5, objective=objective, decoding="enhanced", seed=0)  # fmt: skip
+        collator = RetroMAECollator(
+            special=SpecialIds.from_tokenizer(tokenizer),
+            max_length=128,
+            encoder_mask_ratio=0.3,
+            decoder_mask_ratio=0.5,
+            objective=objective,
+            decoding="enhanced",
+            seed=0,
+        )
         batch = collator([{"input_ids": x, "mask_key": i} for i, x in enumerate(ids[:16])])
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         for bf16 in (False, True):
@@ -148,8 +166,12 @@ def training_steps(steps: int) -> dict:
     passages = tokenizer(texts[16:144], truncation=True, max_length=128, padding=True, return_tensors="pt")
 
     def finetune_loss():
-        q = torch.nn.functional.normalize(pool_hidden(encoder(**queries).last_hidden_state.float(), queries["attention_mask"], "mean"), dim=-1)
-        p = torch.nn.functional.normalize(pool_hidden(encoder(**passages).last_hidden_state.float(), passages["attention_mask"], "mean"), dim=-1)
+        q = torch.nn.functional.normalize(
+            pool_hidden(encoder(**queries).last_hidden_state.float(), queries["attention_mask"], "mean"), dim=-1
+        )
+        p = torch.nn.functional.normalize(
+            pool_hidden(encoder(**passages).last_hidden_state.float(), passages["attention_mask"], "mean"), dim=-1
+        )
         return torch.nn.functional.cross_entropy(q @ p.T / 0.05, torch.arange(16) * 8)
 
     for bf16 in (False, True):
@@ -186,9 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = REPO.parent / "shared" / "data" / "scifact"
     load_before = os.getloadavg()
-    result = {"command": "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:]), "commit": git_head(),
-              "native_bf16": cpu_has_native_bf16(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-              "encoding": encoding(read_passages(data / "corpus.jsonl", args.docs, seed=0), args.trials)}  # fmt: skip
+    result = {
+        "command": "python bench/precision.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": git_head(),
+        "native_bf16": cpu_has_native_bf16(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "encoding": encoding(read_passages(data / "corpus.jsonl", args.docs, seed=0), args.trials),
+    }
     if not args.skip_training:
         result["training"] = training_steps(args.steps)
     if args.ndcg:

@@ -131,7 +131,9 @@ def git_head() -> str | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", help="checkpoint (alias or dir); its tokenizer is always used")
-    parser.add_argument("--preset", choices=["tiny", "small", "base"], help="random-init encoder of this size instead of the checkpoint's weights")
+    parser.add_argument(
+        "--preset", choices=["tiny", "small", "base"], help="random-init encoder of this size instead of the checkpoint's weights"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
@@ -197,9 +199,11 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2))
     for name, value in median.items():
         print(f"{name:20s} {value:7.3f} s/step  {value / baseline:5.2f}x mlm_masked_only")
-    print(f"collation per {collate_batch} x {args.length} micro-batch: enhanced {collate_s['enhanced']:.3f} s "
-          f"({100 * result['collate_share_of_step']['enhanced']:.1f}% of its step), basic {collate_s['basic']:.3f} s",
-          file=sys.stderr)  # fmt: skip
+    print(
+        f"collation per {collate_batch} x {args.length} micro-batch: enhanced {collate_s['enhanced']:.3f} s "
+        f"({100 * result['collate_share_of_step']['enhanced']:.1f}% of its step), basic {collate_s['basic']:.3f} s",
+        file=sys.stderr,
+    )
     print(json.dumps(result))
 
 

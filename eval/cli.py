@@ -41,7 +41,9 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", type=Path, help="YAML EvaluateConfig (flags below override it)")
     parser.add_argument("--suite", choices=["beir", "msmarco", "nq"], help="evaluation suite (default beir)")
     parser.add_argument("--model", help="alias (minilm), local HF model dir, hub id, bm25, or hybrid:<dense model>")
-    parser.add_argument("--dataset", help="dataset directory (BEIR, MS MARCO TSV or DPR layout), name under $RETROFLOW_DATA_DIR, hf:BeIR/NAME, or zip URL")
+    parser.add_argument(
+        "--dataset", help="dataset directory (BEIR, MS MARCO TSV or DPR layout), name under $RETROFLOW_DATA_DIR, hf:BeIR/NAME, or zip URL"
+    )
     parser.add_argument("--split", help="qrels split (default test)")
     parser.add_argument("--metrics", help="comma-separated, e.g. ndcg@10,recall@100,mrr@10,map@100 (nq: accuracy@20,...)")
     parser.add_argument("--top-k", type=int, help="retrieval depth (default 1000; nq 100)")
@@ -49,9 +51,17 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--index", help="search through this FAISS index artifact instead of exact search")
     parser.add_argument("--run-file", help="score this ranking file (MS MARCO 'qid pid rank' or TREC format) instead of retrieving")
-    parser.add_argument("--on-unknown-ids", choices=["error", "drop"], help="qrels rows naming unknown queries/documents: fail (default) or drop them")
+    parser.add_argument(
+        "--on-unknown-ids", choices=["error", "drop"], help="qrels rows naming unknown queries/documents: fail (default) or drop them"
+    )
     parser.add_argument("--checksum", help="sha256:<hex> (or md5:<hex>) of a zip-URL dataset, verified before it is unpacked")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. encoder.passage_max_length=256, nq.passages=PATH")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config field, e.g. encoder.passage_max_length=256, nq.passages=PATH",
+    )
     parser.add_argument("--output", type=Path, help="also write the result (with per-query scores) to this JSON file")
     add_registry_argument(parser)
     parser.add_argument("--no-registry", action="store_true", help="do not append this run to the registry")
@@ -61,8 +71,17 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     overrides = list(args.set)
-    flags = (("suite", "suite"), ("model", "model"), ("dataset", "dataset"), ("split", "split"), ("top_k", "top_k"), ("index", "index"),
-             ("run_file", "run_file"), ("on_unknown_ids", "on_unknown_ids"), ("checksum", "checksum"))  # fmt: skip
+    flags = (
+        ("suite", "suite"),
+        ("model", "model"),
+        ("dataset", "dataset"),
+        ("split", "split"),
+        ("top_k", "top_k"),
+        ("index", "index"),
+        ("run_file", "run_file"),
+        ("on_unknown_ids", "on_unknown_ids"),
+        ("checksum", "checksum"),
+    )
     for name, key in flags:
         value = getattr(args, name, None)
         if value is not None:
@@ -110,7 +129,9 @@ def add_compare_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--metrics", help="comma-separated subset of metrics (default: all both runs have)")
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
     parser.add_argument("--threshold", type=float, default=0.0, help="a drop larger than this that is significant is a regression")
-    parser.add_argument("--test", choices=["randomization", "ttest", "bootstrap"], default="randomization", help="test behind 'significant'")
+    parser.add_argument(
+        "--test", choices=["randomization", "ttest", "bootstrap"], default="randomization", help="test behind 'significant'"
+    )
     parser.add_argument("--resamples", type=int, default=10000, help="randomisation/bootstrap resamples (default 10000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--top", type=int, default=5, help="most-changed queries to show per dataset")
@@ -138,10 +159,30 @@ def run_compare_command(args: argparse.Namespace) -> int:
             # Same name, other content (another copy, subset or version): per-query differences would
             # compare different questions and judgments, so no delta, test or regression is reported.
             for metric in metrics.values():
-                rows.append({"dataset": f"{item.dataset}/{item.split}", "metric": metric.metric, "A": metric.mean_a, "B": metric.mean_b,
-                             "delta": "n/a: different data", "95% CI": "-", "p_t": "-", "p_rand": "-", "W/L/T": "-", "sig": "", "n": "-"})  # fmt: skip
-            datasets.append({"dataset": item.dataset, "split": item.split, "same_data": False,
-                             "mean_a": {k: m.mean_a for k, m in metrics.items()}, "mean_b": {k: m.mean_b for k, m in metrics.items()}})  # fmt: skip
+                rows.append(
+                    {
+                        "dataset": f"{item.dataset}/{item.split}",
+                        "metric": metric.metric,
+                        "A": metric.mean_a,
+                        "B": metric.mean_b,
+                        "delta": "n/a: different data",
+                        "95% CI": "-",
+                        "p_t": "-",
+                        "p_rand": "-",
+                        "W/L/T": "-",
+                        "sig": "",
+                        "n": "-",
+                    }
+                )
+            datasets.append(
+                {
+                    "dataset": item.dataset,
+                    "split": item.split,
+                    "same_data": False,
+                    "mean_a": {k: m.mean_a for k, m in metrics.items()},
+                    "mean_b": {k: m.mean_b for k, m in metrics.items()},
+                }
+            )
             continue
         for metric in metrics.values():
             rows.append(
@@ -161,21 +202,34 @@ def run_compare_command(args: argparse.Namespace) -> int:
             )
         item.comparison.metrics = metrics
         found = find_regressions(item.comparison, args.threshold, args.alpha, args.test)
-        regressions += [{"dataset": item.dataset, "split": item.split, "metric": m.metric, "delta": m.delta, "p": m.p_value(args.test)} for m in found]
+        regressions += [
+            {"dataset": item.dataset, "split": item.split, "metric": m.metric, "delta": m.delta, "p": m.p_value(args.test)} for m in found
+        ]
         datasets.append(item.to_dict())
     print(f"A = {run_a}\nB = {run_b}   (delta = B - A; * = significant at alpha={args.alpha}, {args.test} test)")
     print(format_table(rows) if rows else "(no dataset/split in common)")
     if different:
-        message = (f"A and B scored different data under the same name for {', '.join(different)} (dataset fingerprints differ): "
-                   "no deltas, significance tests or regressions are reported for them")  # fmt: skip
+        message = (
+            f"A and B scored different data under the same name for {', '.join(different)} (dataset fingerprints differ): "
+            "no deltas, significance tests or regressions are reported for them"
+        )
         print(f"WARNING: {message}")
         logging.getLogger("retroflow.compare").warning("%s", message)
     print_most_changed([item for item in comparisons if item.same_data])
     for label, names in (("only in A", only_a), ("only in B", only_b)):
         if names:
             print(f"{label}: {', '.join(names)}")
-    emit_json({"run_a": run_a, "run_b": run_b, "datasets": datasets, "only_in_a": only_a, "only_in_b": only_b, "regressions": regressions,
-               "different_data": different})
+    emit_json(
+        {
+            "run_a": run_a,
+            "run_b": run_b,
+            "datasets": datasets,
+            "only_in_a": only_a,
+            "only_in_b": only_b,
+            "regressions": regressions,
+            "different_data": different,
+        }
+    )
     return 1 if regressions and args.fail_on_regression else 0
 
 
@@ -195,7 +249,9 @@ def print_most_changed(comparisons: list[Any]) -> None:
 
 
 def add_runs_command(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("runs", help="list the runs in the registry", description="One line per run and dataset split, newest last.")
+    parser = subparsers.add_parser(
+        "runs", help="list the runs in the registry", description="One line per run and dataset split, newest last."
+    )
     add_registry_argument(parser)
     parser.add_argument("--model", help="only this model")
     parser.add_argument("--dataset", help="only this dataset")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -143,7 +144,14 @@ def bootstrap(diffs: np.ndarray, n_resamples: int, rng: np.random.Generator) -> 
 
 
 def compare_metric(
-    metric: str, a: Mapping[str, float], b: Mapping[str, float], qids: Sequence[str], n_resamples: int, seed: int, top_n: int, exact_max: int
+    metric: str,
+    a: Mapping[str, float],
+    b: Mapping[str, float],
+    qids: Sequence[str],
+    n_resamples: int,
+    seed: int,
+    top_n: int,
+    exact_max: int,
 ) -> MetricComparison:
     a_values = np.array([float(a[q]) for q in qids], dtype=np.float64)
     b_values = np.array([float(b[q]) for q in qids], dtype=np.float64)
@@ -153,7 +161,11 @@ def compare_metric(
     p_rand, exact = randomization_p(diffs, n_resamples, rng, exact_max)
     p_boot, low, high = bootstrap(diffs, n_resamples, rng)
     order = sorted(range(len(qids)), key=lambda i: (-abs(diffs[i]), qids[i]))
-    changed = [QueryChange(qids[i], float(a_values[i]), float(b_values[i]), float(diffs[i])) for i in order[:top_n] if abs(diffs[i]) > TIE_TOLERANCE]
+    changed = [
+        QueryChange(qids[i], float(a_values[i]), float(b_values[i]), float(diffs[i]))
+        for i in order[:top_n]
+        if abs(diffs[i]) > TIE_TOLERANCE
+    ]
     return MetricComparison(
         metric=metric,
         num_queries=len(qids),
@@ -200,15 +212,15 @@ def compare_runs(
     return ComparisonResult(results, sorted(only_a), sorted(only_b))
 
 
-def find_regressions(comparison: ComparisonResult, threshold: float = 0.0, alpha: float = 0.05, test: str = "randomization") -> list[MetricComparison]:
+def find_regressions(
+    comparison: ComparisonResult, threshold: float = 0.0, alpha: float = 0.05, test: str = "randomization"
+) -> list[MetricComparison]:
     """Metrics where B is worse than A by more than `threshold` AND the drop is significant at `alpha`.
 
     Pass alpha=1.0 to flag every drop beyond the threshold, significant or not.
     """
     return [
-        m
-        for m in comparison.metrics.values()
-        if m.num_queries and m.delta < -threshold and (alpha >= 1.0 or m.significant(alpha, test))
+        m for m in comparison.metrics.values() if m.num_queries and m.delta < -threshold and (alpha >= 1.0 or m.significant(alpha, test))
     ]
 
 

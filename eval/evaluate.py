@@ -19,24 +19,25 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from retrieval.serving.bm25 import BM25Retriever, BM25Settings
+from retrieval.serving.encode import corpus_vectors
+from retrieval.serving.encoder import Encoder, EncoderSettings
+from retrieval.serving.hybrid import HYBRID_PREFIX, FusionSettings, HybridSearcher, dense_side, dev_hold_out
+from retrieval.serving.index import IndexRetriever, read_index_meta
+from retrieval.serving.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
+from retroflow.config import StageConfig
 from retroflow.data.beir import BeirDataset, DatasetError, load_dataset
-from retroflow.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from retroflow.data.msmarco import MSMARCO_METRICS, TREC_DL_RELEVANCE_LEVEL, binary_relevance_level, load_msmarco, read_run
 from retroflow.data.nq import NQ_METRICS, NQDataset, load_nq, parse_accuracy_metric, score_answers
 from retroflow.hashing import code_version
+from retroflow.metrics import DEFAULT_METRICS, evaluate_run, parse_metric
 from retroflow.publish import atomic_write_text
-from retroflow.config import StageConfig
-from retrieval.serving.bm25 import BM25Retriever, BM25Settings
-from retrieval.serving.encoder import Encoder, EncoderSettings
-from retrieval.serving.hybrid import HYBRID_PREFIX, dense_side, FusionSettings, HybridSearcher, dev_hold_out
-from retrieval.serving.index import IndexRetriever, read_index_meta
-from retrieval.serving.search import DenseRetriever, ExactDenseRetriever, Run, drop_self_hits
-from retrieval.serving.encode import corpus_vectors
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,11 @@ class EvaluateConfig(StageConfig):
     bm25: BM25Settings = Field(default_factory=BM25Settings)
     fusion: FusionSettings = Field(default_factory=FusionSettings)  # used by hybrid:<model>
     index: str | None = None  # FAISS index artifact directory; None = exact search
-    exact_beside_index: bool = Field(True, description="searched through an approximate index: also search exactly (over "
-                                     "`embeddings` or the index's own vectors) and report both, so the index's cost is shown")  # fmt: skip
+    exact_beside_index: bool = Field(
+        True,
+        description="searched through an approximate index: also search exactly (over "
+        "`embeddings` or the index's own vectors) and report both, so the index's cost is shown",
+    )
     system: Literal["dense", "hybrid", "bm25"] | None = None  # the `evaluate` stage: how its `model` input is used
     embeddings: str | None = None  # exact search over this encode artifact's vectors instead of encoding the corpus
     run_file: str | None = None  # score this ranking file (MS MARCO or TREC format) instead of retrieving
@@ -95,7 +99,7 @@ class EvaluateConfig(StageConfig):
         return data
 
     @model_validator(mode="after")
-    def _known_metrics(self) -> "EvaluateConfig":
+    def _known_metrics(self) -> EvaluateConfig:
         for name in self.metrics:
             if self.suite == "nq":
                 if parse_accuracy_metric(name) > self.top_k:
@@ -104,11 +108,13 @@ class EvaluateConfig(StageConfig):
                 parse_metric(name)
         if self.suite == "nq" and self.run_file:
             raise ValueError("run_file is not supported by the nq suite")
-        if self.model.startswith(HYBRID_PREFIX) and not self.model[len(HYBRID_PREFIX):]:
+        if self.model.startswith(HYBRID_PREFIX) and not self.model[len(HYBRID_PREFIX) :]:
             raise ValueError("model 'hybrid:' needs a dense model after the colon, e.g. hybrid:minilm")
-        if self.model.startswith(HYBRID_PREFIX) and self.model[len(HYBRID_PREFIX):].startswith(("bm25", HYBRID_PREFIX)):
-            raise ValueError(f"model {self.model!r}: hybrid fuses BM25 with a dense model, so what follows 'hybrid:' must be "
-                             "a dense model (an alias such as minilm, or a model directory), e.g. hybrid:minilm")  # fmt: skip
+        if self.model.startswith(HYBRID_PREFIX) and self.model[len(HYBRID_PREFIX) :].startswith(("bm25", HYBRID_PREFIX)):
+            raise ValueError(
+                f"model {self.model!r}: hybrid fuses BM25 with a dense model, so what follows 'hybrid:' must be "
+                "a dense model (an alias such as minilm, or a model directory), e.g. hybrid:minilm"
+            )
         if self.model.startswith(HYBRID_PREFIX) and self.run_file:
             raise ValueError("a hybrid model retrieves with BM25 itself; it cannot score a run_file")
         return self
@@ -148,7 +154,7 @@ def retrieve_dense(dataset: BeirDataset, queries: dict[str, str], config: Evalua
 
 def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig) -> tuple[Run, dict[str, Any]]:
     """BM25 fused with the dense model; the weight comes from the dev hold-out (or the corpus), never from `queries`."""
-    dense_model = config.model[len(HYBRID_PREFIX):]
+    dense_model = config.model[len(HYBRID_PREFIX) :]
     encoder = Encoder(dense_model, config.encoder)
     texts = dataset.doc_texts()
     vectors = corpus_vectors(config.embeddings, dataset.doc_ids()) if config.embeddings and not config.index else None
@@ -158,8 +164,10 @@ def retrieve_hybrid(dataset: BeirDataset, queries: dict[str, str], config: Evalu
     held_out = dev_hold_out(dataset, config.fusion, evaluated_split=config.split)
     dev_queries, dev_qrels = held_out if held_out else (None, None)
     if dev_queries and set(dev_queries) & set(queries):
-        raise ValueError(f"fusion: dev queries of split '{config.fusion.dev_split}' overlap the evaluated queries; "
-                         "the weight would be chosen on the test queries")  # fmt: skip
+        raise ValueError(
+            f"fusion: dev queries of split '{config.fusion.dev_split}' overlap the evaluated queries; "
+            "the weight would be chosen on the test queries"
+        )
     selection = searcher.select_weight(dev_queries, dev_qrels)
     log.info("hybrid %s: %s fusion, weight %s chosen on %s", dense_model, selection["method"], selection["weight"], selection["chosen_on"])
     run = searcher.search(queries, config.top_k, weight=selection["weight"])
@@ -187,13 +195,17 @@ def check_index_provenance(config: EvaluateConfig, dataset: BeirDataset) -> dict
     recorded = read_index_meta(config.index).get("embeddings") or {}
     fingerprint = recorded.get("dataset_fingerprint")
     if fingerprint and fingerprint != dataset.fingerprint:
-        raise ValueError(f"index {config.index} was built over dataset {recorded.get('dataset')!r} (fingerprint {fingerprint[:12]}), "
-                         f"not over the evaluated dataset {dataset.name!r} (fingerprint {dataset.fingerprint[:12]}); "
-                         "build an index over this dataset, or evaluate without --index")  # fmt: skip
-    model = config.model[len(HYBRID_PREFIX):] if config.model.startswith(HYBRID_PREFIX) else config.model
+        raise ValueError(
+            f"index {config.index} was built over dataset {recorded.get('dataset')!r} (fingerprint {fingerprint[:12]}), "
+            f"not over the evaluated dataset {dataset.name!r} (fingerprint {dataset.fingerprint[:12]}); "
+            "build an index over this dataset, or evaluate without --index"
+        )
+    model = config.model[len(HYBRID_PREFIX) :] if config.model.startswith(HYBRID_PREFIX) else config.model
     index_model = recorded.get("model")
     if index_model and not same_model(str(index_model), model):
-        log.warning("index %s was built with model %s, but queries are encoded with %s: scores mix two models", config.index, index_model, model)
+        log.warning(
+            "index %s was built with model %s, but queries are encoded with %s: scores mix two models", config.index, index_model, model
+        )
         return {"index_model_mismatch": {"index_model": index_model, "model": model}}
     return {}
 
@@ -221,8 +233,10 @@ def _retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateCon
 def check_has_relevant(qrels: dict[str, dict[str, int]], name: str, split: str) -> None:
     """Every metric of a split without one positive grade is 0 by construction, which reads as a result."""
     if not any(grade > 0 for docs in qrels.values() for grade in docs.values()):
-        raise DatasetError(f"dataset '{name}' split '{split}': every judgment has grade 0 (no relevant document), "
-                           "so every metric would be 0; check the qrels' score column")  # fmt: skip
+        raise DatasetError(
+            f"dataset '{name}' split '{split}': every judgment has grade 0 (no relevant document), "
+            "so every metric would be 0; check the qrels' score column"
+        )
 
 
 def index_search(config: EvaluateConfig) -> dict[str, Any] | None:
@@ -236,8 +250,13 @@ def index_search(config: EvaluateConfig) -> dict[str, Any] | None:
     meta = read_index_meta(config.index)
     params = meta.get("search_params") or {}
     knobs = " ".join(f"{k}={int(v) if float(v).is_integer() else v}" for k, v in sorted(params.items()))
-    return {"approximate": meta["factory"].strip() != "Flat", "factory": meta["factory"], "search_params": params,
-            "label": f"{meta['factory']} {knobs}".strip(), "embeddings": (meta.get("embeddings") or {}).get("path")}  # fmt: skip
+    return {
+        "approximate": meta["factory"].strip() != "Flat",
+        "factory": meta["factory"],
+        "search_params": params,
+        "label": f"{meta['factory']} {knobs}".strip(),
+        "embeddings": (meta.get("embeddings") or {}).get("path"),
+    }
 
 
 def exact_config(config: EvaluateConfig, search: Mapping[str, Any]) -> EvaluateConfig:
@@ -273,16 +292,25 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
         return evaluate_nq(config, dataset)
     warn_shallow_cutoffs(config)
     if dataset is None:
-        dataset = (load_msmarco(config.dataset) if config.suite == "msmarco"
-                   else load_dataset(config.dataset, checksum=config.checksum, on_unknown_ids=config.on_unknown_ids))  # fmt: skip
+        dataset = (
+            load_msmarco(config.dataset)
+            if config.suite == "msmarco"
+            else load_dataset(config.dataset, checksum=config.checksum, on_unknown_ids=config.on_unknown_ids)
+        )
     qrels = dataset.split_qrels(config.split)
     check_has_relevant(qrels, dataset.name, config.split)
     queries = dataset.split_queries(config.split)
     empty = sorted(qid for qid, text in queries.items() if not str(text).strip())
     if empty:
         # An empty query retrieves nothing and scores 0; say how many of the mean are such zeros.
-        log.warning("%s/%s: %d of %d queries have empty text (e.g. %s); they score 0 and are counted in the means",
-                    dataset.name, config.split, len(empty), len(queries), ", ".join(empty[:3]))  # fmt: skip
+        log.warning(
+            "%s/%s: %d of %d queries have empty text (e.g. %s); they score 0 and are counted in the means",
+            dataset.name,
+            config.split,
+            len(empty),
+            len(queries),
+            ", ".join(empty[:3]),
+        )
     log.info("evaluating %s on %s/%s: %d queries, %d docs", config.model, dataset.name, config.split, len(queries), dataset.num_docs)
     started = time.perf_counter()
     run, extra = retrieve(dataset, queries, config)
@@ -309,8 +337,17 @@ def evaluate(config: EvaluateConfig, dataset: BeirDataset | NQDataset | None = N
     return result_record(config, config.suite, dataset, counts, means, per_query, run, extra, started)
 
 
-def result_record(config: EvaluateConfig, suite: str, dataset, counts: dict[str, Any], means: dict[str, float],
-                  per_query: dict, run: dict, extra: dict[str, Any], started: float) -> dict[str, Any]:  # fmt: skip
+def result_record(
+    config: EvaluateConfig,
+    suite: str,
+    dataset,
+    counts: dict[str, Any],
+    means: dict[str, float],
+    per_query: dict,
+    run: dict,
+    extra: dict[str, Any],
+    started: float,
+) -> dict[str, Any]:
     """The result every suite returns: means, counts, identity, timings, per-query values and the run."""
     return {
         **means,
@@ -332,7 +369,14 @@ def evaluate_nq(config: EvaluateConfig, dataset: NQDataset | None = None) -> dic
     """DPR retriever evaluation: top-k accuracy of answer-string matches."""
     if dataset is None:
         dataset = load_nq(config.dataset, config.split, config.nq.passages, config.nq.questions)
-    log.info("evaluating %s on %s/%s: %d questions, %d passages", config.model, dataset.name, config.split, len(dataset.questions), dataset.num_docs)
+    log.info(
+        "evaluating %s on %s/%s: %d questions, %d passages",
+        config.model,
+        dataset.name,
+        config.split,
+        len(dataset.questions),
+        dataset.num_docs,
+    )
     started = time.perf_counter()
     run, extra = retrieve(dataset.corpus, dataset.questions, config)
     passage_text = dataset.passage_text(include_title=config.nq.match_title)
@@ -370,22 +414,24 @@ def write_result(result: dict[str, Any], path: Path, include_run: bool = False) 
     atomic_write_text(Path(path), json.dumps(payload, indent=2, default=str))
 
 
-
 def run(config: EvaluateConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
     """The `evaluate` stage: `config.system` over input `data`: the `model` input (through `index`,
     or exact search over `embeddings`, or encoding the corpus), BM25 fused with it, or BM25 alone.
     `result.json` keeps the per-query values; the returned metrics do not."""
+    from retrieval.serving.hybrid import HYBRID_PREFIX
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir, model_label
-    from retrieval.serving.hybrid import HYBRID_PREFIX
 
     system = config.system or "dense"
     if system != "bm25" and "model" not in inputs:
         raise ValueError(f"evaluate: system {system!r} needs a model input")
     path = "" if system == "bm25" else str(model_dir(inputs["model"]))
-    located = {"model": {"dense": path, "hybrid": HYBRID_PREFIX + path, "bm25": "bm25"}[system], "dataset": str(inputs["data"].path),
-               "index": str(inputs["index"].path) if "index" in inputs else None,
-               "embeddings": str(inputs["embeddings"].path) if "embeddings" in inputs else None}  # fmt: skip
+    located = {
+        "model": {"dense": path, "hybrid": HYBRID_PREFIX + path, "bm25": "bm25"}[system],
+        "dataset": str(inputs["data"].path),
+        "index": str(inputs["index"].path) if "index" in inputs else None,
+        "embeddings": str(inputs["embeddings"].path) if "embeddings" in inputs else None,
+    }
     result = evaluate(config.with_overrides(**located), dataset=open_dataset(inputs["data"]))
     label = "bm25" if system == "bm25" else model_label(inputs["model"])
     result["model"] = f"hybrid({label})" if system == "hybrid" else label

@@ -25,11 +25,12 @@ import json
 import math
 import os
 import secrets
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -72,7 +73,7 @@ def default_registry_path() -> Path:
 
 def new_run_id(now: datetime | None = None) -> str:
     """Sortable and unique: `20250131T120501Z-3fa2b1`."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
@@ -147,7 +148,7 @@ def append_run(
 ) -> str:
     """Append one evaluation result (means + `per_query`) and return its run id."""
     path = Path(registry_path) if registry_path else default_registry_path()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     run_id = run_id or new_run_id(now)
     identity = {
         "run_id": run_id,

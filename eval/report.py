@@ -7,8 +7,9 @@ Prefect artifacts and the CLI prints them.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from retroflow.artifacts import Artifact, lineage
 
@@ -42,7 +43,9 @@ def metric_rows(
     return rows
 
 
-def system_row(dataset: str, system: str, result: Mapping[str, Any], metrics: Sequence[str], init: Mapping[str, Any] | None) -> dict[str, Any]:
+def system_row(
+    dataset: str, system: str, result: Mapping[str, Any], metrics: Sequence[str], init: Mapping[str, Any] | None
+) -> dict[str, Any]:
     row: dict[str, Any] = {"dataset": dataset, "system": system, "model": result.get("model"), "queries": result.get("num_queries")}
     for metric in metrics:
         if metric in result:
@@ -54,7 +57,9 @@ def system_row(dataset: str, system: str, result: Mapping[str, Any], metrics: Se
     fusion = result.get("fusion")
     if isinstance(fusion, Mapping):
         weight = fusion.get("weight")
-        row["fusion"] = f"{fusion.get('method')} w={weight} ({fusion.get('chosen_on')})" if weight is not None else str(fusion.get("method"))
+        row["fusion"] = (
+            f"{fusion.get('method')} w={weight} ({fusion.get('chosen_on')})" if weight is not None else str(fusion.get("method"))
+        )
     return row
 
 

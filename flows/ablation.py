@@ -28,11 +28,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import Artifact, ArtifactStore
-from retroflow.hashing import sha256_file
-from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
 from flows.chain import data_root, direct, direct_map, evaluation, prepare_data, store_for
 from flows.stages import build
+from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
+from retroflow.hashing import sha256_file
 from retroflow.inputs import Input
 
 log = logging.getLogger(__name__)
@@ -115,16 +115,23 @@ class PrimaryComparison(StageConfig):
 
 class AblationConfig(StageConfig):
     name: str = "miniature"
-    init: str | None = Field(None, description="null: every arm from scratch (the paper's setting); a model (e.g. minilm): "
-                             "continued pretraining of it, the `none` arm being the init itself")  # fmt: skip
+    init: str | None = Field(
+        None,
+        description="null: every arm from scratch (the paper's setting); a model (e.g. minilm): "
+        "continued pretraining of it, the `none` arm being the init itself",
+    )
     store: str = Field("artifacts", description="artifact store (RETROFLOW_STORE overrides)")
     data_dir: str | None = Field(None, description="where dataset names are found (else RETROFLOW_DATA_DIR)")
     arms: list[str] = Field(default_factory=lambda: ["mlm", "retromae-basic", "retromae-enhanced"])
     sweep: SweepSection = Field(default_factory=SweepSection)
     seeds: list[int] = Field(default_factory=lambda: [1, 2], min_length=1)
     baseline: str = Field("mlm", description="the arm every other arm is tested against")
-    pretrain_corpora: list[str] | None = Field(None, description="datasets whose corpus is pretraining text; null = every dataset in the data root")
-    pretrain_files: list[str] = Field(default_factory=list, description="extra pretraining text: .txt (a document per line), .jsonl, .parquet")
+    pretrain_corpora: list[str] | None = Field(
+        None, description="datasets whose corpus is pretraining text; null = every dataset in the data root"
+    )
+    pretrain_files: list[str] = Field(
+        default_factory=list, description="extra pretraining text: .txt (a document per line), .jsonl, .parquet"
+    )
     train_dataset: str = "scifact"
     train_split: str = "train"
     eval_datasets: list[str] = Field(default_factory=lambda: ["scifact", "trec-dl-2019-subset5k"], min_length=1)
@@ -135,8 +142,10 @@ class AblationConfig(StageConfig):
     negatives: dict[str, Any] = Field(default_factory=dict)
     finetune: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
-    teacher: dict[str, Any] = Field(default_factory=dict, description="a fusion teacher from the init (continued mode): "
-                                    "the finetune section then distils from it, every arm alike")  # fmt: skip
+    teacher: dict[str, Any] = Field(
+        default_factory=dict,
+        description="a fusion teacher from the init (continued mode): the finetune section then distils from it, every arm alike",
+    )
     encode: dict[str, Any] = Field(default_factory=dict, description="the init model's encoding the fusion teacher reads")
     primary: list[PrimaryComparison] = Field(default_factory=list, description="pre-registered comparisons: Holm-corrected together")
     alpha: float = Field(0.05, gt=0, lt=1, description="family-wise error rate of the primary comparisons")
@@ -206,8 +215,9 @@ def shared_pretrain_config(config: AblationConfig, seed: int):
         raise ConfigError(f"ablation '{config.name}', section 'pretrain': {sorted(clash)} are set per arm (arms, sweep), not here")
     model = {**section.get("model", {}), "init": config.init}
     train = {**section.get("train", {}), "seed": seed}
-    return validate_config(PretrainConfig, {**section, "model": model, "train": train},
-                           source=f"ablation '{config.name}', section 'pretrain'")  # fmt: skip
+    return validate_config(
+        PretrainConfig, {**section, "model": model, "train": train}, source=f"ablation '{config.name}', section 'pretrain'"
+    )
 
 
 def arm_pretrain_configs(config: AblationConfig, seed: int) -> dict[str, Any]:
@@ -346,7 +356,10 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
 
     store = store_for(config)
     names = config.pretrain_corpora if config.pretrain_corpora is not None else data_root_datasets(config)
-    datasets = {name: execute("data", prepare_data, store, name, config.data_dir) for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])}
+    datasets = {
+        name: execute("data", prepare_data, store, name, config.data_dir)
+        for name in dict.fromkeys([*names, config.train_dataset, *config.eval_datasets])
+    }
     corpora = {f"corpus{i}": datasets[n] for i, n in enumerate(names)}
     corpus = execute("corpus", build, store, "corpus", corpus_config(list(config.pretrain_files)), corpora)
     produced: dict[str, Artifact] = {"corpus": corpus}
@@ -357,17 +370,25 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
     init = external_model(config.init) if config.init is not None else None
     tokenizer = teacher = None
     if init is None:  # from scratch: one tokenizer (it depends on the text and vocabulary size only) for every seed and arm
-        tokenizer = execute("tokenizer", build, store, "tokenizer", tokenizer_config(shared_pretrain_config(config, config.seeds[0])), {"data": corpus})
+        tokenizer = execute(
+            "tokenizer", build, store, "tokenizer", tokenizer_config(shared_pretrain_config(config, config.seeds[0])), {"data": corpus}
+        )
         produced["tokenizer"] = tokenizer
     if config.teacher:  # one teacher from the init for every arm and seed: the arms differ only in pretraining
         embeddings = execute("encode", build, store, "encode", encode_config(config), {"data": train_data, "model": init})
-        teacher = execute("teacher", build, store, "teacher", teacher_config(config), {"data": train_data, "init": init, "embeddings": embeddings})
+        teacher = execute(
+            "teacher", build, store, "teacher", teacher_config(config), {"data": train_data, "init": init, "embeddings": embeddings}
+        )
         produced.update({"encode:init": embeddings, "teacher": teacher})
     runs = []
     for seed in config.seeds:
         for arm, pretrain in arm_pretrain_configs(config, seed).items():
             if parse_arm(arm)[0] == NO_PRETRAINING:
-                encoder = init if init is not None else execute("scratch", build, store, "scratch", scratch_config(pretrain), {"tokenizer": tokenizer})
+                encoder = (
+                    init
+                    if init is not None
+                    else execute("scratch", build, store, "scratch", scratch_config(pretrain), {"tokenizer": tokenizer})
+                )
             else:
                 encoder = execute("pretrain", build, store, "pretrain", pretrain, {"data": corpus, "tokenizer": tokenizer})
             produced[f"pretrain:{arm}:{seed}"] = encoder
@@ -377,7 +398,11 @@ def run_ablation(config: AblationConfig, execute=direct, execute_map=direct_map)
             run = ArmRun(arm, seed, encoder, finetuned)
             for name in config.eval_datasets:
                 if config.zero_shot:
-                    run.evaluations[("zero-shot", name)] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], encoder))
-                run.evaluations[("fine-tuned", name)] = execute("evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], finetuned))
+                    run.evaluations[("zero-shot", name)] = execute(
+                        "evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], encoder)
+                    )
+                run.evaluations[("fine-tuned", name)] = execute(
+                    "evaluate", build, store, "evaluate", *evaluation(evaluate_cfg, "dense", datasets[name], finetuned)
+                )
             runs.append(run)
     return AblationResult(runs=runs, artifacts=produced)

@@ -45,8 +45,12 @@ def summary_rows(config: AblationConfig, result: AblationResult) -> list[dict[st
                     row[metric] = round(statistics.fmean(values), 4)
                     row[f"{metric} std"] = round(statistics.stdev(values), 4) if len(values) > 1 else None
                 if arm != config.baseline and base:
-                    comparison = compare_runs(per_query_over_seeds(base, config.metrics), per_query_over_seeds(scored, config.metrics),
-                                              metrics=config.metrics, seed=0)  # fmt: skip
+                    comparison = compare_runs(
+                        per_query_over_seeds(base, config.metrics),
+                        per_query_over_seeds(scored, config.metrics),
+                        metrics=config.metrics,
+                        seed=0,
+                    )
                     for metric, test in comparison.metrics.items():
                         row[f"{metric} Δ {config.baseline}"] = round(test.delta, 4)
                         row[f"{metric} p"] = None if test.p_randomization is None else round(test.p_randomization, 4)
@@ -94,11 +98,19 @@ def primary_rows(config: AblationConfig, result: AblationResult) -> list[dict[st
         test = compare_runs({c.metric: pa}, {c.metric: pb}, metrics=[c.metric], seed=0).metrics[c.metric]
         common = sorted(set(pa) & set(pb))
         sd = float(np.std([pb[q] - pa[q] for q in common], ddof=1)) if len(common) > 1 else float("nan")
-        rows.append({"comparison": f"{c.arm} vs {c.against}", "dataset": c.dataset, "metric": c.metric,
-                     "seeds": min(len(a), len(b)), "queries": test.num_queries, "delta": round(test.delta, 4),
-                     "ci95": [round(test.ci_low, 4), round(test.ci_high, 4)] if test.ci_low is not None else None,
-                     "p": test.p_randomization,
-                     "smallest_resolvable_effect": round(smallest_resolvable_effect(sd, len(common), config.alpha, len(config.primary)), 4)})  # fmt: skip
+        rows.append(
+            {
+                "comparison": f"{c.arm} vs {c.against}",
+                "dataset": c.dataset,
+                "metric": c.metric,
+                "seeds": min(len(a), len(b)),
+                "queries": test.num_queries,
+                "delta": round(test.delta, 4),
+                "ci95": [round(test.ci_low, 4), round(test.ci_high, 4)] if test.ci_low is not None else None,
+                "p": test.p_randomization,
+                "smallest_resolvable_effect": round(smallest_resolvable_effect(sd, len(common), config.alpha, len(config.primary)), 4),
+            }
+        )
     adjusted = holm([r.get("p") for r in rows])
     for row, p in zip(rows, adjusted):
         if "p" in row:
@@ -110,7 +122,11 @@ def primary_rows(config: AblationConfig, result: AblationResult) -> list[dict[st
 
 def loss_curves(result: AblationResult) -> dict[str, list[float]]:
     """Pretraining loss per arm and seed (the `none` arm has none)."""
-    return {f"{run.arm} (seed {run.seed})": loss_history(run.encoder) for run in result.runs if getattr(run.encoder, "stage", None) == "pretrain"}
+    return {
+        f"{run.arm} (seed {run.seed})": loss_history(run.encoder)
+        for run in result.runs
+        if getattr(run.encoder, "stage", None) == "pretrain"
+    }
 
 
 def format_cell(row: dict[str, Any], metric: str) -> str:
@@ -121,27 +137,39 @@ def format_cell(row: dict[str, Any], metric: str) -> str:
 def primary_markdown(config: AblationConfig, primary: list[dict[str, Any]]) -> list[str]:
     if not primary:
         return []
-    lines = ["## Primary comparisons (pre-registered, fine-tuned)", "",
-             f"Paired randomisation test over queries (per-query means over seeds), Holm's correction over "
-             f"{len(primary)} comparisons at α = {config.alpha}; 95% bootstrap interval of Δ.", "",
-             "| comparison | dataset | metric | seeds | Δ | 95% CI | p | p (Holm) | smallest resolvable Δ |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "## Primary comparisons (pre-registered, fine-tuned)",
+        "",
+        f"Paired randomisation test over queries (per-query means over seeds), Holm's correction over "
+        f"{len(primary)} comparisons at α = {config.alpha}; 95% bootstrap interval of Δ.",
+        "",
+        "| comparison | dataset | metric | seeds | Δ | 95% CI | p | p (Holm) | smallest resolvable Δ |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in primary:
         if "delta" not in r:
             lines.append(f"| {r['comparison']} | {r['dataset']} | {r['metric']} | – | {r['status']} | | | | |")
             continue
         ci = f"[{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" if r["ci95"] else "–"
-        lines.append(f"| {r['comparison']} | {r['dataset']} | {r['metric']} | {r['seeds']} | {r['delta']:+.4f} | {ci} | {r['p']} | "
-                     f"{r['p_holm']}{' *' if r['significant'] else ''} | {r['smallest_resolvable_effect']:.4f} |")  # fmt: skip
+        lines.append(
+            f"| {r['comparison']} | {r['dataset']} | {r['metric']} | {r['seeds']} | {r['delta']:+.4f} | {ci} | {r['p']} | "
+            f"{r['p_holm']}{' *' if r['significant'] else ''} | {r['smallest_resolvable_effect']:.4f} |"
+        )
     return [*lines, ""]
 
 
 def report_markdown(config: AblationConfig, rows: list[dict[str, Any]], budget: dict[str, Any], primary: list[dict[str, Any]] = ()) -> str:
     """The study as markdown: the primary comparisons, then per phase and dataset, arms × metrics
     (mean ± std, Δ and p vs baseline)."""
-    lines = [f"# RetroMAE ablation `{config.name}`", "",
-             f"Arms: {', '.join(config.all_arms())}; seeds {config.seeds}; baseline `{config.baseline}` "
-             "(paired randomisation test over per-query means across seeds).", "",
-             "Budget per arm: " + ", ".join(f"{k} {v}" for k, v in budget.items()), ""]  # fmt: skip
+    lines = [
+        f"# RetroMAE ablation `{config.name}`",
+        "",
+        f"Arms: {', '.join(config.all_arms())}; seeds {config.seeds}; baseline `{config.baseline}` "
+        "(paired randomisation test over per-query means across seeds).",
+        "",
+        "Budget per arm: " + ", ".join(f"{k} {v}" for k, v in budget.items()),
+        "",
+    ]
     lines += primary_markdown(config, list(primary))
     for phase in PHASES:
         for dataset in config.eval_datasets:
@@ -151,7 +179,10 @@ def report_markdown(config: AblationConfig, rows: list[dict[str, Any]], budget: 
             header = ["arm", *config.metrics, *(f"Δ {m} vs {config.baseline} (p)" for m in config.metrics)]
             lines += [f"## {phase}: {dataset}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
             for r in block:
-                deltas = [f"{r[f'{m} Δ {config.baseline}']:+.4f} ({r[f'{m} p']})" if f"{m} Δ {config.baseline}" in r else "–" for m in config.metrics]
+                deltas = [
+                    f"{r[f'{m} Δ {config.baseline}']:+.4f} ({r[f'{m} p']})" if f"{m} Δ {config.baseline}" in r else "–"
+                    for m in config.metrics
+                ]
                 lines.append("| " + " | ".join([r["arm"], *(format_cell(r, m) for m in config.metrics), *deltas]) + " |")
             lines.append("")
     return "\n".join(lines)
@@ -178,7 +209,6 @@ def pretraining_budget(config: AblationConfig, result: AblationResult) -> dict[s
     }
 
 
-
 def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dict[str, Any]:
     """Table, loss curves and markdown under `out_dir` (`<store>/ablations/<name>/`); returns the
     summary that the CLI prints as its JSON line, plus the report's `markdown` the flow publishes."""
@@ -196,9 +226,17 @@ def write_report(config: AblationConfig, result: AblationResult, out_dir) -> dic
     markdown = report_markdown(config, rows, budget, primary)
     if plot:  # inline, as the pipeline's report: the file and the Prefect artifact are one text
         markdown += "\n## Pretraining loss\n\n" + embedded_png("pretraining loss", plot) + "\n"
-    summary = {"ablation": config.name, "arms": config.all_arms(), "seeds": config.seeds, "baseline": config.baseline,
-               "budget": budget, "primary": primary, "rows": rows, "report": str(out_dir / "report.md"),
-               "loss_plot": str(plot) if plot else None}  # fmt: skip
+    summary = {
+        "ablation": config.name,
+        "arms": config.all_arms(),
+        "seeds": config.seeds,
+        "baseline": config.baseline,
+        "budget": budget,
+        "primary": primary,
+        "rows": rows,
+        "report": str(out_dir / "report.md"),
+        "loss_plot": str(plot) if plot else None,
+    }
     atomic_write_text(out_dir / "report.md", markdown)
     atomic_write_text(out_dir / "latest.json", json.dumps(summary, indent=2, default=str))
     return {**summary, "markdown": markdown}

@@ -16,19 +16,20 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import Artifact, ArtifactStore
-from retroflow.publish import atomic_write_text
 from flows.stages import STAGES, artifact_key, build
-from retroflow.data import data_config
-from retroflow.inputs import ExternalInput, Input, external_model, model_dir
+from retroflow.artifacts import Artifact, ArtifactStore
 from retroflow.config import ConfigError, StageConfig, check_path_component, child_dir, load_config, validate_config
+from retroflow.data import data_config
 from retroflow.hashing import hash_json
+from retroflow.inputs import ExternalInput, Input, external_model, model_dir
+from retroflow.publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,9 @@ EXACT_BELOW_DOCS = 20_000
 
 class PipelineConfig(StageConfig):
     name: str = "quickstart"
-    store: str = Field("artifacts", description="artifact store: a directory or an fsspec URL such as s3://bucket/prefix (RETROFLOW_STORE overrides)")
+    store: str = Field(
+        "artifacts", description="artifact store: a directory or an fsspec URL such as s3://bucket/prefix (RETROFLOW_STORE overrides)"
+    )
     data_dir: str | None = Field(None, description="where bare dataset names are found (else RETROFLOW_DATA_DIR)")
     model: str = "minilm"
     train_dataset: str = "scifact"
@@ -78,15 +81,27 @@ class PipelineConfig(StageConfig):
     tune: dict[str, Any] = Field(default_factory=dict)
     evaluate: dict[str, Any] = Field(default_factory=dict)
     seed: int | None = Field(None, description="given once: the seed of every training stage (pretrain.train, teacher, finetune.train)")
-    dev_fraction: float | None = Field(None, ge=0, lt=1, description="given once: the training queries every dev choice holds out "
-                                       "(finetune.data, teacher, evaluate.fusion), so none of them sees queries the model trains on")  # fmt: skip
+    dev_fraction: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="given once: the training queries every dev choice holds out "
+        "(finetune.data, teacher, evaluate.fusion), so none of them sees queries the model trains on",
+    )
     dev_seed: int | None = Field(None, description="given once: which queries dev_fraction draws")
     regression_threshold: float = Field(0.01, ge=0, description="flag metric drops larger than this vs the previous run")
     train_processes: int = Field(1, ge=1, description="processes (GPUs) per training stage; more than 1 launches torchrun")
-    exact_below_docs: int = Field(EXACT_BELOW_DOCS, ge=0, description="a corpus with fewer documents is searched exactly (Flat) even "
-                                  "when an index is built and tuned (their cost is still reported); 0 = always through the index")  # fmt: skip
-    verify: bool = Field(False, description="re-hash every file of each stored artifact the run reuses (the default check re-hashes "
-                         "only files whose size or modification time changed)")  # fmt: skip
+    exact_below_docs: int = Field(
+        EXACT_BELOW_DOCS,
+        ge=0,
+        description="a corpus with fewer documents is searched exactly (Flat) even "
+        "when an index is built and tuned (their cost is still reported); 0 = always through the index",
+    )
+    verify: bool = Field(
+        False,
+        description="re-hash every file of each stored artifact the run reuses (the default check re-hashes "
+        "only files whose size or modification time changed)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -125,23 +140,35 @@ def check_dev_hold_outs(pipeline: PipelineConfig, teacher: StageConfig, finetune
         return
     held_out = (finetune.data.dev_fraction, finetune.data.dev_seed)
     if pipeline.stages.teacher and teacher.dev_fraction and (teacher.dev_fraction, teacher.dev_seed) != held_out:
-        raise ConfigError(f"teacher.dev_fraction/dev_seed {(teacher.dev_fraction, teacher.dev_seed)} differ from finetune.data's {held_out}: "
-                          "the teacher would be checked on queries the student trains on")  # fmt: skip
+        raise ConfigError(
+            f"teacher.dev_fraction/dev_seed {(teacher.dev_fraction, teacher.dev_seed)} differ from finetune.data's {held_out}: "
+            "the teacher would be checked on queries the student trains on"
+        )
     fusion = evaluate.fusion
     chooses_on_train = fusion.method == "minmax" and fusion.weight is None and fusion.dev_split == pipeline.train_split
-    if pipeline.references.hybrid and pipeline.train_dataset in pipeline.eval_datasets and chooses_on_train \
-            and (fusion.dev_fraction, fusion.dev_seed) != held_out:  # fmt: skip
-        raise ConfigError(f"evaluate.fusion.dev_fraction/dev_seed {(fusion.dev_fraction, fusion.dev_seed)} differ from finetune.data's {held_out}: "
-                          f"the hybrid's weight would be chosen on {pipeline.train_dataset} queries the model trains on "
-                          "(hold out the same dev queries in both, or set evaluate.fusion.weight)")  # fmt: skip
+    if (
+        pipeline.references.hybrid
+        and pipeline.train_dataset in pipeline.eval_datasets
+        and chooses_on_train
+        and (fusion.dev_fraction, fusion.dev_seed) != held_out
+    ):
+        raise ConfigError(
+            f"evaluate.fusion.dev_fraction/dev_seed {(fusion.dev_fraction, fusion.dev_seed)} differ from finetune.data's {held_out}: "
+            f"the hybrid's weight would be chosen on {pipeline.train_dataset} queries the model trains on "
+            "(hold out the same dev queries in both, or set evaluate.fusion.weight)"
+        )
 
 
 SECTIONS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index", "tune", "evaluate")
 # Values a pipeline gives once, and where in each section they go.
 SHARED_VALUES = {
     "seed": {"pretrain": ("train", "seed"), "teacher": ("seed",), "finetune": ("train", "seed")},
-    "dev_fraction": {"teacher": ("dev_fraction",), "finetune": ("data", "dev_fraction"), "evaluate": ("fusion", "dev_fraction"),
-                     "tune": ("dev_fraction",)},
+    "dev_fraction": {
+        "teacher": ("dev_fraction",),
+        "finetune": ("data", "dev_fraction"),
+        "evaluate": ("fusion", "dev_fraction"),
+        "tune": ("dev_fraction",),
+    },
     "dev_seed": {"teacher": ("dev_seed",), "finetune": ("data", "dev_seed"), "evaluate": ("fusion", "dev_seed"), "tune": ("dev_seed",)},
 }
 
@@ -165,8 +192,10 @@ def check_tune_hold_out(pipeline: PipelineConfig, tune: StageConfig, finetune: S
         raise ConfigError(f"tune.dev_split is '{tune.dev_split}', the evaluated split: the index would be tuned on the test queries")
     held_out = (finetune.data.dev_fraction, finetune.data.dev_seed)
     if pipeline.stages.finetune and tune.dev_split == finetune.data.split and (tune.dev_fraction, tune.dev_seed) != held_out:
-        raise ConfigError(f"tune.dev_fraction/dev_seed {(tune.dev_fraction, tune.dev_seed)} differ from finetune.data's {held_out}: "
-                          "the index would be tuned on queries the model trains on")  # fmt: skip
+        raise ConfigError(
+            f"tune.dev_fraction/dev_seed {(tune.dev_fraction, tune.dev_seed)} differ from finetune.data's {held_out}: "
+            "the index would be tuned on queries the model trains on"
+        )
 
 
 def with_shared_values(pipeline: PipelineConfig, section: str, data: dict[str, Any]) -> dict[str, Any]:
@@ -236,8 +265,14 @@ def prepare_data(store: ArtifactStore, source: str, data_dir: str | None = None)
     return build(store, "data", data_config(dataset_source(source, data_dir)), {})
 
 
-def evaluation(config: StageConfig, system: str, data: Artifact, model: Input | None = None, index: Artifact | None = None,
-               embeddings: Artifact | None = None) -> tuple[StageConfig, dict[str, Input | None]]:  # fmt: skip
+def evaluation(
+    config: StageConfig,
+    system: str,
+    data: Artifact,
+    model: Input | None = None,
+    index: Artifact | None = None,
+    embeddings: Artifact | None = None,
+) -> tuple[StageConfig, dict[str, Input | None]]:
     """The `evaluate` stage's (config, inputs) for one system ("dense", "hybrid" or "bm25") on `data`."""
     inputs = {"data": data, "model": None if system == "bm25" else model, "index": index, "embeddings": embeddings}
     return config.with_overrides(system=system), inputs
@@ -311,8 +346,15 @@ class ChainRun:
         """`step` as one executed step: the stage's `build` of `config` over `inputs`."""
         return self.execute(step, build, self.store, step, config, inputs, *extra)
 
-    def evaluate(self, config: StageConfig, system: str, data: Artifact, model: Input | None = None,
-                 index: Artifact | None = None, embeddings: Artifact | None = None) -> Artifact:  # fmt: skip
+    def evaluate(
+        self,
+        config: StageConfig,
+        system: str,
+        data: Artifact,
+        model: Input | None = None,
+        index: Artifact | None = None,
+        embeddings: Artifact | None = None,
+    ) -> Artifact:
         return self.execute("evaluate", build, self.store, "evaluate", *evaluation(config, system, data, model, index, embeddings))
 
 
@@ -351,7 +393,9 @@ def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_ma
     return PipelineResult(model=model, evaluations=evaluations, artifacts=produced, shard_results=shard_results, references=references)
 
 
-def evaluate_references(run: ChainRun, config: StageConfig, data: Artifact, model: Input, index: Artifact | None, source: str) -> dict[str, Artifact]:
+def evaluate_references(
+    run: ChainRun, config: StageConfig, data: Artifact, model: Input, index: Artifact | None, source: str
+) -> dict[str, Artifact]:
     """The systems the produced model is compared with on `data`: hybrid(model), the init model,
     hybrid(init) and BM25. Keyed by content like every step, so each is computed once per dataset."""
     switches, out, init_model = run.pipeline.references, {}, run.init_model
@@ -479,11 +523,15 @@ def fill_export(pipeline: PipelineConfig, result: PipelineResult, rows: list[dic
     made_by = {step["stage"] for step in chain}
     configs = {stage: getattr(pipeline, stage) for stage in ("pretrain", "teacher", "finetune") if stage in made_by}
     card = card_from_model_dir(
-        tmp, name=f"retroflow {pipeline.name}: {pipeline.model} trained on {pipeline.train_dataset}", base_model=pipeline.model,
-        datasets=[pipeline.train_dataset], configs=configs, evaluation=rows,
+        tmp,
+        name=f"retroflow {pipeline.name}: {pipeline.model} trained on {pipeline.train_dataset}",
+        base_model=pipeline.model,
+        datasets=[pipeline.train_dataset],
+        configs=configs,
+        evaluation=rows,
         training={k: result.model.metrics[k] for k in CARD_TRAINING_KEYS if result.model.metrics.get(k) is not None},
         lineage=[{"stage": s["stage"], "key": s["key"], "path": s["path"]} for s in chain],
-    )  # fmt: skip
+    )
     write_model_card(tmp, card)
 
 
@@ -549,9 +597,12 @@ def previous_records(pipeline: PipelineConfig, arts: Mapping[str, Artifact], res
         run_id = evaluation_run_id(pipeline, art)
         known = not registry.empty and run_id in set(registry["run_id"])
         out[source] = previous_run(
-            registry, pipeline_model_label(pipeline), results[source]["dataset"], results[source]["split"],
+            registry,
+            pipeline_model_label(pipeline),
+            results[source]["dataset"],
+            results[source]["split"],
             before_run_id=run_id if known else None,
-        )  # fmt: skip
+        )
     return out
 
 

@@ -13,10 +13,10 @@ import logging
 import os
 import sys
 
+from flows.stage_cli import run_in_store, runs_in_store
 from retroflow import __version__
 from retroflow.config import ConfigError
 from retroflow.console import setup_logging
-from flows.stage_cli import run_in_store, runs_in_store
 
 COMMAND_MODULES = ["eval.cli", "retromae.cli", "retrieval.cli", "flows.pipeline_cli"]
 
@@ -50,7 +50,7 @@ def modern_argv(argv: list[str]) -> list[str]:
     for old, new in DEPRECATED_COMMANDS.items():
         if tuple(argv[: len(old)]) == old:
             print(f"retroflow: '{' '.join(old)}' is deprecated and will be removed in 0.2; use '{' '.join(new)}'", file=sys.stderr)
-            return [*new, *argv[len(old):]]
+            return [*new, *argv[len(old) :]]
     return argv
 
 
@@ -93,9 +93,9 @@ def error_message(err: BaseException) -> str | None:
         if isinstance(text, str):
             line_start = text.rfind("\n", 0, start) + 1
             line_end = text.find("\n", start)
-            shown = text[line_start: line_end if line_end >= 0 else len(text)][:200]
+            shown = text[line_start : line_end if line_end >= 0 else len(text)][:200]
         else:
-            shown = repr(text[max(0, start - 40): start + 40])
+            shown = repr(text[max(0, start - 40) : start + 40])
         return f"a path or text is not valid UTF-8: {shown!r} ({type(err).__name__}); rename it with UTF-8 characters"
     if isinstance(err, (ConfigError, FileNotFoundError, ValueError)):
         return str(err)

@@ -13,18 +13,33 @@ from retroflow.console import emit_json, format_table
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run = subparsers.add_parser("pipeline", help="run the pretrain-to-beir chain in this process (no Prefect)")
     run.add_argument("--config", type=Path, default=Path("configs/pipeline/quickstart.yaml"))
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field, e.g. pretrain.train.max_steps=5")
-    run.add_argument("--verify", action="store_true", help="re-hash every file of each stored artifact the run reuses (slow on large stores; the default check re-hashes changed files only)")
+    run.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a pipeline field, e.g. pretrain.train.max_steps=5"
+    )
+    run.add_argument(
+        "--verify",
+        action="store_true",
+        help="re-hash every file of each stored artifact the run reuses "
+        "(slow on large stores; the default check re-hashes changed files only)",
+    )
     run.set_defaults(func=run_pipeline_command)
-    verify = subparsers.add_parser("verify", help="re-hash every file of a store's artifacts (or of one artifact); exit 1 if any is damaged")
-    verify.add_argument("path", nargs="?", metavar="STORE_OR_ARTIFACT", help="a store directory or URL (its local working copy), or one artifact "
-                        "directory (default $RETROFLOW_STORE or ./artifacts)")  # fmt: skip
+    verify = subparsers.add_parser(
+        "verify", help="re-hash every file of a store's artifacts (or of one artifact); exit 1 if any is damaged"
+    )
+    verify.add_argument(
+        "path",
+        nargs="?",
+        metavar="STORE_OR_ARTIFACT",
+        help="a store directory or URL (its local working copy), or one artifact directory (default $RETROFLOW_STORE or ./artifacts)",
+    )
     verify.set_defaults(func=verify_command)
     report = subparsers.add_parser("report", help="print the latest metric table of a pipeline run")
     report.add_argument("name", help="pipeline name (e.g. quickstart)")
     report.add_argument("--store", help="artifact store root (default $RETROFLOW_STORE or ./artifacts)")
     report.set_defaults(func=report_command)
-    ablation = subparsers.add_parser("ablation", help="RetroMAE vs its ablations from scratch, fine-tuned and evaluated identically (no Prefect)")
+    ablation = subparsers.add_parser(
+        "ablation", help="RetroMAE vs its ablations from scratch, fine-tuned and evaluated identically (no Prefect)"
+    )
     ablation.add_argument("--config", type=Path, default=Path("configs/ablation/miniature.yaml"))
     ablation.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field, e.g. seeds=[1,2,3]")
     ablation.set_defaults(func=ablation_command)
@@ -38,8 +53,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_pipeline_command(args: argparse.Namespace) -> int:
-    from flows.run_report import write_run_report
     from flows.chain import load_pipeline_config, run_pipeline
+    from flows.run_report import write_run_report
 
     pipeline = load_pipeline_config(args.config, [*args.set, *(["verify=true"] if args.verify else [])])
     result = run_pipeline(pipeline)
@@ -84,14 +99,20 @@ def verify_command(args: argparse.Namespace) -> int:
 
 
 def ablation_command(args: argparse.Namespace) -> int:
-    from flows.ablation_report import write_report
     from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
+    from flows.ablation_report import write_report
 
     config = load_ablation_config(args.config, args.set)
     result = run_ablation(config)
     summary = write_report(config, result, ablation_dir(store_of(config).root, config.name))
     summary.pop("markdown")  # written to report.md; the JSON line carries the table
-    columns = ["phase", "dataset", "arm", "seeds", *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p"))]
+    columns = [
+        "phase",
+        "dataset",
+        "arm",
+        "seeds",
+        *(c for m in config.metrics for c in (m, f"{m} std", f"{m} Δ {config.baseline}", f"{m} p")),
+    ]
     print(format_table(summary["rows"], columns))
     emit_json(summary)
     return 0

@@ -10,11 +10,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.chain import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
 from flows.run_report import write_run_report
 from flows.runners import task_runner_from_env
-from flows.tasks import ui_key, make_task
+from flows.tasks import make_task, ui_key
 from retroflow.artifacts import ArtifactStore
-from flows.chain import PipelineConfig, PipelineResult, load_pipeline_config, run_pipeline, store_for
 
 DEFAULT_CONFIG = "configs/pipeline/quickstart.yaml"
 
@@ -63,7 +63,8 @@ def publish_report(pipeline: PipelineConfig, result: PipelineResult) -> dict[str
     create_table_artifact(
         key=ui_key("metrics", pipeline.name),
         table=report["rows"],
-        description=f"pretrain-to-beir/{pipeline.name}: the model, its init, BM25 and the hybrids per dataset; deltas against the init and the previous run",
+        description=f"pretrain-to-beir/{pipeline.name}: the model, its init, BM25 and the hybrids per dataset; "
+        "deltas against the init and the previous run",
     )
     create_markdown_artifact(key=ui_key("report", pipeline.name), markdown=markdown, description="run report: metrics, lineage, config")
     for line in report["regressions"]:

@@ -15,10 +15,6 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Failed
 
 from eval.report import markdown_table, metric_rows
-from flows.pretrain_to_beir import task_executor
-from flows.stages import build
-from flows.tasks import ui_key
-from retroflow.artifacts import Artifact
 from flows.chain import (
     PipelineConfig,
     evaluation,
@@ -31,6 +27,10 @@ from flows.chain import (
     section_config,
     store_for,
 )
+from flows.pretrain_to_beir import task_executor
+from flows.stages import build
+from flows.tasks import ui_key
+from retroflow.artifacts import Artifact
 
 
 def model_reference(model: str):

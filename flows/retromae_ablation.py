@@ -9,11 +9,11 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
 from flows.ablation_report import write_report
 from flows.pretrain_to_beir import store_executor
 from flows.runners import task_runner_from_env
 from flows.tasks import ui_key
-from flows.ablation import ablation_dir, load_ablation_config, run_ablation, store_of
 
 DEFAULT_CONFIG = "configs/ablation/miniature.yaml"
 
@@ -27,9 +27,12 @@ def retromae_ablation(config: str = DEFAULT_CONFIG, overrides: list[str] | None 
     result = run_ablation(ablation, *store_executor(store))
     summary = write_report(ablation, result, ablation_dir(store.root, ablation.name))
     markdown = summary.pop("markdown")
-    create_table_artifact(key=ui_key("ablation", ablation.name), table=summary["rows"],
-                          description=f"retromae-ablation/{ablation.name}: arms x datasets, mean ± std over seeds {ablation.seeds}, "
-                                      f"Δ and paired randomisation p against {ablation.baseline}")  # fmt: skip
+    create_table_artifact(
+        key=ui_key("ablation", ablation.name),
+        table=summary["rows"],
+        description=f"retromae-ablation/{ablation.name}: arms x datasets, mean ± std over seeds {ablation.seeds}, "
+        f"Δ and paired randomisation p against {ablation.baseline}",
+    )
     create_markdown_artifact(key=ui_key("ablation-report", ablation.name), markdown=markdown, description="RetroMAE ablation report")
     get_run_logger().info("ablation %s: %d rows, report %s", ablation.name, len(summary["rows"]), summary["report"])
     return summary

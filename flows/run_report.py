@@ -31,8 +31,13 @@ def write_run_report(pipeline, result) -> dict[str, Any]:
         flagged,
         report_sections(result, folder, pipeline),
     )
-    summary = {"pipeline": pipeline.name, "rows": rows, "regressions": flagged, "report": str(folder / "report.md"),
-               "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)})}  # fmt: skip
+    summary = {
+        "pipeline": pipeline.name,
+        "rows": rows,
+        "regressions": flagged,
+        "report": str(folder / "report.md"),
+        "shard_workers": sorted({r.get("worker_pid") for r in result.shard_results if isinstance(r, dict)}),
+    }
     exported = export_model(pipeline, result, rows)
     summary["model_dir"] = str(exported) if exported else None
     atomic_write_text(folder / "report.md", markdown)
@@ -65,20 +70,28 @@ def index_section(result, pipeline) -> str | None:
         evaluation = result.evaluations.get(source)
         used = evaluation is not None and "index" in evaluation.manifest.get("inputs", {})
         docs = art.metrics.get("ntotal")
-        lines.append(f"- **{source}**: `{art.metrics.get('factory')}` over {docs} documents, built in {art.manifest.get('seconds')} s"
-                     + (f", tuned in {tuned.manifest.get('seconds')} s" if tuned is not None else "") + ".")  # fmt: skip
+        lines.append(
+            f"- **{source}**: `{art.metrics.get('factory')}` over {docs} documents, built in {art.manifest.get('seconds')} s"
+            + (f", tuned in {tuned.manifest.get('seconds')} s" if tuned is not None else "")
+            + "."
+        )
         if tuned is not None:
             m = tuned.metrics
             dev = m.get("dev") or {}
             figures = "; ".join(f"{k} {v}" for k, v in dev.items() if k.startswith("exact_ndcg") or k.startswith("ndcg"))
-            lines.append(f"  Chose `{m.get('search_params')}`: {m.get('rule')}" + (" (met)" if m.get("target_met") else " (**not met**)")
-                         + (f"; on {dev.get('num_queries')} dev queries: {figures}" if dev else "")
-                         + f"; recall@{m.get('k')} {m.get('recall')}, {m.get('speedup_vs_exact')}x exact search's queries/s on held-out queries.")  # fmt: skip
+            lines.append(
+                f"  Chose `{m.get('search_params')}`: {m.get('rule')}"
+                + (" (met)" if m.get("target_met") else " (**not met**)")
+                + (f"; on {dev.get('num_queries')} dev queries: {figures}" if dev else "")
+                + f"; recall@{m.get('k')} {m.get('recall')}, {m.get('speedup_vs_exact')}x exact search's queries/s on held-out queries."
+            )
         if used:
             lines.append("  The metric table searched through it (the `exact` columns show exact search beside it).")
         else:
-            lines.append(f"  Not searched through: {docs} documents < exact_below_docs {pipeline.exact_below_docs}, "
-                         "so every dense row is exact search.")  # fmt: skip
+            lines.append(
+                f"  Not searched through: {docs} documents < exact_below_docs {pipeline.exact_below_docs}, "
+                "so every dense row is exact search."
+            )
     return "\n".join(lines) or None
 
 
@@ -92,8 +105,11 @@ def report_sections(result, run_dir: Path, pipeline=None) -> dict[str, str]:
     finetune = result.artifacts["finetune"].metrics if "finetune" in result.artifacts else {}
     start = finetune.get("pretrain_gate")
     if start:
-        sections["Pretrain gate"] = ("Fine-tuned from the pretrained model: " if start["start"] == "pretrained"
-                                     else "**Pretraining discarded**, fine-tuned from the init: ") + start["reason"]  # fmt: skip
+        sections["Pretrain gate"] = (
+            "Fine-tuned from the pretrained model: "
+            if start["start"] == "pretrained"
+            else "**Pretraining discarded**, fine-tuned from the init: "
+        ) + start["reason"]
     heldout = heldout_table(result.artifacts.get("pretrain"))
     if heldout:
         sections["Pretraining held-out loss"] = heldout

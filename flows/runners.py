@@ -24,8 +24,15 @@ def task_runner_from_env():
         if choice == "dask":
             workers = int(os.environ.get("RETROFLOW_DASK_WORKERS", "2"))
             # scheduler and dashboard on the loopback interface only (a random dashboard port): nothing is exposed
-            return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                                  "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"})  # fmt: skip
+            return DaskTaskRunner(
+                cluster_kwargs={
+                    "n_workers": workers,
+                    "threads_per_worker": 1,
+                    "processes": True,
+                    "host": "127.0.0.1",
+                    "dashboard_address": "127.0.0.1:0",
+                }
+            )
         return DaskTaskRunner(address=choice.replace("dask://", "tcp://"))
     if choice == "ray" or choice.startswith("ray://"):
         from prefect_ray import RayTaskRunner

@@ -38,8 +38,10 @@ def in_artifact(path: Path | None, *stages: str) -> bool:
 
 def run_in_store(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("the artifact store is written by one process: under torchrun pass --output DIR "
-                          "(or let a pipeline with train_processes > 1 launch torchrun itself)")
+        raise ConfigError(
+            "the artifact store is written by one process: under torchrun pass --output DIR "
+            "(or let a pipeline with train_processes > 1 launch torchrun itself)"
+        )
     store = default_store()
     config = args.config_from_args(args)
     inputs = STAGE_INPUTS[args.stage](args, config, store)

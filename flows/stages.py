@@ -20,15 +20,16 @@ import json
 import logging
 import os
 import shutil
-from fnmatch import fnmatch
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from retroflow.artifacts import Artifact, ArtifactStore, stage_key
 from retroflow.code_closure import closure_files, project_root
-from retroflow.hashing import sources_version
 from retroflow.config import StageConfig
+from retroflow.hashing import sources_version
 from retroflow.inputs import Input
 
 log = logging.getLogger("retroflow.stages")
@@ -65,32 +66,78 @@ class Stage:
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("data", "retroflow.data", "DataConfig", (), ("source",),
-              summary="a dataset normalised to Parquet (corpus, queries, qrels)"),
-        Stage("tokenizer", "retromae.pretrain", "PretrainConfig", ("data",),
-              run_function="run_tokenizer_stage", summary="the WordPiece vocabulary of a from-scratch pretraining"),
-        Stage("pretrain", "retromae.pretrain", "PretrainConfig", ("data", "tokenizer"),
-              summary="RetroMAE (or MLM) pretraining of the encoder"),
-        Stage("negatives", "retrieval.training.negatives", "NegativesConfig", ("data", "model"), ("dataset", "model"),
-              summary="hard negatives for the training queries (BM25 or dense)"),
-        Stage("teacher", "retrieval.training.teacher", "TeacherConfig", ("data", "init", "negatives", "embeddings"), ("dataset", "init"),
-              summary="the distillation teacher's scores (BM25+dense fusion or a cross-encoder)"),
-        Stage("finetune", "retrieval.training.finetune", "FinetuneConfig", ("data", "model", "negatives", "teacher", "init"), ("dataset", "init"),
-              summary="DPR fine-tuning of the bi-encoder"),
-        Stage("encode", "retrieval.serving.encode", "EncodeConfig", ("data", "model"), ("model", "dataset"),
-              summary="the corpus's vectors, encoded shard by shard"),
+        Stage("data", "retroflow.data", "DataConfig", (), ("source",), summary="a dataset normalised to Parquet (corpus, queries, qrels)"),
+        Stage(
+            "tokenizer",
+            "retromae.pretrain",
+            "PretrainConfig",
+            ("data",),
+            run_function="run_tokenizer_stage",
+            summary="the WordPiece vocabulary of a from-scratch pretraining",
+        ),
+        Stage(
+            "pretrain", "retromae.pretrain", "PretrainConfig", ("data", "tokenizer"), summary="RetroMAE (or MLM) pretraining of the encoder"
+        ),
+        Stage(
+            "negatives",
+            "retrieval.training.negatives",
+            "NegativesConfig",
+            ("data", "model"),
+            ("dataset", "model"),
+            summary="hard negatives for the training queries (BM25 or dense)",
+        ),
+        Stage(
+            "teacher",
+            "retrieval.training.teacher",
+            "TeacherConfig",
+            ("data", "init", "negatives", "embeddings"),
+            ("dataset", "init"),
+            summary="the distillation teacher's scores (BM25+dense fusion or a cross-encoder)",
+        ),
+        Stage(
+            "finetune",
+            "retrieval.training.finetune",
+            "FinetuneConfig",
+            ("data", "model", "negatives", "teacher", "init"),
+            ("dataset", "init"),
+            summary="DPR fine-tuning of the bi-encoder",
+        ),
+        Stage(
+            "encode",
+            "retrieval.serving.encode",
+            "EncodeConfig",
+            ("data", "model"),
+            ("model", "dataset"),
+            summary="the corpus's vectors, encoded shard by shard",
+        ),
         Stage("index", "retrieval.serving.index", "IndexConfig", ("embeddings",), summary="a FAISS index over the vectors"),
-        Stage("tune", "retrieval.serving.tune", "TuneConfig", ("index", "embeddings", "data", "model"),
-              summary="the index's search knobs, chosen against exact search (nDCG on dev queries, recall)"),
-        Stage("evaluate", "eval.evaluate", "EvaluateConfig", ("data", "model", "index", "embeddings"), ("model", "dataset", "index", "embeddings"),
-              summary="a system's metrics (and per-query values) on a dataset split"),
+        Stage(
+            "tune",
+            "retrieval.serving.tune",
+            "TuneConfig",
+            ("index", "embeddings", "data", "model"),
+            summary="the index's search knobs, chosen against exact search (nDCG on dev queries, recall)",
+        ),
+        Stage(
+            "evaluate",
+            "eval.evaluate",
+            "EvaluateConfig",
+            ("data", "model", "index", "embeddings"),
+            ("model", "dataset", "index", "embeddings"),
+            summary="a system's metrics (and per-query values) on a dataset split",
+        ),
         # the ablation's own steps (flows/ablation.py)
-        Stage("corpus", "flows.ablation", "CorpusConfig", ("corpus*",),
-              summary="the ablation's pretraining text"),
-        Stage("scratch", "retromae.pretrain", "PretrainConfig", ("tokenizer",), run_function="run_scratch_stage",
-              summary="the untrained from-scratch encoder (the ablation's `none` arm)"),
+        Stage("corpus", "flows.ablation", "CorpusConfig", ("corpus*",), summary="the ablation's pretraining text"),
+        Stage(
+            "scratch",
+            "retromae.pretrain",
+            "PretrainConfig",
+            ("tokenizer",),
+            run_function="run_scratch_stage",
+            summary="the untrained from-scratch encoder (the ablation's `none` arm)",
+        ),
     )
-}  # fmt: skip
+}
 
 
 def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
@@ -165,7 +212,9 @@ def build(store: ArtifactStore, stage: str, config: StageConfig, inputs: Mapping
 RUN_DIR = "run"
 
 
-def launch_torchrun(stage: str, config: StageConfig, inputs: Mapping[str, Input], processes: int, out_dir: Path, partial_dir: Path) -> dict[str, Any]:
+def launch_torchrun(
+    stage: str, config: StageConfig, inputs: Mapping[str, Input], processes: int, out_dir: Path, partial_dir: Path
+) -> dict[str, Any]:
     """Run the stage under torchrun (one process per GPU; gloo on CPU).
 
     The processes train into `partial_dir/run` (checkpoints included, so a re-run resumes); its
@@ -179,8 +228,23 @@ def launch_torchrun(stage: str, config: StageConfig, inputs: Mapping[str, Input]
     config_file, inputs_file = partial_dir / f"{stage}.yaml", partial_dir / f"{stage}-inputs.json"
     config_file.write_text(yaml.safe_dump(config.canonical(), sort_keys=True))
     inputs_file.write_text(json.dumps({name: value.ref() for name, value in inputs.items()}))
-    cli = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), f"--nproc_per_node={processes}",
-           "-m", "flows.cli", "stage-run", stage, "--config", str(config_file), "--inputs", str(inputs_file), "--output", str(run_dir)]  # fmt: skip
+    cli = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *single_node_rendezvous(),
+        f"--nproc_per_node={processes}",
+        "-m",
+        "flows.cli",
+        "stage-run",
+        stage,
+        "--config",
+        str(config_file),
+        "--inputs",
+        str(inputs_file),
+        "--output",
+        str(run_dir),
+    ]
     log.info("launching %s", " ".join(cli))
     finished = subprocess.run(cli, stdout=subprocess.PIPE, text=True, check=False, env=loopback_environment())
     if finished.returncode != 0:

@@ -2,9 +2,10 @@
 
 A task's cache key is the key of the artifact it makes (`flows.stages.artifact_key`, the one
 the store and the stage commands use), so Prefect's cache and the store agree; steps that make
-no artifact of their own (a dataset read by name, an encoding shard) hash their arguments. Prefect's cache does not know whether the files a cached result
-points to still exist, so every finished task records its artifact in a small key index
-and the key function refuses a cached entry whose artifact is gone or damaged.
+no artifact of their own (a dataset read by name, an encoding shard) hash their arguments.
+Prefect's cache does not know whether the files a cached result points to still exist, so every
+finished task records its artifact in a small key index and the key function refuses a cached
+entry whose artifact is gone or damaged.
 """
 
 from __future__ import annotations
@@ -13,21 +14,22 @@ import inspect
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.filesystems import LocalFileSystem
 
-from retroflow.artifacts import Artifact, ArtifactStore
-from retroflow.hashing import code_version, hash_json
-from retroflow.publish import atomic_write_bytes, atomic_write_text
-from retroflow.config import StageConfig
 from flows.stages import artifact_key
+from retroflow.artifacts import Artifact, ArtifactStore
+from retroflow.config import StageConfig
+from retroflow.hashing import code_version, hash_json
 from retroflow.inputs import ExternalInput
 from retroflow.progress import reporting_progress_to
+from retroflow.publish import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("retroflow.flows")
 

@@ -17,10 +17,11 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from retroflow import __version__
 from retroflow.config import StageConfig
@@ -113,7 +114,7 @@ class Artifact:
         return {"stage": self.stage, "key": self.key, "fingerprint": self.fingerprint, "path": str(self.path)}
 
     @classmethod
-    def open(cls, path: str | Path) -> "Artifact":
+    def open(cls, path: str | Path) -> Artifact:
         path = Path(path)
         manifest = json.loads((path / MANIFEST).read_text())
         return cls(stage=manifest["stage"], key=manifest["key"], path=path)
@@ -386,8 +387,10 @@ class ArtifactStore:
     def _build_locked(self, stage, key, final, config, inputs, code, body, extra_manifest) -> Artifact:
         if final.is_symlink():  # a link someone made (an artifact moved to another disk) to a damaged copy
             problems = "; ".join(self.check(final, True)[:3]) or "its target is missing"
-            raise DamagedArtifactError(f"{final} is a symlink to {os.path.realpath(final)}, whose artifact fails verification "
-                                       f"({problems}); repair the target, or remove the link to rebuild it here")  # fmt: skip
+            raise DamagedArtifactError(
+                f"{final} is a symlink to {os.path.realpath(final)}, whose artifact fails verification "
+                f"({problems}); repair the target, or remove the link to rebuild it here"
+            )
         if final.exists():  # present but failed verification: rebuild from scratch
             shutil.rmtree(final)
         partial = self.partial_dir(stage, key)

@@ -54,7 +54,11 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints under `directory`, oldest first."""
     if not directory.is_dir():
         return []
-    done = [p for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()]
+    done = [
+        p
+        for p in directory.glob(f"{CHECKPOINT_PREFIX}*")
+        if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and (p / TRAINER_STATE).is_file()
+    ]
     return sorted(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
@@ -127,7 +131,9 @@ def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict
     final = directory / f"{CHECKPOINT_PREFIX}{step}"
     tmp = directory / shared_staging_name(accelerator, final.name)
     try:
-        return _save_checkpoint(accelerator, directory, step, trainer_state, keep, final, tmp, model=model, optimizer=optimizer, scheduler=scheduler)
+        return _save_checkpoint(
+            accelerator, directory, step, trainer_state, keep, final, tmp, model=model, optimizer=optimizer, scheduler=scheduler
+        )
     except BaseException:
         if accelerator.is_main_process:  # a full disk, say: no half checkpoint, no empty folder
             shutil.rmtree(tmp, ignore_errors=True)
@@ -135,8 +141,9 @@ def save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict
         raise
 
 
-def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dict, keep: int, final: Path, tmp: Path, *,
-                     model, optimizer, scheduler) -> Path:  # fmt: skip
+def _save_checkpoint(
+    accelerator, directory: Path, step: int, trainer_state: dict, keep: int, final: Path, tmp: Path, *, model, optimizer, scheduler
+) -> Path:
     from safetensors.torch import save_model
 
     if accelerator.is_main_process:
@@ -156,8 +163,16 @@ def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dic
         shutil.rmtree(tmp, ignore_errors=True)  # a half-written checkpoint only takes space
         if isinstance(err, RuntimeError) and "iostream" not in str(err) and "write" not in str(err).lower():
             raise
-        code = err.errno if isinstance(err, OSError) and err.errno else errno.ENOSPC if shutil.disk_usage(directory).free < (64 << 20) else errno.EIO
-        raise OSError(code, f"writing the checkpoint failed ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})", str(tmp)) from None
+        code = (
+            err.errno
+            if isinstance(err, OSError) and err.errno
+            else errno.ENOSPC
+            if shutil.disk_usage(directory).free < (64 << 20)
+            else errno.EIO
+        )
+        raise OSError(
+            code, f"writing the checkpoint failed ({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})", str(tmp)
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
@@ -172,8 +187,10 @@ def _save_checkpoint(accelerator, directory: Path, step: int, trainer_state: dic
 
 def _damaged(path: Path, err: Exception | str) -> DamagedCheckpointError:
     detail = err if isinstance(err, str) else f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else 'unreadable'}"
-    return DamagedCheckpointError(f"{path}: damaged checkpoint ({detail}); delete {path.parent.name if path.is_file() else path.name} "
-                                  "to resume from the one before it, or run without --resume")  # fmt: skip
+    return DamagedCheckpointError(
+        f"{path}: damaged checkpoint ({detail}); delete {path.parent.name if path.is_file() else path.name} "
+        "to resume from the one before it, or run without --resume"
+    )
 
 
 def read_trainer_state(path: Path) -> dict:
@@ -198,8 +215,12 @@ def _check_scheduler_state(file: Path, saved, current: dict) -> None:
             raise _damaged(file, f"field '{key}' is missing")
         given = saved[key]
         numbers = (int, float)
-        same = (isinstance(given, numbers) and not isinstance(given, bool) and isinstance(value, numbers) and not isinstance(value, bool)) \
-            or isinstance(value, type(None)) or isinstance(given, type(value)) or (isinstance(value, tuple) and isinstance(given, list))
+        same = (
+            (isinstance(given, numbers) and not isinstance(given, bool) and isinstance(value, numbers) and not isinstance(value, bool))
+            or isinstance(value, type(None))
+            or isinstance(given, type(value))
+            or (isinstance(value, tuple) and isinstance(given, list))
+        )
         if not same:
             raise _damaged(file, f"field '{key}' should be {type(value).__name__}, got {type(given).__name__} {given!r:.40}")
 

@@ -51,7 +51,7 @@ def is_orchestration(module: str) -> bool:
     return module.split(".")[0] == ORCHESTRATION_PACKAGE
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def project_modules(root: Path) -> dict[str, Path]:
     """{dotted module name: source file} of every module of the project's packages under `root`."""
     found = {}
@@ -140,7 +140,7 @@ def bound_names(node: ast.stmt) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module_imports(root: Path, module: str) -> ModuleImports:
     known = project_modules(root)
     path = known[module]
@@ -180,7 +180,7 @@ def reachable_imports(imports: ModuleImports, entries: tuple[str, ...]) -> set[s
     return set(imports.module_level).union(*(imports.statements[i].imports for i in reached))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def import_closure(module: str, entries: tuple[str, ...] = (), root: Path | None = None) -> tuple[str, ...]:
     """The project modules whose source a stage in `module`, entered at `entries`, can execute
     (sorted; `module` included). Without `entries`, all of `module`'s imports count; so they do

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import re
-
-from retroflow.hashing import hash_json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+from retroflow.hashing import hash_json
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -32,8 +33,10 @@ def check_path_component(value: str) -> str:
     """For a pydantic validator: `value` when it can be used as one directory name (a run's or an
     ablation's folder in the store, which is replaced when a run finishes)."""
     if not PATH_COMPONENT.fullmatch(value):
-        raise ValueError("must be one plain path component (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 characters): "
-                         "it names a folder in the store that each run replaces")  # fmt: skip
+        raise ValueError(
+            "must be one plain path component (letters, digits, '.', '_', '-'; not starting with '.'; at most 128 characters): "
+            "it names a folder in the store that each run replaces"
+        )
     return value
 
 

@@ -10,7 +10,8 @@ import json
 import logging
 import math
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger("retroflow")
 

@@ -60,8 +60,9 @@ def pick_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
         raise ValueError(f"precision 'fp16' is not supported on {device.type}: use 'bf16' where the CPU has it, 'auto' or 'fp32'")
     native = device.type == "cpu" and cpu_has_native_bf16()
     if precision == "bf16" and not native:
-        raise ValueError(f"precision 'bf16' requested, but this {device.type} has no native bf16 "
-                         "(AVX-512 BF16 or AMX): use 'auto' (fp32 here) or 'fp32'")  # fmt: skip
+        raise ValueError(
+            f"precision 'bf16' requested, but this {device.type} has no native bf16 (AVX-512 BF16 or AMX): use 'auto' (fp32 here) or 'fp32'"
+        )
     return torch.bfloat16 if native else torch.float32
 
 

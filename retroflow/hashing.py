@@ -8,8 +8,9 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 CHUNK = 1 << 20
 
@@ -32,7 +33,7 @@ def hash_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode())
 
 
-def update_with_file(digest: "hashlib._Hash", path: Path) -> None:
+def update_with_file(digest: hashlib._Hash, path: Path) -> None:
     with open(path, "rb") as handle:
         while block := handle.read(CHUNK):
             digest.update(block)

@@ -3,9 +3,10 @@ model), both fingerprinted by content so that they enter artifact keys the same 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from retroflow.artifacts import MANIFEST, Artifact
 from retroflow.hashing import directory_fingerprint
@@ -28,6 +29,7 @@ class ExternalInput:
 
 Input = Artifact | ExternalInput
 ModelRef = Input
+
 
 def external_model(name: str) -> ExternalInput:
     from retroflow.models import resolve_model_path

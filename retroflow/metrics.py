@@ -9,7 +9,7 @@ as pytrec_eval does; queries with judgments but no retrieved documents count as 
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pytrec_eval
@@ -38,7 +38,9 @@ def top_k(run: Run, k: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def per_query_scores(qrels: Qrels, run: Run, metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1) -> dict[str, dict[str, float]]:
+def per_query_scores(
+    qrels: Qrels, run: Run, metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1
+) -> dict[str, dict[str, float]]:
     """{metric: {qid: value}} over every judged query (missing from the run = 0)."""
     qrels = {q: {d: int(g) for d, g in docs.items()} for q, docs in qrels.items() if any(g >= relevance_level for g in docs.values())}
     run = {q: {d: float(s) for d, s in docs.items()} for q, docs in run.items()}
@@ -62,6 +64,8 @@ def mean_scores(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, float
     return {name: float(np.mean(list(values.values()))) if values else 0.0 for name, values in per_query.items()}
 
 
-def evaluate_run(qrels: Qrels, run: Run, metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+def evaluate_run(
+    qrels: Qrels, run: Run, metrics: Iterable[str] = DEFAULT_METRICS, relevance_level: int = 1
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
     per_query = per_query_scores(qrels, run, metrics, relevance_level)
     return mean_scores(per_query), per_query

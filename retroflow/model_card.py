@@ -11,9 +11,10 @@ too (the model beside its init, BM25 and the hybrids), so a model handed on expl
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -22,7 +23,17 @@ from retroflow.publish import atomic_write_text
 CARD_FILE = "README.md"
 # the fine-tuning metrics a card's "Training Details" lists
 # No wall-clock figures: the card is one of the model's files, and the same weights must give the same artifact.
-CARD_TRAINING_KEYS = ("steps", "num_train_queries", "num_train_rows", "final_loss", "temperature", "distill", "distill_gate", "pretrain_gate", "pooling_change")
+CARD_TRAINING_KEYS = (
+    "steps",
+    "num_train_queries",
+    "num_train_rows",
+    "final_loss",
+    "temperature",
+    "distill",
+    "distill_gate",
+    "pretrain_gate",
+    "pooling_change",
+)
 
 
 @dataclass
@@ -49,8 +60,12 @@ def _front_matter(card: ModelCard) -> str:
     meta = {
         "library_name": "sentence-transformers",
         "pipeline_tag": "text-ranking" if cross else "sentence-similarity",
-        "tags": ["sentence-transformers", "cross-encoder" if cross else "feature-extraction",
-                 "reranking" if cross else "dense-retrieval", "retroflow"],  # fmt: skip
+        "tags": [
+            "sentence-transformers",
+            "cross-encoder" if cross else "feature-extraction",
+            "reranking" if cross else "dense-retrieval",
+            "retroflow",
+        ],
         "base_model": card.base_model,
         "datasets": card.datasets,
     }
@@ -77,13 +92,17 @@ def model_card_markdown(card: ModelCard) -> str:
         "Passage prefix": repr(card.passage_prefix) if card.passage_prefix else "none",
     }
     if card.kind == "cross-encoder":
-        details = {"Base model": f"`{card.base_model}`", "Training data": ", ".join(card.datasets) or "-",
-                   "Maximum sequence length (query + passage)": card.max_seq_length}  # fmt: skip
+        details = {
+            "Base model": f"`{card.base_model}`",
+            "Training data": ", ".join(card.datasets) or "-",
+            "Maximum sequence length (query + passage)": card.max_seq_length,
+        }
     parts = [
         _front_matter(card),
         f"# {card.name}",
         "",
-        card.summary or f"A dense retriever fine-tuned from `{card.base_model}` by retroflow. It maps queries and passages to "
+        card.summary
+        or f"A dense retriever fine-tuned from `{card.base_model}` by retroflow. It maps queries and passages to "
         f"{card.dimension}-dimensional vectors; rank passages by {'cosine similarity' if card.normalize else 'inner product'}.",
         "",
         "## Model Details",
@@ -96,10 +115,16 @@ def model_card_markdown(card: ModelCard) -> str:
         "",
     ]
     if card.evaluation:
-        parts += ["## Evaluation", "", "Every row was computed by the pipeline on the same queries; `Δ init` is against the untouched init model; "
-                  "`search` says how a row was searched, and a row searched through an approximate index has the exact-search "
-                  "figures (`exact`) and the index's cost (`Δ index`) beside it.", "",
-                  _table(card.evaluation), ""]  # fmt: skip
+        parts += [
+            "## Evaluation",
+            "",
+            "Every row was computed by the pipeline on the same queries; `Δ init` is against the untouched init model; "
+            "`search` says how a row was searched, and a row searched through an approximate index has the exact-search "
+            "figures (`exact`) and the index's cost (`Δ index`) beside it.",
+            "",
+            _table(card.evaluation),
+            "",
+        ]
     if card.training:
         parts += ["## Training Details", "", *(f"- **{k}:** {v}" for k, v in card.training.items()), ""]
     for stage, config in card.configs.items():
@@ -111,15 +136,28 @@ def model_card_markdown(card: ModelCard) -> str:
 
 def _usage(card: ModelCard) -> list[str]:
     if card.kind == "cross-encoder":
-        return ["```python", "from sentence_transformers import CrossEncoder", "",
-                'model = CrossEncoder("path/to/this/directory")',
-                'scores = model.predict([("what causes fever?", "Fever is caused by ...")])  # higher = more relevant', "```", "",
-                "In retroflow it is the `teacher` stage's cross-encoder: its scores of each training query's candidates "
-                "(`teacher_scores.jsonl`) are what fine-tuning distils."]  # fmt: skip
+        return [
+            "```python",
+            "from sentence_transformers import CrossEncoder",
+            "",
+            'model = CrossEncoder("path/to/this/directory")',
+            'scores = model.predict([("what causes fever?", "Fever is caused by ...")])  # higher = more relevant',
+            "```",
+            "",
+            "In retroflow it is the `teacher` stage's cross-encoder: its scores of each training query's candidates "
+            "(`teacher_scores.jsonl`) are what fine-tuning distils.",
+        ]
     prompt = ', prompt_name="query"' if card.query_prefix else ""
-    return ["```python", "from sentence_transformers import SentenceTransformer", "",
-            'model = SentenceTransformer("path/to/this/directory")', f'queries = model.encode(["what causes fever?"]{prompt})', "```", "",
-            "or with retroflow: `retroflow evaluate --model path/to/this/directory --dataset scifact`."]  # fmt: skip
+    return [
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        'model = SentenceTransformer("path/to/this/directory")',
+        f'queries = model.encode(["what causes fever?"]{prompt})',
+        "```",
+        "",
+        "or with retroflow: `retroflow evaluate --model path/to/this/directory --dataset scifact`.",
+    ]
 
 
 def write_model_card(model_dir: Path, card: ModelCard) -> Path:
@@ -134,6 +172,15 @@ def card_from_model_dir(model_dir: Path, name: str, base_model: str, datasets: l
 
     st = read_sentence_transformer_settings(Path(model_dir))
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return ModelCard(name=name, base_model=base_model, datasets=datasets, pooling=st.pooling, normalize=st.normalize,
-                     max_seq_length=st.max_seq_length, dimension=config.get("hidden_size"), query_prefix=st.query_prefix,
-                     passage_prefix=st.passage_prefix, **extra)  # fmt: skip
+    return ModelCard(
+        name=name,
+        base_model=base_model,
+        datasets=datasets,
+        pooling=st.pooling,
+        normalize=st.normalize,
+        max_seq_length=st.max_seq_length,
+        dimension=config.get("hidden_size"),
+        query_prefix=st.query_prefix,
+        passage_prefix=st.passage_prefix,
+        **extra,
+    )

@@ -127,11 +127,15 @@ def _pooling_mode(config: dict, config_path: Path) -> str:
     else:
         active = [mode for key, mode in _LEGACY_POOLING_KEYS.items() if config.get(key)]
         if not active and not any(key in config for key in _LEGACY_POOLING_KEYS):
-            raise ModelFormatError(f"{config_path}: Pooling config names no pooling mode (neither 'pooling_mode' nor 'pooling_mode_*' keys)")
+            raise ModelFormatError(
+                f"{config_path}: Pooling config names no pooling mode (neither 'pooling_mode' nor 'pooling_mode_*' keys)"
+            )
         # sentence-transformers itself pools by mean when every legacy key is present and false
         mode = active if len(active) > 1 else (active[0] if active else "mean")
     if isinstance(mode, list):
-        raise ModelFormatError(f"{config_path}: Pooling combines several modes {mode} (concatenated vectors); retroflow encodes one mode only")
+        raise ModelFormatError(
+            f"{config_path}: Pooling combines several modes {mode} (concatenated vectors); retroflow encodes one mode only"
+        )
     if mode not in POOLING_MODES:
         raise ModelFormatError(f"{config_path}: unknown pooling mode {mode!r} (retroflow knows {', '.join(POOLING_MODES)})")
     return mode
@@ -142,17 +146,25 @@ def _dense_layer(module_dir: Path) -> DenseLayer:
     config = _read_json(config_path, "Dense config")
     for key in ("module_input_name", "module_output_name"):
         if config.get(key, "sentence_embedding") not in ("sentence_embedding", None):
-            raise ModelFormatError(f"{config_path}: Dense reads or writes {config[key]!r}; retroflow supports a Dense on the pooled vector only")
+            raise ModelFormatError(
+                f"{config_path}: Dense reads or writes {config[key]!r}; retroflow supports a Dense on the pooled vector only"
+            )
     activation_name = config.get("activation_function", "torch.nn.modules.activation.Tanh")
     if activation_name not in DENSE_ACTIVATIONS:
-        raise ModelFormatError(f"{config_path}: Dense activation {activation_name!r} is not supported "
-                               f"(retroflow knows {', '.join(sorted(DENSE_ACTIVATIONS))})")
+        raise ModelFormatError(
+            f"{config_path}: Dense activation {activation_name!r} is not supported (retroflow knows {', '.join(sorted(DENSE_ACTIVATIONS))})"
+        )
     if not any((module_dir / name).is_file() for name in ("model.safetensors", "pytorch_model.bin")):
         raise ModelFormatError(f"{module_dir}: Dense module has no weights (model.safetensors or pytorch_model.bin)")
     try:
-        return DenseLayer(path=module_dir, in_features=int(config["in_features"]), out_features=int(config["out_features"]),
-                          bias=bool(config.get("bias", True)), activation=DENSE_ACTIVATIONS[activation_name],
-                          residual=bool(config.get("use_residual", False)))
+        return DenseLayer(
+            path=module_dir,
+            in_features=int(config["in_features"]),
+            out_features=int(config["out_features"]),
+            bias=bool(config.get("bias", True)),
+            activation=DENSE_ACTIVATIONS[activation_name],
+            residual=bool(config.get("use_residual", False)),
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise ModelFormatError(f"{config_path}: Dense config lacks or mistypes {err}") from None
 
@@ -160,8 +172,10 @@ def _dense_layer(module_dir: Path) -> DenseLayer:
 def _check_transformer(model_dir: Path, module: dict) -> bool:
     """Refuse Transformer settings the encoder would not honour; returns do_lower_case."""
     if module.get("path", "") not in ("", "."):
-        raise ModelFormatError(f"{model_dir}: the Transformer module lives in {module['path']!r}; retroflow loads models whose "
-                               "Transformer is saved at the top of the directory")  # fmt: skip
+        raise ModelFormatError(
+            f"{model_dir}: the Transformer module lives in {module['path']!r}; retroflow loads models whose "
+            "Transformer is saved at the top of the directory"
+        )
     config_path = model_dir / "sentence_bert_config.json"
     config = _read_json(config_path, "sentence_bert_config.json") if config_path.is_file() else {}
     task = config.get("transformer_task", "feature-extraction")
@@ -194,7 +208,9 @@ def _prompts(model_dir: Path) -> tuple[str, str, str]:
         problems.append(f"default_prompt_name {default!r} (prepended by encode() but not by encode_query/encode_document)")
     if not passage and any(prompts.get(name) for name in ("passage", "corpus")):
         problems.append("a 'passage'/'corpus' prompt but no 'document' prompt (encode_document would prepend nothing)")
-    problem = f"{path} declares {' and '.join(problems)}; set encoder.query_prefix and encoder.passage_prefix explicitly" if problems else ""
+    problem = (
+        f"{path} declares {' and '.join(problems)}; set encoder.query_prefix and encoder.passage_prefix explicitly" if problems else ""
+    )
     return query, passage, problem
 
 
@@ -228,7 +244,9 @@ def read_sentence_transformer_settings(model_dir: Path) -> SentenceTransformerSe
         elif kind == "Normalize" and pooling is not None:
             normalize = True
         else:
-            raise ModelFormatError(f"{where} is not supported here (retroflow encodes Transformer, Pooling, then Dense and Normalize modules)")
+            raise ModelFormatError(
+                f"{where} is not supported here (retroflow encodes Transformer, Pooling, then Dense and Normalize modules)"
+            )
     if pooling is None:
         raise ModelFormatError(f"{modules_file}: no Pooling module after the Transformer; retroflow needs one to make sentence vectors")
     max_len = None
@@ -236,9 +254,18 @@ def read_sentence_transformer_settings(model_dir: Path) -> SentenceTransformerSe
     if bert_config.is_file():
         max_len = _read_json(bert_config, "sentence_bert_config.json").get("max_seq_length")
     query_prefix, passage_prefix, problem = _prompts(model_dir)
-    return SentenceTransformerSettings(pooling=pooling, normalize=normalize, max_seq_length=max_len, query_prefix=query_prefix,
-                                       passage_prefix=passage_prefix, dense=tuple(dense), is_sentence_transformer=True,
-                                       do_lower_case=do_lower_case, include_prompt=include_prompt, prompt_problem=problem)
+    return SentenceTransformerSettings(
+        pooling=pooling,
+        normalize=normalize,
+        max_seq_length=max_len,
+        query_prefix=query_prefix,
+        passage_prefix=passage_prefix,
+        dense=tuple(dense),
+        is_sentence_transformer=True,
+        do_lower_case=do_lower_case,
+        include_prompt=include_prompt,
+        prompt_problem=problem,
+    )
 
 
 def load_dense_weights(layer: DenseLayer) -> dict:
@@ -254,7 +281,9 @@ def load_dense_weights(layer: DenseLayer) -> dict:
         else:
             state = torch.load(bin_file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated file, a pickle that is not plain tensors
-        raise ModelFormatError(f"{layer.path}: Dense weights could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})") from None
+        raise ModelFormatError(
+            f"{layer.path}: Dense weights could not be read ({type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''})"
+        ) from None
     expected = {"linear.weight": (layer.out_features, layer.in_features)}
     if layer.bias:
         expected["linear.bias"] = (layer.out_features,)
@@ -267,8 +296,9 @@ def load_dense_weights(layer: DenseLayer) -> dict:
     return {key: state[key].float() for key in expected}
 
 
-def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: bool, max_seq_length: int, dim: int,
-                                     prompts: tuple[str, str] = ("", "")) -> None:
+def write_sentence_transformer_files(
+    model_dir: Path, pooling: str, normalize: bool, max_seq_length: int, dim: int, prompts: tuple[str, str] = ("", "")
+) -> None:
     """Write modules.json + pooling config so `SentenceTransformer(model_dir)` loads the model as we use it."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -288,9 +318,7 @@ def write_sentence_transformer_files(model_dir: Path, pooling: str, normalize: b
     if normalize:
         (model_dir / "2_Normalize").mkdir(exist_ok=True)
     (model_dir / "modules.json").write_text(json.dumps(modules, indent=2))
-    (model_dir / "sentence_bert_config.json").write_text(
-        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2)
-    )
+    (model_dir / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False}, indent=2))
     if any(prompts):  # sentence-transformers' own place for them: `model.encode(q, prompt_name="query")`
         st_config = {"prompts": {"query": prompts[0], "document": prompts[1]}, "default_prompt_name": None}
         (model_dir / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2))

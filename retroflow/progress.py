@@ -8,9 +8,9 @@ so library code stays free of any orchestrator.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Iterator
 
 from tqdm.auto import tqdm
 

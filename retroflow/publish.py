@@ -21,9 +21,9 @@ import secrets
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 log = logging.getLogger("retroflow.publish")
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -38,7 +39,9 @@ CONFIG_KEY = "config"  # trainer_state.json keeps the run's canonical config, co
 # Config fields (by their last name, in any section) a resume may change: how long to train and how
 # often to log and save change no step already taken, nor the device where a step is computed.
 # Anything else would continue one training under another's settings.
-RESUMABLE_CHANGES = frozenset({"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "show_progress", "eval_every"})
+RESUMABLE_CHANGES = frozenset(
+    {"max_steps", "epochs", "log_every", "save_every", "keep_checkpoints", "device", "show_progress", "eval_every"}
+)
 
 
 class ResumeConfigError(ValueError):
@@ -64,7 +67,9 @@ def config_differences(saved: dict, current: dict, allowed: frozenset[str] = RES
             continue
         before, after = old.get(name, missing), new.get(name, missing)
         if before != after:
-            changes.append(f"{name}: {'(absent)' if before is missing else repr(before)} -> {'(absent)' if after is missing else repr(after)}")
+            changes.append(
+                f"{name}: {'(absent)' if before is missing else repr(before)} -> {'(absent)' if after is missing else repr(after)}"
+            )
     return changes
 
 
@@ -91,9 +96,11 @@ def check_resume_config(checkpoint: Path, saved_state: dict, config: dict | None
         return
     changes = config_differences(saved, config)
     if changes:
-        raise ResumeConfigError(f"{checkpoint}: cannot resume, the config differs from the one this checkpoint was trained with "
-                                f"({'; '.join(changes)}); only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. "
-                                "Restore those values, or start a new run without --resume (or in another output directory)")  # fmt: skip
+        raise ResumeConfigError(
+            f"{checkpoint}: cannot resume, the config differs from the one this checkpoint was trained with "
+            f"({'; '.join(changes)}); only {', '.join(sorted(RESUMABLE_CHANGES))} may change on resume. "
+            "Restore those values, or start a new run without --resume (or in another output directory)"
+        )
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -102,7 +109,6 @@ def check_resume_config(checkpoint: Path, saved_state: dict, config: dict | None
 def make_accelerator(settings):
     """An Accelerator for `settings.device` and `settings.precision` (any config section that has both)."""
     from accelerate import Accelerator
-
     from accelerate.state import AcceleratorState
 
     device = pick_device(settings.device)
@@ -214,8 +220,13 @@ class TrainingHook:
 
 class ProgressBar(TrainingHook):
     def on_train_begin(self, loop: TrainingLoop) -> None:
-        self.bar = progress_bar(total=loop.state.max_steps, initial=loop.state.global_step, desc=loop.settings.label,
-                                disable=not loop.accelerator.is_main_process, dynamic_ncols=True)  # fmt: skip
+        self.bar = progress_bar(
+            total=loop.state.max_steps,
+            initial=loop.state.global_step,
+            desc=loop.settings.label,
+            disable=not loop.accelerator.is_main_process,
+            dynamic_ncols=True,
+        )
 
     def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
         self.bar.update(1)
@@ -241,7 +252,7 @@ class LossLog(TrainingHook):
         if step % self.every and step != total:
             return
         if loop.accelerator.is_main_process:
-            means = " ".join(f"{name} {sum(loop.state.history(name)[-self.window_steps:]) / self.window_steps:.4f}" for name in losses)
+            means = " ".join(f"{name} {sum(loop.state.history(name)[-self.window_steps :]) / self.window_steps:.4f}" for name in losses)
             rate = self.window_steps / max(time.perf_counter() - self.window_start, 1e-9)
             log.info("%s step %d/%d %s lr %.2e %.2f steps/s", loop.settings.label, step, total, means, loop.learning_rate(), rate)
         self.window_start, self.window_steps = time.perf_counter(), 0
@@ -306,8 +317,9 @@ class TrainingLoop:
         self.state = TrainerState(settings.max_steps)
         self.should_stop = False
 
-    def run(self, stage: TrainingStage, *, resume: bool = True, stop_after: int | None = None,
-            hooks: Sequence[TrainingHook] = ()) -> TrainerState:  # fmt: skip
+    def run(
+        self, stage: TrainingStage, *, resume: bool = True, stop_after: int | None = None, hooks: Sequence[TrainingHook] = ()
+    ) -> TrainerState:
         """Hooks run in this order: progress bar, loss log, checkpoint saving, the stage's `hooks`, the early stop."""
         if resume:
             self.restore_latest_checkpoint()
@@ -341,11 +353,25 @@ class TrainingLoop:
         trainer_state = self.state.to_checkpoint()
         if self.settings.config is not None:
             trainer_state[CONFIG_KEY] = self.settings.config
-        return save_checkpoint(self.accelerator, self.settings.checkpoint_dir, self.state.global_step, trainer_state,
-                               self.settings.keep_checkpoints, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)  # fmt: skip
+        return save_checkpoint(
+            self.accelerator,
+            self.settings.checkpoint_dir,
+            self.state.global_step,
+            trainer_state,
+            self.settings.keep_checkpoints,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+        )
 
     def restore_latest_checkpoint(self) -> None:
-        saved = load_latest_checkpoint(self.accelerator, self.settings.checkpoint_dir, model=self.model, optimizer=self.optimizer,
-                                       scheduler=self.scheduler, check=lambda path, state: check_resume_config(path, state, self.settings.config))  # fmt: skip
+        saved = load_latest_checkpoint(
+            self.accelerator,
+            self.settings.checkpoint_dir,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            check=lambda path, state: check_resume_config(path, state, self.settings.config),
+        )
         if saved is not None:
             self.state.restore(saved)

@@ -23,8 +23,14 @@ def add_commands(subparsers) -> None:
     parser.add_argument("--dataset", help="into the store: the dataset whose corpus is the text (default: data.beir_corpus's dataset)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.lr=5e-5 (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.lr=5e-5 (repeatable)",
+    )
     parser.set_defaults(func=run, stage="pretrain", config_from_args=pretrain_config)
 
 
@@ -41,8 +47,8 @@ def pretrain_config(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Pretrain into --output (the store's own path, flows.stage_cli, handles a missing --output)."""
-    from retromae.pretrain import run_pretrain
     from retroflow.checkpoints import list_checkpoints
+    from retromae.pretrain import run_pretrain
 
     config = pretrain_config(args)
     partial = args.output
@@ -51,14 +57,16 @@ def run(args: argparse.Namespace) -> int:
     metrics = run_pretrain(config, args.output, partial, resume=args.resume)
     output_dir = args.output
     if _is_main_process():
-        emit_json({
-            "final_loss": metrics.get("final_loss"),
-            "steps": metrics.get("steps"),
-            "output_dir": str(output_dir),
-            "encoder_dir": str(Path(output_dir) / "encoder"),
-            "steps_per_s": metrics.get("steps_per_s"),
-            "objective": metrics.get("objective"),
-            "resumed_from": metrics.get("resumed_from"),
-            "processes": metrics.get("processes"),
-        })
+        emit_json(
+            {
+                "final_loss": metrics.get("final_loss"),
+                "steps": metrics.get("steps"),
+                "output_dir": str(output_dir),
+                "encoder_dir": str(Path(output_dir) / "encoder"),
+                "steps_per_s": metrics.get("steps_per_s"),
+                "objective": metrics.get("objective"),
+                "resumed_from": metrics.get("resumed_from"),
+                "processes": metrics.get("processes"),
+            }
+        )
     return 0

@@ -9,8 +9,9 @@ run match an uninterrupted one, without saving any collator state.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -27,7 +28,7 @@ class SpecialIds:
     vocab_size: int
 
     @classmethod
-    def from_tokenizer(cls, tokenizer) -> "SpecialIds":
+    def from_tokenizer(cls, tokenizer) -> SpecialIds:
         return cls(
             cls=tokenizer.cls_token_id,
             sep=tokenizer.sep_token_id,

@@ -55,8 +55,13 @@ class DataSection(_Section):
     max_seq_length: int = Field(128, ge=8, le=8192)
     max_docs: int | None = Field(None, ge=1, description="use only the first N documents")
     min_chunk_tokens: int = Field(8, ge=1, description="drop trailing chunks shorter than this")
-    heldout_fraction: float = Field(0.0, ge=0, lt=0.5, description="chunks kept out of training; their reconstruction "
-                                    "loss (fixed masks, no dropout) is logged every train.eval_every steps")  # fmt: skip
+    heldout_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="chunks kept out of training; their reconstruction "
+        "loss (fixed masks, no dropout) is logged every train.eval_every steps",
+    )
     heldout_max_chunks: int = Field(256, ge=1, description="at most this many held-out chunks (the check's cost)")
     cache_dir: str | None = Field(None, description="tokenised dataset cache (default ~/.cache/retroflow)")
 
@@ -75,10 +80,13 @@ class TrainSection(_Section):
     batch_size: int = Field(32, ge=1, description="global batch per optimizer step (all processes, all micro-batches)")
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
-    head_lr: float | None = Field(None, gt=0, description="learning rate of what the init lacks (MLM head transform, "
-                                  "decoder); None = lr")  # fmt: skip
-    head_warmup_steps: int = Field(0, ge=0, description="first steps train only the MLM head and decoder (encoder frozen): "
-                                   "a random head must not drive the encoder's gradients")  # fmt: skip
+    head_lr: float | None = Field(None, gt=0, description="learning rate of what the init lacks (MLM head transform, decoder); None = lr")
+    head_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="first steps train only the MLM head and decoder (encoder frozen): "
+        "a random head must not drive the encoder's gradients",
+    )
     eval_every: int | None = Field(None, ge=1, description="held-out loss every N steps (and at the end); None = log_every x 10")
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
@@ -96,39 +104,47 @@ class PretrainConfig(StageConfig):
     decoding: Literal["enhanced", "basic"] = "enhanced"
     decoder_layers: int = Field(1, ge=1)
     bottleneck: Literal["cls", "mean", "init"] = Field(
-        "cls", description="the sentence embedding the decoder reads: [CLS] (the paper), the mean of the encoder's states, "
+        "cls",
+        description="the sentence embedding the decoder reads: [CLS] (the paper), the mean of the encoder's states, "
         "or init = the init model's own sentence-transformers pooling (continued pretraining of a sentence encoder "
-        "then trains the vector it serves; a deviation from the paper)")  # fmt: skip
+        "then trains the vector it serves; a deviation from the paper)",
+    )
     encoder_mask_ratio: float = Field(0.3, gt=0, lt=1)
     decoder_mask_ratio: float = Field(0.5, gt=0, lt=1)
     whole_word_mask: bool = False
     ce_chunk_size: int | None = Field(
-        None, ge=1, description="vocabulary projection + cross-entropy over chunks of this many rows, "
-        "recomputed in backward: same loss and gradients, peak memory of one chunk's logits")
+        None,
+        ge=1,
+        description="vocabulary projection + cross-entropy over chunks of this many rows, "
+        "recomputed in backward: same loss and gradients, peak memory of one chunk's logits",
+    )
     decoder_target_fraction: float = Field(
-        1.0, gt=0, le=1, description="enhanced decoding: each sentence token is a decoder target with "
-        "this probability (query rows never see each other, so it is the same objective with fewer rows)")
+        1.0,
+        gt=0,
+        le=1,
+        description="enhanced decoding: each sentence token is a decoder target with "
+        "this probability (query rows never see each other, so it is the same objective with fewer rows)",
+    )
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     train: TrainSection = Field(default_factory=TrainSection)
 
     @model_validator(mode="after")
-    def _check(self) -> "PretrainConfig":
+    def _check(self) -> PretrainConfig:
         if self.model.init is None and self.model.preset is None:
             raise ValueError("set model.init (a checkpoint) or model.preset (from scratch)")
         per_step = self.train.grad_accum_steps
         if self.train.batch_size % per_step:
-            raise ValueError(
-                f"train.batch_size={self.train.batch_size} is not divisible by "
-                f"train.grad_accum_steps={per_step}"
-            )
+            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum_steps={per_step}")
         t = self.train
         if t.epochs is not None and t.max_steps is not None:
             raise ValueError("train.epochs and train.max_steps: set one (epochs sets the steps from the corpus size)")
         if t.max_steps is None and t.epochs is None:
             raise ValueError("train.max_steps or train.epochs must be set")
         if t.epochs is None and t.head_warmup_steps >= t.max_steps:
-            raise ValueError(f"train.head_warmup_steps ({t.head_warmup_steps}) must be shorter than the run (train.max_steps {t.max_steps})")
+            raise ValueError(
+                f"train.head_warmup_steps ({t.head_warmup_steps}) must be shorter than the run (train.max_steps {t.max_steps})"
+            )
         if self.bottleneck == "init" and self.model.init is None:
             raise ValueError("bottleneck: init needs model.init (a sentence-transformers model whose pooling the decoder reads)")
         if self.decoder_target_fraction < 1 and (self.objective, self.decoding) != ("retromae", "enhanced"):
@@ -149,8 +165,10 @@ class PretrainConfig(StageConfig):
             return int(t.max_steps)
         steps = max(1, math.ceil(t.epochs * chunks / t.batch_size))
         if t.head_warmup_steps >= steps:
-            raise ValueError(f"train.head_warmup_steps ({t.head_warmup_steps}) must be shorter than the run "
-                             f"({steps} steps: train.epochs {t.epochs} over {chunks} chunks)")  # fmt: skip
+            raise ValueError(
+                f"train.head_warmup_steps ({t.head_warmup_steps}) must be shorter than the run "
+                f"({steps} steps: train.epochs {t.epochs} over {chunks} chunks)"
+            )
         return steps
 
     def warn_outside_paper(self) -> list[str]:

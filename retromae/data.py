@@ -11,14 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import datasets
 
 from retroflow.artifacts import cache_root
-from retroflow.publish import publishing
 from retroflow.hashing import sha256_text
+from retroflow.publish import publishing
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -127,7 +127,9 @@ def tokenize_corpus(
 ) -> datasets.Dataset:
     """Dataset with one `input_ids` row (no special tokens) per chunk of max_seq_length - 2 tokens."""
     body = max_seq_length - 2  # room for [CLS] and [SEP]
-    key = sha256_text(json.dumps([cache_key or texts_digest(texts), _tokenizer_digest(tokenizer), max_seq_length, min_chunk_tokens], default=str))[:20]
+    key = sha256_text(
+        json.dumps([cache_key or texts_digest(texts), _tokenizer_digest(tokenizer), max_seq_length, min_chunk_tokens], default=str)
+    )[:20]
     target = Path(cache_dir or token_cache_dir()) / key
     if (target / "dataset_info.json").is_file():
         log.info("tokenised corpus from cache %s", target)
@@ -139,7 +141,9 @@ def tokenize_corpus(
 
     raw = datasets.Dataset.from_dict({"text": texts})
     # new_fingerprint: our own cache key, so `datasets` does not hash (and print) the closure
-    chunks = raw.map(encode, batched=True, batch_size=512, remove_columns=["text"], desc="tokenising", load_from_cache_file=False, new_fingerprint=key)
+    chunks = raw.map(
+        encode, batched=True, batch_size=512, remove_columns=["text"], desc="tokenising", load_from_cache_file=False, new_fingerprint=key
+    )
     with publishing(target) as staging:  # another process may cache it first: theirs is kept
         chunks.save_to_disk(str(staging))
     log.info("tokenised %d documents into %d chunks (cached at %s)", len(texts), len(chunks), target)

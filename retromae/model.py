@@ -31,8 +31,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreTrainedModel
 from transformers.activations import ACT2FN
 
-from retromae.collator import IGNORE
 from retroflow.models import resolve_model_path, write_sentence_transformer_files
+from retromae.collator import IGNORE
 
 log = logging.getLogger("retroflow.retromae")
 
@@ -342,7 +342,10 @@ def load_pretrained_mlm(path: Path, dropout: float | None = None) -> PreTrainedM
         log.warning(
             "checkpoint %s has no MLM head (%d missing tensors, e.g. %s): initialised it fresh "
             "(transform random, bias zero), output matrix %s to the word embeddings",
-            path, len(missing), missing[0], "tied" if tied else "NOT tied",
+            path,
+            len(missing),
+            missing[0],
+            "tied" if tied else "NOT tied",
         )
     return mlm
 
@@ -360,13 +363,21 @@ def scratch_mlm(preset: str, vocab_size: int, pad_token_id: int, max_length: int
 
 
 def load_retromae(
-    path: Path, objective: str, decoding: str, decoder_layers: int, dropout: float | None = None, ce_chunk_size: int | None = None,
-    bottleneck: str = "cls", normalize: bool = False,
+    path: Path,
+    objective: str,
+    decoding: str,
+    decoder_layers: int,
+    dropout: float | None = None,
+    ce_chunk_size: int | None = None,
+    bottleneck: str = "cls",
+    normalize: bool = False,
 ) -> RetroMAEModel:
     """A previous pretrain output (encoder/ + decoder/) or any HF checkpoint directory."""
     path = Path(path)
     encoder_dir = path / ENCODER_DIR if (path / ENCODER_DIR).is_dir() else path
-    model = RetroMAEModel(load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers, ce_chunk_size, bottleneck, normalize)
+    model = RetroMAEModel(
+        load_pretrained_mlm(encoder_dir, dropout), objective, decoding, decoder_layers, ce_chunk_size, bottleneck, normalize
+    )
     weights = path / DECODER_DIR / DECODER_WEIGHTS
     if weights.is_file():
         state = load_file(str(weights))
@@ -388,7 +399,8 @@ def count_parameters(module: nn.Module) -> int:
 def describe(model: RetroMAEModel) -> str:
     enc = count_parameters(model.encoder)
     dec = count_parameters(model.decoder)
-    return f"encoder {enc / 1e6:.1f}M params, decoder {len(model.decoder)} layer(s) {dec / 1e6:.2f}M, objective={model.objective}/{model.decoding}"
+    decoder = f"decoder {len(model.decoder)} layer(s) {dec / 1e6:.2f}M"
+    return f"encoder {enc / 1e6:.1f}M params, {decoder}, objective={model.objective}/{model.decoding}"
 
 
 __all__ = [

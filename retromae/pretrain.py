@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
 from retroflow.artifacts import Artifact
-from retroflow.publish import atomic_write_text
 from retroflow.devices import seed_everything
+from retroflow.publish import atomic_write_text
 from retroflow.training import make_accelerator
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
 from retromae.config import PretrainConfig
@@ -89,7 +89,9 @@ def resolve_bottleneck(config: PretrainConfig) -> tuple[str, bool]:
     st = read_sentence_transformer_settings(Path(encoder_dir))
     if st.pooling not in ("cls", "mean"):
         found = "no sentence-transformers pooling config" if st.pooling is None else f"pooling {st.pooling!r}"
-        raise ValueError(f"bottleneck: init needs an init model that declares cls or mean pooling; {config.model.init} ({encoder_dir}) has {found}")
+        raise ValueError(
+            f"bottleneck: init needs an init model that declares cls or mean pooling; {config.model.init} ({encoder_dir}) has {found}"
+        )
     return st.pooling, bool(st.normalize)
 
 
@@ -97,12 +99,27 @@ def build_model(config: PretrainConfig, tokenizer) -> RetroMAEModel:
     m = config.model
     bottleneck, normalize = resolve_bottleneck(config)
     if m.init is not None:
-        return load_retromae(resolve_checkpoint(m.init), config.objective, config.decoding, config.decoder_layers, m.dropout,
-                             ce_chunk_size=config.ce_chunk_size, bottleneck=bottleneck, normalize=normalize)  # fmt: skip
+        return load_retromae(
+            resolve_checkpoint(m.init),
+            config.objective,
+            config.decoding,
+            config.decoder_layers,
+            m.dropout,
+            ce_chunk_size=config.ce_chunk_size,
+            bottleneck=bottleneck,
+            normalize=normalize,
+        )
     mlm = scratch_mlm(m.preset, len(tokenizer), tokenizer.pad_token_id, config.data.max_seq_length, m.dropout)
     log.info("from scratch: preset %s, vocab %d", m.preset, len(tokenizer))
-    return RetroMAEModel(mlm, config.objective, config.decoding, config.decoder_layers, ce_chunk_size=config.ce_chunk_size,
-                         bottleneck=bottleneck, normalize=normalize)  # fmt: skip
+    return RetroMAEModel(
+        mlm,
+        config.objective,
+        config.decoding,
+        config.decoder_layers,
+        ce_chunk_size=config.ce_chunk_size,
+        bottleneck=bottleneck,
+        normalize=normalize,
+    )
 
 
 def split_heldout(dataset, config: PretrainConfig):
@@ -173,11 +190,27 @@ def run_pretrain(
     model = build_model(config, tokenizer)
     if config.train.gradient_checkpointing:
         model.mlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    log.info("%s; bottleneck %s; %d training chunks (%d held out) from %d documents; %d steps (%.2f epochs); %d process(es) on %s",
-             describe(model), model.bottleneck, len(dataset), len(heldout or []), len(texts), train_cfg.max_steps,
-             train_cfg.max_steps * train_cfg.batch_size / len(dataset), accelerator.num_processes, accelerator.device)  # fmt: skip
-    trainer = PretrainTrainer(accelerator, model, dataset, build_collator(config, tokenizer), train_cfg, partial_dir / "checkpoints",
-                              run_config=config.canonical())
+    log.info(
+        "%s; bottleneck %s; %d training chunks (%d held out) from %d documents; %d steps (%.2f epochs); %d process(es) on %s",
+        describe(model),
+        model.bottleneck,
+        len(dataset),
+        len(heldout or []),
+        len(texts),
+        train_cfg.max_steps,
+        train_cfg.max_steps * train_cfg.batch_size / len(dataset),
+        accelerator.num_processes,
+        accelerator.device,
+    )
+    trainer = PretrainTrainer(
+        accelerator,
+        model,
+        dataset,
+        build_collator(config, tokenizer),
+        train_cfg,
+        partial_dir / "checkpoints",
+        run_config=config.canonical(),
+    )
     hooks = []
     if heldout is not None:
         every = train_cfg.eval_every or train_cfg.log_every * 10
@@ -224,27 +257,36 @@ def heldout_curves(state) -> dict[str, list[float]]:
 
 def write_pretraining_card(encoder_dir: Path, config: PretrainConfig, sources: list[Path], metrics: dict) -> None:
     """The encoder's README.md: what it was pretrained from, on what, with which objective."""
-    from retroflow.model_card import card_from_model_dir, write_model_card
-
     from retroflow.artifacts import artifact_label
+    from retroflow.model_card import card_from_model_dir, write_model_card
 
     # Store paths become stage/key labels: the card is one of the artifact's files, and the same
     # weights must give the same artifact on every store root.
     canonical = config.canonical()
     model = {k: artifact_label(v) if k in ("init", "tokenizer") and v else v for k, v in canonical["model"].items()}
-    data = {**canonical["data"], "files": [artifact_label(f) for f in canonical["data"]["files"]],
-            "beir_corpus": canonical["data"]["beir_corpus"] and artifact_label(canonical["data"]["beir_corpus"])}  # fmt: skip
+    data = {
+        **canonical["data"],
+        "files": [artifact_label(f) for f in canonical["data"]["files"]],
+        "beir_corpus": canonical["data"]["beir_corpus"] and artifact_label(canonical["data"]["beir_corpus"]),
+    }
     base = model["init"] or f"from scratch ({config.model.preset} preset)"
     method = "plain MLM" if config.objective == "mlm" else f"RetroMAE ({config.decoding} decoding)"
     card = card_from_model_dir(
-        encoder_dir, name=f"{Path(str(base)).name}, {method} pretraining", base_model=str(base),
-        datasets=[source_label(p) for p in sources], configs={"pretrain": {**canonical, "model": model, "data": data}},
-        training={k: metrics[k] for k in ("steps", "epochs", "final_loss", "chunks", "documents", "objective", "decoding", "bottleneck")
-                  if metrics.get(k) is not None},
+        encoder_dir,
+        name=f"{Path(str(base)).name}, {method} pretraining",
+        base_model=str(base),
+        datasets=[source_label(p) for p in sources],
+        configs={"pretrain": {**canonical, "model": model, "data": data}},
+        training={
+            k: metrics[k]
+            for k in ("steps", "epochs", "final_loss", "chunks", "documents", "objective", "decoding", "bottleneck")
+            if metrics.get(k) is not None
+        },
         summary=f"A BERT encoder pretrained by retroflow with {method}; its sentence embedding is the "
-                f"{'[CLS] state' if metrics.get('bottleneck', 'cls') == 'cls' else 'mean of its token states'} (the bottleneck it was trained through). "
-                "It is meant to be fine-tuned into a retriever (`retroflow finetune`), though it can be scored zero-shot.",
-    )  # fmt: skip
+        f"{'[CLS] state' if metrics.get('bottleneck', 'cls') == 'cls' else 'mean of its token states'} "
+        "(the bottleneck it was trained through). "
+        "It is meant to be fine-tuned into a retriever (`retroflow finetune`), though it can be scored zero-shot.",
+    )
     write_model_card(encoder_dir, card)
 
 

@@ -10,10 +10,10 @@ resumption, checkpoints (retroflow.checkpoints' format), progress and logging.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -142,7 +142,7 @@ class HeldOutLoss(TrainingHook):
 
     KEY_OFFSET = 1 << 40
 
-    def __init__(self, trainer: "PretrainTrainer", heldout, every: int, batch_size: int):
+    def __init__(self, trainer: PretrainTrainer, heldout, every: int, batch_size: int):
         self.trainer, self.heldout, self.every, self.batch_size = trainer, heldout, every, batch_size
 
     def on_step_end(self, loop: TrainingLoop, losses: dict[str, float]) -> None:
@@ -171,14 +171,27 @@ class PretrainTrainer:
     # ---------------------------------------------------------------------------- batches
     def batches(self, start: int) -> DataLoader:
         """Micro-batches of steps start..max_steps-1, collated ahead of the step on CUDA hosts."""
-        steps = StepBatches(self.plan, self.dataset, self.collator, range(start, self.cfg.max_steps),
-                            self.acc.process_index, self.acc.num_processes, self.cfg.grad_accum_steps)  # fmt: skip
+        steps = StepBatches(
+            self.plan,
+            self.dataset,
+            self.collator,
+            range(start, self.cfg.max_steps),
+            self.acc.process_index,
+            self.acc.num_processes,
+            self.cfg.grad_accum_steps,
+        )
         workers = loader_workers(self.acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # set by torchrun
         cuda = self.acc.device.type == "cuda"
         # own generator: the loader draws a worker base seed when iterated, and that draw must not
         # come from the global RNG that dropout uses and checkpoints restore (exact resume)
-        return DataLoader(steps, batch_size=None, shuffle=False, num_workers=workers, pin_memory=cuda,
-                          generator=torch.Generator().manual_seed(self.cfg.seed))  # fmt: skip
+        return DataLoader(
+            steps,
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=cuda,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+        )
 
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # pinned host memory (CUDA hosts) makes the copy asynchronous with the running step
@@ -228,7 +241,9 @@ class PretrainTrainer:
         try:
             for start in range(0, len(heldout), batch_size):
                 rows = heldout[start : start + batch_size]["input_ids"]
-                batch = self._to_device(self.collator([{"input_ids": ids, "mask_key": key_offset + start + j} for j, ids in enumerate(rows)]))
+                batch = self._to_device(
+                    self.collator([{"input_ids": ids, "mask_key": key_offset + start + j} for j, ids in enumerate(rows)])
+                )
                 with self.acc.autocast():
                     out = model(**batch, encoder_normaliser=1.0, decoder_normaliser=1.0)  # sums: divided below
                 sums["heldout_encoder_loss"] += float(out.encoder_loss)
@@ -242,8 +257,14 @@ class PretrainTrainer:
 
     # ---------------------------------------------------------------------------- loop
     def train(self, resume: bool = True, stop_after: int | None = None, hooks: Sequence[TrainingHook] = ()) -> TrainerState:
-        settings = LoopSettings(label="pretrain", max_steps=self.cfg.max_steps, checkpoint_dir=self.checkpoint_dir,
-                                save_every=self.cfg.save_every, keep_checkpoints=self.cfg.keep_checkpoints, log_every=self.cfg.log_every,
-                                config=self.run_config)  # fmt: skip
+        settings = LoopSettings(
+            label="pretrain",
+            max_steps=self.cfg.max_steps,
+            checkpoint_dir=self.checkpoint_dir,
+            save_every=self.cfg.save_every,
+            keep_checkpoints=self.cfg.keep_checkpoints,
+            log_every=self.cfg.log_every,
+            config=self.run_config,
+        )
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         return loop.run(self, resume=resume, stop_after=stop_after, hooks=hooks)

@@ -27,9 +27,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -77,8 +77,18 @@ def gpu_sizes(steps: int) -> Sizes:
     )
 
 
-CPU_SMOKE = Sizes(pretrain_steps=3, option_steps=2, pretrain_batch=2, length=64, preset_override="tiny",
-                  dpr_steps=2, dpr_batch=2, encode_docs=16, index_vectors=1_000, index_queries=4)  # fmt: skip
+CPU_SMOKE = Sizes(
+    pretrain_steps=3,
+    option_steps=2,
+    pretrain_batch=2,
+    length=64,
+    preset_override="tiny",
+    dpr_steps=2,
+    dpr_batch=2,
+    encode_docs=16,
+    index_vectors=1_000,
+    index_queries=4,
+)
 
 
 def finetune_config(overrides: list[str] | None = None):
@@ -145,8 +155,8 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
     from datasets import Dataset
 
     from retroflow.devices import seed_everything
-    from retromae.pretrain import build_collator, build_model
     from retroflow.training import TrainingHook, make_accelerator
+    from retromae.pretrain import build_collator, build_model
     from retromae.trainer import PretrainTrainer
 
     class StepClock(TrainingHook):
@@ -157,9 +167,16 @@ def pretrain_run(overrides: list[str], steps: int, sizes: Sizes, device: torch.d
             self.stamps.append(time.perf_counter())
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    shape = [f"train.batch_size={sizes.pretrain_batch}", "train.grad_accum_steps=1", f"train.max_steps={steps}",
-             f"train.save_every={steps}", f"train.log_every={steps}", f"train.precision={precision}",
-             f"train.device={device.type}", f"data.max_seq_length={sizes.length}"]  # fmt: skip
+    shape = [
+        f"train.batch_size={sizes.pretrain_batch}",
+        "train.grad_accum_steps=1",
+        f"train.max_steps={steps}",
+        f"train.save_every={steps}",
+        f"train.log_every={steps}",
+        f"train.precision={precision}",
+        f"train.device={device.type}",
+        f"data.max_seq_length={sizes.length}",
+    ]
     if sizes.preset_override:
         shape.append(f"model.preset={sizes.preset_override}")
     cfg = load_config(PretrainConfig, PRETRAIN_CONFIG, shape + overrides)
@@ -220,8 +237,14 @@ def dpr_part(sizes: Sizes, device: torch.device, work: Path, encoder_dir: Path) 
     from retrieval.training.finetune import FinetuneTrainer
     from retrieval.training.training_data import TrainingExample, TrainingSet
 
-    cfg = finetune_config([f"train.batch_size={sizes.dpr_batch}", f"train.max_steps={sizes.dpr_steps}",
-                           f"train.device={device.type}", f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}"])  # fmt: skip
+    cfg = finetune_config(
+        [
+            f"train.batch_size={sizes.dpr_batch}",
+            f"train.max_steps={sizes.dpr_steps}",
+            f"train.device={device.type}",
+            f"train.precision={'bf16' if device.type == 'cuda' else 'fp32'}",
+        ]
+    )
     negatives = cfg.negatives.hard_negatives
     queries = sizes.dpr_batch * sizes.dpr_steps
     vocab = len(AutoTokenizer.from_pretrained(encoder_dir))
@@ -259,8 +282,13 @@ def encode_part(sizes: Sizes, device: torch.device, encoder_dir: Path) -> dict:
     texts = random_texts(sizes.encode_docs, 200, len(encoder.tokenizer), seed=2)  # ~200 tokens, like a passage
     encoder.encode_passages(texts[:64])  # warm-up: kernels, allocator
     encoder.encode_passages(texts)
-    return {"docs": len(texts), "max_length": 256, "backend": encoder.backend,
-            "dtype": str(encoder.dtype).replace("torch.", ""), "docs_per_s": round(encoder.last_docs_per_s or 0, 1)}  # fmt: skip
+    return {
+        "docs": len(texts),
+        "max_length": 256,
+        "backend": encoder.backend,
+        "dtype": str(encoder.dtype).replace("torch.", ""),
+        "docs_per_s": round(encoder.last_docs_per_s or 0, 1),
+    }
 
 
 def faiss_part(sizes: Sizes) -> dict:
@@ -287,8 +315,14 @@ def faiss_part(sizes: Sizes) -> dict:
     top1 = float((got[:, 0] == expected[:, 0]).mean())
     overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, expected)]))
     ok = on_gpu and top1 == 1.0 and overlap >= 0.95  # fp16 storage on GPU may reorder near-ties lower down
-    return {"status": "ok" if ok else "failed", "vectors": list(vectors.shape), "to_gpu_s": round(copy_s, 3),
-            "gpu_search_s": round(search_s, 4), "top1_agreement": top1, "top10_overlap": round(overlap, 4)}  # fmt: skip
+    return {
+        "status": "ok" if ok else "failed",
+        "vectors": list(vectors.shape),
+        "to_gpu_s": round(copy_s, 3),
+        "gpu_search_s": round(search_s, 4),
+        "top1_agreement": top1,
+        "top10_overlap": round(overlap, 4),
+    }
 
 
 # --------------------------------------------------------------------------- main

@@ -117,8 +117,9 @@ def deterministic_wordpiece_vocab(texts: list[str], vocab_size: int) -> dict[str
     return {token: i for i, token in enumerate(tokens)}
 
 
-def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0,
-                    dropout: float = 0.1) -> Path:
+def build_tiny_bert(
+    dest: Path, texts: list[str], vocab_size: int = 2000, hidden: int = 64, layers: int = 2, seed: int = 0, dropout: float = 0.1
+) -> Path:
     """A random BertModel + a deterministic WordPiece tokenizer over `texts`, saved in HF format."""
     import torch
     from tokenizers import BertWordPieceTokenizer
@@ -129,8 +130,12 @@ def build_tiny_bert(dest: Path, texts: list[str], vocab_size: int = 2000, hidden
     # transformers 5 ignores `vocab_file` for fast tokenizers: wrap the tokenizer object itself.
     tokenizer = BertTokenizerFast(
         tokenizer_object=wordpiece._tokenizer,
-        unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]", mask_token="[MASK]",
-    )  # fmt: skip
+        unk_token="[UNK]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        mask_token="[MASK]",
+    )
     tokenizer.save_pretrained(dest)
     torch.manual_seed(seed)
     config = BertConfig(
@@ -166,6 +171,7 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
 
 def stage_is_working(store: Path, stage: str) -> bool:
     """A build of `stage` is under way in the store (its staging or `.partial` directory exists)."""

@@ -14,9 +14,7 @@ SCRIPT = ROOT / "scripts" / "render_results.py"
 
 
 def render(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
 
 
 def test_repository_docs_are_up_to_date():

@@ -205,5 +205,11 @@ def is_cli(module: str) -> bool:
 
 def test_only_command_line_modules_import_command_line_modules():
     graph = import_graph(module_level_only=False)
-    offenders = [f"{name} imports {target}" for name, targets in sorted(graph.items()) if not is_cli(name) for target in sorted(targets) if is_cli(target)]
+    offenders = [
+        f"{name} imports {target}"
+        for name, targets in sorted(graph.items())
+        if not is_cli(name)
+        for target in sorted(targets)
+        if is_cli(target)
+    ]
     assert offenders == []

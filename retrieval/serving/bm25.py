@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import bm25s
 import numpy as np
 from pydantic import Field
 
-from retroflow.config import StageConfig
 from retrieval.serving.search import Run
+from retroflow.config import StageConfig
 
 
 class BM25Settings(StageConfig):
@@ -29,8 +29,10 @@ class BM25Retriever:
         self.stemmer = self._make_stemmer()
         tokens = bm25s.tokenize(list(doc_texts), stopwords=self.settings.stopwords, stemmer=self.stemmer, show_progress=False)
         if not self.doc_ids or not tokens.vocab:
-            raise ValueError(f"BM25 cannot index this corpus: {len(self.doc_ids)} documents and no indexable term in them "
-                             "(empty texts, or stopwords only); BM25 and hybrid retrieval need document text")  # fmt: skip
+            raise ValueError(
+                f"BM25 cannot index this corpus: {len(self.doc_ids)} documents and no indexable term in them "
+                "(empty texts, or stopwords only); BM25 and hybrid retrieval need document text"
+            )
         self.model = bm25s.BM25(k1=self.settings.k1, b=self.settings.b, method=self.settings.method)
         self.model.index(tokens, show_progress=False)
 

@@ -35,22 +35,23 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from retroflow.data.beir import BeirDataset
+from retrieval.serving.encoder import Encoder, EncoderSettings
 from retroflow.artifacts import artifact_label
-from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 from retroflow.config import StageConfig
+from retroflow.data.beir import BeirDataset
 from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
 from retroflow.progress import progress_bar
-from retrieval.serving.encoder import Encoder, EncoderSettings
+from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,9 @@ def write_vectors(path: Path, vectors: np.ndarray) -> None:
 
 def write_ids(path: Path, ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> None:
     with publishing_file(path) as staging:
-        pq.write_table(pa.table({"_id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())}), staging)
+        pq.write_table(
+            pa.table({"_id": ids if isinstance(ids, (pa.Array, pa.ChunkedArray)) else pa.array(list(ids), pa.string())}), staging
+        )
 
 
 def run_encode_shard(
@@ -302,8 +305,15 @@ def encode_shards(
     encoded_docs, started = 0, time.perf_counter()
     if pending and encoder is None:
         encoder = Encoder(config.model, config.encoder)
-    bar = progress_bar(total=total_docs, initial=done_docs, desc="encode", unit="doc", unit_scale=True, dynamic_ncols=True,
-               disable=not config.encoder.show_progress)  # fmt: skip
+    bar = progress_bar(
+        total=total_docs,
+        initial=done_docs,
+        desc="encode",
+        unit="doc",
+        unit_scale=True,
+        dynamic_ncols=True,
+        disable=not config.encoder.show_progress,
+    )
     for index in pending:
         result = run_encode_shard(config, dataset, index, shards_dir, encoder=encoder)
         if not result["skipped"]:
@@ -343,8 +353,15 @@ def encode_in_processes(config: EncodeConfig, dataset: BeirDataset, shards_dir: 
     jobs = []
     for worker, device in enumerate(devices):
         worker_config = config.with_overrides(encoder={"device": device, "show_progress": False})
-        jobs.append((worker_config.model_dump_json(), config.dataset, dataset.fingerprint, str(shards_dir),
-                     worker_shards(num_shards, worker, len(devices))))  # fmt: skip
+        jobs.append(
+            (
+                worker_config.model_dump_json(),
+                config.dataset,
+                dataset.fingerprint,
+                str(shards_dir),
+                worker_shards(num_shards, worker, len(devices)),
+            )
+        )
     started = time.perf_counter()
     with ProcessPoolExecutor(max_workers=len(devices), mp_context=mp.get_context("spawn")) as pool:
         results = list(pool.map(_worker_main, *zip(*jobs)))
@@ -382,8 +399,13 @@ def run_encode(
         out_dir,
         stats["shards_total"],
         merge=config.merge,
-        extra_meta={"model": artifact_label(config.model), "dataset": dataset.name, "dataset_fingerprint": dataset.fingerprint,
-                    "encoder": config.encoder.canonical(), "shard_size": config.shard_size},  # fmt: skip
+        extra_meta={
+            "model": artifact_label(config.model),
+            "dataset": dataset.name,
+            "dataset_fingerprint": dataset.fingerprint,
+            "encoder": config.encoder.canonical(),
+            "shard_size": config.shard_size,
+        },
     )
     return {**stats, **merged}
 
@@ -400,7 +422,9 @@ def _collect_shards(shards_dir: Path, num_shards: int) -> list[dict[str, Any]]:
         (missing.append(index) if meta is None else metas.append(meta))
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
-        raise ValueError(f"{shards_dir}: {len(missing)} of {num_shards} shards missing or incomplete ({shown}); re-run encode to finish them")
+        raise ValueError(
+            f"{shards_dir}: {len(missing)} of {num_shards} shards missing or incomplete ({shown}); re-run encode to finish them"
+        )
     keys = {m["compat_key"] for m in metas}
     if len(keys) > 1:
         raise ValueError(f"{shards_dir}: shards come from different encode configs ({sorted(keys)}); cannot merge")
@@ -460,9 +484,15 @@ def merge_shards(
         **(extra_meta or {}),
     }  # no timings here: same vectors, same file (the artifact's fingerprint depends on it)
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))
-    return {"num_docs": num_docs, "dim": dim, "dtype": dtype, "num_shards": num_shards, "layout": layout,
-            "encode_seconds_sum": round(sum(seconds), 3),
-            "bytes": _vector_bytes(out_dir, meta)}  # fmt: skip
+    return {
+        "num_docs": num_docs,
+        "dim": dim,
+        "dtype": dtype,
+        "num_shards": num_shards,
+        "layout": layout,
+        "encode_seconds_sum": round(sum(seconds), 3),
+        "bytes": _vector_bytes(out_dir, meta),
+    }
 
 
 def _concatenate_vectors(shards_dir: Path, metas: list[dict[str, Any]], path: Path, num_docs: int, dim: int, dtype: str) -> None:
@@ -527,8 +557,16 @@ def write_embeddings(out_dir: Path, vectors: np.ndarray, ids: Sequence[str], **m
         raise ValueError(f"{len(vectors)} vectors but {len(ids)} ids")
     write_vectors(out_dir / VECTORS_FILE, np.ascontiguousarray(vectors))
     write_ids(out_dir / IDS_FILE, ids)
-    info = {"format": FORMAT, "layout": "merged", "num_docs": len(ids), "dim": int(vectors.shape[1]),
-            "dtype": str(vectors.dtype), "num_shards": 1, "shards": [], **meta}  # fmt: skip
+    info = {
+        "format": FORMAT,
+        "layout": "merged",
+        "num_docs": len(ids),
+        "dim": int(vectors.shape[1]),
+        "dtype": str(vectors.dtype),
+        "num_shards": 1,
+        "shards": [],
+        **meta,
+    }
     atomic_write_text(out_dir / META_FILE, json.dumps(info, indent=2, default=str))
     return out_dir
 

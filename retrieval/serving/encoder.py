@@ -14,19 +14,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from retrieval.serving import encoder_fused
 from retroflow.config import StageConfig
 from retroflow.devices import autocast, pick_device, pick_dtype
-from retroflow.progress import progress_bar
-from retrieval.serving import encoder_fused
 from retroflow.models import ModelFormatError, load_dense_weights, read_sentence_transformer_settings, resolve_model_path
+from retroflow.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     raise ValueError(f"unknown pooling '{mode}' (use cls, mean, max, lasttoken, mean_sqrt_len_tokens or weightedmean)")
 
 
-_ACTIVATIONS = {"identity": lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid,
-                "gelu": F.gelu, "silu": F.silu}
+_ACTIVATIONS = {"identity": lambda x: x, "tanh": torch.tanh, "relu": torch.relu, "sigmoid": torch.sigmoid, "gelu": F.gelu, "silu": F.silu}
 
 
 class DenseHead:
@@ -140,18 +140,24 @@ class Encoder:
         self.device = pick_device(self.settings.device)
         self.dtype = pick_dtype(self.device, self.settings.precision)
         if not st.include_prompt and (self.query_prefix or self.passage_prefix):
-            raise ModelFormatError(f"{self.model_path}: its Pooling excludes prompt tokens (include_prompt false), which retroflow "
-                                   "does not reproduce; encode without prefixes or pool with the prompt included")  # fmt: skip
+            raise ModelFormatError(
+                f"{self.model_path}: its Pooling excludes prompt tokens (include_prompt false), which retroflow "
+                "does not reproduce; encode without prefixes or pool with the prompt included"
+            )
         self.tokenizer = load_tokenizer(self.model_path)
         if st.do_lower_case and self.tokenizer("A")["input_ids"] != self.tokenizer("a")["input_ids"]:
-            raise ModelFormatError(f"{self.model_path}: sentence_bert_config.json sets do_lower_case but the tokenizer is cased; "
-                                   "retroflow would not lower-case as sentence-transformers does")  # fmt: skip
+            raise ModelFormatError(
+                f"{self.model_path}: sentence_bert_config.json sets do_lower_case but the tokenizer is cased; "
+                "retroflow would not lower-case as sentence-transformers does"
+            )
         self.model = load_encoder_model(self.model_path).to(self.device).eval()
         check_vocabulary(self.tokenizer, self.model, self.model_path)
         self.head = DenseHead(self.model_path, st.dense, self.device)
         if st.dense and st.dense[0].in_features != self.model.config.hidden_size:
-            raise ModelFormatError(f"{st.dense[0].path}: Dense expects {st.dense[0].in_features} inputs but the model's vectors "
-                                   f"have {self.model.config.hidden_size}")  # fmt: skip
+            raise ModelFormatError(
+                f"{st.dense[0].path}: Dense expects {st.dense[0].in_features} inputs but the model's vectors "
+                f"have {self.model.config.hidden_size}"
+            )
         self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
         max_positions = getattr(self.model.config, "max_position_embeddings", 512)
         # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length
@@ -164,9 +170,15 @@ class Encoder:
         self.last_docs_per_s: float | None = None
         log.info(
             "encoder %s: pooling=%s normalize=%s max_len q/p=%d/%d device=%s dtype=%s backend=%s",
-            self.name, self.pooling, self.normalize, self.query_max_length, self.passage_max_length,
-            self.device, str(self.dtype).replace("torch.", ""), self.backend,
-        )  # fmt: skip
+            self.name,
+            self.pooling,
+            self.normalize,
+            self.query_max_length,
+            self.passage_max_length,
+            self.device,
+            str(self.dtype).replace("torch.", ""),
+            self.backend,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -279,8 +291,10 @@ def load_tokenizer(model_path: Path):
         try:
             return AutoTokenizer.from_pretrained(model_path)
         except (OSError, ValueError, KeyError) as err:  # e.g. a config.json that is not JSON
-            raise ModelLoadError(f"{model_path}: the model could not be loaded: its tokenizer failed "
-                                 f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None  # fmt: skip
+            raise ModelLoadError(
+                f"{model_path}: the model could not be loaded: its tokenizer failed "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+            ) from None
 
 
 def load_encoder_model(model_path: Path) -> torch.nn.Module:
@@ -300,13 +314,19 @@ def load_encoder_model(model_path: Path) -> torch.nn.Module:
         try:
             model, info = AutoModel.from_pretrained(model_path, output_loading_info=True)
         except Exception as err:  # bad config.json (JSONDecodeError), truncated weights (SafetensorError), ...
-            raise ModelLoadError(f"{model_path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None
+            raise ModelLoadError(
+                f"{model_path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+            ) from None
     # The pooler (a dense layer over [CLS] for next-sentence prediction) is never used for
     # encoding, and MLM checkpoints don't have one: its absence is no news.
     missing = sorted(k for k in info.get("missing_keys") or [] if not k.startswith("pooler."))
     if missing:
-        log.warning("%s: %d encoder weights missing from the checkpoint (randomly initialised): %s",
-                    model_path, len(missing), ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""))  # fmt: skip
+        log.warning(
+            "%s: %d encoder weights missing from the checkpoint (randomly initialised): %s",
+            model_path,
+            len(missing),
+            ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+        )
     return model
 
 
@@ -314,8 +334,10 @@ def check_vocabulary(tokenizer, model: torch.nn.Module, model_path: Path) -> Non
     """A tokenizer with more ids than the embedding matrix would fail deep inside a forward pass."""
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise ModelLoadError(f"{model_path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix only {rows} "
-                             "rows; the tokenizer and the weights do not belong together")  # fmt: skip
+        raise ModelLoadError(
+            f"{model_path}: the tokenizer has {len(tokenizer)} tokens but the model's embedding matrix only {rows} "
+            "rows; the tokenizer and the weights do not belong together"
+        )
 
 
 def iter_chunks(items: Sequence, size: int) -> Iterator[Sequence]:

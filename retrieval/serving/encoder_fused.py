@@ -64,7 +64,7 @@ class FusedBert:
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: torch.nn.Module) -> "FusedBert":
+    def from_model(cls, model: torch.nn.Module) -> FusedBert:
         emb = model.embeddings
         layers = []
         for layer in model.encoder.layer:

@@ -33,16 +33,16 @@ from __future__ import annotations
 import logging
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
-
 from pydantic import Field, field_validator
 
+from retrieval.serving.search import DenseRetriever, Run, drop_self_hits
 from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
-from retrieval.serving.search import DenseRetriever, Run, drop_self_hits
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +57,9 @@ class FusionSettings(StageConfig):
     """How a hybrid system fuses BM25 with a dense model; the `fusion` section of evaluate/teacher configs."""
 
     method: Literal["minmax", "rrf"] = "minmax"
-    weight: float | None = Field(None, ge=0, le=1, description="dense weight of minmax fusion; None = chosen on "
-                                 "dev queries (else on pseudo-queries from the corpus)")  # fmt: skip
+    weight: float | None = Field(
+        None, ge=0, le=1, description="dense weight of minmax fusion; None = chosen on dev queries (else on pseudo-queries from the corpus)"
+    )
     rrf_k: int = Field(60, ge=1)
     depth: int = Field(100, ge=1, description="top-N per query taken from each side")
     weight_grid: list[float] = Field(default_factory=lambda: list(DEFAULT_GRID))
@@ -66,8 +67,9 @@ class FusionSettings(StageConfig):
     dev_fraction: float = Field(0.1, gt=0, lt=1, description="must match fine-tuning's, so dev queries stay unseen")
     dev_seed: int = 0
     pseudo_queries: int = Field(300, ge=10, description="documents pseudo-queries are cut from when there are no dev queries")
-    pseudo_styles: list[PseudoStyle] = Field(default_factory=lambda: list(DEFAULT_STYLES), min_length=1,
-                                             description="the queries written from each cut sentence")  # fmt: skip
+    pseudo_styles: list[PseudoStyle] = Field(
+        default_factory=lambda: list(DEFAULT_STYLES), min_length=1, description="the queries written from each cut sentence"
+    )
     pseudo_keep_fraction: float = Field(0.1, ge=0, le=1, description="share of documents that keep their query sentence")
     pseudo_seed: int = 0
     min_pseudo_documents: int = Field(30, ge=1, description="fewer usable documents: dense alone, no choice")
@@ -132,7 +134,9 @@ def fuse(dense: Run, bm25: Run, settings: FusionSettings, weight: float | None =
     return fuse_minmax(dense, bm25, chosen, settings.depth)
 
 
-def choose_weight(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], settings: FusionSettings) -> tuple[float, dict[float, float]]:
+def choose_weight(
+    dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], settings: FusionSettings
+) -> tuple[float, dict[float, float]]:
     """The grid weight with the best nDCG@10 on `qrels`' queries; ties go to the larger dense weight."""
     from retroflow.metrics import evaluate_run
 
@@ -145,7 +149,9 @@ def choose_weight(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]],
     return best, by_weight
 
 
-def curve_matrix(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], grid: Sequence[float], depth: int) -> tuple[list[str], np.ndarray]:
+def curve_matrix(
+    dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], grid: Sequence[float], depth: int
+) -> tuple[list[str], np.ndarray]:
     """(query ids, their nDCG@10 at every grid weight): queries x weights."""
     from retroflow.metrics import evaluate_run
 
@@ -157,8 +163,16 @@ def curve_matrix(dense: Run, bm25: Run, qrels: Mapping[str, Mapping[str, int]], 
     return qids, scores
 
 
-def guarded_weight(scores: np.ndarray, clusters: Sequence[str], grid: Sequence[float], margin: float, confidence: float = 0.95,
-                   styles: Sequence[str] | None = None, resamples: int = 2000, seed: int = 0) -> dict:  # fmt: skip
+def guarded_weight(
+    scores: np.ndarray,
+    clusters: Sequence[str],
+    grid: Sequence[float],
+    margin: float,
+    confidence: float = 0.95,
+    styles: Sequence[str] | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
     """The dense weight pseudo-queries justify, anchored on the dense model alone.
 
     `scores` is queries x grid weights (nDCG@10), `clusters` each query's source document (queries
@@ -192,19 +206,32 @@ def guarded_weight(scores: np.ndarray, clusters: Sequence[str], grid: Sequence[f
     chosen = max(eligible, key=lambda j: (round(float(worst[j]), 6), -abs(grid[j] - grid[better]))) if eligible else anchor
     named = {str(k): v for k, v in per_style.items()} if styles is not None else {}
     if eligible:
-        reason = (f"w={grid[chosen]} beats dense alone on pseudo-queries by {means[chosen] - means[anchor]:+.4f}"
-                  f"{' in every style' if len(lower) > 1 else ''}: bootstrap {confidence:.0%} lower bound {worst[chosen]:+.4f}"
-                  f"{' (worst style)' if len(lower) > 1 else ''} > margin {margin}")  # fmt: skip
+        reason = (
+            f"w={grid[chosen]} beats dense alone on pseudo-queries by {means[chosen] - means[anchor]:+.4f}"
+            f"{' in every style' if len(lower) > 1 else ''}: bootstrap {confidence:.0%} lower bound {worst[chosen]:+.4f}"
+            f"{' (worst style)' if len(lower) > 1 else ''} > margin {margin}"
+        )
     else:
-        reason = (f"dense alone: no weight beats it on pseudo-queries by more than the margin {margin} at {confidence:.0%} "
-                  f"confidence{' in every style' if len(lower) > 1 else ''}")  # fmt: skip
+        reason = (
+            f"dense alone: no weight beats it on pseudo-queries by more than the margin {margin} at {confidence:.0%} "
+            f"confidence{' in every style' if len(lower) > 1 else ''}"
+        )
     return {
-        "weight": grid[chosen], "reason": reason, "margin": margin, "confidence": confidence,
+        "weight": grid[chosen],
+        "reason": reason,
+        "margin": margin,
+        "confidence": confidence,
         "gain_lower_bound": {str(w): round(float(v), 4) for w, v in zip(grid, worst)},
-        "by_style": {style: {"dense": round(float(m[anchor]), 4), "bm25": round(float(m[bm25_only]), 4), "at_weight": round(float(m[chosen]), 4),
-                             "gain_lower_bound": round(float(lower[style][chosen]), 4) if chosen != anchor else None}
-                     for style, m in named.items()},
-    }  # fmt: skip
+        "by_style": {
+            style: {
+                "dense": round(float(m[anchor]), 4),
+                "bm25": round(float(m[bm25_only]), 4),
+                "at_weight": round(float(m[chosen]), 4),
+                "gain_lower_bound": round(float(lower[style][chosen]), 4) if chosen != anchor else None,
+            }
+            for style, m in named.items()
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------- pseudo-queries
@@ -269,8 +296,14 @@ def styled_query(sentence: str, style: str, rng: random.Random) -> str | None:
     raise ValueError(f"unknown pseudo-query style '{style}' (use keywords, phrase or sentence)")
 
 
-def pseudo_queries(doc_ids: Sequence[str], doc_texts: Sequence[str], count: int, seed: int = 0,
-                   styles: Sequence[str] = ("sentence",), keep_fraction: float = 0.0) -> PseudoQueries:  # fmt: skip
+def pseudo_queries(
+    doc_ids: Sequence[str],
+    doc_texts: Sequence[str],
+    count: int,
+    seed: int = 0,
+    styles: Sequence[str] = ("sentence",),
+    keep_fraction: float = 0.0,
+) -> PseudoQueries:
     """Queries cut from up to `count` documents drawn at random across the corpus: from each, a
     sentence of 5-40 words (the document must have two or more), written once in each of `styles`.
     The Inverse Cloze Task convention: the sentence leaves its document (the positive) except in
@@ -308,8 +341,9 @@ def pseudo_queries(doc_ids: Sequence[str], doc_texts: Sequence[str], count: int,
 # ---------------------------------------------------------------------------------------- searcher
 
 
-def dense_side(encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *,
-              index: str | None = None, doc_vectors=None) -> DenseRetriever:  # fmt: skip
+def dense_side(
+    encoder, doc_ids: Sequence[str], doc_texts: Sequence[str] | None = None, *, index: str | None = None, doc_vectors=None
+) -> DenseRetriever:
     """The hybrid's dense side: the FAISS index directory `index` when given, else exact search over
     `doc_vectors` (or over the texts, encoded on first use)."""
     from retrieval.serving.search import ExactDenseRetriever
@@ -345,8 +379,12 @@ class HybridSearcher:
         fused = fuse(*self.side_runs(queries), self.settings, weight)
         return {qid: dict(top_hits(fused.get(qid, {}), k)) for qid in queries}
 
-    def select_weight(self, dev_queries: Mapping[str, str] | None, dev_qrels: Mapping[str, Mapping[str, int]] | None,
-                      dev_runs: tuple[Run, Run] | None = None) -> dict:  # fmt: skip
+    def select_weight(
+        self,
+        dev_queries: Mapping[str, str] | None,
+        dev_qrels: Mapping[str, Mapping[str, int]] | None,
+        dev_runs: tuple[Run, Run] | None = None,
+    ) -> dict:
         """{'weight', 'chosen_on', 'reason', ...}: from fusion.weight, the dev queries when given
         (`dev_runs`: their (dense, bm25) runs when the caller already has them), else pseudo-queries
         from the corpus under `guarded_weight`'s rule."""
@@ -358,8 +396,14 @@ class HybridSearcher:
         if dev_queries:
             dense, bm25 = dev_runs or self.side_runs(dev_queries)
             weight, by_weight = choose_weight(dense, bm25, dev_qrels, s)
-            return {"method": "minmax", "weight": weight, "chosen_on": "dev", "reason": "best nDCG@10 on the dev hold-out",
-                    "selection_queries": len(dev_qrels), **curve_summary(by_weight, weight)}  # fmt: skip
+            return {
+                "method": "minmax",
+                "weight": weight,
+                "chosen_on": "dev",
+                "reason": "best nDCG@10 on the dev hold-out",
+                "selection_queries": len(dev_qrels),
+                **curve_summary(by_weight, weight),
+            }
         return self.select_on_pseudo_queries()
 
     def pseudo_curves(self) -> tuple[PseudoQueries, list[str], np.ndarray]:
@@ -378,19 +422,45 @@ class HybridSearcher:
         pseudo, qids, scores = curves or self.pseudo_curves()
         if not qids:
             skipped = ", ".join(f"{n} {why}" for why, n in pseudo.skipped.items()) or "no documents"
-            reason = (f"fallback to dense alone: only {pseudo.documents} documents could give pseudo-queries "
-                      f"(fusion.min_pseudo_documents {s.min_pseudo_documents}; skipped: {skipped})")  # fmt: skip
+            reason = (
+                f"fallback to dense alone: only {pseudo.documents} documents could give pseudo-queries "
+                f"(fusion.min_pseudo_documents {s.min_pseudo_documents}; skipped: {skipped})"
+            )
             log.warning("hybrid: %s", reason)
-            return {"method": "minmax", "weight": 1.0, "chosen_on": "fallback (too few pseudo-queries)", "reason": reason,
-                    "selection_queries": len(pseudo.queries), "pseudo_documents": pseudo.documents}  # fmt: skip
-        guarded = guarded_weight(scores, [pseudo.source[q] for q in qids], s.weight_grid, s.pseudo_margin, s.pseudo_confidence,
-                                 styles=[pseudo.styles[q] for q in qids], seed=s.pseudo_seed)  # fmt: skip
+            return {
+                "method": "minmax",
+                "weight": 1.0,
+                "chosen_on": "fallback (too few pseudo-queries)",
+                "reason": reason,
+                "selection_queries": len(pseudo.queries),
+                "pseudo_documents": pseudo.documents,
+            }
+        guarded = guarded_weight(
+            scores,
+            [pseudo.source[q] for q in qids],
+            s.weight_grid,
+            s.pseudo_margin,
+            s.pseudo_confidence,
+            styles=[pseudo.styles[q] for q in qids],
+            seed=s.pseudo_seed,
+        )
         by_weight = dict(zip(s.weight_grid, scores.mean(axis=0).tolist()))
-        return {"method": "minmax", "weight": guarded["weight"], "chosen_on": "pseudo-queries", "reason": guarded["reason"],
-                "selection_queries": len(qids), "pseudo_documents": pseudo.documents, "pseudo_styles": list(s.pseudo_styles),
-                "pseudo_keep_fraction": s.pseudo_keep_fraction, "pseudo_seed": s.pseudo_seed,
-                "margin": guarded["margin"], "confidence": guarded["confidence"], "gain_lower_bound": guarded["gain_lower_bound"],
-                "by_style": guarded["by_style"], **curve_summary(by_weight, guarded["weight"])}  # fmt: skip
+        return {
+            "method": "minmax",
+            "weight": guarded["weight"],
+            "chosen_on": "pseudo-queries",
+            "reason": guarded["reason"],
+            "selection_queries": len(qids),
+            "pseudo_documents": pseudo.documents,
+            "pseudo_styles": list(s.pseudo_styles),
+            "pseudo_keep_fraction": s.pseudo_keep_fraction,
+            "pseudo_seed": s.pseudo_seed,
+            "margin": guarded["margin"],
+            "confidence": guarded["confidence"],
+            "gain_lower_bound": guarded["gain_lower_bound"],
+            "by_style": guarded["by_style"],
+            **curve_summary(by_weight, guarded["weight"]),
+        }
 
     def pseudo_runs(self, pseudo: PseudoQueries) -> tuple[Run, Run]:
         """Both sides' runs for the pseudo-queries, each searching the corpus in which the
@@ -417,12 +487,17 @@ class HybridSearcher:
 
 
 def curve_summary(by_weight: Mapping[float, float], weight: float) -> dict:
-    return {"selection_ndcg@10": round(by_weight[weight], 4), "selection_dense_ndcg@10": round(by_weight.get(1.0, float("nan")), 4),
-            "selection_bm25_ndcg@10": round(by_weight.get(0.0, float("nan")), 4),
-            "by_weight": {str(w): round(v, 4) for w, v in by_weight.items()}}  # fmt: skip
+    return {
+        "selection_ndcg@10": round(by_weight[weight], 4),
+        "selection_dense_ndcg@10": round(by_weight.get(1.0, float("nan")), 4),
+        "selection_bm25_ndcg@10": round(by_weight.get(0.0, float("nan")), 4),
+        "by_weight": {str(w): round(v, 4) for w, v in by_weight.items()},
+    }
 
 
-def dev_hold_out(dataset, settings: FusionSettings, evaluated_split: str | None = None) -> tuple[dict[str, str], dict[str, dict[str, int]]] | None:
+def dev_hold_out(
+    dataset, settings: FusionSettings, evaluated_split: str | None = None
+) -> tuple[dict[str, str], dict[str, dict[str, int]]] | None:
     """(queries, qrels) of the dev hold-out of `settings.dev_split`, or None when the dataset has no such split."""
     if settings.dev_split not in dataset.splits or settings.dev_split == evaluated_split:
         return None

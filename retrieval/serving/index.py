@@ -28,14 +28,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import logging
+import math
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import faiss
 import numpy as np
@@ -43,11 +44,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, field_validator
 
-from retroflow.artifacts import artifact_label
-from retroflow.publish import atomic_write_text, publishing_file
-from retroflow.config import StageConfig
 from retrieval.serving.encode import Embeddings, open_embeddings, write_ids
 from retrieval.serving.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
+from retroflow.artifacts import artifact_label
+from retroflow.config import StageConfig
+from retroflow.publish import atomic_write_text, publishing_file
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,8 @@ class LoadedIndex:
 
     path: Path
     meta: dict[str, Any]
-    index: "faiss.Index"
-    parts: list["faiss.Index"]  # kept so Python owns the sub-indexes of an IndexShards
+    index: faiss.Index
+    parts: list[faiss.Index]  # kept so Python owns the sub-indexes of an IndexShards
     ids: pa.ChunkedArray
     on_gpu: bool = False
 
@@ -117,7 +118,7 @@ def use_gpu(mode: str) -> bool:
     return mode != "never" and count > 0
 
 
-def to_gpu(index: "faiss.Index", mode: str = "auto") -> tuple["faiss.Index", bool]:
+def to_gpu(index: faiss.Index, mode: str = "auto") -> tuple[faiss.Index, bool]:
     """Copy `index` to all visible GPUs (sharded across them when several); CPU fallback.
 
     HNSW and some refine indexes have no GPU implementation: FAISS raises, we keep the CPU index.
@@ -161,7 +162,7 @@ def _faiss_message(err: Exception) -> str:
     return re.sub(r"^Error in .*? at \S+:\d+: ", "", line)
 
 
-def nested_indexes(index: "faiss.Index") -> Iterator["faiss.Index"]:
+def nested_indexes(index: faiss.Index) -> Iterator[faiss.Index]:
     """The index and every index inside it (pre-transform, refine base, IVF quantizer, shards)."""
     index = faiss.downcast_index(index)
     yield index
@@ -174,7 +175,7 @@ def nested_indexes(index: "faiss.Index") -> Iterator["faiss.Index"]:
             yield from nested_indexes(index.at(i))
 
 
-def prepare_for_training(index: "faiss.Index", config: IndexConfig) -> None:
+def prepare_for_training(index: faiss.Index, config: IndexConfig) -> None:
     """Apply build-time settings the factory string cannot express."""
     for inner in nested_indexes(index):
         if hasattr(inner, "hnsw"):
@@ -190,7 +191,7 @@ def prepare_for_training(index: "faiss.Index", config: IndexConfig) -> None:
                     transform.niter = config.opq_iterations
 
 
-def knob_ranges(index: "faiss.Index") -> dict[str, list[float]]:
+def knob_ranges(index: faiss.Index) -> dict[str, list[float]]:
     """Search-time knobs FAISS exposes for this index, with the value ranges it suggests."""
     space = faiss.ParameterSpace()
     space.initialize(index)
@@ -202,7 +203,7 @@ def knob_ranges(index: "faiss.Index") -> dict[str, list[float]]:
     return ranges
 
 
-def default_search_params(index: "faiss.Index", config: IndexConfig) -> dict[str, int]:
+def default_search_params(index: faiss.Index, config: IndexConfig) -> dict[str, int]:
     values = {"efSearch": config.ef_search, "nprobe": config.nprobe, "k_factor_rf": config.k_factor, "quantizer_efSearch": config.ef_search}
     available = knob_ranges(index)
     params = {name: values[name] for name in available}
@@ -211,7 +212,7 @@ def default_search_params(index: "faiss.Index", config: IndexConfig) -> dict[str
     return params
 
 
-def ivf_nlist(index: "faiss.Index") -> int:
+def ivf_nlist(index: faiss.Index) -> int:
     for inner in nested_indexes(index):
         if isinstance(inner, faiss.IndexIVF):
             return int(inner.nlist)
@@ -241,7 +242,7 @@ def parse_search_params(texts: list[str], index_dir, available) -> dict[str, flo
     return params
 
 
-def set_search_params(index: "faiss.Index", params: dict[str, float]) -> None:
+def set_search_params(index: faiss.Index, params: dict[str, float]) -> None:
     space = faiss.GpuParameterSpace() if hasattr(faiss, "GpuParameterSpace") else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, float(value))
@@ -262,7 +263,7 @@ def index_shard_name(shard: int) -> str:
     return f"index-{shard:05d}.faiss"
 
 
-def write_index_file(index: "faiss.Index", path: Path) -> None:
+def write_index_file(index: faiss.Index, path: Path) -> None:
     with publishing_file(path) as staging:
         faiss.write_index(index, str(staging))
 
@@ -296,7 +297,7 @@ def train_index_template(config: IndexConfig, embeddings: Embeddings, out_dir: P
     return {"train_seconds": round(time.perf_counter() - started, 3), "trained_on": trained_on, "skipped": False}
 
 
-def _train(index: "faiss.Index", sample: np.ndarray, config: IndexConfig) -> None:
+def _train(index: faiss.Index, sample: np.ndarray, config: IndexConfig) -> None:
     gpu_clustering = None
     ivf = next((i for i in nested_indexes(index) if isinstance(i, faiss.IndexIVF)), None)
     if ivf is not None and use_gpu(config.gpu):
@@ -305,7 +306,9 @@ def _train(index: "faiss.Index", sample: np.ndarray, config: IndexConfig) -> Non
         ivf.clustering_index = gpu_clustering
     nlist = ivf.nlist if ivf is not None else 0
     if nlist and len(sample) < nlist:
-        raise ValueError(f"{config.factory!r} has {nlist} IVF lists but only {len(sample)} training vectors: use fewer lists (about sqrt(N)..4*sqrt(N))")
+        raise ValueError(
+            f"{config.factory!r} has {nlist} IVF lists but only {len(sample)} training vectors: use fewer lists (about sqrt(N)..4*sqrt(N))"
+        )
     try:
         index.train(sample)
     except RuntimeError as err:
@@ -364,7 +367,10 @@ def finalize_index_dir(config: IndexConfig, embeddings: Embeddings, out_dir: Pat
         "config": config.canonical(),
         "embeddings": {
             "path": artifact_label(embeddings.path),  # stage/key inside a store: the same on every store root
-            **{k: embeddings.meta.get(k) for k in ("model", "dataset", "dataset_fingerprint", "pooling", "normalize", "compat_key", "encoder", "dtype")},
+            **{
+                k: embeddings.meta.get(k)
+                for k in ("model", "dataset", "dataset_fingerprint", "pooling", "normalize", "compat_key", "encoder", "dtype")
+            },
         },
         "build": {"trained_on": stats.get("trained_on")},  # timings go to the metrics: same index, same file
     }
@@ -389,10 +395,24 @@ def run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) ->
         "add_docs_per_s": round(embeddings.num_docs / add_seconds, 1) if add_seconds > 0 else None,
     }
     meta = finalize_index_dir(config, embeddings, out_dir, stats)
-    log.info("built %s over %d vectors (%d shard(s)) in %.1fs: %.1f bytes/vector",
-             config.factory, embeddings.num_docs, config.num_shards, stats["build_seconds"], meta["bytes_per_vector"])  # fmt: skip
-    return {"factory": config.factory, "ntotal": meta["ntotal"], "dim": meta["dim"], "num_shards": config.num_shards,
-            "bytes_per_vector": meta["bytes_per_vector"], "marginal_bytes_per_vector": meta["marginal_bytes_per_vector"], "search_params": meta["search_params"], **stats}  # fmt: skip
+    log.info(
+        "built %s over %d vectors (%d shard(s)) in %.1fs: %.1f bytes/vector",
+        config.factory,
+        embeddings.num_docs,
+        config.num_shards,
+        stats["build_seconds"],
+        meta["bytes_per_vector"],
+    )
+    return {
+        "factory": config.factory,
+        "ntotal": meta["ntotal"],
+        "dim": meta["dim"],
+        "num_shards": config.num_shards,
+        "bytes_per_vector": meta["bytes_per_vector"],
+        "marginal_bytes_per_vector": meta["marginal_bytes_per_vector"],
+        "search_params": meta["search_params"],
+        **stats,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,7 +438,7 @@ def load_index(index_dir: str | Path, device: str = "auto") -> LoadedIndex:
     return _load_index_cached(str(path), mtime, device)
 
 
-def read_faiss_file(path: Path) -> "faiss.Index":
+def read_faiss_file(path: Path) -> faiss.Index:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: index file missing; rebuild the index")
     try:
@@ -446,8 +466,9 @@ def _load_index_cached(path_text: str, mtime_ns: int, device: str) -> LoadedInde
     return LoadedIndex(path=path, meta=meta, index=index, parts=parts, ids=ids, on_gpu=on_gpu)
 
 
-def search_loaded(loaded: LoadedIndex, query_vectors: np.ndarray, k: int, params: dict[str, float] | None = None,
-                  batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def search_loaded(
+    loaded: LoadedIndex, query_vectors: np.ndarray, k: int, params: dict[str, float] | None = None, batch_size: int = 4096
+) -> tuple[np.ndarray, np.ndarray]:
     """Raw FAISS search: (scores, positions) with -1 where fewer than k hits exist."""
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
     if queries.ndim != 2 or queries.shape[1] != loaded.meta["dim"]:

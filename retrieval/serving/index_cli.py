@@ -1,11 +1,11 @@
 """`retroflow encode`, `retroflow index`, `retroflow tune`, `retroflow search`: thin wrappers over the stage functions.
 
-    retroflow encode --model minilm --dataset scifact --output runs/scifact-minilm [--shard-size 50000]
-                     [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
-    retroflow index --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
-    retroflow tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
-                   [--dev-dataset scifact --dev-fraction 0.1 [--ndcg-tolerance 0.001]]
-    retroflow search --index DIR --query "text" [--query ...] | --dataset D --split test --output run.json
+retroflow encode --model minilm --dataset scifact --output runs/scifact-minilm [--shard-size 50000]
+                 [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
+retroflow index --embeddings runs/scifact-minilm --factory HNSW32 [--output DIR] [--num-shards N]
+retroflow tune --index DIR [--dataset scifact --split test | --queries q.npy] [--target-recall 0.95]
+               [--dev-dataset scifact --dev-fraction 0.1 [--ndcg-tolerance 0.001]]
+retroflow search --index DIR --query "text" [--query ...] | --dataset D --split test --output run.json
 """
 
 from __future__ import annotations
@@ -63,7 +63,9 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
     _common(parser, "YAML EncodeConfig, e.g. configs/encode/scifact.yaml")
     parser.add_argument("--model", help="alias (minilm), local HF model dir or hub id")
     parser.add_argument("--dataset", help="BEIR directory, name, hf:BeIR/NAME or zip URL")
-    parser.add_argument("--output", type=Path, help="embeddings directory (shards go to OUTPUT/shards until merged); default: the artifact store")
+    parser.add_argument(
+        "--output", type=Path, help="embeddings directory (shards go to OUTPUT/shards until merged); default: the artifact store"
+    )
     parser.add_argument("--shard-size", type=int)
     parser.add_argument("--dtype", choices=["float32", "float16"])
     parser.add_argument("--batch-size", type=int)
@@ -77,16 +79,24 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
 def encode_config(args: argparse.Namespace):
     from retrieval.serving.encode import EncodeConfig
 
-    overrides = _overrides(args, [("model", "model"), ("dataset", "dataset"), ("shard_size", "shard_size"), ("dtype", "dtype"),
-                                  ("batch_size", "encoder.batch_size")])  # fmt: skip
+    overrides = _overrides(
+        args,
+        [
+            ("model", "model"),
+            ("dataset", "dataset"),
+            ("shard_size", "shard_size"),
+            ("dtype", "dtype"),
+            ("batch_size", "encoder.batch_size"),
+        ],
+    )
     if args.no_merge:
         overrides.append("merge=false")
     return load_config(EncodeConfig, args.config, overrides)
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
-    from retroflow.data.beir import load_dataset
     from retrieval.serving.encode import META_FILE, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+    from retroflow.data.beir import load_dataset
 
     config = encode_config(args)
     dataset = load_dataset(config.dataset)
@@ -107,7 +117,11 @@ def run_encode_command(args: argparse.Namespace) -> int:
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     metrics = run_encode(config, dataset, out_dir, shards_dir, devices=devices)
     shutil.rmtree(shards_dir, ignore_errors=True)  # merged (or moved) into OUTPUT: drop the second copy
-    print(format_table([{k: metrics.get(k) for k in ("num_docs", "dim", "dtype", "num_shards", "shards_encoded", "shards_skipped", "docs_per_s")}]))
+    print(
+        format_table(
+            [{k: metrics.get(k) for k in ("num_docs", "dim", "dtype", "num_shards", "shards_encoded", "shards_skipped", "docs_per_s")}]
+        )
+    )
     emit_json({"output": str(out_dir), **metrics})
     return 0
 
@@ -118,8 +132,11 @@ def run_encode_command(args: argparse.Namespace) -> int:
 
 
 def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
-    build = subparsers.add_parser("index", help="train + fill a FAISS index from a factory string",
-                                description="Build a FAISS index (Flat, HNSW32, IVF1024,PQ48, OPQ48,IVF1024,PQ48, SQ8, ...).")  # fmt: skip
+    build = subparsers.add_parser(
+        "index",
+        help="train + fill a FAISS index from a factory string",
+        description="Build a FAISS index (Flat, HNSW32, IVF1024,PQ48, OPQ48,IVF1024,PQ48, SQ8, ...).",
+    )
     _common(build, "YAML IndexConfig, e.g. configs/index/hnsw32.yaml")
     build.add_argument("--embeddings", type=Path, required=True, help="directory written by `retroflow encode`")
     build.add_argument("--factory", help="FAISS index_factory string")
@@ -128,9 +145,12 @@ def _add_index_and_tune(subparsers: argparse._SubParsersAction) -> None:
     build.add_argument("--metric", choices=["ip", "l2"])
     build.set_defaults(func=run_index_build_command, stage="index", config_from_args=index_config)
 
-    tune = subparsers.add_parser("tune", help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest that stays within "
-                                 "an nDCG tolerance of exact search on dev queries (else: meeting a recall target)",
-                               description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.")  # fmt: skip
+    tune = subparsers.add_parser(
+        "tune",
+        help="sweep efSearch/nprobe/k_factor against exact search, keep the fastest that stays within "
+        "an nDCG tolerance of exact search on dev queries (else: meeting a recall target)",
+        description="Writes tune.csv, tune.json, tune.png and stores the chosen search parameters in index.json.",
+    )
     _common(tune, "YAML TuneConfig, e.g. configs/tune/default.yaml")
     tune.add_argument("--index", type=Path, required=True)
     tune.add_argument("--embeddings", type=Path, help="default: the directory the index was built from")
@@ -155,14 +175,21 @@ def factory_slug(factory: str) -> str:
 def index_config(args: argparse.Namespace):
     from retrieval.serving.index import IndexConfig
 
-    return load_config(IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")]))
+    return load_config(
+        IndexConfig, args.config, _overrides(args, [("factory", "factory"), ("num_shards", "num_shards"), ("metric", "metric")])
+    )
 
 
 def tune_config(args: argparse.Namespace):
     from retrieval.serving.tune import TuneConfig
 
-    flags = [("target_recall", "target_recall"), ("num_queries", "num_queries"), ("k", "k"), ("dev_fraction", "dev_fraction"),
-             ("ndcg_tolerance", "ndcg_tolerance")]  # fmt: skip
+    flags = [
+        ("target_recall", "target_recall"),
+        ("num_queries", "num_queries"),
+        ("k", "k"),
+        ("dev_fraction", "dev_fraction"),
+        ("ndcg_tolerance", "ndcg_tolerance"),
+    ]
     return load_config(TuneConfig, args.config, _overrides(args, flags))
 
 
@@ -180,8 +207,8 @@ def run_index_build_command(args: argparse.Namespace) -> int:
 
 def query_encoder(index_meta: dict[str, Any], model: str | None):
     """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
-    from retroflow.artifacts import resolve_artifact_label
     from retrieval.serving.encoder import Encoder, EncoderSettings
+    from retroflow.artifacts import resolve_artifact_label
 
     recorded = index_meta.get("embeddings", {})
     name = model or recorded.get("model")
@@ -200,15 +227,17 @@ def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str
 
 
 def run_index_tune_command(args: argparse.Namespace) -> int:
+    from retrieval.serving.index import read_index_meta
+    from retrieval.serving.tune import run_tune_index
     from retroflow.artifacts import resolve_artifact_label
     from retroflow.inputs import artifact_containing
-    from retrieval.serving.tune import run_tune_index
-    from retrieval.serving.index import read_index_meta
 
     config = tune_config(args)
     if args.output is None and artifact_containing(args.index) is not None:
-        raise ValueError(f"{args.index} is a store artifact: tuning it in place would change a finished artifact; "
-                         "pass --output DIR (or drop --dataset/--queries: the tune stage then writes a new artifact)")
+        raise ValueError(
+            f"{args.index} is a store artifact: tuning it in place would change a finished artifact; "
+            "pass --output DIR (or drop --dataset/--queries: the tune stage then writes a new artifact)"
+        )
     meta = read_index_meta(args.index)
     embeddings = args.embeddings or Path(resolve_artifact_label(meta["embeddings"]["path"], near=Path(args.index)))
     if args.queries:
@@ -219,8 +248,8 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
         query_vectors = None
     dev, reason = None, "no --dev-dataset given"
     if args.dev_dataset:
-        from retroflow.data.beir import load_dataset
         from retrieval.serving.tune import dev_hold_out_queries
+        from retroflow.data.beir import load_dataset
 
         dev, reason = dev_hold_out_queries(config, load_dataset(args.dev_dataset), query_encoder(meta, args.model))
     out_dir = args.output or args.index
@@ -236,8 +265,11 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
 
 
 def _add_search(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("search", help="search an index with text queries or a dataset's queries",
-                                   description="Encode queries with the index's model and search the index.")  # fmt: skip
+    parser = subparsers.add_parser(
+        "search",
+        help="search an index with text queries or a dataset's queries",
+        description="Encode queries with the index's model and search the index.",
+    )
     parser.add_argument("--index", type=Path, required=True)
     parser.add_argument("--query", action="append", default=[], help="query text (repeatable)")
     parser.add_argument("--dataset", help="search every query of this dataset split instead")
@@ -250,8 +282,8 @@ def _add_search(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_search_command(args: argparse.Namespace) -> int:
-    from retroflow.publish import atomic_write_text
     from retrieval.serving.index import IndexRetriever, read_index_meta
+    from retroflow.publish import atomic_write_text
 
     meta = read_index_meta(args.index)
     params = None
@@ -276,19 +308,24 @@ def run_search_command(args: argparse.Namespace) -> int:
     run = retriever.search_vectors(qids, vectors, args.k)
     seconds = time.perf_counter() - started
     if args.query:
-        rows = [{"query": text, "rank": r + 1, "doc_id": d, "score": s}
-                for qid, text in queries.items() for r, (d, s) in enumerate(run[qid].items())]  # fmt: skip
+        rows = [
+            {"query": text, "rank": r + 1, "doc_id": d, "score": s}
+            for qid, text in queries.items()
+            for r, (d, s) in enumerate(run[qid].items())
+        ]
         print(format_table(rows))
     if args.output:
         atomic_write_text(args.output, json.dumps(run))
-    emit_json({
-        "index": str(args.index),
-        "factory": meta["factory"],
-        "num_queries": len(qids),
-        "k": args.k,
-        "search_params": params if params is not None else meta.get("search_params"),
-        "queries_per_s": round(len(qids) / seconds, 1) if seconds > 0 else None,
-        "top": [next(iter(run[q]), None) for q in qids[:5]],
-        "output": str(args.output) if args.output else None,
-    })  # fmt: skip
+    emit_json(
+        {
+            "index": str(args.index),
+            "factory": meta["factory"],
+            "num_queries": len(qids),
+            "k": args.k,
+            "search_params": params if params is not None else meta.get("search_params"),
+            "queries_per_s": round(len(qids) / seconds, 1) if seconds > 0 else None,
+            "top": [next(iter(run[q]), None) for q in qids[:5]],
+            "output": str(args.output) if args.output else None,
+        }
+    )
     return 0

@@ -24,7 +24,8 @@ the index tuner's ground truth).
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import faiss
 import numpy as np
@@ -48,7 +49,7 @@ class QueryEncoder(Protocol):
 # ---------------------------------------------------------------------------------------- vectors
 
 
-def flat_index(doc_vectors: np.ndarray) -> "faiss.IndexFlatIP":
+def flat_index(doc_vectors: np.ndarray) -> faiss.IndexFlatIP:
     index = faiss.IndexFlatIP(doc_vectors.shape[1])
     index.add(np.ascontiguousarray(doc_vectors, dtype=np.float32))
     return index
@@ -59,7 +60,9 @@ def exact_search(doc_vectors: np.ndarray, query_vectors: np.ndarray, k: int, bat
     return search_index(flat_index(doc_vectors), query_vectors, k, batch_size)
 
 
-def exact_search_blocks(query_vectors: np.ndarray, blocks: Iterable[np.ndarray], k: int, metric: str = "ip") -> tuple[np.ndarray, np.ndarray]:
+def exact_search_blocks(
+    query_vectors: np.ndarray, blocks: Iterable[np.ndarray], k: int, metric: str = "ip"
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over a corpus given block by block (one that need not fit in memory): (scores,
     row indices), rows numbered across the blocks, -1 where the corpus has fewer than k rows.
     `metric` is "ip" (inner product) or "l2". FAISS's `knn_ground_truth` scans and merges the blocks."""
@@ -71,12 +74,12 @@ def exact_search_blocks(query_vectors: np.ndarray, blocks: Iterable[np.ndarray],
     return scores, indices
 
 
-def search_index(index: "faiss.Index", query_vectors: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index: faiss.Index, query_vectors: np.ndarray, k: int, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """(scores, row indices) from an in-memory FAISS index; k is capped at the corpus size."""
     return search_in_batches(index, query_vectors, min(k, index.ntotal), batch_size)
 
 
-def search_in_batches(index: "faiss.Index", query_vectors: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def search_in_batches(index: faiss.Index, query_vectors: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """`index.search` a batch of queries at a time, so FAISS's per-call buffers stay bounded;
     rows past the index's size come back as FAISS pads them (index -1)."""
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
@@ -119,11 +122,11 @@ class DenseRetriever:
 class MemoryIndexRetriever(DenseRetriever):
     """A FAISS index built in memory over the corpus vectors, row i = `doc_ids[i]` (e.g. HNSW for mining)."""
 
-    def __init__(self, encoder: QueryEncoder, doc_ids: Sequence[str], index: "faiss.Index"):
+    def __init__(self, encoder: QueryEncoder, doc_ids: Sequence[str], index: faiss.Index):
         self.encoder, self.doc_ids, self._index = encoder, list(doc_ids), index
 
     @property
-    def index(self) -> "faiss.Index":
+    def index(self) -> faiss.Index:
         return self._index
 
     def search_vectors(self, query_ids: Sequence[str], query_vectors: np.ndarray, k: int) -> Run:
@@ -147,7 +150,7 @@ class ExactDenseRetriever(MemoryIndexRetriever):
         return self._doc_vectors
 
     @property
-    def index(self) -> "faiss.Index":
+    def index(self) -> faiss.Index:
         if self._index is None:
             self._index = flat_index(self.doc_vectors())
         return self._index

@@ -42,21 +42,22 @@ import itertools
 import json
 import logging
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
 from pydantic import Field
 
-from retroflow.publish import atomic_write_bytes, atomic_write_text
+from retrieval.serving.encode import Embeddings, open_embeddings
+from retrieval.serving.encoder import EncoderSettings
+from retrieval.serving.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
+from retrieval.serving.search import exact_search_blocks
 from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
 from retroflow.metrics import evaluate_run
-from retrieval.serving.index import META_FILE, copy_index_dir, ivf_nlist, knob_ranges, load_index, read_index_meta, search_loaded
-from retrieval.serving.encode import Embeddings, open_embeddings
-from retrieval.serving.encoder import EncoderSettings
-from retrieval.serving.search import exact_search_blocks
+from retroflow.publish import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,13 @@ log = logging.getLogger(__name__)
 class TuneConfig(StageConfig):
     """`retroflow tune`: what to sweep, how close to exact search on dev the choice must stay, what recall it must reach."""
 
-    ndcg_tolerance: float = Field(0.001, ge=0, le=1, description="the choice's nDCG@k on the dev queries may fall at most this "
-                                  "far below exact search's (the rule; recall only when there are no dev queries)")  # fmt: skip
+    ndcg_tolerance: float = Field(
+        0.001,
+        ge=0,
+        le=1,
+        description="the choice's nDCG@k on the dev queries may fall at most this "
+        "far below exact search's (the rule; recall only when there are no dev queries)",
+    )
     target_recall: float = Field(0.95, gt=0, le=1, description="recall@k against exact search the choice must also reach")
     k: int = Field(10, ge=1)
     num_queries: int = Field(1000, ge=1, description="queries sampled for the sweep")
@@ -75,11 +81,21 @@ class TuneConfig(StageConfig):
     batch_size: int = Field(1024, ge=1, description="queries per search call when timing")
     repeats: int = Field(3, ge=1, description="timings per setting; the best is kept (less noise on shared cores)")
     exact_batch_size: int = Field(100_000, ge=1, description="corpus rows per block of the exact search")
-    holdout_fraction: float = Field(0.5, gt=0, lt=1, description="share of the sampled queries kept out of the sweep and used "
-                                    "only to report the chosen setting (ignored when report queries are given)")
+    holdout_fraction: float = Field(
+        0.5,
+        gt=0,
+        lt=1,
+        description="share of the sampled queries kept out of the sweep and used "
+        "only to report the chosen setting (ignored when report queries are given)",
+    )
     dev_split: str = Field("train", description="split whose dev hold-out the nDCG rule is measured on (never the evaluated split)")
-    dev_fraction: float = Field(0.0, ge=0, lt=1, description="share of dev_split's judged queries held out as dev; in a pipeline "
-                                "fine-tuning's (0 = no dev queries: recall alone decides)")  # fmt: skip
+    dev_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="share of dev_split's judged queries held out as dev; in a pipeline "
+        "fine-tuning's (0 = no dev queries: recall alone decides)",
+    )
     dev_seed: int = 0
     encoder: EncoderSettings | None = Field(None, description="how the dev queries are encoded; None = as the corpus was")
     device: str = "auto"
@@ -126,7 +142,7 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     return float(np.mean(hits)) if hits else 0.0
 
 
-def candidate_settings(loaded_index: "faiss.Index", config: TuneConfig) -> list[dict[str, int]]:
+def candidate_settings(loaded_index: faiss.Index, config: TuneConfig) -> list[dict[str, int]]:
     """Cartesian product of the configured values of every knob this index has."""
     available = knob_ranges(loaded_index)
     nlist = ivf_nlist(loaded_index)
@@ -194,8 +210,9 @@ def table_csv(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return buffer.getvalue()
 
 
-def plot_tradeoff(rows: list[dict[str, Any]], front: list[dict[str, Any]], chosen: dict[str, Any], target: float,
-                  exact_qps: float, title: str, path: Path) -> None:  # fmt: skip
+def plot_tradeoff(
+    rows: list[dict[str, Any]], front: list[dict[str, Any]], chosen: dict[str, Any], target: float, exact_qps: float, title: str, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,12 +273,15 @@ def split_holdout(queries: QuerySet, fraction: float, seed: int) -> tuple[QueryS
     held = min(max(1, round(len(vectors) * fraction)), len(vectors) - 1)
     order = np.random.default_rng([seed, 1]).permutation(len(vectors))
     report, tune = np.sort(order[:held]), np.sort(order[held:])
-    return (QuerySet(vectors[tune], f"{queries.source} ({len(tune)} of {len(vectors)}, tuning part)"),
-            QuerySet(vectors[report], f"{queries.source} ({held} of {len(vectors)}, held out)"))  # fmt: skip
+    return (
+        QuerySet(vectors[tune], f"{queries.source} ({len(tune)} of {len(vectors)}, tuning part)"),
+        QuerySet(vectors[report], f"{queries.source} ({held} of {len(vectors)}, held out)"),
+    )
 
 
-def tuning_and_report_queries(embeddings: Embeddings, query_vectors: np.ndarray | None, report_vectors: np.ndarray | None,
-                              config: TuneConfig) -> tuple[QuerySet, QuerySet]:  # fmt: skip
+def tuning_and_report_queries(
+    embeddings: Embeddings, query_vectors: np.ndarray | None, report_vectors: np.ndarray | None, config: TuneConfig
+) -> tuple[QuerySet, QuerySet]:
     """Two disjoint query sets: the sweep chooses on the first, the stage reports on the second."""
     sampled = sample_queries(embeddings, query_vectors, config)
     if report_vectors is None:
@@ -269,8 +289,10 @@ def tuning_and_report_queries(embeddings: Embeddings, query_vectors: np.ndarray 
     report = sample_queries(embeddings, report_vectors, config, source="given report queries")
     overlap = shared_rows(sampled.vectors, report.vectors)
     if overlap:
-        raise ValueError(f"{overlap} of the {len(report.vectors)} report queries are also tuning queries: "
-                         "reporting on them would show the tuner's own selection bias; pass disjoint sets")  # fmt: skip
+        raise ValueError(
+            f"{overlap} of the {len(report.vectors)} report queries are also tuning queries: "
+            "reporting on them would show the tuner's own selection bias; pass disjoint sets"
+        )
     return sampled, report
 
 
@@ -292,7 +314,9 @@ def dev_ndcg(positions: np.ndarray, dev: DevQueries, doc_ids: list[str], k: int)
     return evaluate_run(dev.qrels, run, [f"ndcg@{k}"])[0][f"ndcg@{k}"]
 
 
-def measure_dev(loaded, embeddings: Embeddings, rows: list[dict[str, Any]], dev: DevQueries, metric: str, config: TuneConfig) -> dict[str, Any]:
+def measure_dev(
+    loaded, embeddings: Embeddings, rows: list[dict[str, Any]], dev: DevQueries, metric: str, config: TuneConfig
+) -> dict[str, Any]:
     """Exact search's dev nDCG@k, and every row's beside it (`dev_ndcg`, `dev_ndcg_loss`, added to the rows)."""
     depth = min(config.k + 1, embeddings.num_docs)  # one spare: a self-hit is dropped
     truth, _ = exact_topk(embeddings, dev.vectors, depth, metric, config.exact_batch_size)
@@ -346,7 +370,10 @@ def run_tune_index(
     meta = read_index_meta(index_dir)
     embeddings = open_embeddings(embeddings_dir)
     if embeddings.num_docs != meta["ntotal"] or embeddings.dim != meta["dim"]:
-        raise ValueError(f"{embeddings_dir} ({embeddings.num_docs} x {embeddings.dim}) is not what {index_dir} was built from ({meta['ntotal']} x {meta['dim']})")
+        raise ValueError(
+            f"{embeddings_dir} ({embeddings.num_docs} x {embeddings.dim}) is not what {index_dir} "
+            f"was built from ({meta['ntotal']} x {meta['dim']})"
+        )
     tuning, reporting = tuning_and_report_queries(embeddings, query_vectors, report_vectors, config)
     k = min(config.k, embeddings.num_docs)
     config = config.with_overrides(k=k)
@@ -364,11 +391,21 @@ def run_tune_index(
         rule = f"fastest with recall@{k} >= {config.target_recall} (recall only: {no_dev_reason})"
         log.warning("tuning %s on recall alone: %s", meta["factory"], no_dev_reason)
     if not met:
-        log.warning("no setting of %s meets the rule (%s): keeping the most accurate (recall %.4f%s)", meta["factory"], rule, chosen["recall"],
-                    f", dev nDCG loss {chosen['dev_ndcg_loss']:.4f}" if dev is not None else "")  # fmt: skip
+        log.warning(
+            "no setting of %s meets the rule (%s): keeping the most accurate (recall %.4f%s)",
+            meta["factory"],
+            rule,
+            chosen["recall"],
+            f", dev nDCG loss {chosen['dev_ndcg_loss']:.4f}" if dev is not None else "",
+        )
     params = {n: chosen[n] for n in chosen if n not in MEASURED}
-    tuned_on = {"num_queries": len(tuning.vectors), "query_source": tuning.source, "recall": chosen["recall"], "qps": chosen["qps"],
-                "exact_qps": round(len(tuning.vectors) / exact_seconds, 1)}  # fmt: skip
+    tuned_on = {
+        "num_queries": len(tuning.vectors),
+        "query_source": tuning.source,
+        "recall": chosen["recall"],
+        "qps": chosen["qps"],
+        "exact_qps": round(len(tuning.vectors) / exact_seconds, 1),
+    }
     reported_on = report_setting(loaded, embeddings, reporting, params, meta["metric"], config)
 
     if out_dir.resolve() != index_dir.resolve():
@@ -398,9 +435,29 @@ def run_tune_index(
         "device": "gpu" if loaded.on_gpu else "cpu",
     }
     atomic_write_text(out_dir / "tune.json", json.dumps(summary, indent=2))
-    plot_tradeoff(rows, front, chosen, config.target_recall, tuned_on["exact_qps"],
-                  f"{meta['factory']}  ({meta['ntotal']} vectors, {len(tuning.vectors)} tuning queries)", out_dir / "tune.png")  # fmt: skip
-    headline = ("rule", "ndcg_tolerance", "target_recall", "target_met", "dev", "k", "recall", "qps", "exact_qps", "speedup_vs_exact", "reported_on", "tuned_on")
+    plot_tradeoff(
+        rows,
+        front,
+        chosen,
+        config.target_recall,
+        tuned_on["exact_qps"],
+        f"{meta['factory']}  ({meta['ntotal']} vectors, {len(tuning.vectors)} tuning queries)",
+        out_dir / "tune.png",
+    )
+    headline = (
+        "rule",
+        "ndcg_tolerance",
+        "target_recall",
+        "target_met",
+        "dev",
+        "k",
+        "recall",
+        "qps",
+        "exact_qps",
+        "speedup_vs_exact",
+        "reported_on",
+        "tuned_on",
+    )
     tuned_meta = {**meta, "search_params": params, "tuned": True, "tuning": {k_: summary[k_] for k_ in headline}}
     atomic_write_text(out_dir / META_FILE, json.dumps(tuned_meta, indent=2, default=str))  # last: the directory is complete
     return {k_: summary[k_] for k_ in ("factory", "search_params", *headline)} | {"settings_tried": len(rows), "pareto_size": len(front)}
@@ -416,12 +473,19 @@ def sweep(loaded, queries: np.ndarray, truth: np.ndarray, config: TuneConfig) ->
     return rows, front
 
 
-def report_setting(loaded, embeddings: Embeddings, queries: QuerySet, params: dict[str, int], metric: str, config: TuneConfig) -> dict[str, Any]:
+def report_setting(
+    loaded, embeddings: Embeddings, queries: QuerySet, params: dict[str, int], metric: str, config: TuneConfig
+) -> dict[str, Any]:
     """Recall@k and batched QPS of one setting on queries the sweep never saw, and exact search's QPS on them."""
     truth, exact_seconds = exact_topk(embeddings, queries.vectors, config.k, metric, config.exact_batch_size)
     measured = measure(loaded, queries.vectors, truth, params, config)
-    return {"num_queries": len(queries.vectors), "query_source": queries.source, "recall": measured["recall"], "qps": measured["qps"],
-            "exact_qps": round(len(queries.vectors) / exact_seconds, 1)}  # fmt: skip
+    return {
+        "num_queries": len(queries.vectors),
+        "query_source": queries.source,
+        "recall": measured["recall"],
+        "qps": measured["qps"],
+        "exact_qps": round(len(queries.vectors) / exact_seconds, 1),
+    }
 
 
 def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
@@ -430,9 +494,9 @@ def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
     hold-out of `dev_split`, on which the nDCG rule is measured."""
     dev, reason = None, "the stage was given no dataset and model to draw dev queries from"
     if "data" in inputs and "model" in inputs:
+        from retrieval.serving.encoder import Encoder
         from retroflow.data import open_dataset
         from retroflow.inputs import model_dir
-        from retrieval.serving.encoder import Encoder
 
         settings = config.encoder or EncoderSettings(**(open_embeddings(inputs["embeddings"].path).meta.get("encoder") or {}))
         encoder = Encoder(model_dir(inputs["model"]), settings.with_overrides(show_progress=False, device=config.device))

@@ -34,22 +34,30 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 import math
 import shutil
 import time
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retroflow.publish import atomic_write_text, publishing
+from retrieval.serving.encoder import check_vocabulary
+from retrieval.training.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
+from retrieval.training.negatives import NegativesConfig, mine_negatives, read_negatives, write_negatives
+from retrieval.training.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, read_teacher_scores
+from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, TrainingSet, beir_training_set, training_queries
 from retroflow.checkpoints import rng_state, set_rng_state
 from retroflow.config import StageConfig
+from retroflow.data.splits import dev_split
 from retroflow.devices import seed_everything
+from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
+from retroflow.publish import atomic_write_text, publishing
 from retroflow.training import (
     LoopSettings,
     TrainerState,
@@ -61,16 +69,8 @@ from retroflow.training import (
     mean_over_processes,
     run_identity,
 )
-from retrieval.training.losses import contrastive_loss, group_scores, kl_distillation_loss, margin_mse_loss, rank_and_world
-from retrieval.serving.encoder import check_vocabulary
-from retroflow.data.splits import dev_split
-from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.training.negatives import NegativesConfig, mine_negatives, read_negatives, write_negatives
-from retrieval.training.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, read_teacher_scores
-from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, TrainingSet, beir_training_set, training_queries
 
 log = logging.getLogger("retroflow.finetune")
-
 
 
 class _Section(BaseModel):
@@ -87,8 +87,11 @@ class ModelSection(_Section):
     # Training on shorter passages than the model serves is a cheap, common trade on CPUs.
     serve_max_length: int | None = Field(None, ge=8)
     gradient_checkpointing: bool = False
-    allow_pooling_change: bool = Field(False, description="fine-tune with a pooling other than the one the start model "
-                                       "declares (what it was trained with): refused unless set, then reported")  # fmt: skip
+    allow_pooling_change: bool = Field(
+        False,
+        description="fine-tune with a pooling other than the one the start model "
+        "declares (what it was trained with): refused unless set, then reported",
+    )
     # e5/bge-style instructions; saved as the model's sentence-transformers prompts so serving uses them too
     query_prefix: str = ""
     passage_prefix: str = ""
@@ -101,8 +104,10 @@ class DataSection(_Section):
     dev_seed: int = 0
     max_queries: int | None = Field(None, ge=1, description="use only the first N training queries")
     rows: Literal["per_positive", "per_query"] = Field(
-        "per_positive", description="per_positive: one training row per (query, judged positive), as sentence-transformers "
-        "recipes do; per_query: one row per query with a random positive each time")  # fmt: skip
+        "per_positive",
+        description="per_positive: one training row per (query, judged positive), as sentence-transformers "
+        "recipes do; per_query: one row per query with a random positive each time",
+    )
 
     def selection(self) -> QuerySelection:
         return QuerySelection(self.split, self.min_grade, self.dev_fraction, self.dev_seed, self.max_queries)
@@ -126,9 +131,13 @@ class TrainSection(_Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     temperature: float | None = Field(None, gt=0, description="None = 0.05 for normalised embeddings, else 1")
     mask_false_negatives: bool = True  # hide in-batch passages judged relevant to the query
-    grad_cache_chunk: int | None = Field(None, ge=1, description="GradCache: embed the batch in chunks of this many "
-                                         "queries without a graph, take the loss over the whole batch, then backpropagate "
-                                         "chunk by chunk; the same gradient as one big batch, in a chunk's memory (one process)")  # fmt: skip
+    grad_cache_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="GradCache: embed the batch in chunks of this many "
+        "queries without a graph, take the loss over the whole batch, then backpropagate "
+        "chunk by chunk; the same gradient as one big batch, in a chunk's memory (one process)",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"
     save_every: int = Field(500, ge=1)
@@ -149,21 +158,37 @@ class AnceSection(_Section):
 class DistillSection(_Section):
     loss: Literal["none", "kl", "margin_mse"] = "none"
     temperature: float = Field(1.0, gt=0, description="kl: both distributions are softmax(scores / temperature)")
-    standardize: bool = Field(True, description="kl: z-score the teacher's scores over each query's candidates first "
-                              "(teachers' score scales differ; the temperature then sets the teacher's sharpness)")  # fmt: skip
+    standardize: bool = Field(
+        True,
+        description="kl: z-score the teacher's scores over each query's candidates first "
+        "(teachers' score scales differ; the temperature then sets the teacher's sharpness)",
+    )
     teacher_temperature: float = Field(0.5, gt=0, description="kl with standardize: teacher = softmax(z / teacher_temperature)")
     weight: float = Field(1.0, ge=0, description="weight of the distillation term")
     contrastive_weight: float = Field(1.0, ge=0, description="weight of the in-batch contrastive term")
-    false_negative_fraction: float | None = Field(0.9, gt=0, le=1, description="drop a candidate negative whose teacher "
-                                                  "score reaches this fraction of the query's best positive (likely unjudged relevant); None = keep all")  # fmt: skip
-    gate: bool = Field(True, description="distil only if the teacher's dev check beats BM25, its dense model and the "
-                       "student's own dev score (the untrained student reranking the teacher's dev pool)")  # fmt: skip
+    false_negative_fraction: float | None = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="drop a candidate negative whose teacher "
+        "score reaches this fraction of the query's best positive (likely unjudged relevant); None = keep all",
+    )
+    gate: bool = Field(
+        True,
+        description="distil only if the teacher's dev check beats BM25, its dense model and the "
+        "student's own dev score (the untrained student reranking the teacher's dev pool)",
+    )
 
 
 class PretrainGateSection(_Section):
-    enabled: bool = Field(True, description="with an `init` input (the model pretraining started from), start from the "
-                          "pretrained model only if it is not worse than the init on the dev hold-out")  # fmt: skip
-    tolerance: float = Field(0.0, ge=0, le=1, description="keep the pretrained start unless its dev nDCG@10 is more than this below the init's")
+    enabled: bool = Field(
+        True,
+        description="with an `init` input (the model pretraining started from), start from the "
+        "pretrained model only if it is not worse than the init on the dev hold-out",
+    )
+    tolerance: float = Field(
+        0.0, ge=0, le=1, description="keep the pretrained start unless its dev nDCG@10 is more than this below the init's"
+    )
     pool_depth: int = Field(30, ge=1, description="BM25 candidates reranked per dev query when the teacher has no dev pool")
     bootstrap: int = Field(1000, ge=0, description="paired bootstrap resamples over dev queries for the reported interval")
 
@@ -180,9 +205,11 @@ class FinetuneConfig(StageConfig):
     pretrain_gate: PretrainGateSection = Field(default_factory=PretrainGateSection)
 
     @model_validator(mode="after")
-    def _check(self) -> "FinetuneConfig":
+    def _check(self) -> FinetuneConfig:
         if self.train.batch_size % self.train.grad_accum_steps:
-            raise ValueError(f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum_steps={self.train.grad_accum_steps}")
+            raise ValueError(
+                f"train.batch_size={self.train.batch_size} is not divisible by train.grad_accum_steps={self.train.grad_accum_steps}"
+            )
         if self.train.epochs is None and self.train.max_steps is None:
             raise ValueError("set train.epochs or train.max_steps")
         if self.distill.loss != "none" and self.negatives.hard_negatives < 1:
@@ -190,7 +217,9 @@ class FinetuneConfig(StageConfig):
         if self.distill.loss != "none" and self.ance.rounds:
             raise ValueError("ance.rounds > 0 with distillation: refreshed negatives have no teacher scores; use one or the other")
         if self.train.grad_cache_chunk and self.train.grad_accum_steps > 1:
-            raise ValueError("train.grad_cache_chunk replaces train.grad_accum_steps (whose micro-batches see only their own negatives): set one")
+            raise ValueError(
+                "train.grad_cache_chunk replaces train.grad_accum_steps (whose micro-batches see only their own negatives): set one"
+            )
         if self.ance.rank_end <= self.ance.rank_start:
             raise ValueError("ance.rank_end must be larger than ance.rank_start")
         return self
@@ -238,7 +267,9 @@ def load_backbone(path: Path, gradient_checkpointing: bool):
     try:
         model = AutoModel.from_pretrained(path)
     except Exception as err:  # bad config.json, truncated weights: name the directory, no traceback
-        raise ModelLoadError(f"{path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})") from None
+        raise ModelLoadError(
+            f"{path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
+        ) from None
     if getattr(model, "pooler", None) is not None:
         # BERT's pooler is unused by cls/mean pooling: frozen, so DDP does not wait for its gradients
         model.pooler.requires_grad_(False)
@@ -255,8 +286,10 @@ def pooling_change(config: FinetuneConfig, model_path: Path) -> dict[str, str] |
     if used == "auto" or declared is None or declared == used:
         return None
     if not config.model.allow_pooling_change:
-        raise ValueError(f"finetune.model.pooling: {model_path} declares {declared} pooling (what it was trained with), the config asks "
-                         f"{used}; set model.pooling to auto or {declared}, or model.allow_pooling_change: true to change it knowingly")  # fmt: skip
+        raise ValueError(
+            f"finetune.model.pooling: {model_path} declares {declared} pooling (what it was trained with), the config asks "
+            f"{used}; set model.pooling to auto or {declared}, or model.allow_pooling_change: true to change it knowingly"
+        )
     log.warning("fine-tuning %s with %s pooling although it declares %s (model.allow_pooling_change)", model_path, used, declared)
     return {"declared": declared, "used": used}
 
@@ -266,18 +299,24 @@ def resolve_pooling(config: FinetuneConfig, model_path: Path) -> tuple[str, bool
     # The saved model keeps only the transformer and a Pooling: a Dense head would be dropped, and
     # another pooling trained as cls would be served as the original one.
     if st.dense:
-        raise ModelFormatError(f"{model_path}: fine-tuning does not train sentence-transformers Dense modules "
-                               f"({st.dense[0].path.name}); start from a model without one")  # fmt: skip
+        raise ModelFormatError(
+            f"{model_path}: fine-tuning does not train sentence-transformers Dense modules "
+            f"({st.dense[0].path.name}); start from a model without one"
+        )
     if config.model.pooling == "auto" and st.pooling not in (None, "cls", "mean"):
-        raise ModelFormatError(f"{model_path}: fine-tuning supports cls and mean pooling, the model uses {st.pooling!r}; "
-                               "set model.pooling to cls or mean to retrain it that way")  # fmt: skip
+        raise ModelFormatError(
+            f"{model_path}: fine-tuning supports cls and mean pooling, the model uses {st.pooling!r}; "
+            "set model.pooling to cls or mean to retrain it that way"
+        )
     pooling = config.model.pooling if config.model.pooling != "auto" else (st.pooling or "cls")
     normalize = config.model.normalize if config.model.normalize is not None else st.normalize
     temperature = config.train.temperature or (0.05 if normalize else 1.0)
     return pooling, normalize, temperature
 
 
-def save_encoder(model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int, prefixes: tuple[str, str] = ("", "")) -> None:
+def save_encoder(
+    model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int, prefixes: tuple[str, str] = ("", "")
+) -> None:
     """HF weights + tokenizer + sentence-transformers files, published whole (retroflow.publish)."""
     with publishing(dest, replace=True) as staging:
         model.save_pretrained(staging)
@@ -317,7 +356,9 @@ def standardized(scores: torch.Tensor) -> torch.Tensor:
     return centred / scores.std(-1, keepdim=True).clamp(min=1e-6)
 
 
-def teacher_pools(scores: dict[str, dict[str, float]], train: TrainingSet, false_negative_fraction: float | None, min_keep: int = 1) -> dict[str, list[str]]:
+def teacher_pools(
+    scores: dict[str, dict[str, float]], train: TrainingSet, false_negative_fraction: float | None, min_keep: int = 1
+) -> dict[str, list[str]]:
     """Each query's teacher-scored candidates that are not judged positive, minus those the teacher
     scores at `false_negative_fraction` of the best positive or more (likely unjudged relevant).
     When that leaves fewer than `min_keep`, the `min_keep` lowest-scored candidates are kept (a
@@ -341,8 +382,11 @@ def distillation_gate(dev_check: Mapping[str, Any], student_dev: float | None = 
     teacher = dev_check.get(DEV_TEACHER)
     if teacher is None:
         return True, "the teacher has no dev check (dev_fraction 0): distilling ungated"
-    rivals = {"BM25": dev_check.get(DEV_BM25), "its dense model": dev_check.get(DEV_DENSE),
-              "the student (reranking the teacher's dev pool)": student_dev}  # fmt: skip
+    rivals = {
+        "BM25": dev_check.get(DEV_BM25),
+        "its dense model": dev_check.get(DEV_DENSE),
+        "the student (reranking the teacher's dev pool)": student_dev,
+    }
     for name, value in rivals.items():
         if value is not None and teacher < value:
             return False, f"the teacher's dev nDCG@10 {teacher:.4f} is below {name}'s {value:.4f}: trained without distillation"
@@ -350,21 +394,38 @@ def distillation_gate(dev_check: Mapping[str, Any], student_dev: float | None = 
     return True, f"the teacher's dev nDCG@10 {teacher:.4f} beats {known}: distilling"
 
 
-def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, str], model_path: Path, pooling: str, normalize: bool,
-                      dev_pool: Mapping[str, Sequence[str]]) -> dict[str, float]:  # fmt: skip
+def rerank_dev_scores(
+    config: FinetuneConfig,
+    dataset,
+    passages: Mapping[str, str],
+    model_path: Path,
+    pooling: str,
+    normalize: bool,
+    dev_pool: Mapping[str, Sequence[str]],
+) -> dict[str, float]:
     """{dev qid: nDCG@10} of `model_path` reranking each judged dev query's candidates in `dev_pool`."""
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.encoder import Encoder, EncoderSettings
+    from retroflow.metrics import evaluate_run
 
     qrels_all = dataset.split_qrels(config.data.split)
     qrels = {q: qrels_all[q] for q in dev_pool if q in qrels_all}
     if not qrels:
         return {}
     m = config.model
-    encoder = Encoder(model_path, EncoderSettings(pooling=pooling, normalize=normalize, query_max_length=m.query_max_length,
-                                                  passage_max_length=m.serve_max_length or m.passage_max_length,
-                                                  query_prefix=m.query_prefix, passage_prefix=m.passage_prefix,
-                                                  device=config.train.device, precision=config.train.precision, show_progress=False))  # fmt: skip
+    encoder = Encoder(
+        model_path,
+        EncoderSettings(
+            pooling=pooling,
+            normalize=normalize,
+            query_max_length=m.query_max_length,
+            passage_max_length=m.serve_max_length or m.passage_max_length,
+            query_prefix=m.query_prefix,
+            passage_prefix=m.passage_prefix,
+            device=config.train.device,
+            precision=config.train.precision,
+            show_progress=False,
+        ),
+    )
     query_text = dataset.split_queries(config.data.split)
     docs = sorted({d for q in qrels for d in dev_pool[q]})
     doc_vectors = dict(zip(docs, encoder.encode_passages([passages[d] for d in docs])))
@@ -377,12 +438,22 @@ def rerank_dev_scores(config: FinetuneConfig, dataset, passages: Mapping[str, st
 def check_pool_is_held_out(dev_pool: Mapping[str, Sequence[str]], train: TrainingSet, teacher_file: Path) -> None:
     overlap = sorted(set(dev_pool) & {ex.qid for ex in train.examples})
     if overlap:
-        raise ValueError(f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
-                         "data.dev_fraction / data.dev_seed must equal the teacher's")  # fmt: skip
+        raise ValueError(
+            f"{teacher_file}: the teacher's dev queries (e.g. {overlap[0]}) are training queries of this run; "
+            "data.dev_fraction / data.dev_seed must equal the teacher's"
+        )
 
 
-def student_dev_check(config: FinetuneConfig, dataset, train: TrainingSet, model_path: Path, pooling: str, normalize: bool,
-                      dev_pool: Mapping[str, Sequence[str]], teacher_file: Path) -> float | None:
+def student_dev_check(
+    config: FinetuneConfig,
+    dataset,
+    train: TrainingSet,
+    model_path: Path,
+    pooling: str,
+    normalize: bool,
+    dev_pool: Mapping[str, Sequence[str]],
+    teacher_file: Path,
+) -> float | None:
     """The untrained student's nDCG@10 on the held-out dev queries, reranking each query's
     candidates in the teacher's dev pool (its top documents for that query).
 
@@ -407,7 +478,9 @@ def chosen_start_dev_score(verdict: dict[str, Any] | None) -> float | None:
     return verdict.get(f"{verdict['start']}_dev_ndcg@10")
 
 
-def dev_pool_for_gate(config: FinetuneConfig, dataset, train: TrainingSet, teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[dict, str]:
+def dev_pool_for_gate(
+    config: FinetuneConfig, dataset, train: TrainingSet, teacher_pool: Mapping[str, Sequence[str]] | None
+) -> tuple[dict, str]:
     """(dev qid -> candidate doc ids, where they came from): the teacher's dev pool when it has
     one, else BM25's top `pretrain_gate.pool_depth` for the dev hold-out's queries."""
     if teacher_pool:
@@ -434,8 +507,9 @@ def paired_bootstrap_interval(deltas: Sequence[float], resamples: int, seed: int
     return [round(float(np.quantile(means, 0.025)), 4), round(float(np.quantile(means, 0.975)), 4)]
 
 
-def pretrain_gate(config: FinetuneConfig, dataset, train: TrainingSet, pretrained: Path, init: Path,
-                  teacher_pool: Mapping[str, Sequence[str]] | None) -> tuple[Path, dict[str, Any]]:  # fmt: skip
+def pretrain_gate(
+    config: FinetuneConfig, dataset, train: TrainingSet, pretrained: Path, init: Path, teacher_pool: Mapping[str, Sequence[str]] | None
+) -> tuple[Path, dict[str, Any]]:
     """(where fine-tuning starts, the verdict): the pretrained model, unless it reranks the dev
     hold-out's candidates worse than the init it was pretrained from (by more than the tolerance)."""
     gate = config.pretrain_gate
@@ -455,12 +529,18 @@ def pretrain_gate(config: FinetuneConfig, dataset, train: TrainingSet, pretraine
     keep = delta >= -gate.tolerance
     verdict = {
         "start": "pretrained" if keep else "init",
-        "pretrained_dev_ndcg@10": pre, "init_dev_ndcg@10": ini, "delta": delta,
-        "delta_ci95": paired_bootstrap_interval(deltas, gate.bootstrap), "dev_queries": len(queries),
-        "tolerance": gate.tolerance, "pool": source,
-        "reason": (f"pretrained start {pre:.4f} vs init {ini:.4f} on {len(queries)} dev queries ({source}): "
-                   + ("kept the pretrained model" if keep else f"more than {gate.tolerance} worse: fine-tuning starts from the init instead")),
-    }  # fmt: skip
+        "pretrained_dev_ndcg@10": pre,
+        "init_dev_ndcg@10": ini,
+        "delta": delta,
+        "delta_ci95": paired_bootstrap_interval(deltas, gate.bootstrap),
+        "dev_queries": len(queries),
+        "tolerance": gate.tolerance,
+        "pool": source,
+        "reason": (
+            f"pretrained start {pre:.4f} vs init {ini:.4f} on {len(queries)} dev queries ({source}): "
+            + ("kept the pretrained model" if keep else f"more than {gate.tolerance} worse: fine-tuning starts from the init instead")
+        ),
+    }
     (log.info if keep else log.warning)("pretrain gate: %s", verdict["reason"])
     return (pretrained if keep else init), verdict
 
@@ -529,7 +609,9 @@ class FinetuneTrainer:
         self.plan = BatchPlan(train, config.train.batch_size, config.negatives.hard_negatives, config.train.seed, config.data.rows)
         self.steps = total_steps(config, len(self.plan))
         t = config.train
-        optimizer, self.scheduler = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, total_steps=self.steps)
+        optimizer, self.scheduler = make_optimizer(
+            model, lr=t.lr, weight_decay=t.weight_decay, warmup_ratio=t.warmup_ratio, total_steps=self.steps
+        )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.pools: dict[str, list[str]] = {}
         self.teacher: dict[str, dict[str, float]] | None = None
@@ -543,7 +625,9 @@ class FinetuneTrainer:
         """Negatives are drawn from each query's teacher-scored candidates (minus likely false
         negatives); with `distill` the teacher's scores are also distilled."""
         self.teacher = scores if distill else None
-        self.pools = teacher_pools(scores, self.train_set, self.config.distill.false_negative_fraction, max(1, self.config.negatives.hard_negatives))
+        self.pools = teacher_pools(
+            scores, self.train_set, self.config.distill.false_negative_fraction, max(1, self.config.negatives.hard_negatives)
+        )
 
     def _tokenize(self, texts: list[str], max_length: int, prefix: str = "") -> dict[str, torch.Tensor]:
         texts = [prefix + t for t in texts] if prefix else texts
@@ -573,7 +657,9 @@ class FinetuneTrainer:
         q, p = self.embed(local)
         return self.loss_of(local, everyone, q, p)
 
-    def loss_of(self, local: list[Sample], everyone: list[list[Sample]], q: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_of(
+        self, local: list[Sample], everyone: list[list[Sample]], q: torch.Tensor, p: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         cfg = self.config
         group = 1 + cfg.negatives.hard_negatives
         mask = false_negative_mask(local, everyone, self.train_set, group).to(q.device) if cfg.train.mask_false_negatives else None
@@ -670,11 +756,20 @@ class FinetuneTrainer:
             self.save_passage_encoder(model_dir)
             cfg = self.config
             mine_cfg = NegativesConfig(
-                split=cfg.data.split, method="dense", rank_start=cfg.ance.rank_start, rank_end=cfg.ance.rank_end,
-                max_negatives=cfg.ance.max_negatives, min_grade=cfg.data.min_grade, index=cfg.ance.index,
-                encoder={"batch_size": cfg.ance.encode_batch_size, "show_progress": False,
-                         "device": str(self.acc.device), "query_max_length": cfg.model.query_max_length},
-            )  # fmt: skip
+                split=cfg.data.split,
+                method="dense",
+                rank_start=cfg.ance.rank_start,
+                rank_end=cfg.ance.rank_end,
+                max_negatives=cfg.ance.max_negatives,
+                min_grade=cfg.data.min_grade,
+                index=cfg.ance.index,
+                encoder={
+                    "batch_size": cfg.ance.encode_batch_size,
+                    "show_progress": False,
+                    "device": str(self.acc.device),
+                    "query_max_length": cfg.model.query_max_length,
+                },
+            )
             started = time.perf_counter()
             was_training = self.model.training
             mined = mine_negatives(mine_cfg, self.dataset, model_dir, query_ids=[ex.qid for ex in self.train_set.examples])
@@ -689,14 +784,28 @@ class FinetuneTrainer:
     def save_passage_encoder(self, dest: Path) -> None:
         model = self.unwrapped()
         m = self.config.model
-        save_encoder(model.passage_model, self.tokenizer, dest, self.pooling, self.normalize, m.serve_max_length or m.passage_max_length, self.prefixes)
+        save_encoder(
+            model.passage_model,
+            self.tokenizer,
+            dest,
+            self.pooling,
+            self.normalize,
+            m.serve_max_length or m.passage_max_length,
+            self.prefixes,
+        )
 
     # ------------------------------------------------------------------------ loop
     def train(self, resume: bool = True, stop_after: int | None = None) -> TrainerState:
         t = self.config.train
-        settings = LoopSettings(label="finetune", max_steps=self.steps, checkpoint_dir=self.checkpoint_dir,
-                                save_every=t.save_every, keep_checkpoints=t.keep_checkpoints, log_every=t.log_every,
-                                config=run_identity(self.config.canonical(), dataset=self.dataset, init=self.model_path))  # fmt: skip
+        settings = LoopSettings(
+            label="finetune",
+            max_steps=self.steps,
+            checkpoint_dir=self.checkpoint_dir,
+            save_every=t.save_every,
+            keep_checkpoints=t.keep_checkpoints,
+            log_every=t.log_every,
+            config=run_identity(self.config.canonical(), dataset=self.dataset, init=self.model_path),
+        )
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         ance = AnceRefresh(self, refresh_steps(self.config, self.steps))
         return loop.run(self, resume=resume, stop_after=stop_after, hooks=[ance])
@@ -709,7 +818,15 @@ class FinetuneTrainer:
         if model.shared:
             save_encoder(model.query_model, self.tokenizer, out_dir / "model", self.pooling, self.normalize, serve, self.prefixes)
             return ["model"]
-        save_encoder(model.query_model, self.tokenizer, out_dir / "query_model", self.pooling, self.normalize, max(m.query_max_length, serve), self.prefixes)
+        save_encoder(
+            model.query_model,
+            self.tokenizer,
+            out_dir / "query_model",
+            self.pooling,
+            self.normalize,
+            max(m.query_max_length, serve),
+            self.prefixes,
+        )
         save_encoder(model.passage_model, self.tokenizer, out_dir / "passage_model", self.pooling, self.normalize, serve, self.prefixes)
         return ["query_model", "passage_model"]
 
@@ -744,17 +861,24 @@ def write_training_card(model_dir: Path, config: FinetuneConfig, dataset, model_
     from retroflow.artifacts import artifact_label
 
     base = artifact_label(model_path) if str(config.init).startswith("<input") else str(config.init)
-    card = card_from_model_dir(model_dir, name=f"{Path(base).name} fine-tuned on {name}", base_model=base,
-                               datasets=[name], configs={"finetune": config.canonical()},
-                               training={k: metrics[k] for k in CARD_TRAINING_KEYS if metrics.get(k) is not None})  # fmt: skip
+    card = card_from_model_dir(
+        model_dir,
+        name=f"{Path(base).name} fine-tuned on {name}",
+        base_model=base,
+        datasets=[name],
+        configs={"finetune": config.canonical()},
+        training={k: metrics[k] for k in CARD_TRAINING_KEYS if metrics.get(k) is not None},
+    )
     write_model_card(model_dir, card)
 
 
 def check_teacher_dataset(path: Path, provenance: dict[str, Any], dataset) -> None:
     fingerprint = provenance.get("dataset_fingerprint")
     if dataset is not None and fingerprint and fingerprint != dataset.fingerprint:
-        raise ValueError(f"{path}: these teacher scores were made on dataset {provenance.get('dataset')} "
-                         f"({fingerprint[:12]}), not on {dataset.name} ({dataset.fingerprint[:12]})")  # fmt: skip
+        raise ValueError(
+            f"{path}: these teacher scores were made on dataset {provenance.get('dataset')} "
+            f"({fingerprint[:12]}), not on {dataset.name} ({dataset.fingerprint[:12]})"
+        )
 
 
 def read_teacher(path: Path, dataset) -> TeacherScores:
@@ -764,16 +888,24 @@ def read_teacher(path: Path, dataset) -> TeacherScores:
     return teacher
 
 
-def distillation_verdict(config: FinetuneConfig, dataset, train: TrainingSet, trainer: FinetuneTrainer, teacher: TeacherScores,
-                         teacher_file: Path, start_gate: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+def distillation_verdict(
+    config: FinetuneConfig,
+    dataset,
+    train: TrainingSet,
+    trainer: FinetuneTrainer,
+    teacher: TeacherScores,
+    teacher_file: Path,
+    start_gate: dict[str, Any] | None,
+) -> dict[str, Any]:
     """{'distilled', 'reason', 'student_dev_ndcg@10'}: the distillation gate's decision, logged."""
     student_dev = None
     if config.distill.gate:
         # the pretrain gate already scored the chosen start on the teacher's dev pool: the same figure
         student_dev = chosen_start_dev_score(start_gate)
         if student_dev is None:
-            student_dev = student_dev_check(config, dataset, train, trainer.model_path, trainer.pooling, trainer.normalize,
-                                            teacher.dev_pool, teacher_file)  # fmt: skip
+            student_dev = student_dev_check(
+                config, dataset, train, trainer.model_path, trainer.pooling, trainer.normalize, teacher.dev_pool, teacher_file
+            )
         distil, reason = distillation_gate(teacher.dev_check, student_dev)
     else:
         distil, reason = True, "distillation gate off (distill.gate: false)"
@@ -820,8 +952,15 @@ def run_finetune(
     else:
         pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)
         trainer.set_pools(pools)
-    log.info("fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
-             model_path, len(train), trainer.steps, trainer.pooling, trainer.normalize, trainer.temperature)  # fmt: skip
+    log.info(
+        "fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
+        model_path,
+        len(train),
+        trainer.steps,
+        trainer.pooling,
+        trainer.normalize,
+        trainer.temperature,
+    )
     state = trainer.train(resume=resume, stop_after=stop_after)
     distilled = trainer.teacher is not None
     metrics = {
@@ -856,7 +995,9 @@ def run_finetune(
         metrics["outputs"] = trainer.save(out_dir)
         for output in metrics["outputs"]:
             write_training_card(out_dir / output, config, dataset, model_path, metrics)
-        atomic_write_text(out_dir / "loss_history.json", json.dumps({"loss": metrics["loss_history"], "distill": metrics["distill_loss_history"]}))
+        atomic_write_text(
+            out_dir / "loss_history.json", json.dumps({"loss": metrics["loss_history"], "distill": metrics["distill_loss_history"]})
+        )
     trainer.acc.wait_for_everyone()
     return metrics
 
@@ -865,13 +1006,17 @@ def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partia
     """The `finetune` stage: inputs `data`, `model` (where training starts), optional `negatives`,
     `teacher` (its scores: distillation) and `init` (the model `model` was pretrained from: the
     pretrain gate's rival)."""
+    from retrieval.training.negatives import NEGATIVES_FILE
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir
-    from retrieval.training.negatives import NEGATIVES_FILE
 
     return run_finetune(
-        config, open_dataset(inputs["data"]), model_dir(inputs["model"]), out_dir, partial_dir,
+        config,
+        open_dataset(inputs["data"]),
+        model_dir(inputs["model"]),
+        out_dir,
+        partial_dir,
         negatives_file=inputs["negatives"].file(NEGATIVES_FILE) if "negatives" in inputs else None,
         teacher_scores_file=inputs["teacher"].file(SCORES_FILE) if "teacher" in inputs else None,
         init_path=model_dir(inputs["init"]) if "init" in inputs else None,
-    )  # fmt: skip
+    )

@@ -1,8 +1,9 @@
 """`retroflow negatives`, `retroflow teacher`, `retroflow finetune`.
 
 Each command loads a YAML config (flags and `--set key=value` override it) and runs the stage
-into the artifact store (no `--output`: flows.stage_cli, the chain's own key), or into `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume`
-continues a killed run) and prints a JSON line last.
+into the artifact store (no `--output`: flows.stage_cli, the chain's own key), or into
+`--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume` continues a killed
+run) and prints a JSON line last.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import os
 import shutil
 from pathlib import Path
 
-from retroflow.publish import atomic_write_text
 from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
+from retroflow.publish import atomic_write_text
 
 PARTIAL = "partial"
 
@@ -23,39 +24,50 @@ PARTIAL = "partial"
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument("--dataset", help="BEIR directory or name (overrides the config's `dataset`)")
-    parser.add_argument("--output", type=Path, help="directory the stage writes into (default: the artifact store, $RETROFLOW_STORE or ./artifacts)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.lr=5e-5 (repeatable)")
+    parser.add_argument(
+        "--output", type=Path, help="directory the stage writes into (default: the artifact store, $RETROFLOW_STORE or ./artifacts)"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.lr=5e-5 (repeatable)",
+    )
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     mine = subparsers.add_parser(
-        "negatives", help="mine hard negatives with BM25 or a dense model",
+        "negatives",
+        help="mine hard negatives with BM25 or a dense model",
         description="Mine hard negatives for a dataset's training queries from a rank window, excluding every "
         "judged positive. Writes DIR/negatives.jsonl (first line: provenance).",
-    )  # fmt: skip
+    )
     _common(mine, "YAML NegativesConfig, e.g. configs/negatives/bm25.yaml")
     mine.add_argument("--method", choices=["bm25", "dense"])
     mine.add_argument("--model", help="dense mining: alias or model directory")
     mine.set_defaults(func=run_mine_command, stage="negatives", config_from_args=negatives_config)
 
     teacher = subparsers.add_parser(
-        "teacher", help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
+        "teacher",
+        help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
         description="kind fusion: fuse BM25 with the dense model `init` (weight chosen on the dev hold-out) and score "
         "each query's fused top candidates. kind cross_encoder: train a cross-encoder on the training queries + mined "
         "negatives, then score each query's candidates (DIR/teacher/). Both write DIR/teacher_scores.jsonl.",
-    )  # fmt: skip
+    )
     _common(teacher, "YAML TeacherConfig, e.g. configs/teacher/fusion-scifact.yaml")
     teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from `retroflow negatives` (cross_encoder kind)")
     teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
     teacher.set_defaults(func=run_teacher_command, stage="teacher", config_from_args=teacher_config)
 
     finetune = subparsers.add_parser(
-        "finetune", help="DPR fine-tuning (hard negatives, ANCE refresh, distillation)",
+        "finetune",
+        help="DPR fine-tuning (hard negatives, ANCE refresh, distillation)",
         description="Fine-tune a bi-encoder on a dataset's training qrels. Writes DIR/model (HF + "
         "sentence-transformers files), DIR/metrics.json. Multi-process: "
         "torchrun --nproc_per_node N -m flows.cli finetune ...",
-    )  # fmt: skip
+    )
     _common(finetune, "YAML FinetuneConfig, e.g. configs/finetune/tiny.yaml")
     finetune.add_argument("--model", help="encoder to start from (alias, HF dir, pretrain output); overrides `init`")
     finetune.add_argument("--negatives", type=Path, help="negatives.jsonl (default: mine with BM25 as negatives.mine says)")
@@ -100,7 +112,9 @@ def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...])
 def negatives_config(args: argparse.Namespace):
     from retrieval.training.negatives import NegativesConfig
 
-    return load_config(NegativesConfig, args.config, flag_overrides(args, (("dataset", "dataset"), ("method", "method"), ("model", "model"))))
+    return load_config(
+        NegativesConfig, args.config, flag_overrides(args, (("dataset", "dataset"), ("method", "method"), ("model", "model")))
+    )
 
 
 def teacher_config(args: argparse.Namespace):
@@ -145,9 +159,15 @@ def run_finetune_command(args: argparse.Namespace) -> int:
     config = finetune_config(args)
     partial = _partial_dir(args.output, args.resume)
     metrics = run_finetune(
-        config, _load_dataset(config.dataset), config.init, args.output, partial,
-        negatives_file=args.negatives, teacher_scores_file=args.teacher_scores, resume=args.resume,
-    )  # fmt: skip
+        config,
+        _load_dataset(config.dataset),
+        config.init,
+        args.output,
+        partial,
+        negatives_file=args.negatives,
+        teacher_scores_file=args.teacher_scores,
+        resume=args.resume,
+    )
     if _is_main_process():
         print(format_table([{"steps": metrics["steps"], "final_loss": metrics["final_loss"], "queries": metrics["num_train_queries"]}]))
     _finish(args.output, metrics)

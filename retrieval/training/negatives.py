@@ -19,19 +19,20 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
 
-from retroflow.publish import atomic_write_text
-from retroflow.config import StageConfig
 from retrieval.serving.bm25 import BM25Settings
 from retrieval.serving.encoder import EncoderSettings
 from retrieval.serving.search import Run
 from retrieval.training.training_data import beir_training_set, judged_positives
+from retroflow.config import StageConfig
+from retroflow.publish import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class NegativesConfig(StageConfig):
     encoder: EncoderSettings = Field(default_factory=lambda: EncoderSettings(show_progress=False))
 
     @model_validator(mode="after")
-    def _window(self) -> "NegativesConfig":
+    def _window(self) -> NegativesConfig:
         if self.rank_end <= self.rank_start:
             raise ValueError(f"rank_end ({self.rank_end}) must be larger than rank_start ({self.rank_start})")
         return self
@@ -74,12 +75,16 @@ class MinedNegatives:
 def write_negatives(path: Path, mined: MinedNegatives) -> None:
     lines = [json.dumps({"format": FORMAT, "provenance": mined.provenance})]
     for qid in mined.negatives:
-        lines.append(json.dumps({
-            "qid": qid,
-            "negatives": mined.negatives[qid],
-            "scores": [round(float(s), 6) for s in mined.scores.get(qid, [])],
-            "ranks": mined.ranks.get(qid, []),
-        }))  # fmt: skip
+        lines.append(
+            json.dumps(
+                {
+                    "qid": qid,
+                    "negatives": mined.negatives[qid],
+                    "scores": [round(float(s), 6) for s in mined.scores.get(qid, [])],
+                    "ranks": mined.ranks.get(qid, []),
+                }
+            )
+        )
     atomic_write_text(Path(path), "\n".join(lines) + "\n")
 
 
@@ -155,7 +160,9 @@ def ranked_lists(run: Run, qids: Sequence[str]) -> tuple[list[list[str]], list[l
     return [[d for d, _ in row] for row in hits], [[s for _, s in row] for row in hits]
 
 
-def rank_bm25(config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str], qids: Sequence[str] | None = None):
+def rank_bm25(
+    config: NegativesConfig, doc_ids: Sequence[str], doc_texts: Sequence[str], queries: Sequence[str], qids: Sequence[str] | None = None
+):
     from retrieval.serving.bm25 import BM25Retriever
 
     qids = qids_or_positions(queries, qids)
@@ -177,7 +184,9 @@ def dense_retriever(encoder, doc_ids: Sequence[str], doc_vectors: np.ndarray, in
     return MemoryIndexRetriever(encoder, doc_ids, hnsw)
 
 
-def rank_dense(config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None, qids: Sequence[str] | None = None):
+def rank_dense(
+    config: NegativesConfig, model: str | Path, doc_ids, doc_texts, queries, doc_vectors=None, qids: Sequence[str] | None = None
+):
     """Encode with retroflow's Encoder (pooling as the model's sentence-transformers config says)."""
     from retrieval.serving.encoder import Encoder
 
@@ -209,7 +218,7 @@ def mine_negatives(
         "rank_start": config.rank_start,
         "rank_end": config.rank_end,
         "max_negatives": config.max_negatives,
-        "excluded": "documents judged relevant (grade >= %d) to the query in any split; the query id itself" % config.min_grade,
+        "excluded": f"documents judged relevant (grade >= {config.min_grade}) to the query in any split; the query id itself",
     }
     if config.method == "bm25":
         ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries, qids)

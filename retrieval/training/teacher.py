@@ -41,25 +41,26 @@ import logging
 import math
 import random
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from retroflow.publish import publishing
-from retroflow.config import StageConfig
-from retroflow.devices import autocast, pick_dtype, seed_everything
-from retroflow.progress import progress_bar
-from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
 from retrieval.serving.hybrid import FusionSettings
-from retroflow.data.splits import dev_split
-from retroflow.models import resolve_model_path
 from retrieval.training.negatives import read_negatives
 from retrieval.training.teacher_scores import DEV_BM25, DEV_DENSE, DEV_TEACHER, SCORES_FILE, TeacherScores, write_teacher_scores
 from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, beir_training_set, training_queries
+from retroflow.config import StageConfig
+from retroflow.data.splits import dev_split
+from retroflow.devices import autocast, pick_dtype, seed_everything
+from retroflow.models import resolve_model_path
+from retroflow.progress import progress_bar
+from retroflow.publish import publishing
+from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
 
 log = logging.getLogger("retroflow.teacher")
 
@@ -89,10 +90,18 @@ class TeacherConfig(StageConfig):
     save_every: int = Field(200, ge=1)
     log_every: int = Field(10, ge=1)
     candidates_per_query: int = Field(20, ge=1, description="mined negatives scored per query (best-ranked first)")
-    dev_check_depth: int = Field(20, ge=0, description="rerank BM25's top N for the held-out dev queries and report the "
-                                 "teacher's nDCG@10 beside BM25's (0 = off; needs dev_fraction > 0)")  # fmt: skip
-    dev_pool_depth: int = Field(20, ge=0, description="the teacher's top N per dev query, written to the scores file so "
-                                "fine-tuning can score its own student on them for the gate (0 = none)")  # fmt: skip
+    dev_check_depth: int = Field(
+        20,
+        ge=0,
+        description="rerank BM25's top N for the held-out dev queries and report the "
+        "teacher's nDCG@10 beside BM25's (0 = off; needs dev_fraction > 0)",
+    )
+    dev_pool_depth: int = Field(
+        20,
+        ge=0,
+        description="the teacher's top N per dev query, written to the scores file so "
+        "fine-tuning can score its own student on them for the gate (0 = none)",
+    )
     score_batch_size: int = Field(64, ge=1)
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
@@ -100,10 +109,12 @@ class TeacherConfig(StageConfig):
     passage_max_length: int = Field(256, ge=8, description="fusion: the dense model's passage length")
 
     @model_validator(mode="after")
-    def _fusion_needs_dev(self) -> "TeacherConfig":
+    def _fusion_needs_dev(self) -> TeacherConfig:
         if self.kind == "fusion" and not self.dev_fraction:
-            raise ValueError("kind 'fusion' chooses its weight and checks itself on the dev hold-out: set dev_fraction > 0 "
-                             "(the fine-tuning run's, e.g. 0.1)")  # fmt: skip
+            raise ValueError(
+                "kind 'fusion' chooses its weight and checks itself on the dev hold-out: set dev_fraction > 0 "
+                "(the fine-tuning run's, e.g. 0.1)"
+            )
         return self
 
     def selection(self) -> QuerySelection:
@@ -157,8 +168,9 @@ class TeacherTrainer:
         seed_everything(config.seed)  # the fresh classification head's initial weights
         model, self.tokenizer = load_cross_encoder(config.init)
         self.steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
-        optimizer, self.scheduler = make_optimizer(model, lr=config.lr, weight_decay=config.weight_decay,
-                                                   warmup_ratio=config.warmup_ratio, total_steps=self.steps)  # fmt: skip
+        optimizer, self.scheduler = make_optimizer(
+            model, lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, total_steps=self.steps
+        )
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
         self.plan = BatchPlan(train, config.batch_size, config.negatives_per_query, config.seed)
 
@@ -186,9 +198,15 @@ class TeacherTrainer:
         return {"loss": float(loss.detach())}
 
     def train(self, checkpoint_dir: Path, resume: bool, stop_after: int | None) -> TrainerState:
-        settings = LoopSettings(label="teacher", max_steps=self.steps, checkpoint_dir=checkpoint_dir, save_every=self.config.save_every,
-                                keep_checkpoints=self.LAST_CHECKPOINTS_KEPT, log_every=self.config.log_every,
-                                config=self.run_config)  # fmt: skip
+        settings = LoopSettings(
+            label="teacher",
+            max_steps=self.steps,
+            checkpoint_dir=checkpoint_dir,
+            save_every=self.config.save_every,
+            keep_checkpoints=self.LAST_CHECKPOINTS_KEPT,
+            log_every=self.config.log_every,
+            config=self.run_config,
+        )
         loop = TrainingLoop(self.acc, self.model, self.optimizer, self.scheduler, settings)
         return loop.run(self, resume=resume, stop_after=stop_after)
 
@@ -203,14 +221,26 @@ def write_teacher_card(model_dir: Path, config: TeacherConfig, dataset, dev_chec
     """A model card for the trained cross-encoder: what it is, how it was trained, its dev check."""
     from retroflow.model_card import ModelCard, write_model_card
 
-    training = {"steps": steps, "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
-                **{k: v for k, v in dev_check.items() if k.startswith("dev_") and k != "dev_check_seconds"}}  # fmt: skip
-    summary = (f"A cross-encoder reranker trained from `{config.init}` by retroflow's `teacher` stage on {dataset.name} "
-               f"({config.split} queries, mined negatives). It scores (query, passage) pairs; the dev check below compares "
-               "its reranking of held-out queries with BM25's.")  # fmt: skip
-    card = ModelCard(name=f"retroflow teacher: cross-encoder on {dataset.name}", base_model=config.init, datasets=[dataset.name],
-                     max_seq_length=config.max_length, configs={"teacher": config.canonical()}, training=training,
-                     summary=summary, kind="cross-encoder")  # fmt: skip
+    training = {
+        "steps": steps,
+        "final_loss": round(float(np.mean(losses[-10:])), 4) if losses else None,
+        **{k: v for k, v in dev_check.items() if k.startswith("dev_") and k != "dev_check_seconds"},
+    }
+    summary = (
+        f"A cross-encoder reranker trained from `{config.init}` by retroflow's `teacher` stage on {dataset.name} "
+        f"({config.split} queries, mined negatives). It scores (query, passage) pairs; the dev check below compares "
+        "its reranking of held-out queries with BM25's."
+    )
+    card = ModelCard(
+        name=f"retroflow teacher: cross-encoder on {dataset.name}",
+        base_model=config.init,
+        datasets=[dataset.name],
+        max_seq_length=config.max_length,
+        configs={"teacher": config.canonical()},
+        training=training,
+        summary=summary,
+        kind="cross-encoder",
+    )
     write_model_card(model_dir, card)
 
 
@@ -242,7 +272,9 @@ def run_train_teacher(
     scored = score_training_candidates(config, model, trainer.tokenizer, train, mined.negatives, device, dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer.save(out_dir / TEACHER_DIR)
-    dev_check = rerank_dev_check(config, model, trainer.tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
+    dev_check = (
+        rerank_dev_check(config, model, trainer.tokenizer, dataset, device, dtype) if config.dev_fraction and config.dev_check_depth else {}
+    )
     pool = dev_check.pop("dev_pool", {})
     provenance = {
         "kind": "cross_encoder",
@@ -302,9 +334,9 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     """nDCG@10 of BM25's top `dev_check_depth` for the held-out dev queries, as BM25 ranks them
     and as the teacher reranks them. A teacher below BM25 would teach the student worse
     rankings than the negatives' own source, so that case is logged as a warning."""
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.bm25 import BM25Retriever
     from retrieval.serving.search import drop_self_hits
+    from retroflow.metrics import evaluate_run
 
     started = time.perf_counter()
     judged = beir_training_set(dataset, config.split, config.min_grade)
@@ -312,22 +344,42 @@ def rerank_dev_check(config: TeacherConfig, model, tokenizer, dataset, device, d
     query_text = {ex.qid: ex.query for ex in judged.examples}
     all_qrels = dataset.split_qrels(config.split)
     qrels = {q: all_qrels[q] for q in dev}
-    first_stage = drop_self_hits(BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search({q: query_text[q] for q in dev}, config.dev_check_depth))
+    first_stage = drop_self_hits(
+        BM25Retriever(dataset.doc_ids(), dataset.doc_texts()).search({q: query_text[q] for q in dev}, config.dev_check_depth)
+    )
     pairs = [(q, d) for q, hits in first_stage.items() for d in hits]
-    logits = score_pairs(model, tokenizer, [query_text[q] for q, _ in pairs], [judged.passages[d] for _, d in pairs],
-                         config.max_length, config.score_batch_size, device, dtype)  # fmt: skip
+    logits = score_pairs(
+        model,
+        tokenizer,
+        [query_text[q] for q, _ in pairs],
+        [judged.passages[d] for _, d in pairs],
+        config.max_length,
+        config.score_batch_size,
+        device,
+        dtype,
+    )
     reranked: dict[str, dict[str, float]] = {}
     for (q, d), value in zip(pairs, logits):
         reranked.setdefault(q, {})[d] = float(value)
     bm25 = evaluate_run(qrels, first_stage, ["ndcg@10"])[0]["ndcg@10"]
     teacher = evaluate_run(qrels, reranked, ["ndcg@10"])[0]["ndcg@10"]
-    log.info("teacher on %d dev queries: BM25 top-%d nDCG@10 %.4f, reranked by the teacher %.4f", len(dev), config.dev_check_depth, bm25, teacher)
+    log.info(
+        "teacher on %d dev queries: BM25 top-%d nDCG@10 %.4f, reranked by the teacher %.4f", len(dev), config.dev_check_depth, bm25, teacher
+    )
     if teacher < bm25:
-        log.warning("the teacher reranks the dev queries worse than BM25 (nDCG@10 %.4f < %.4f): distilling from it will "
-                    "likely hurt; train it longer or from a stronger checkpoint", teacher, bm25)  # fmt: skip
-    return {"dev_queries": len(dev), DEV_BM25: round(bm25, 4), DEV_TEACHER: round(teacher, 4),
-            "dev_check_seconds": round(time.perf_counter() - started, 2),
-            "dev_pool": dev_pool(reranked, config.dev_pool_depth)}  # fmt: skip
+        log.warning(
+            "the teacher reranks the dev queries worse than BM25 (nDCG@10 %.4f < %.4f): distilling from it will "
+            "likely hurt; train it longer or from a stronger checkpoint",
+            teacher,
+            bm25,
+        )
+    return {
+        "dev_queries": len(dev),
+        DEV_BM25: round(bm25, 4),
+        DEV_TEACHER: round(teacher, 4),
+        "dev_check_seconds": round(time.perf_counter() - started, 2),
+        "dev_pool": dev_pool(reranked, config.dev_pool_depth),
+    }
 
 
 def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str]]:
@@ -343,12 +395,19 @@ def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str
 
 def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None = None):
     from retrieval.serving.bm25 import BM25Retriever
-    from retrieval.serving.encoder import Encoder, EncoderSettings
-    from retrieval.serving.hybrid import dense_side, HybridSearcher
     from retrieval.serving.encode import corpus_vectors
+    from retrieval.serving.encoder import Encoder, EncoderSettings
+    from retrieval.serving.hybrid import HybridSearcher, dense_side
 
-    encoder = Encoder(config.init, EncoderSettings(query_max_length=config.query_max_length, passage_max_length=config.passage_max_length,
-                                                   device=config.device, show_progress=False))  # fmt: skip
+    encoder = Encoder(
+        config.init,
+        EncoderSettings(
+            query_max_length=config.query_max_length,
+            passage_max_length=config.passage_max_length,
+            device=config.device,
+            show_progress=False,
+        ),
+    )
     texts = dataset.doc_texts()
     vectors = corpus_vectors(embeddings_dir, dataset.doc_ids()) if embeddings_dir else None
     dense = dense_side(encoder, dataset.doc_ids(), texts, doc_vectors=vectors)
@@ -357,8 +416,8 @@ def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None 
 
 def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: int) -> float:
     """nDCG@10 of the weight-choosing procedure on queries it did not choose on (2-fold)."""
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.hybrid import choose_weight, fuse_minmax
+    from retroflow.metrics import evaluate_run
 
     qids = sorted(qrels)
     random.Random(seed).shuffle(qids)
@@ -374,8 +433,8 @@ def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: 
 
 def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings_dir: Path | None = None) -> dict:
     """Score every training query's candidates with the BM25 + dense fusion (weight chosen on dev)."""
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.hybrid import dev_hold_out, fuse_minmax, top_hits
+    from retroflow.metrics import evaluate_run
 
     started = time.perf_counter()
     fusion = config.fusion.model_copy(update={"dev_split": config.split, "dev_fraction": config.dev_fraction, "dev_seed": config.dev_seed})
@@ -429,8 +488,13 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     write_teacher_scores(out_dir / SCORES_FILE, TeacherScores(provenance, scores))
-    log.info("fusion teacher: weight %.2f, dev nDCG@10 BM25 %.4f dense %.4f fusion (cross-fitted) %.4f", weight,
-             dev_check[DEV_BM25], dev_check[DEV_DENSE], dev_check[DEV_TEACHER])  # fmt: skip
+    log.info(
+        "fusion teacher: weight %.2f, dev nDCG@10 BM25 %.4f dense %.4f fusion (cross-fitted) %.4f",
+        weight,
+        dev_check[DEV_BM25],
+        dev_check[DEV_DENSE],
+        dev_check[DEV_TEACHER],
+    )
     return {
         **dev_check,
         "kind": "fusion",

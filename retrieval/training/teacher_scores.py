@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroflow.publish import atomic_write_text
 from retrieval.training.negatives import read_headed_jsonl
+from retroflow.publish import atomic_write_text
 
 SCORES_FILE = "teacher_scores.jsonl"
 FORMAT = "retroflow-teacher-scores/1"

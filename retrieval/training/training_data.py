@@ -25,9 +25,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -63,7 +64,7 @@ class TrainingSet:
     def by_qid(self) -> dict[str, TrainingExample]:
         return {ex.qid: ex for ex in self.examples}
 
-    def subset(self, qids: Iterable[str]) -> "TrainingSet":
+    def subset(self, qids: Iterable[str]) -> TrainingSet:
         keep = set(qids)
         return TrainingSet([ex for ex in self.examples if ex.qid in keep], self.passages, self.judged, self.source)
 

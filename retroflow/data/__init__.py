@@ -4,10 +4,10 @@ the dev hold-out of a split's queries (`splits`)."""
 
 from __future__ import annotations
 
-
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from retroflow.config import StageConfig
 
@@ -34,8 +34,10 @@ def run(config: DataConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
 
     dataset = load_dataset(config.source)
     if dataset.fingerprint != config.content_fingerprint:
-        raise DatasetError(f"{config.source}: its content changed while the pipeline ran (fingerprint {dataset.fingerprint}, "
-                           f"expected {config.content_fingerprint})")  # fmt: skip
+        raise DatasetError(
+            f"{config.source}: its content changed while the pipeline ran (fingerprint {dataset.fingerprint}, "
+            f"expected {config.content_fingerprint})"
+        )
     for name in NORMALISED_FILES:
         shutil.copy2(dataset.path / name, Path(out_dir) / name)
     return {"num_docs": dataset.num_docs, "splits": {s: len(q) for s, q in dataset.qrels.items()}, "name": dataset.name}

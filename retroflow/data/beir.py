@@ -19,7 +19,6 @@ unchanged files skip parsing (looked up by path, size and mtime).
 from __future__ import annotations
 
 import gzip
-from hashlib import algorithms_available
 import io
 import json
 import logging
@@ -27,17 +26,17 @@ import os
 import shutil
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from hashlib import algorithms_available
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from retroflow.artifacts import cache_root
 from retroflow.hashing import file_digest, sha256_bytes, sha256_file, sha256_text, stat_signature
-from retroflow.publish import atomic_write_text
-from retroflow.publish import publishing, publishing_content, publishing_file, remove_if_empty
+from retroflow.publish import atomic_write_text, publishing, publishing_content, publishing_file, remove_if_empty
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +84,7 @@ class BeirDataset:
 
     def split_qrels(self, split: str) -> dict[str, dict[str, int]]:
         if split not in self.qrels:
-            raise DatasetError(
-                f"dataset '{self.name}' has no split '{split}'; available splits: {', '.join(self.splits) or 'none'}"
-            )
+            raise DatasetError(f"dataset '{self.name}' has no split '{split}'; available splits: {', '.join(self.splits) or 'none'}")
         return self.qrels[split]
 
     def split_queries(self, split: str) -> dict[str, str]:
@@ -232,8 +229,7 @@ def fetch_and_unzip(url: str, target: Path, checksum: str, timeout: float) -> Pa
                     shutil.copyfileobj(response, out)
             except OSError as err:
                 raise DatasetError(
-                    f"could not download {url}: {err}. Offline? Point the config at a local copy "
-                    f"or set {DATA_DIR_ENV}."
+                    f"could not download {url}: {err}. Offline? Point the config at a local copy or set {DATA_DIR_ENV}."
                 ) from None
             verify_checksum(staging, checksum, shown=archive)
     safe_unzip(archive, target / "unzipped")
@@ -314,7 +310,9 @@ def open_text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 # utf-8-sig on the first line: a byte-order mark (Windows editors) is not part of the first field
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
             except UnicodeDecodeError as err:
-                raise DatasetError(f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})") from None
+                raise DatasetError(
+                    f"{path}, line {number}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1})"
+                ) from None
             if line.strip():
                 yield number, line
 
@@ -332,8 +330,7 @@ def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
 
 def iter_parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
     table = pq.read_table(path)
-    for number, record in enumerate(table.to_pylist(), start=1):
-        yield number, record
+    yield from enumerate(table.to_pylist(), start=1)
 
 
 def iter_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -417,7 +414,9 @@ def read_qrels_parquet(paths: list[Path]) -> list[tuple[int, str, str, int]]:
     for path in paths:
         for number, record in iter_parquet_records(path):
             try:
-                rows.append((number, str(record["query-id"]), str(record["corpus-id"]), checked_grade(int(record["score"]), path, f"row {number}")))
+                rows.append(
+                    (number, str(record["query-id"]), str(record["corpus-id"]), checked_grade(int(record["score"]), path, f"row {number}"))
+                )
             except (KeyError, TypeError, ValueError) as err:
                 raise DatasetError(f"{path}, row {number}: bad qrels record ({err})") from None
     return rows
@@ -446,8 +445,10 @@ def check_qrels_ids(
     dropped = 0
     for number, qid, docid, grade in rows:
         if (qid, docid) in first_line and qrels.get(qid, {}).get(docid, grade) != grade:
-            raise DatasetError(f"{path}, line {number}: query-id '{qid}', corpus-id '{docid}' is graded {grade} here but "
-                               f"{qrels[qid][docid]} at line {first_line[(qid, docid)]}; conflicting judgments")  # fmt: skip
+            raise DatasetError(
+                f"{path}, line {number}: query-id '{qid}', corpus-id '{docid}' is graded {grade} here but "
+                f"{qrels[qid][docid]} at line {first_line[(qid, docid)]}; conflicting judgments"
+            )
         first_line.setdefault((qid, docid), number)
         problem = None
         if qid not in query_ids:
@@ -508,8 +509,10 @@ def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error")
         rows = read_qrels_parquet(files) if files[0].suffix == ".parquet" else read_qrels_tsv(files[0])
         qrels[split] = check_qrels_ids(rows, files[0], query_ids, doc_ids, on_unknown_ids)
         if not rows:  # otherwise the split would vanish and be reported as "no split"
-            raise DatasetError(f"{files[0]}: no judgments (the qrels file is empty or only a header); "
-                               f"split '{split}' cannot be evaluated: remove the file or fill it")  # fmt: skip
+            raise DatasetError(
+                f"{files[0]}: no judgments (the qrels file is empty or only a header); "
+                f"split '{split}' cannot be evaluated: remove the file or fill it"
+            )
 
     corpus = pa.table(corpus_cols)
     queries = pa.table(query_cols)
@@ -579,9 +582,7 @@ def read_normalised(path: Path, name: str | None = None) -> BeirDataset:
     meta = json.loads((path / "dataset.json").read_text())
     qrels_table = pq.read_table(path / "qrels.parquet").to_pydict()
     qrels: dict[str, dict[str, dict[str, int]]] = {}
-    for split, qid, docid, grade in zip(
-        qrels_table["split"], qrels_table["query-id"], qrels_table["corpus-id"], qrels_table["score"]
-    ):
+    for split, qid, docid, grade in zip(qrels_table["split"], qrels_table["query-id"], qrels_table["corpus-id"], qrels_table["score"]):
         qrels.setdefault(split, {}).setdefault(qid, {})[docid] = grade
     return BeirDataset(
         name=name or meta["name"],

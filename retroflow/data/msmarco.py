@@ -30,18 +30,18 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from retroflow.artifacts import cache_root
+from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, load_dataset, open_text_lines
 from retroflow.hashing import stat_signature
 from retroflow.publish import publishing, remove_if_empty
-from retroflow.data.beir import BeirDataset, DatasetError, checked_grade, load_dataset, open_text_lines
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,7 @@ TREC_DL_QRELS_FILES = {"2019qrels-pass": "dl19", "2020qrels-pass": "dl20"}
 def split_fields(path: Path, number: int, line: str, names: tuple[str, ...]) -> list[str]:
     parts = line.split("\t")
     if len(parts) != len(names):
-        raise DatasetError(
-            f"{path}, line {number}: expected {len(names)} tab-separated fields ({', '.join(names)}), got {len(parts)}"
-        )
+        raise DatasetError(f"{path}, line {number}: expected {len(names)} tab-separated fields ({', '.join(names)}), got {len(parts)}")
     return parts
 
 
@@ -225,7 +223,9 @@ def is_graded(qrels: Mapping[str, Mapping[str, int]]) -> bool:
     return any(grade > 1 for docs in qrels.values() for grade in docs.values())
 
 
-def binary_relevance_level(qrels: Mapping[str, Mapping[str, int]], binary_level: int = 1, graded_level: int = TREC_DL_RELEVANCE_LEVEL) -> int:
+def binary_relevance_level(
+    qrels: Mapping[str, Mapping[str, int]], binary_level: int = 1, graded_level: int = TREC_DL_RELEVANCE_LEVEL
+) -> int:
     """Lowest grade that binary metrics count: `graded_level` on graded (TREC DL) qrels, else `binary_level`."""
     return graded_level if is_graded(qrels) else binary_level
 
@@ -306,10 +306,13 @@ def write_beir_layout(files: MsMarcoFiles, dest: Path) -> None:
     def known(path: Path):
         def check(number: int, qid: str, pid: str) -> None:
             if qid not in queries:
-                raise DatasetError(f"{path}, line {number}: query id '{qid}' is not in the queries files "
-                                   f"({', '.join(sorted(p.name for p in files.queries.values()))})")  # fmt: skip
+                raise DatasetError(
+                    f"{path}, line {number}: query id '{qid}' is not in the queries files "
+                    f"({', '.join(sorted(p.name for p in files.queries.values()))})"
+                )
             if pid not in doc_ids:
                 raise DatasetError(f"{path}, line {number}: passage id '{pid}' is not in {files.collection}")
+
         return check
 
     for split, path in files.qrels.items():

@@ -34,9 +34,10 @@ import logging
 import re
 import string
 import unicodedata
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,9 +46,9 @@ import pyarrow.parquet as pq
 import regex
 
 from retroflow.artifacts import cache_root
+from retroflow.data.beir import BeirDataset, DatasetError, iter_jsonl_records
 from retroflow.hashing import files_digest, sha256_text, stat_signature
 from retroflow.publish import publishing
-from retroflow.data.beir import BeirDataset, DatasetError, iter_jsonl_records
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,9 @@ def ranked_ids(hits: Mapping[str, float]) -> list[str]:
     return [doc for doc, _ in sorted(hits.items(), key=lambda item: (item[1], item[0]), reverse=True)]
 
 
-def first_answer_rank(answers: Sequence[str], ranking: Sequence[str], passage_text: Mapping[str, str], depth: int, match: str) -> int | None:
+def first_answer_rank(
+    answers: Sequence[str], ranking: Sequence[str], passage_text: Mapping[str, str], depth: int, match: str
+) -> int | None:
     """1-based rank of the first passage (within `depth`) that contains an answer, or None."""
     for rank, pid in enumerate(ranking[:depth], start=1):
         if has_answer(answers, passage_text[pid], match):
@@ -153,9 +156,7 @@ def score_answers(
         qid: first_answer_rank(list(answer_list), ranked_ids(run.get(qid, {})), passage_text, depth, match)
         for qid, answer_list in answers.items()
     }
-    per_query = {
-        name: {qid: float(rank is not None and rank <= k) for qid, rank in first_rank.items()} for name, k in ks.items()
-    }
+    per_query = {name: {qid: float(rank is not None and rank <= k) for qid, rank in first_rank.items()} for name, k in ks.items()}
     means = {name: (sum(values.values()) / len(values) if values else 0.0) for name, values in per_query.items()}
     return means, per_query
 
@@ -294,7 +295,7 @@ def read_passages(path: str | Path) -> pa.Table:
 
 
 def unquote(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    '''CSV-style quoted fields (a field in double quotes, inner quotes doubled) -> their text; other fields unchanged.'''
+    """CSV-style quoted fields (a field in double quotes, inner quotes doubled) -> their text; other fields unchanged."""
     quoted = pc.and_(pc.and_(pc.starts_with(column, '"'), pc.ends_with(column, '"')), pc.greater_equal(pc.utf8_length(column), 2))
     inner = pc.replace_substring(pc.utf8_slice_codeunits(column, 1, -1), '""', '"')
     return pc.if_else(quoted, inner, column)
@@ -339,7 +340,16 @@ class NQDataset:
         return self._passage_text
 
 
-QA_PATTERNS = ("*{split}.qa.csv", "*{split}.qa.tsv", "*-{split}.csv", "*-{split}.tsv", "*-{split}.json", "*-{split}.jsonl", "*-{split}.json.gz", "*-{split}.jsonl.gz")
+QA_PATTERNS = (
+    "*{split}.qa.csv",
+    "*{split}.qa.tsv",
+    "*-{split}.csv",
+    "*-{split}.tsv",
+    "*-{split}.json",
+    "*-{split}.jsonl",
+    "*-{split}.json.gz",
+    "*-{split}.jsonl.gz",
+)
 
 
 def find_unique(root: Path, patterns: Sequence[str], what: str, hint: str) -> Path:
@@ -364,8 +374,10 @@ def locate_nq_files(source: str | Path | None, split: str, passages: str | None,
             what = "no" if not candidates else "several"
             raise DatasetError(f"{root}: {what} passage files (psgs*.tsv) found; set nq.passages=PATH")
         passage_path = candidates[0]
-    question_path = Path(questions) if questions else find_unique(
-        root, [p.format(split=split) for p in QA_PATTERNS], f"question files for split '{split}'", "set nq.questions=PATH"
+    question_path = (
+        Path(questions)
+        if questions
+        else find_unique(root, [p.format(split=split) for p in QA_PATTERNS], f"question files for split '{split}'", "set nq.questions=PATH")
     )
     return passage_path, question_path
 
@@ -391,9 +403,7 @@ def cached_passages(passage_path: Path, cache: Path) -> BeirDataset:
             pq.write_table(corpus, staging / "corpus.parquet")
             (staging / "passages.json").write_text(json.dumps(meta, indent=2))
     empty_queries = pa.table({"_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-    return BeirDataset(
-        name=passage_path.name, fingerprint=meta["fingerprint"], path=folder, corpus=corpus, queries=empty_queries, qrels={}
-    )
+    return BeirDataset(name=passage_path.name, fingerprint=meta["fingerprint"], path=folder, corpus=corpus, queries=empty_queries, qrels={})
 
 
 def load_nq(

@@ -4,7 +4,7 @@ on which the teacher checks itself, fusion chooses its weight and index tuning m
 from __future__ import annotations
 
 import random
-from typing import Iterable
+from collections.abc import Iterable
 
 
 def dev_split(qids: Iterable[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

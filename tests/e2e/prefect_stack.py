@@ -68,8 +68,14 @@ class PrefectStack:
 
     def spawn(self, log_name: str, *args: str) -> subprocess.Popen:
         with open(self.home / log_name, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "prefect", *args], env=self.env, cwd=REPO,
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "prefect", *args],
+                env=self.env,
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.processes.append(proc)
         return proc
 
@@ -87,8 +93,9 @@ class PrefectStack:
         raise RuntimeError(f"the Prefect server did not answer in {timeout:.0f} s:\n{tail(self.home / 'server.log')}")
 
     def cli(self, *args: str, timeout: float = 120) -> str:
-        proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=self.env, cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-m", "prefect", *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"prefect {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc.stdout
@@ -157,8 +164,9 @@ class PrefectStack:
                 return states
             if time.monotonic() > deadline:
                 logs = "\n".join(f"--- {p.name}\n{tail(p)}" for p in sorted(self.home.glob("worker-*.log")))
-                raise AssertionError(f"flow runs not finished in {timeout:.0f} s: "
-                                     f"{ {str(k): v and v.name for k, v in states.items()} }\n{logs}")  # fmt: skip
+                raise AssertionError(
+                    f"flow runs not finished in {timeout:.0f} s: { {str(k): v and v.name for k, v in states.items()} }\n{logs}"
+                )
             time.sleep(1)
 
     def task_runs(self, flow_run_id, expect: set[str], timeout: float = 60) -> dict[str, list]:

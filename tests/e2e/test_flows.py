@@ -54,8 +54,10 @@ def task_states(flow_run_id) -> dict[str, str]:
         async with get_client() as client:
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
             # a task run just created may have no state recorded yet
-            return {r.name.rsplit("-", 1)[0] + f"#{i}": r.state.name if r.state else "Pending"
-                    for i, r in enumerate(sorted(runs, key=lambda r: r.name))}  # fmt: skip
+            return {
+                r.name.rsplit("-", 1)[0] + f"#{i}": r.state.name if r.state else "Pending"
+                for i, r in enumerate(sorted(runs, key=lambda r: r.name))
+            }
 
     return asyncio.run(read())
 
@@ -241,7 +243,9 @@ def test_a_flow_killed_during_fine_tuning_resumes_from_its_finished_tasks(harnes
     env = {**os.environ, "PREFECT_API_URL": current_api_url(), "OMP_NUM_THREADS": "1"}
     script = f"from flows.pretrain_to_beir import pretrain_to_beir; pretrain_to_beir({TINY!r})"
     with open(tmp_path / "flow.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script], env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     kill_during(proc, store, "finetune", random.Random(21))
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "flow.log").read_text()[-3000:]
     finished = {p.parent: json.loads(p.read_text())["finished_at"] for p in store.glob("*/*/manifest.json")}
@@ -249,7 +253,9 @@ def test_a_flow_killed_during_fine_tuning_resumes_from_its_finished_tasks(harnes
 
     state, _ = run_flow()
     assert state.is_completed(), state.message
-    assert {path: json.loads((path / "manifest.json").read_text())["finished_at"] for path in finished} == finished, "a finished artifact was redone"
+    assert {path: json.loads((path / "manifest.json").read_text())["finished_at"] for path in finished} == finished, (
+        "a finished artifact was redone"
+    )
     steps = states_by_step(state.state_details.flow_run_id)
     assert steps["pretrain"] == {"Cached"} and steps["data"] == {"Cached"} and steps["finetune"] == {"Completed"}
 
@@ -280,8 +286,9 @@ def test_shard_encoding_runs_on_a_two_process_dask_cluster(harness, scifact_smal
     )
     from retroflow.models import resolve_model_path
 
-    proc = subprocess.run([sys.executable, "-c", script, str(resolve_model_path("minilm"))], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(resolve_model_path("minilm"))], env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     workers = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(workers) == 2 and os.getpid() not in workers, workers

@@ -67,8 +67,11 @@ def test_two_identical_and_one_different_flow_run_at_once(retroflow_env, tmp_pat
         stack.start()
         stack.deploy("tiny")
         stack.start_worker(limit=3)
-        runs = [stack.run_deployment(TINY, {"overrides": SHORT}), stack.run_deployment(TINY, {"overrides": SHORT}),
-                stack.run_deployment(TINY, {"overrides": [*SHORT, "finetune.train.seed=8"]})]  # fmt: skip
+        runs = [
+            stack.run_deployment(TINY, {"overrides": SHORT}),
+            stack.run_deployment(TINY, {"overrides": SHORT}),
+            stack.run_deployment(TINY, {"overrides": [*SHORT, "finetune.train.seed=8"]}),
+        ]
         states = stack.wait_for(runs, timeout=400)
         assert [states[r].type.value for r in runs] == ["COMPLETED"] * 3, {str(r): states[r].message for r in runs}
         keys = [cache_keys(stack, run) for run in runs]
@@ -79,8 +82,9 @@ def test_two_identical_and_one_different_flow_run_at_once(retroflow_env, tmp_pat
     assert STEPS <= set(keys[0]), keys[0]
     assert keys[0] == keys[1], "the two identical runs used different artifacts"
     assert keys[2]["finetune"] != keys[0]["finetune"]
-    assert {step: keys[2][step] for step in ("data", "pretrain", "negatives", "teacher")} == \
-           {step: keys[0][step] for step in ("data", "pretrain", "negatives", "teacher")}  # fmt: skip
+    assert {step: keys[2][step] for step in ("data", "pretrain", "negatives", "teacher")} == {
+        step: keys[0][step] for step in ("data", "pretrain", "negatives", "teacher")
+    }
 
     store = Path(retroflow_env["RETROFLOW_STORE"])
     for step in ("pretrain", "negatives", "teacher", "finetune"):
@@ -90,8 +94,13 @@ def test_two_identical_and_one_different_flow_run_at_once(retroflow_env, tmp_pat
     assert len(list(store.glob("pretrain/*/manifest.json"))) == 1
     assert len(list(store.glob("finetune/*/manifest.json"))) == 2
     assert leftovers(store) == []
-    check = subprocess.run([sys.executable, "-m", "flows.cli", "verify", str(store)], cwd=REPO, capture_output=True, text=True,
-                           env={**os.environ, **retroflow_env})  # fmt: skip
+    check = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "verify", str(store)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **retroflow_env},
+    )
     assert check.returncode == 0, check.stdout[-2000:] + check.stderr[-2000:]
 
 
@@ -122,8 +131,10 @@ def postgres():
 
     bin_dir = postgres_bin()
     if bin_dir is None:
-        pytest.skip("PostgreSQL is not installed (no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH): "
-                    "`apt-get install postgresql` to run the team-setup test")  # fmt: skip
+        pytest.skip(
+            "PostgreSQL is not installed (no initdb/pg_ctl under /usr/lib/postgresql/*/bin or on PATH): "
+            "`apt-get install postgresql` to run the team-setup test"
+        )
     user = None
     if os.geteuid() == 0:  # initdb and postgres refuse to run as root
         try:
@@ -160,8 +171,9 @@ def postgres():
 
         yield f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{port}/prefect", sql
     finally:
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60,
-                       **as_server)  # fmt: skip
+        subprocess.run(
+            [str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60, **as_server
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -198,10 +210,13 @@ def test_the_team_setup_on_postgresql(postgres, retroflow_env, tmp_path):
         stack.start_worker(limit=2)
         tiny = stack.run_deployment(TINY, {"overrides": SHORT})
         # what the scheduler made, due now instead of at 03:00: the worker must pick it up as it will at night
-        stack.call(lambda client: client.set_flow_run_state(first.id, Scheduled(scheduled_time=datetime.datetime.now(datetime.UTC)), force=True))
+        stack.call(
+            lambda client: client.set_flow_run_state(first.id, Scheduled(scheduled_time=datetime.datetime.now(datetime.UTC)), force=True)
+        )
         states = stack.wait_for([tiny, first.id], timeout=400)
-        assert [states[tiny].type.value, states[first.id].type.value] == ["COMPLETED"] * 2, \
-            {name: states[run].message for name, run in (("tiny", tiny), ("nightly", first.id))}  # fmt: skip
+        assert [states[tiny].type.value, states[first.id].type.value] == ["COMPLETED"] * 2, {
+            name: states[run].message for name, run in (("tiny", tiny), ("nightly", first.id))
+        }
         keys = cache_keys(stack, tiny)
     finally:
         stack.stop()

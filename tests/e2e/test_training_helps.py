@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import pytest
 
-from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
 from retrieval.training.finetune import FinetuneConfig, run_finetune
+from retroflow.data.beir import load_dataset
 
 ENCODER = {"show_progress": False, "passage_max_length": 64, "query_max_length": 32}
 

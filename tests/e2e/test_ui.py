@@ -43,8 +43,10 @@ def prefect_server(tmp_path: Path):
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         for _ in range(180):
@@ -76,8 +78,14 @@ def test_metric_table_artifact_is_shown_in_the_ui(prefect_server, tmp_path):
         "    create_table_artifact(key='metrics-uitest', table=rows, description='pretrain-to-beir/uitest: metrics per dataset')\n"
         "publish()\n"
     )
-    subprocess.run([sys.executable, "-c", publish], env={**env, "PREFECT_API_URL": ui + "/api"}, check=True, cwd=REPO,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-c", publish],
+        env={**env, "PREFECT_API_URL": ui + "/api"},
+        check=True,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     screenshot = tmp_path / "ui-metrics.png"
     expected = ["metrics-uitest", "metrics per dataset", "ndcg@10", "0.6612", "0.6451", "0.6762", "ndcg@10 Δ init", "0.0161", "bm25"]
     missing = check_page(latest_artifact_url(ui, "metrics-uitest"), expected, screenshot)

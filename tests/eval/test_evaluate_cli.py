@@ -42,7 +42,8 @@ def test_dense_model_on_tiny_bert_reports_throughput(scifact_small, tiny_bert, c
 def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flows.cli", "evaluate", "--model", "bm25", "--dataset", str(tmp_path / "missing")],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert "error: dataset source" in proc.stderr and "Traceback" not in proc.stderr
@@ -58,7 +59,12 @@ def test_unknown_config_key_names_the_field(tmp_path):
 def test_on_unknown_ids_flag_drops_qrels_rows_naming_unknown_documents(tmp_path, capsys):
     root = tmp_path / "d"
     (root / "qrels").mkdir(parents=True)
-    (root / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "text": "the alphabet has letters"}) + "\n" + json.dumps({"_id": "d2", "text": "numbers count things"}) + "\n")
+    (root / "corpus.jsonl").write_text(
+        json.dumps({"_id": "d1", "text": "the alphabet has letters"})
+        + "\n"
+        + json.dumps({"_id": "d2", "text": "numbers count things"})
+        + "\n"
+    )
     (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "alphabet letters"}) + "\n")
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td9\t1\n")
     base = ["evaluate", "--model", "bm25", "--dataset", str(root), "--no-registry"]

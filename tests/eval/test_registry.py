@@ -27,7 +27,9 @@ def fake_result(scale: float = 1.0, dataset: str = "scifact") -> dict:
 
 
 def add(path: Path, result: dict, model: str = "minilm", dataset: str = "scifact", split: str = "test", run_id: str | None = None) -> str:
-    return append_run(path, result, run_id=run_id, config_hash="cfg", code_version="code", model=model, index=None, dataset=dataset, split=split)
+    return append_run(
+        path, result, run_id=run_id, config_hash="cfg", code_version="code", model=model, index=None, dataset=dataset, split=split
+    )
 
 
 def test_append_and_read_back_with_pandas(tmp_path: Path) -> None:

@@ -44,8 +44,9 @@ def test_paper_defaults_for_each_decoding():
 
 
 def test_sweeps_become_arms_of_their_own():
-    config = load_ablation_config(CONFIGS / "tiny.yaml", ["sweep.decoder_mask_ratio=[0.6]", "sweep.decoder_layers=[2]",
-                                                          "sweep.decoder_target_fraction=[0.25]"])  # fmt: skip
+    config = load_ablation_config(
+        CONFIGS / "tiny.yaml", ["sweep.decoder_mask_ratio=[0.6]", "sweep.decoder_layers=[2]", "sweep.decoder_target_fraction=[0.25]"]
+    )
     configs = arm_pretrain_configs(config, seed=1)
     assert configs["retromae-enhanced@decoder_mask_ratio=0.6"].decoder_mask_ratio == 0.6
     assert configs["retromae-enhanced@decoder_layers=2"].decoder_layers == 2
@@ -80,8 +81,19 @@ def test_cli_refuses_an_empty_pretraining_file_naming_it(scifact_small, tmp_path
     (data / "scifact").symlink_to(scifact_small)
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
     monkeypatch.delenv("RETROFLOW_DATA_DIR", raising=False)  # `scifact` is found through data_dir alone
-    code = main(["ablation", "--config", str(CONFIGS / "tiny.yaml"), "--set", f"data_dir={data}",
-                 "--set", "pretrain_corpora=[]", "--set", f"pretrain_files=[{empty}]"])  # fmt: skip
+    code = main(
+        [
+            "ablation",
+            "--config",
+            str(CONFIGS / "tiny.yaml"),
+            "--set",
+            f"data_dir={data}",
+            "--set",
+            "pretrain_corpora=[]",
+            "--set",
+            f"pretrain_files=[{empty}]",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and str(empty) in err and "no pretraining text" in err, err
     assert not list((tmp_path / "store" / "corpus").glob("*/manifest.json")), "nothing published"
@@ -128,8 +140,10 @@ def test_continued_arms_differ_only_in_the_objective_and_start_from_the_init():
     [
         ("arms=[none,retromae-huge]", "arms[1]: unknown arm 'retromae-huge'"),
         ("primary=[{arm: retromae-basic, against: none}]", "primary[0]: 'retromae-basic' is not one of the arms"),
-        ("pretrain.train.epochs=null;pretrain.train.max_steps=10;pretrain.train.head_warmup_steps=10",
-         "train.head_warmup_steps (10) must be shorter than the run (train.max_steps 10)"),
+        (
+            "pretrain.train.epochs=null;pretrain.train.max_steps=10;pretrain.train.head_warmup_steps=10",
+            "train.head_warmup_steps (10) must be shorter than the run (train.max_steps 10)",
+        ),
         ("pretrain.train.max_steps=10", "train.epochs and train.max_steps"),
     ],
 )
@@ -150,7 +164,15 @@ def test_continued_ablation_runs_end_to_end_then_recomputes_nothing(scifact_smal
     data.mkdir()
     (data / "scifact").symlink_to(scifact_small)
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
-    args = ["ablation", "--config", str(CONFIGS / "tiny-continued.yaml"), "--set", f"data_dir={data}", "--set", f"init={tiny_sentence_encoder}"]
+    args = [
+        "ablation",
+        "--config",
+        str(CONFIGS / "tiny-continued.yaml"),
+        "--set",
+        f"data_dir={data}",
+        "--set",
+        f"init={tiny_sentence_encoder}",
+    ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     primary = {row["comparison"]: row for row in summary["primary"]}

@@ -152,13 +152,19 @@ def test_every_stage_code_version_covers_the_imports_of_its_run(name):
     assert known[stage.module].relative_to(REPO.resolve()).as_posix() in files
     assert expected <= files, f"{name}: its code version misses {sorted(expected - files)}"
     assert not [f for f in files if f.endswith("cli.py")]  # commands call stages, not the other way round
-    assert not [f for f in files if f.startswith("flows/") and f not in ("flows/__init__.py", known[stage.module].relative_to(REPO.resolve()).as_posix())]
+    assert not [
+        f
+        for f in files
+        if f.startswith("flows/") and f not in ("flows/__init__.py", known[stage.module].relative_to(REPO.resolve()).as_posix())
+    ]
 
 
 def test_the_corpus_stage_is_its_run_not_the_ablation_around_it():
     files = {p.relative_to(REPO.resolve()).as_posix() for p in STAGES["corpus"].code_files()}
     assert {"flows/ablation.py", "retromae/data.py"} <= files
-    assert not [f for f in files if f.startswith(("retrieval/", "eval/")) or f in ("flows/chain.py", "flows/stages.py", "retromae/pretrain.py")]
+    assert not [
+        f for f in files if f.startswith(("retrieval/", "eval/")) or f in ("flows/chain.py", "flows/stages.py", "retromae/pretrain.py")
+    ]
 
 
 def test_the_closure_is_read_once_per_process(monkeypatch):

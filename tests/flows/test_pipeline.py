@@ -57,8 +57,13 @@ def test_prefect_yaml_deployments_point_at_real_flows_and_configs():
 
     spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
     names = {(d["entrypoint"].split(":")[1], d["name"]) for d in spec["deployments"]}
-    assert {("pretrain_to_beir", "quickstart"), ("pretrain_to_beir", "paper"), ("reevaluate", "nightly"),
-            ("retromae_ablation", "miniature"), ("retromae_ablation", "paper")} <= names  # fmt: skip
+    assert {
+        ("pretrain_to_beir", "quickstart"),
+        ("pretrain_to_beir", "paper"),
+        ("reevaluate", "nightly"),
+        ("retromae_ablation", "miniature"),
+        ("retromae_ablation", "paper"),
+    } <= names
     loaders = {"pretrain_to_beir": load_pipeline_config, "retromae_ablation": load_ablation_config}
     for deployment in spec["deployments"]:
         module, func = deployment["entrypoint"].split(":")
@@ -132,9 +137,22 @@ def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_sm
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("RETROFLOW_REGISTRY", str(tmp_path / "registry.parquet"))  # the run records its evaluations
     # no pretraining: minilm is fine-tuned for 2 steps; no index: exact search
-    overrides = ["--set", "stages.pretrain=false", "--set", "stages.teacher=false", "--set", "finetune.distill.loss=none",
-                 "--set", "stages.index=false", "--set", "references.init=false", "--set", "references.hybrid=false",
-                 "--set", "finetune.train.max_steps=2"]  # fmt: skip
+    overrides = [
+        "--set",
+        "stages.pretrain=false",
+        "--set",
+        "stages.teacher=false",
+        "--set",
+        "finetune.distill.loss=none",
+        "--set",
+        "stages.index=false",
+        "--set",
+        "references.init=false",
+        "--set",
+        "references.hybrid=false",
+        "--set",
+        "finetune.train.max_steps=2",
+    ]
     assert main(["pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), *overrides]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     card = (tmp_path / "store" / "runs" / "tiny" / "model" / "README.md").read_text()
@@ -147,7 +165,9 @@ def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_sm
     out = capsys.readouterr().out
     reported = json.loads(out.strip().splitlines()[-1])
     assert reported["rows"] == summary["metrics"] and [r["system"] for r in reported["rows"]] == ["model", "bm25"]
-    assert "model" in out.splitlines()[2] and (tmp_path / "store" / "runs" / "tiny" / "report.md").read_text().startswith("# pretrain-to-beir: tiny")
+    assert "model" in out.splitlines()[2] and (tmp_path / "store" / "runs" / "tiny" / "report.md").read_text().startswith(
+        "# pretrain-to-beir: tiny"
+    )
 
 
 SECTIONS_OWN_HOLD_OUT = ["dev_fraction=null", "dev_seed=null", "finetune.data.dev_fraction=0.1", "teacher.dev_fraction=0.1"]
@@ -157,8 +177,14 @@ SECTIONS_OWN_HOLD_OUT = ["dev_fraction=null", "dev_seed=null", "finetune.data.de
     "overrides, named",
     [
         (["teacher.dev_fraction=0.3"], "dev_fraction is 0.1 but teacher.dev_fraction is 0.3; give it once"),
-        ([*SECTIONS_OWN_HOLD_OUT, "teacher.dev_fraction=0.3"], "teacher.dev_fraction/dev_seed (0.3, 0) differ from finetune.data's (0.1, 0)"),
-        ([*SECTIONS_OWN_HOLD_OUT, "evaluate.fusion.dev_seed=5"], "evaluate.fusion.dev_fraction/dev_seed (0.1, 5) differ from finetune.data's (0.1, 0)"),
+        (
+            [*SECTIONS_OWN_HOLD_OUT, "teacher.dev_fraction=0.3"],
+            "teacher.dev_fraction/dev_seed (0.3, 0) differ from finetune.data's (0.1, 0)",
+        ),
+        (
+            [*SECTIONS_OWN_HOLD_OUT, "evaluate.fusion.dev_seed=5"],
+            "evaluate.fusion.dev_fraction/dev_seed (0.1, 5) differ from finetune.data's (0.1, 0)",
+        ),
         ([*SECTIONS_OWN_HOLD_OUT, "finetune.data.dev_fraction=0.0"], "queries the student trains on"),
     ],
 )
@@ -183,13 +209,28 @@ def test_values_given_once_reach_every_section_that_keeps_them():
 
 
 def test_a_fixed_fusion_weight_needs_no_dev_hold_out():
-    config = load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml",
-                                  ["dev_fraction=null", "dev_seed=null", "teacher.dev_fraction=0.1", "finetune.data.dev_fraction=0.0", "stages.teacher=false", "evaluate.fusion.weight=0.5"])  # fmt: skip
+    config = load_pipeline_config(
+        REPO / "configs" / "pipeline" / "quickstart.yaml",
+        [
+            "dev_fraction=null",
+            "dev_seed=null",
+            "teacher.dev_fraction=0.1",
+            "finetune.data.dev_fraction=0.0",
+            "stages.teacher=false",
+            "evaluate.fusion.weight=0.5",
+        ],
+    )
     assert config.evaluate["fusion"]["weight"] == 0.5
 
 
-@pytest.mark.parametrize(("override", "field"), [("exact_below_docs=-1", "exact_below_docs"), ("tune.ndcg_tolerance=-0.1", "ndcg_tolerance"),
-                                                 ("tune.ndcg_tolerance=1.01", "ndcg_tolerance")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("exact_below_docs=-1", "exact_below_docs"),
+        ("tune.ndcg_tolerance=-0.1", "ndcg_tolerance"),
+        ("tune.ndcg_tolerance=1.01", "ndcg_tolerance"),
+    ],
+)
 def test_bad_search_thresholds_are_one_line_errors_naming_the_field(override, field):
     with pytest.raises(ConfigError) as info:
         load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", [override])
@@ -202,7 +243,9 @@ def test_the_index_is_never_tuned_on_the_evaluated_split():
         load_pipeline_config(REPO / "configs" / "pipeline" / "quickstart.yaml", ["tune.dev_split=test"])
 
 
-def test_a_small_corpus_is_searched_exactly_and_an_index_shows_exact_beside_it(scifact_small, tiny_bert, tmp_path, monkeypatch, one_torch_thread):
+def test_a_small_corpus_is_searched_exactly_and_an_index_shows_exact_beside_it(
+    scifact_small, tiny_bert, tmp_path, monkeypatch, one_torch_thread
+):
     """Below exact_below_docs the model's row is exact search even though the index is built and
     tuned (on dev, by nDCG); asked for the index (exact_below_docs 0), the row shows exact beside it."""
     from eval.report import metric_rows
@@ -214,8 +257,16 @@ def test_a_small_corpus_is_searched_exactly_and_an_index_shows_exact_beside_it(s
     (data / "scifact").symlink_to(scifact_small)
     monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))
     monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
-    off = ["stages.pretrain=false", "stages.negatives=false", "stages.teacher=false", "stages.finetune=false", f"model={tiny_bert}",
-           "references.hybrid=false", "references.bm25=false", "tune.ef_search=[4,64]"]  # fmt: skip
+    off = [
+        "stages.pretrain=false",
+        "stages.negatives=false",
+        "stages.teacher=false",
+        "stages.finetune=false",
+        f"model={tiny_bert}",
+        "references.hybrid=false",
+        "references.bm25=false",
+        "tune.ef_search=[4,64]",
+    ]
     config = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", off)
     assert config.exact_below_docs == 20_000
     result = run_pipeline(config)

@@ -18,8 +18,8 @@ WITH_PRESETS = ("pretrain", "negatives", "teacher", "finetune", "encode", "index
 
 @pytest.mark.parametrize("name", CHAIN_STAGES)
 def test_each_stage_has_one_name_for_module_config_command_and_store(name):
-    from flows.cli import build_parser
     from flows.chain import SECTIONS, PipelineConfig
+    from flows.cli import build_parser
 
     stage = STAGES[name]
     assert list(inspect.signature(stage.run.__func__).parameters) == ["self", "config", "inputs", "out_dir", "partial_dir"]
@@ -54,14 +54,16 @@ def test_the_key_leaves_out_what_inputs_locate_and_keeps_what_they_are(tmp_path)
 
 def test_build_refuses_an_input_the_stage_does_not_take(tmp_path):
     from flows.stages import build
-    from retroflow.artifacts import ArtifactStore
     from retrieval.serving.index import IndexConfig
+    from retroflow.artifacts import ArtifactStore
 
     with pytest.raises(ValueError, match="stage 'index' takes inputs embeddings; not data"):
         build(ArtifactStore(tmp_path), "index", IndexConfig(), {"data": Artifact("data", "k", tmp_path)})
 
 
-def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_keys(scifact_small, tiny_bert, tmp_path, monkeypatch, capsys):
+def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_keys(
+    scifact_small, tiny_bert, tmp_path, monkeypatch, capsys
+):
     """A user's encode -> index -> tune without --output: store artifacts keyed as the chain keys
     them; tuning an index artifact in place (with other queries) is refused instead of altering it."""
     import json
@@ -92,8 +94,8 @@ def test_encode_index_and_tune_from_the_cli_land_in_the_store_under_the_chains_k
 
 
 def test_the_resolved_precision_is_in_the_key_not_the_word_auto(tmp_path, monkeypatch):
-    from retroflow import devices
     from retrieval.serving.encode import EncodeConfig
+    from retroflow import devices
 
     data = ExternalInput("d", tmp_path, fingerprint="aaa")
     model = ExternalInput("m", tmp_path, fingerprint="mmm")
@@ -109,8 +111,9 @@ def test_the_resolved_precision_is_in_the_key_not_the_word_auto(tmp_path, monkey
     assert key_config("encode", auto)["encoder"]["precision"] == "bf16"
 
 
-@pytest.mark.parametrize("old, new", [("mine-negatives", "negatives"), ("train-teacher", "teacher"),
-                                      ("index build", "index"), ("index tune", "tune")])  # fmt: skip
+@pytest.mark.parametrize(
+    "old, new", [("mine-negatives", "negatives"), ("train-teacher", "teacher"), ("index build", "index"), ("index tune", "tune")]
+)
 def test_an_old_command_spelling_runs_the_new_command_and_says_it_is_deprecated(old, new, capsys):
     from flows.cli import main
 

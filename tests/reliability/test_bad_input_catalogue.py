@@ -12,9 +12,9 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -75,52 +75,137 @@ def damaged_model(tmp: Path, tiny_bert: Path, damage: str) -> Path:
 
 
 CASES = [
-    Case("beir: malformed JSON line", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "d0", "text": "a"}\n{"_id": "d1" "text": "b"}\n'), o),
-         r"ds/corpus\.jsonl, line 2: malformed JSON"),
-    Case("beir: empty _id", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "", "text": "a"}\n'), o), r"ds/corpus\.jsonl, line 1: .*_id"),
-    Case("beir: numeric _id", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": 1.0, "text": "a"}\n'), o), r"ds/corpus\.jsonl, line 1: .*_id"),
-    Case("beir: duplicate document id", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "d0", "text": "a"}\n{"_id": "d0", "text": "b"}\n'), o),
-         r"ds/corpus\.jsonl, line 2: .*d0"),
-    Case("beir: text is not UTF-8", lambda t, o: evaluate(beir(t / "ds", corpus=b'{"_id": "d0", "text": "caf\xe9"}\n'), o), r"ds/corpus\.jsonl.*line 1.*UTF-8"),
-    Case("beir: no queries file", lambda t, o: (lambda d: (d / "queries.jsonl").unlink() or evaluate(d, o))(beir(t / "ds")), r"queries\.jsonl"),
-    Case("qrels: score is not an integer", lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\thigh\n"), o),
-         r"qrels/test\.tsv, line 2: .*score"),
-    Case("qrels: one pair graded twice, differently", lambda t, o: evaluate(beir(t / "ds", qrels=QRELS + "q1\td0\t2\n"), o),
-         r"qrels/test\.tsv, line 4: .*q1.*d0"),
-    Case("qrels: score too large for any grade", lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\t99999999999\n"), o),
-         r"qrels/test\.tsv, line 2: field 'score' 99999999999 is out of range"),
-    Case("beir: boolean _id", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": true, "text": "a"}\n'), o), r"ds/corpus\.jsonl, line 1: .*_id"),
-    Case("qrels: unknown document", lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\tnope\t1\n"), o),
-         r"qrels/test\.tsv, line 2: .*nope"),
-    Case("msmarco: empty collection", lambda t, o: evaluate(msmarco(t / "mm", collection=""), o, "--suite", "msmarco", "--split", "dev"),
-         r"mm/collection\.tsv: the collection is empty"),
-    Case("msmarco: qrels line with two fields", lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0\n"), o, "--suite", "msmarco", "--split", "dev"),
-         r"mm/qrels\.dev\.tsv, line 1: expected"),
-    Case("msmarco: one pair graded twice, differently", lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0 0 1\n1 0 0 2\n"), o, "--suite", "msmarco",
-         "--split", "dev"), r"mm/qrels\.dev\.tsv, line 2: query '1', passage '0' graded 2"),
-    Case("msmarco: grade too large", lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0 0 99999999999\n"), o, "--suite", "msmarco", "--split", "dev"),
-         r"mm/qrels\.dev\.tsv, line 1: field 'score' 99999999999 is out of range"),
-    Case("nq: qa line without answers", lambda t, o: evaluate(nq(t / "nq", "who is alpha\n"), o, "--suite", "nq"),
-         r"nq-test\.qa\.csv, line 1: expected 2"),
-    Case("run file: wrong number of fields", lambda t, o: evaluate(beir(t / "ds"), o, "--run-file", str(write(t / "run.txt", "q1 d0\n"))),
-         r"run\.txt, line 1: expected"),
-    Case("run file: rank is not a number", lambda t, o: evaluate(beir(t / "ds"), o, "--run-file", str(write(t / "run.txt", "q1 d0 first\n"))),
-         r"run\.txt, line 1: .*not a number"),
+    Case(
+        "beir: malformed JSON line",
+        lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "d0", "text": "a"}\n{"_id": "d1" "text": "b"}\n'), o),
+        r"ds/corpus\.jsonl, line 2: malformed JSON",
+    ),
+    Case(
+        "beir: empty _id", lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "", "text": "a"}\n'), o), r"ds/corpus\.jsonl, line 1: .*_id"
+    ),
+    Case(
+        "beir: numeric _id",
+        lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": 1.0, "text": "a"}\n'), o),
+        r"ds/corpus\.jsonl, line 1: .*_id",
+    ),
+    Case(
+        "beir: duplicate document id",
+        lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": "d0", "text": "a"}\n{"_id": "d0", "text": "b"}\n'), o),
+        r"ds/corpus\.jsonl, line 2: .*d0",
+    ),
+    Case(
+        "beir: text is not UTF-8",
+        lambda t, o: evaluate(beir(t / "ds", corpus=b'{"_id": "d0", "text": "caf\xe9"}\n'), o),
+        r"ds/corpus\.jsonl.*line 1.*UTF-8",
+    ),
+    Case(
+        "beir: no queries file",
+        lambda t, o: (lambda d: (d / "queries.jsonl").unlink() or evaluate(d, o))(beir(t / "ds")),
+        r"queries\.jsonl",
+    ),
+    Case(
+        "qrels: score is not an integer",
+        lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\thigh\n"), o),
+        r"qrels/test\.tsv, line 2: .*score",
+    ),
+    Case(
+        "qrels: one pair graded twice, differently",
+        lambda t, o: evaluate(beir(t / "ds", qrels=QRELS + "q1\td0\t2\n"), o),
+        r"qrels/test\.tsv, line 4: .*q1.*d0",
+    ),
+    Case(
+        "qrels: score too large for any grade",
+        lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\t99999999999\n"), o),
+        r"qrels/test\.tsv, line 2: field 'score' 99999999999 is out of range",
+    ),
+    Case(
+        "beir: boolean _id",
+        lambda t, o: evaluate(beir(t / "ds", corpus='{"_id": true, "text": "a"}\n'), o),
+        r"ds/corpus\.jsonl, line 1: .*_id",
+    ),
+    Case(
+        "qrels: unknown document",
+        lambda t, o: evaluate(beir(t / "ds", qrels="query-id\tcorpus-id\tscore\nq1\tnope\t1\n"), o),
+        r"qrels/test\.tsv, line 2: .*nope",
+    ),
+    Case(
+        "msmarco: empty collection",
+        lambda t, o: evaluate(msmarco(t / "mm", collection=""), o, "--suite", "msmarco", "--split", "dev"),
+        r"mm/collection\.tsv: the collection is empty",
+    ),
+    Case(
+        "msmarco: qrels line with two fields",
+        lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0\n"), o, "--suite", "msmarco", "--split", "dev"),
+        r"mm/qrels\.dev\.tsv, line 1: expected",
+    ),
+    Case(
+        "msmarco: one pair graded twice, differently",
+        lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0 0 1\n1 0 0 2\n"), o, "--suite", "msmarco", "--split", "dev"),
+        r"mm/qrels\.dev\.tsv, line 2: query '1', passage '0' graded 2",
+    ),
+    Case(
+        "msmarco: grade too large",
+        lambda t, o: evaluate(msmarco(t / "mm", qrels="1 0 0 99999999999\n"), o, "--suite", "msmarco", "--split", "dev"),
+        r"mm/qrels\.dev\.tsv, line 1: field 'score' 99999999999 is out of range",
+    ),
+    Case(
+        "nq: qa line without answers",
+        lambda t, o: evaluate(nq(t / "nq", "who is alpha\n"), o, "--suite", "nq"),
+        r"nq-test\.qa\.csv, line 1: expected 2",
+    ),
+    Case(
+        "run file: wrong number of fields",
+        lambda t, o: evaluate(beir(t / "ds"), o, "--run-file", str(write(t / "run.txt", "q1 d0\n"))),
+        r"run\.txt, line 1: expected",
+    ),
+    Case(
+        "run file: rank is not a number",
+        lambda t, o: evaluate(beir(t / "ds"), o, "--run-file", str(write(t / "run.txt", "q1 d0 first\n"))),
+        r"run\.txt, line 1: .*not a number",
+    ),
     Case("config: unknown evaluate field", lambda t, o: evaluate(beir(t / "ds"), o, "--set", "nonsense=1"), r"nonsense"),
-    Case("config: finetune learning rate below zero", lambda t, o: ["finetune", "--config", str(REPO / "configs/finetune/tiny.yaml"),
-         "--dataset", str(beir(t / "ds")), "--output", str(o), "--set", "train.lr=-1"], r"train\.lr"),
-    Case("config: typo in a pipeline stage section", lambda t, o: ["pipeline", "--config", str(write(t / "p.yaml", pipeline_with_typo(t)))],
-         r"finetune.*trian"),
+    Case(
+        "config: finetune learning rate below zero",
+        lambda t, o: [
+            "finetune",
+            "--config",
+            str(REPO / "configs/finetune/tiny.yaml"),
+            "--dataset",
+            str(beir(t / "ds")),
+            "--output",
+            str(o),
+            "--set",
+            "train.lr=-1",
+        ],
+        r"train\.lr",
+    ),
+    Case(
+        "config: typo in a pipeline stage section",
+        lambda t, o: ["pipeline", "--config", str(write(t / "p.yaml", pipeline_with_typo(t)))],
+        r"finetune.*trian",
+    ),
     Case("config: fusion weight outside [0, 1]", lambda t, o: evaluate(beir(t / "ds"), o, "--set", "fusion.weight=1.5"), r"fusion\.weight"),
-    Case("config: unknown ablation arm", lambda t, o: ["ablation", "--config", str(REPO / "configs/ablation/tiny.yaml"), "--set", "arms=[mlm,bert]"],
-         r"arms\[1\]: unknown arm 'bert'"),
-    Case("config: ablation sweep ratio outside (0, 1)", lambda t, o: ["ablation", "--config", str(REPO / "configs/ablation/tiny.yaml"),
-         "--set", "sweep.decoder_mask_ratio=[1.5]"], r"sweep\.decoder_mask_ratio"),
+    Case(
+        "config: unknown ablation arm",
+        lambda t, o: ["ablation", "--config", str(REPO / "configs/ablation/tiny.yaml"), "--set", "arms=[mlm,bert]"],
+        r"arms\[1\]: unknown arm 'bert'",
+    ),
+    Case(
+        "config: ablation sweep ratio outside (0, 1)",
+        lambda t, o: ["ablation", "--config", str(REPO / "configs/ablation/tiny.yaml"), "--set", "sweep.decoder_mask_ratio=[1.5]"],
+        r"sweep\.decoder_mask_ratio",
+    ),
     Case("config: tune nDCG tolerance above 1", lambda t, o: ["tune", "--index", str(o), "--ndcg-tolerance", "1.5"], r"ndcg_tolerance"),
-    Case("config: pipeline exact_below_docs below 0", lambda t, o: ["pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"),
-         "--set", "exact_below_docs=-1"], r"exact_below_docs"),
-    Case("vectors: truncated embeddings.npy", lambda t, o: ["index", "build", "--embeddings", str(truncated_embeddings(t)), "--output", str(o)],
-         r"embeddings\.npy: not a complete \.npy vectors file"),
+    Case(
+        "config: pipeline exact_below_docs below 0",
+        lambda t, o: ["pipeline", "--config", str(REPO / "configs/pipeline/tiny.yaml"), "--set", "exact_below_docs=-1"],
+        r"exact_below_docs",
+    ),
+    Case(
+        "vectors: truncated embeddings.npy",
+        lambda t, o: ["index", "build", "--embeddings", str(truncated_embeddings(t)), "--output", str(o)],
+        r"embeddings\.npy: not a complete \.npy vectors file",
+    ),
 ]
 
 
@@ -170,27 +255,42 @@ def test_a_damaged_model_is_one_clear_error(damage, tiny_bert, tmp_path, capsys)
 
 
 def test_a_damaged_checkpoint_is_one_clear_error_on_resume(scifact_small, tiny_bert, tmp_path):
-    from retroflow.data.beir import load_dataset
-    from retroflow.config import load_config
     from retrieval.training.finetune import FinetuneConfig, run_finetune
+    from retroflow.config import load_config
+    from retroflow.data.beir import load_dataset
 
     out, overrides = tmp_path / "run", ["train.save_every=2", "train.max_steps=4"]
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", overrides)
     run_finetune(config, load_dataset(scifact_small), tiny_bert, out, out / "partial", stop_after=2)  # as if killed at step 2
     weights = out / "partial" / "checkpoints" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
-    argv = ["finetune", "--config", str(REPO / "configs/finetune/tiny.yaml"), "--dataset", str(scifact_small), "--model", str(tiny_bert),
-            "--output", str(out), *[a for o in overrides for a in ("--set", o)], "--resume"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--config",
+        str(REPO / "configs/finetune/tiny.yaml"),
+        "--dataset",
+        str(scifact_small),
+        "--model",
+        str(tiny_bert),
+        "--output",
+        str(out),
+        *[a for o in overrides for a in ("--set", o)],
+        "--resume",
+    ]
     # as a shell runs it: in-process, log handlers that earlier tests left on closed streams would add noise
     done = subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True, text=True, cwd=REPO)
     err = done.stderr
     assert done.returncode == 2 and "Traceback" not in err, err
-    assert re.search(r"checkpoint-2: damaged checkpoint .*delete checkpoint-2", [line for line in err.splitlines() if line.startswith("error:")][0])
+    assert re.search(
+        r"checkpoint-2: damaged checkpoint .*delete checkpoint-2", [line for line in err.splitlines() if line.startswith("error:")][0]
+    )
 
 
 def test_the_installed_command_exits_2_with_one_line(tmp_path):
     """The same through the real entry point: exit status and stderr as a shell sees them."""
     dataset = beir(tmp_path / "ds", qrels="query-id\tcorpus-id\tscore\nq1\td0\thigh\n")
-    done = subprocess.run([sys.executable, "-m", "flows.cli", *evaluate(dataset, tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-m", "flows.cli", *evaluate(dataset, tmp_path / "out")], capture_output=True, text=True, cwd=REPO
+    )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()][-1].startswith(f"error: {dataset}/qrels/test.tsv, line 2")

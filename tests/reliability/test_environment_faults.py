@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_bad_input_catalogue import beir, evaluate
 from test_messages import error_line
 
@@ -35,12 +34,18 @@ def test_a_store_that_cannot_be_written_is_one_line(code: int, cause: str, tmp_p
 def tiny_pretrain(shared_data: Path, tmp: Path):
     from retromae.config import PretrainConfig
 
-    return PretrainConfig.model_validate({
-        "model": {"init": None, "preset": "tiny", "vocab_size": 400, "dropout": 0.0},
-        "data": {"beir_corpus": str(shared_data / "scifact" / "corpus.jsonl"), "max_docs": 30, "max_seq_length": 32,
-                 "cache_dir": str(tmp / "cache")},
-        "train": {"seed": 7, "max_steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 2},
-    })  # fmt: skip
+    return PretrainConfig.model_validate(
+        {
+            "model": {"init": None, "preset": "tiny", "vocab_size": 400, "dropout": 0.0},
+            "data": {
+                "beir_corpus": str(shared_data / "scifact" / "corpus.jsonl"),
+                "max_docs": 30,
+                "max_seq_length": 32,
+                "cache_dir": str(tmp / "cache"),
+            },
+            "train": {"seed": 7, "max_steps": 4, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 2},
+        }
+    )
 
 
 def test_a_checkpoint_is_not_started_without_room_for_it(shared_data: Path, tmp_path: Path, monkeypatch):
@@ -85,8 +90,9 @@ def test_a_non_utf8_path_is_one_line(tmp_path: Path):
     name = os.fsencode(tmp_path) + b"/d\xff"
     beir(Path(os.fsdecode(name)))
     argv = [b"evaluate", b"--model", b"bm25", b"--dataset", name, b"--no-registry"]
-    done = subprocess.run([sys.executable, b"-m", b"flows.cli", *argv], capture_output=True, cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, b"-m", b"flows.cli", *argv], capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     err = done.stderr.decode("utf-8", "replace")
     assert done.returncode == 2 and "Traceback" not in err, err
     [line] = [line for line in err.splitlines() if line.startswith("error:")]

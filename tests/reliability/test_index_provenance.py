@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_bert, write_beir_subset
+
 from flows.cli import main
 
 
@@ -22,8 +22,22 @@ def flat_index(scifact_small: Path, tiny_bert: Path, tmp_path_factory) -> Path:
 
 
 def evaluate_args(model: Path, dataset: Path, index: Path) -> list[str]:
-    return ["evaluate", "--model", str(model), "--dataset", str(dataset), "--index", str(index), "--metrics", "ndcg@10",
-            "--top-k", "10", "--no-registry", "--set", "encoder.device=cpu"]  # fmt: skip
+    return [
+        "evaluate",
+        "--model",
+        str(model),
+        "--dataset",
+        str(dataset),
+        "--index",
+        str(index),
+        "--metrics",
+        "ndcg@10",
+        "--top-k",
+        "10",
+        "--no-registry",
+        "--set",
+        "encoder.device=cpu",
+    ]
 
 
 def test_an_index_built_over_another_dataset_is_refused(flat_index, tiny_bert, scifact_dir, tmp_path, capsys):

@@ -4,8 +4,9 @@ runs and a different one started at once on one store.
 
 Compared by manifest fingerprint (every file's sha256) for every stage but `tune` and
 `evaluate`, whose files hold measured speeds and timings by design. The kill point inside a
-stage is drawn from a seeded generator. One case runs in the default suite; the others are
-marked slow (`make reliability` runs them all).
+stage is drawn from a seeded generator. One case runs in the default suite; the others, and the
+plain-CLI version of the concurrent runs (the default suite runs them through a Prefect server),
+are marked slow (`make reliability` runs them all).
 """
 
 from __future__ import annotations
@@ -27,8 +28,13 @@ TIMED_STAGES = {"tune", "evaluate"}  # their files hold measured speeds
 
 
 def pipeline_env(data_dir: Path, store: Path, tmp: Path) -> dict[str, str]:
-    return {**os.environ, "RETROFLOW_DATA_DIR": str(data_dir), "RETROFLOW_STORE": str(store),
-            "RETROFLOW_CACHE": str(tmp / "cache"), "RETROFLOW_REGISTRY": str(tmp / "registry.parquet")}  # fmt: skip
+    return {
+        **os.environ,
+        "RETROFLOW_DATA_DIR": str(data_dir),
+        "RETROFLOW_STORE": str(store),
+        "RETROFLOW_CACHE": str(tmp / "cache"),
+        "RETROFLOW_REGISTRY": str(tmp / "registry.parquet"),
+    }
 
 
 def start_pipeline(env: dict[str, str], log: Path, *overrides: str) -> subprocess.Popen:
@@ -77,8 +83,7 @@ def seeded_store(reference: Path, store: Path) -> None:
 
 
 CASES = [pytest.param("finetune", 11, id="finetune")] + [
-    pytest.param(stage, seed, id=stage, marks=pytest.mark.slow)
-    for stage, seed in [("pretrain", 12), ("teacher", 13), ("encode", 14)]
+    pytest.param(stage, seed, id=stage, marks=pytest.mark.slow) for stage, seed in [("pretrain", 12), ("teacher", 13), ("encode", 14)]
 ]
 # `index` and `negatives` finish in milliseconds on the tiny data: on an idle machine the run can be
 # past them before a poll sees them working, so a kill there is not reliably a kill in them. Their
@@ -103,13 +108,13 @@ def test_a_run_killed_during_a_stage_resumes_to_the_same_artifacts(stage, seed, 
     assert leftovers(store) == []
 
 
+@pytest.mark.slow  # the default suite runs the same three runs through a Prefect server (tests/e2e/test_server_runs.py)
 def test_identical_and_different_runs_at_once_on_one_store(reference, data_dir, tmp_path):
     """Two identical runs and one with another fine-tuning seed, started together on one store."""
     store = tmp_path / "store"
     seeded_store(reference, store)
     env = pipeline_env(data_dir, store, tmp_path)
-    runs = [start_pipeline(env, tmp_path / f"log{i}.txt", *extra)
-            for i, extra in enumerate([(), (), ("--set", "finetune.train.seed=8")])]  # fmt: skip
+    runs = [start_pipeline(env, tmp_path / f"log{i}.txt", *extra) for i, extra in enumerate([(), (), ("--set", "finetune.train.seed=8")])]
     codes = [run.wait(timeout=900) for run in runs]
     assert codes == [0, 0, 0], [(tmp_path / f"log{i}.txt").read_text()[-2000:] for i in range(3)]
     results = [json.loads((tmp_path / f"log{i}.txt").read_text().strip().splitlines()[-1]) for i in range(3)]

@@ -59,6 +59,7 @@ def dead_pid() -> int:
 def test_temporary_directories_of_killed_builds_are_swept_on_the_next_build(tmp_path):
     stage_dir = tmp_path / "store" / "index"
     stage_dir.mkdir(parents=True)
+
     def killed_here(name: str) -> str:  # a staging name of this host and namespace, with a dead pid
         return staging_name(name).replace(f".tmp-{os.getpid()}-", f".tmp-{dead_pid()}-", 1)
 

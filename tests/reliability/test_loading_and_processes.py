@@ -42,21 +42,29 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
 
 def test_teacher_checkpoints_are_the_shared_pickle_free_format(scifact_small, tiny_bert, tmp_path):
     """The teacher trains on retroflow.training's loop, so it writes and reads the checkpoints every stage does."""
+    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
+    from retrieval.training.teacher import TeacherConfig, run_train_teacher
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
     from retroflow.data.beir import load_dataset
-    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
 
     dataset = load_dataset(scifact_small)
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     negatives, partial = tmp_path / "neg" / "negatives.jsonl", tmp_path / "partial"
-    config = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_bert}", "max_steps=4", "save_every=2", "max_queries=8"])
+    config = load_config(
+        TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_bert}", "max_steps=4", "save_every=2", "max_queries=8"]
+    )
     stopped = run_train_teacher(config, dataset, negatives, tmp_path / "out", partial, stop_after=2)
     assert stopped["stopped_early"]
     checkpoint = list_checkpoints(partial / "checkpoints")[-1]
     assert checkpoint.name == "checkpoint-2"
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.json", "trainer_state.json"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng-0.pt",
+        "scheduler.json",
+        "trainer_state.json",
+    ]
 
     marker = tmp_path / "pwned"
     torch.save({"state": _Planted(str(marker))}, checkpoint / "optimizer.pt")
@@ -79,7 +87,7 @@ def test_make_stop_stops_the_whole_process_group_it_started(tmp_path):
     home = tmp_path / "prefect-home"
     home.mkdir()
     # the leader ignores SIGTERM, as a Prefect worker in graceful shutdown may: stop must still end it
-    script = "setsid bash -c 'trap \"\" TERM; sleep 300 & sleep 300' & echo $! > \"$1/pids\"; echo $! > \"$1/worker.pid\""
+    script = 'setsid bash -c \'trap "" TERM; sleep 300 & sleep 300\' & echo $! > "$1/pids"; echo $! > "$1/worker.pid"'
     subprocess.run(["bash", "-c", script, "_", str(home)], check=True)
     leader = int((home / "pids").read_text())
     time.sleep(0.3)
@@ -106,10 +114,10 @@ class _Planted:
 def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     import pickle
 
-    from retroflow.data.beir import load_dataset
+    from retrieval.training.finetune import FinetuneConfig, run_finetune
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
-    from retrieval.training.finetune import FinetuneConfig, run_finetune
+    from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(scifact_small)
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=4", "train.save_every=2"])
@@ -119,7 +127,13 @@ def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     model = build_tiny_bert(tmp_path / "bert", [t for t in dataset.doc_texts()[:50]], vocab_size=500, hidden=32)
     run_finetune(config, dataset, model, out, partial, stop_after=2)
     checkpoint = list_checkpoints(partial / "checkpoints")[-1]
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["model.safetensors", "optimizer.pt", "rng-0.pt", "scheduler.json", "trainer_state.json"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "model.safetensors",
+        "optimizer.pt",
+        "rng-0.pt",
+        "scheduler.json",
+        "trainer_state.json",
+    ]
 
     # a pickle where accelerate used to keep its state is simply not read: the resume works
     marker = tmp_path / "pwned"
@@ -140,8 +154,8 @@ def test_damaged_index_and_vectors_files_are_named_errors(tmp_path):
     import faiss
     import numpy as np
 
-    from retrieval.serving.index import read_faiss_file
     from retrieval.serving.encode import load_vectors
+    from retrieval.serving.index import read_faiss_file
 
     index = faiss.IndexFlatIP(8)
     index.add(np.random.default_rng(0).random((50, 8), dtype=np.float32))
@@ -185,6 +199,8 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_at_load(tiny_bert, tm
 
     small = tmp_path / "small-vocab"
     shutil.copytree(tiny_bert, small)
-    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(small)
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
+        small
+    )
     with pytest.raises(ModelLoadError, match=r"the tokenizer has \d+ tokens but the model's embedding matrix only 100 rows"):
         Encoder(small, EncoderSettings(show_progress=False))

@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 
 import pytest
+from test_bad_input_catalogue import beir, evaluate, msmarco, nq
 
 from flows.cli import main
-from test_bad_input_catalogue import beir, evaluate, msmarco, nq
 
 
 def error_line(argv: list[str], capsys) -> str:
@@ -52,7 +52,16 @@ def test_finetune_flags_stay_strings():
 
 
 def test_hybrid_with_bm25_as_the_dense_model_says_so(tmp_path: Path, capsys):
-    argv = ["evaluate", "--model", "hybrid:bm25", "--dataset", str(beir(tmp_path / "ds")), "--no-registry", "--output", str(tmp_path / "out")]
+    argv = [
+        "evaluate",
+        "--model",
+        "hybrid:bm25",
+        "--dataset",
+        str(beir(tmp_path / "ds")),
+        "--no-registry",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     line = error_line(argv, capsys)
     assert "hybrid:bm25" in line and "dense model" in line and "hub" not in line
 
@@ -64,11 +73,14 @@ def test_empty_nq_passages_file_is_called_empty(tmp_path: Path, capsys):
     assert re.search(r"nq/psgs_w100\.tsv: the passages file is empty", line) and "CSV" not in line
 
 
-@pytest.mark.parametrize("qrels, expected", [
-    ("1 0 0 1\n1 0 7 1\n", r"mm/qrels\.dev\.tsv, line 2: passage id '7' is not in .*mm/collection\.tsv"),
-    ("1 0 0 1\n5 0 1 1\n", r"mm/qrels\.dev\.tsv, line 2: query id '5' is not in the queries files \(queries\.dev\.tsv\)"),
-    ("", r"mm/qrels\.dev\.tsv: no judgments"),
-])
+@pytest.mark.parametrize(
+    "qrels, expected",
+    [
+        ("1 0 0 1\n1 0 7 1\n", r"mm/qrels\.dev\.tsv, line 2: passage id '7' is not in .*mm/collection\.tsv"),
+        ("1 0 0 1\n5 0 1 1\n", r"mm/qrels\.dev\.tsv, line 2: query id '5' is not in the queries files \(queries\.dev\.tsv\)"),
+        ("", r"mm/qrels\.dev\.tsv: no judgments"),
+    ],
+)
 def test_msmarco_qrels_errors_name_the_users_file_and_line(qrels: str, expected: str, tmp_path: Path, capsys):
     line = error_line(evaluate(msmarco(tmp_path / "mm", qrels=qrels), tmp_path / "out", "--suite", "msmarco", "--split", "dev"), capsys)
     assert re.search(expected, line), line

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from flows.cli import main
 from test_bad_input_catalogue import beir, evaluate
 from test_messages import error_line
+
+from flows.cli import main
 
 
 def last_json(out: str) -> dict:
@@ -36,7 +36,10 @@ def test_a_renamed_copy_is_registered_under_its_own_name(tmp_path: Path, capsys)
 def test_compare_of_same_name_runs_on_different_data_reports_no_deltas(tmp_path: Path, capsys):
     registry = tmp_path / "registry.parquet"
     run_ids = []
-    for version, qrels in (("a", "query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td1\t1\n"), ("b", "query-id\tcorpus-id\tscore\nq1\td2\t1\nq2\td1\t1\n")):
+    for version, qrels in (
+        ("a", "query-id\tcorpus-id\tscore\nq1\td0\t1\nq2\td1\t1\n"),
+        ("b", "query-id\tcorpus-id\tscore\nq1\td2\t1\nq2\td1\t1\n"),
+    ):
         dataset = beir(tmp_path / version / "ds", qrels=qrels)
         assert main(["evaluate", "--model", "bm25", "--dataset", str(dataset), "--registry", str(registry)]) == 0
         run_ids.append(last_json(capsys.readouterr().out)["run_id"])
@@ -74,14 +77,17 @@ def hnsw_index(tmp_path_factory) -> Path:
     return tmp / "index"
 
 
-@pytest.mark.parametrize("param, expected", [
-    ("efSearch=-5", r"efSearch=-5: must be a whole number >= 1"),
-    ("efSearch=2.5", r"efSearch=2\.5: must be a whole number >= 1"),
-    ("efSearch=many", r"efSearch='many': not a number"),
-    ("efSerch=64", r"'efSerch' does not apply to the index .*index: its knobs are efSearch"),
-    ("nprobe=4", r"'nprobe' does not apply"),
-    ("efSearch", r"expected NAME=VALUE"),
-])
+@pytest.mark.parametrize(
+    "param, expected",
+    [
+        ("efSearch=-5", r"efSearch=-5: must be a whole number >= 1"),
+        ("efSearch=2.5", r"efSearch=2\.5: must be a whole number >= 1"),
+        ("efSearch=many", r"efSearch='many': not a number"),
+        ("efSerch=64", r"'efSerch' does not apply to the index .*index: its knobs are efSearch"),
+        ("nprobe=4", r"'nprobe' does not apply"),
+        ("efSearch", r"expected NAME=VALUE"),
+    ],
+)
 def test_search_params_are_validated(hnsw_index: Path, param: str, expected: str, capsys):
     import re
 

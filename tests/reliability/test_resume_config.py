@@ -26,13 +26,27 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def pretrain_config(shared_data: Path, tmp: Path, **train):
     from retromae.config import PretrainConfig
 
-    return PretrainConfig.model_validate({
-        "model": {"init": None, "preset": "tiny", "vocab_size": 400, "dropout": 0.0},
-        "data": {"beir_corpus": str(shared_data / "scifact" / "corpus.jsonl"), "max_docs": 40, "max_seq_length": 32,
-                 "cache_dir": str(tmp / "cache")},
-        "train": {"seed": 7, "max_steps": 8, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 2,
-                  "log_every": 4, **train},
-    })  # fmt: skip
+    return PretrainConfig.model_validate(
+        {
+            "model": {"init": None, "preset": "tiny", "vocab_size": 400, "dropout": 0.0},
+            "data": {
+                "beir_corpus": str(shared_data / "scifact" / "corpus.jsonl"),
+                "max_docs": 40,
+                "max_seq_length": 32,
+                "cache_dir": str(tmp / "cache"),
+            },
+            "train": {
+                "seed": 7,
+                "max_steps": 8,
+                "batch_size": 4,
+                "lr": 5e-3,
+                "warmup_ratio": 0.0,
+                "save_every": 2,
+                "log_every": 4,
+                **train,
+            },
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,21 +90,27 @@ def test_pretrain_resume_may_change_steps_intervals_and_device(stopped_pretrain:
 def test_config_differences_ignore_only_the_resumable_fields():
     saved = {"train": {"lr": 1e-4, "max_steps": 10, "device": "auto"}, "objective": "retromae"}
     assert config_differences(saved, {"train": {"lr": 1e-4, "max_steps": 20, "device": "cpu"}, "objective": "retromae"}) == []
-    assert config_differences(saved, {"train": {"lr": 1e-4, "max_steps": 10, "device": "auto"}, "objective": "mlm"}) == \
-        ["objective: 'retromae' -> 'mlm'"]
-    assert config_differences(saved, {"train": {"max_steps": 10, "device": "auto"}, "objective": "retromae"}) == ["train.lr: 0.0001 -> (absent)"]
+    assert config_differences(saved, {"train": {"lr": 1e-4, "max_steps": 10, "device": "auto"}, "objective": "mlm"}) == [
+        "objective: 'retromae' -> 'mlm'"
+    ]
+    assert config_differences(saved, {"train": {"max_steps": 10, "device": "auto"}, "objective": "retromae"}) == [
+        "train.lr: 0.0001 -> (absent)"
+    ]
 
 
 def test_finetune_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
-    from retroflow.data.beir import load_dataset
     from retrieval.training.finetune import FinetuneConfig, run_finetune
+    from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(scifact_small)
     tiny = REPO / "configs/finetune/tiny.yaml"
     config = load_config(FinetuneConfig, tiny, ["train.max_steps=4", "train.save_every=2", "data.max_queries=16"])
     run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", stop_after=2)
-    changed = load_config(FinetuneConfig, tiny, ["train.max_steps=4", "train.save_every=2", "data.max_queries=16",
-                                                 "train.lr=1e-3", "negatives.hard_negatives=2"])  # fmt: skip
+    changed = load_config(
+        FinetuneConfig,
+        tiny,
+        ["train.max_steps=4", "train.save_every=2", "data.max_queries=16", "train.lr=1e-3", "negatives.hard_negatives=2"],
+    )
     with pytest.raises(ResumeConfigError, match=r"negatives\.hard_negatives: 1 -> 2; train\.lr: 0\.0005 -> 0\.001"):
         run_finetune(changed, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial")
     longer = load_config(FinetuneConfig, tiny, ["train.max_steps=5", "train.save_every=3", "data.max_queries=16", "train.log_every=1"])
@@ -98,20 +118,26 @@ def test_finetune_resume_with_another_config_is_refused(scifact_small: Path, tin
 
 
 def test_teacher_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
-    from retroflow.data.beir import load_dataset
     from retrieval.training.negatives import NegativesConfig, run_mine_negatives
     from retrieval.training.teacher import TeacherConfig, run_train_teacher
+    from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(scifact_small)
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=10), dataset, tmp_path / "neg")
     negatives = tmp_path / "neg" / "negatives.jsonl"
     common = [f"init={tiny_bert}", "max_queries=8", "candidates_per_query=2", "save_every=2"]
     tiny = REPO / "configs/teacher/tiny.yaml"
-    run_train_teacher(load_config(TeacherConfig, tiny, [*common, "max_steps=4"]), dataset, negatives, tmp_path / "out",
-                      tmp_path / "partial", stop_after=2)  # fmt: skip
+    run_train_teacher(
+        load_config(TeacherConfig, tiny, [*common, "max_steps=4"]), dataset, negatives, tmp_path / "out", tmp_path / "partial", stop_after=2
+    )
     with pytest.raises(ResumeConfigError, match=r"lr: 0\.0005 -> 0\.0001"):
-        run_train_teacher(load_config(TeacherConfig, tiny, [*common, "max_steps=4", "lr=1e-4"]), dataset, negatives,
-                          tmp_path / "out", tmp_path / "partial")  # fmt: skip
+        run_train_teacher(
+            load_config(TeacherConfig, tiny, [*common, "max_steps=4", "lr=1e-4"]),
+            dataset,
+            negatives,
+            tmp_path / "out",
+            tmp_path / "partial",
+        )
 
 
 def damaged_resume(stopped_pretrain: Path, shared_data: Path, tmp_path: Path, file: str, text: str) -> str:

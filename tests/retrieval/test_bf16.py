@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from retroflow.devices import cpu_has_native_bf16
 from retrieval.serving.encoder import Encoder, EncoderSettings
+from retroflow.devices import cpu_has_native_bf16
 
 pytestmark = pytest.mark.skipif(not cpu_has_native_bf16(), reason="this CPU has no native bf16 (AVX-512 BF16 / AMX)")
 
@@ -25,11 +25,13 @@ def test_bf16_minilm_vectors_are_fp32_vectors_to_rounding(scifact_small):
 
 
 def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrupted_one(scifact_small, tiny_bert, tmp_path, monkeypatch):
-    from retroflow.data.beir import load_dataset
     from retrieval.serving.encode import EncodeConfig, open_embeddings, run_encode
+    from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(scifact_small)
-    config = EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "bf16"})
+    config = EncodeConfig(
+        model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "bf16"}
+    )
     run_encode(config, dataset, tmp_path / "whole", tmp_path / "whole-partial")
     real, calls = Encoder.encode_passages, {"n": 0}
 
@@ -54,11 +56,13 @@ def test_bf16_pretraining_resumes_bit_identically(tiny_bert, scifact_small, tmp_
     from retromae.config import PretrainConfig
     from retromae.pretrain import run_pretrain
 
-    config = PretrainConfig.model_validate({
-        "model": {"init": str(tiny_bert)},
-        "data": {"beir_corpus": str(scifact_small / "corpus.jsonl"), "max_docs": 60, "max_seq_length": 32},
-        "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1, "precision": "bf16"},
-    })  # fmt: skip
+    config = PretrainConfig.model_validate(
+        {
+            "model": {"init": str(tiny_bert)},
+            "data": {"beir_corpus": str(scifact_small / "corpus.jsonl"), "max_docs": 60, "max_seq_length": 32},
+            "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1, "precision": "bf16"},
+        }
+    )
     whole = run_pretrain(config, tmp_path / "whole", tmp_path / "whole-partial")
     run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial", stop_after=2)  # as a kill after step 2's checkpoint
     resumed = run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial")

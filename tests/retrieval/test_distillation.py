@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from retroflow.data.beir import load_dataset
-from retroflow.config import ConfigError, load_config
 from retrieval.training.finetune import FinetuneConfig, distillation_gate, run_finetune, standardized, student_dev_check, teacher_pools
 from retrieval.training.teacher import TeacherConfig, run_fusion_teacher
 from retrieval.training.teacher_scores import TeacherScores, read_teacher_scores, write_teacher_scores
-from retroflow.data.splits import dev_split
 from retrieval.training.training_data import BatchPlan, TrainingExample, TrainingSet, training_queries
+from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import load_dataset
+from retroflow.data.splits import dev_split
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -104,13 +104,22 @@ def test_student_dev_check_reranks_the_teacher_pool_and_refuses_a_pool_of_traini
     assert score is not None and 0.0 <= score < 1.0
     other_split = load_config(FinetuneConfig, TINY, ["data.dev_fraction=0.2", "data.dev_seed=7", "distill.loss=kl"])
     with pytest.raises(ValueError, match=r"teacher_scores\.jsonl: the teacher's dev queries .* are training queries"):
-        student_dev_check(other_split, dataset, training_queries(other_split.data.selection(), dataset), tiny_bert, "mean", True, pool,
-                          out / "teacher_scores.jsonl")
+        student_dev_check(
+            other_split,
+            dataset,
+            training_queries(other_split.data.selection(), dataset),
+            tiny_bert,
+            "mean",
+            True,
+            pool,
+            out / "teacher_scores.jsonl",
+        )
 
 
 def test_the_scores_file_round_trips_and_reads_an_older_file_s_dev_check_under_its_one_name(tmp_path):
-    teacher = TeacherScores({"kind": "fusion", "dev_check": {"dev_teacher_ndcg@10": 0.7}, "dev_pool": {"q9": ["d1"]}},
-                            {"q1": {"p": 0.912345678, "n": 0.1}})  # fmt: skip
+    teacher = TeacherScores(
+        {"kind": "fusion", "dev_check": {"dev_teacher_ndcg@10": 0.7}, "dev_pool": {"q9": ["d1"]}}, {"q1": {"p": 0.912345678, "n": 0.1}}
+    )
     write_teacher_scores(tmp_path / "t.jsonl", teacher)
     again = read_teacher_scores(tmp_path / "t.jsonl")
     assert again.provenance == teacher.provenance and again.dev_pool == {"q9": ["d1"]}
@@ -135,7 +144,9 @@ def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, d
     header = json.loads(lines[0])
     header["provenance"]["dev_check"].update({"dev_teacher_ndcg@10": 0.1, "dev_bm25_ndcg@10": 0.5})
     scores_file.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
-    config = load_config(FinetuneConfig, TINY, ["train.max_steps=2", "data.dev_fraction=0.2", "distill.loss=kl", "negatives.hard_negatives=3"])
+    config = load_config(
+        FinetuneConfig, TINY, ["train.max_steps=2", "data.dev_fraction=0.2", "distill.loss=kl", "negatives.hard_negatives=3"]
+    )
     metrics = run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", teacher_scores_file=scores_file)
     assert metrics["distill"] == "none" and metrics["distill_gate"]["distilled"] is False
     assert "below BM25" in metrics["distill_gate"]["reason"] and metrics["distill_loss_history"] == []

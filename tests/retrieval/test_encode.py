@@ -13,8 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retroflow.data.beir import load_dataset
-from retrieval.serving.encoder import Encoder
 from retrieval.serving.encode import (
     EncodeConfig,
     encode_shards,
@@ -27,6 +25,8 @@ from retrieval.serving.encode import (
     shard_texts,
     worker_shards,
 )
+from retrieval.serving.encoder import Encoder
+from retroflow.data.beir import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,9 @@ def dataset(scifact_small):
 
 @pytest.fixture(scope="module")
 def config(tiny_bert, scifact_small) -> EncodeConfig:
-    return EncodeConfig(model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "fp32"})
+    return EncodeConfig(
+        model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "fp32"}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +148,22 @@ def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, refe
 def test_cli_encode_survives_sigkill(scifact_small, tiny_bert, dataset, tmp_path):
     """`retroflow encode` killed with SIGKILL mid-run, then re-run: every id exactly once."""
     out = tmp_path / "emb"
-    cmd = [sys.executable, "-m", "flows.cli", "encode", "--model", str(tiny_bert), "--dataset", str(scifact_small),
-           "--output", str(out), "--shard-size", "20", "--batch-size", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "encode",
+        "--model",
+        str(tiny_bert),
+        "--dataset",
+        str(scifact_small),
+        "--output",
+        str(out),
+        "--shard-size",
+        "20",
+        "--batch-size",
+        "4",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 50

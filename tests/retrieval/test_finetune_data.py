@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.data.beir import load_dataset
 from retrieval.training.training_data import (
     TrainingDataError,
     beir_training_set,
@@ -17,6 +16,7 @@ from retrieval.training.training_data import (
     msmarco_qrels_training_set,
     msmarco_triples_training_set,
 )
+from retroflow.data.beir import load_dataset
 
 
 def test_beir_train_qrels_give_one_example_per_judged_query(scifact_small: Path) -> None:
@@ -78,9 +78,12 @@ def test_msmarco_qrels_and_triples(tmp_path: Path) -> None:
 
 def test_dpr_json(tmp_path: Path) -> None:
     records = [
-        {"question": "who wrote hamlet", "positive_ctxs": [{"title": "Hamlet", "text": "by Shakespeare", "passage_id": "7"}],
-         "negative_ctxs": [{"title": "X", "text": "random", "passage_id": "8"}],
-         "hard_negative_ctxs": [{"title": "Macbeth", "text": "also Shakespeare", "passage_id": "9"}]},
+        {
+            "question": "who wrote hamlet",
+            "positive_ctxs": [{"title": "Hamlet", "text": "by Shakespeare", "passage_id": "7"}],
+            "negative_ctxs": [{"title": "X", "text": "random", "passage_id": "8"}],
+            "hard_negative_ctxs": [{"title": "Macbeth", "text": "also Shakespeare", "passage_id": "9"}],
+        },
         {"question": "no answer", "positive_ctxs": [], "hard_negative_ctxs": []},
     ]
     path = tmp_path / "nq-train.json"

@@ -99,13 +99,21 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         loss.backward()
         gathered = gather_across_ranks(p.detach())
         # alignment: the labelled column of each local query is that query's own positive
-        aligned = torch.equal(gathered[labels], p.detach()[:: GROUP])
+        aligned = torch.equal(gathered[labels], p.detach()[::GROUP])
         # a query identical to its positive must score it highest among all gathered passages
-        q_probe = p.detach()[:: GROUP].clone()
+        q_probe = p.detach()[::GROUP].clone()
         _, probe_logits, probe_labels = contrastive_loss(q_probe, p.detach(), GROUP, TEMP)
-        torch.save({"loss": loss.detach(), "q_grad": q.grad, "p_grad": p.grad, "labels": labels, "aligned": aligned,
-                    "probe_hits": (probe_logits.argmax(1) == probe_labels).all().item()},
-                   Path(out_dir) / f"rank{rank}.pt")  # fmt: skip
+        torch.save(
+            {
+                "loss": loss.detach(),
+                "q_grad": q.grad,
+                "p_grad": p.grad,
+                "labels": labels,
+                "aligned": aligned,
+                "probe_hits": (probe_logits.argmax(1) == probe_labels).all().item(),
+            },
+            Path(out_dir) / f"rank{rank}.pt",
+        )
     finally:
         dist.destroy_process_group()
 

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from retroflow.data.beir import load_dataset
-from retroflow.config import ConfigError, load_config
 from retrieval.training.finetune import FinetuneConfig, run_finetune
-from retrieval.training.teacher_scores import read_teacher_scores
 from retrieval.training.negatives import NegativesConfig, read_negatives, run_mine_negatives
+from retrieval.training.teacher_scores import read_teacher_scores
 from retrieval.training.training_data import judged_positives
+from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"
@@ -34,8 +34,14 @@ def tiny_encoder(scifact_small: Path, tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("tiny-encoder")
     tokenizer.save_pretrained(dest)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=256)  # fmt: skip
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=256,
+    )
     BertModel(config).save_pretrained(dest)
     return dest
 
@@ -94,11 +100,12 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
-    result = evaluate(EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"],
-                                     encoder={"precision": "fp32"}), dataset)  # fmt: skip
+    result = evaluate(
+        EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"], encoder={"precision": "fp32"}), dataset
+    )
     # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.search import drop_self_hits, exact_search, to_run
+    from retroflow.metrics import evaluate_run
 
     qrels = dataset.split_qrels("test")
     text = dict(zip(dataset.queries.column("_id").to_pylist(), dataset.queries.column("text").to_pylist()))
@@ -160,8 +167,14 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
     assert (tmp_path / "teacher" / "teacher" / "config.json").is_file()
 
     distill = tiny_config("train.max_steps=6", "data.max_queries=32", "distill.loss=kl", "distill.temperature=2.0")
-    out = run_finetune(distill, dataset, tiny_encoder, tmp_path / "student", tmp_path / "sp",
-                       teacher_scores_file=tmp_path / "teacher" / "teacher_scores.jsonl")  # fmt: skip
+    out = run_finetune(
+        distill,
+        dataset,
+        tiny_encoder,
+        tmp_path / "student",
+        tmp_path / "sp",
+        teacher_scores_file=tmp_path / "teacher" / "teacher_scores.jsonl",
+    )
     assert out["steps"] == 6 and all(v > 0 for v in out["distill_loss_history"])
     with pytest.raises(ValueError, match="go together"):
         run_finetune(distill, dataset, tiny_encoder, tmp_path / "x", tmp_path / "xp")
@@ -169,15 +182,18 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
 
 def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     """With a dev hold-out the teacher reports BM25's and its own nDCG@10 on exactly those queries."""
-    from retroflow.metrics import evaluate_run
     from retrieval.serving.bm25 import BM25Retriever
     from retrieval.serving.search import drop_self_hits
     from retrieval.training.teacher import TeacherConfig, run_train_teacher
     from retroflow.data.splits import dev_split
+    from retroflow.metrics import evaluate_run
 
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml",
-                      [f"init={tiny_encoder}", "max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"])  # fmt: skip
+    cfg = load_config(
+        TeacherConfig,
+        REPO / "configs/teacher/tiny.yaml",
+        [f"init={tiny_encoder}", "max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"],
+    )
     metrics = run_train_teacher(cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "t", tmp_path / "tp")
 
     train = dataset.split_qrels("train")
@@ -198,8 +214,10 @@ def rerank_bounds(qrels: dict, run: dict) -> tuple[float, float]:
     from retroflow.metrics import evaluate_run
 
     def reorder(reverse: bool) -> dict:
-        return {q: {d: float(len(docs) - rank) for rank, d in enumerate(sorted(docs, key=lambda d: qrels[q].get(d, 0), reverse=not reverse))}
-                for q, docs in run.items()}  # fmt: skip
+        return {
+            q: {d: float(len(docs) - rank) for rank, d in enumerate(sorted(docs, key=lambda d: qrels[q].get(d, 0), reverse=not reverse))}
+            for q, docs in run.items()
+        }
 
     return (evaluate_run(qrels, reorder(False), ["ndcg@10"])[0]["ndcg@10"], evaluate_run(qrels, reorder(True), ["ndcg@10"])[0]["ndcg@10"])
 
@@ -219,8 +237,23 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
 def test_cli_finetune_prints_json_last(scifact_small: Path, tiny_encoder: Path, tmp_path: Path, capsys) -> None:
     from flows.cli import main
 
-    code = main(["finetune", "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(tiny_encoder),
-                 "--output", str(tmp_path / "run"), "--max-steps", "3", "--set", "data.max_queries=16"])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "--config",
+            str(TINY),
+            "--dataset",
+            str(scifact_small),
+            "--model",
+            str(tiny_encoder),
+            "--output",
+            str(tmp_path / "run"),
+            "--max-steps",
+            "3",
+            "--set",
+            "data.max_queries=16",
+        ]
+    )
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["steps"] == 3 and last["output_dir"] == str(tmp_path / "run")
@@ -249,9 +282,26 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "flows.cli", "finetune",
-           "--config", str(TINY), "--dataset", str(scifact_small), "--model", str(model_dir),
-           "--output", str(tmp_path / "two"), "--max-steps", "4"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "flows.cli",
+        "finetune",
+        "--config",
+        str(TINY),
+        "--dataset",
+        str(scifact_small),
+        "--model",
+        str(model_dir),
+        "--output",
+        str(tmp_path / "two"),
+        "--max-steps",
+        "4",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     last = json.loads(done.stdout.strip().splitlines()[-1])
@@ -272,15 +322,19 @@ def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_pa
 
     run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
     negatives = tmp_path / "neg" / "negatives.jsonl"
-    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml",
-                      [f"init={tiny_encoder}", "max_steps=8", "max_queries=16", "candidates_per_query=2"])  # fmt: skip
+    cfg = load_config(
+        TeacherConfig,
+        REPO / "configs/teacher/tiny.yaml",
+        [f"init={tiny_encoder}", "max_steps=8", "max_queries=16", "candidates_per_query=2"],
+    )
     full = run_train_teacher(cfg, dataset, negatives, tmp_path / "a", tmp_path / "ap")
     stopped = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp", stop_after=4)
     assert stopped["stopped_early"]
     resumed = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp")
     assert resumed["resumed_from"] == 4 and resumed["loss_history"] == full["loss_history"]
-    assert (tmp_path / "a" / "teacher_scores.jsonl").read_text().splitlines()[1:] == \
-        (tmp_path / "b" / "teacher_scores.jsonl").read_text().splitlines()[1:]
+    assert (tmp_path / "a" / "teacher_scores.jsonl").read_text().splitlines()[1:] == (
+        tmp_path / "b" / "teacher_scores.jsonl"
+    ).read_text().splitlines()[1:]
     # the trained cross-encoder explains itself and loads as one
     from sentence_transformers import CrossEncoder
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from retroflow.data.beir import load_dataset
-from retroflow.config import ConfigError, load_config
 from retrieval.training.finetune import FinetuneConfig, FinetuneTrainer
 from retrieval.training.training_data import training_queries
+from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 
-from retroflow.data.beir import load_dataset
 from eval.evaluate import EvaluateConfig, evaluate
 from flows.cli import main
-from retroflow.config import ConfigError, load_config
 from retrieval.serving.hybrid import FusionSettings, choose_weight, dev_hold_out, fuse_minmax, fuse_rrf, pseudo_queries, split_sentences
+from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import load_dataset
 
 DENSE = {"q": {"a": 0.9, "b": 0.5, "c": 0.1}}
 BM25 = {"q": {"c": 12.0, "d": 8.0, "a": 4.0}}
@@ -69,7 +69,7 @@ def test_pseudo_queries_take_a_sentence_out_of_its_document():
     first = pseudo_queries(["d1", "d2"], texts, count=5, seed=3)
     again = pseudo_queries(["d1", "d2"], texts, count=5, seed=3)
     assert first == again and len(first.queries) == 1  # "short" has one sentence: no query from it
-    (qid, query), = first.queries.items()
+    ((qid, query),) = first.queries.items()
     assert first.qrels[qid] == {"d1": 1}
     assert query not in first.remainders["d1"] and query in texts[0]
     assert split_sentences("A b c. D e f! G h?") == ["A b c.", "D e f!", "G h?"]
@@ -86,8 +86,17 @@ def test_hybrid_cli_chooses_the_weight_on_dev_queries_never_on_test(scifact_smal
         return real(dense, bm25, qrels, settings)
 
     monkeypatch.setattr(hybrid, "choose_weight", recording)
-    args = ["evaluate", "--model", f"hybrid:{tiny_bert}", "--dataset", str(scifact_small), "--set", "encoder.show_progress=false",
-            "--set", "fusion.dev_fraction=0.2"]  # fmt: skip
+    args = [
+        "evaluate",
+        "--model",
+        f"hybrid:{tiny_bert}",
+        "--dataset",
+        str(scifact_small),
+        "--set",
+        "encoder.show_progress=false",
+        "--set",
+        "fusion.dev_fraction=0.2",
+    ]
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     fusion = result["fusion"]
@@ -102,8 +111,9 @@ def test_hybrid_on_a_corpus_without_dev_queries_uses_pseudo_queries(scifact_smal
     zero_shot = tmp_path / "zero-shot"
     shutil.copytree(scifact_small, zero_shot)
     (zero_shot / "qrels" / "train.tsv").unlink()
-    config = EvaluateConfig(model=f"hybrid:{tiny_bert}", dataset=str(zero_shot), encoder={"show_progress": False},
-                            fusion={"pseudo_queries": 40})  # fmt: skip
+    config = EvaluateConfig(
+        model=f"hybrid:{tiny_bert}", dataset=str(zero_shot), encoder={"show_progress": False}, fusion={"pseudo_queries": 40}
+    )
     result = evaluate(config)
     fusion = result["fusion"]
     assert fusion["chosen_on"] == "pseudo-queries" and fusion["pseudo_documents"] == 40

@@ -44,8 +44,9 @@ class RandomEncoder:
     """A useless dense model: a fixed random vector per text."""
 
     def _encode(self, texts):
-        return np.stack([np.random.default_rng(int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)).standard_normal(16).astype(np.float32)
-                         for t in texts])  # fmt: skip
+        return np.stack(
+            [np.random.default_rng(int(hashlib.sha1(t.encode()).hexdigest()[:8], 16)).standard_normal(16).astype(np.float32) for t in texts]
+        )
 
     encode_queries = encode_passages = _encode
 

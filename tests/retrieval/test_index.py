@@ -8,9 +8,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-
 from conftest import clustered
-from retroflow.config import ConfigError, load_config
+
+from retrieval.serving.encode import write_embeddings
 from retrieval.serving.index import (
     IndexConfig,
     _load_index_cached,
@@ -21,7 +21,7 @@ from retrieval.serving.index import (
     to_gpu,
 )
 from retrieval.serving.search import exact_search
-from retrieval.serving.encode import write_embeddings
+from retroflow.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,7 +30,9 @@ REPO = Path(__file__).resolve().parents[2]
 def data(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray, list[str]]:
     docs = clustered(3000, 32, 40, seed=0)
     # queries near (not on) corpus points, like real queries near their relevant passages
-    queries = docs[np.random.default_rng(2).choice(len(docs), 200, replace=False)] + 0.05 * np.random.default_rng(3).normal(size=(200, 32)).astype(np.float32)
+    queries = docs[np.random.default_rng(2).choice(len(docs), 200, replace=False)] + 0.05 * np.random.default_rng(3).normal(
+        size=(200, 32)
+    ).astype(np.float32)
     ids = [f"doc-{i}" for i in range(len(docs))]
     path = write_embeddings(tmp_path_factory.mktemp("emb") / "emb", docs, ids, model="synthetic")
     return path, docs, queries.astype(np.float32), ids

@@ -65,8 +65,24 @@ def test_evaluate_through_flat_index_equals_exact(encoded, exact, scifact_small,
 
 def test_hnsw_tune_search_and_evaluate(encoded, exact, scifact_small, capsys, tmp_path):
     run_cli(capsys, "index", "--config", "configs/index/hnsw32.yaml", "--embeddings", encoded, "--output", tmp_path / "hnsw")
-    tuned = run_cli(capsys, "tune", "--index", tmp_path / "hnsw", "--dataset", scifact_small, "--split", "train",
-                    "--dev-dataset", scifact_small, "--dev-fraction", "0.2", "--output", tmp_path / "tuned", "--set", "repeats=1")  # fmt: skip
+    tuned = run_cli(
+        capsys,
+        "tune",
+        "--index",
+        tmp_path / "hnsw",
+        "--dataset",
+        scifact_small,
+        "--split",
+        "train",
+        "--dev-dataset",
+        scifact_small,
+        "--dev-fraction",
+        "0.2",
+        "--output",
+        tmp_path / "tuned",
+        "--set",
+        "repeats=1",
+    )
     assert tuned["target_met"] and tuned["recall"] >= 0.95 and Path(tuned["plot"]).is_file()
     assert tuned["dev"]["num_queries"] == 12 and tuned["dev"]["ndcg@10_loss"] <= tuned["ndcg_tolerance"] == 0.001
     hits = run_cli(capsys, "search", "--index", tmp_path / "tuned", "--query", "vitamin D and bone density", "-k", "5")

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.data.beir import load_dataset
-from retroflow.config import ConfigError, load_config
 from retrieval.training.negatives import (
     NegativesConfig,
     read_negatives,
@@ -16,6 +14,8 @@ from retrieval.training.negatives import (
     select_window,
 )
 from retrieval.training.training_data import judged_positives
+from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import load_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,8 +71,17 @@ def test_bad_window_and_bad_file_are_clear_errors(tmp_path: Path) -> None:
 def test_cli_mine_negatives_prints_json_last(scifact_small: Path, tmp_path: Path, capsys) -> None:
     from flows.cli import main
 
-    code = main(["negatives", "--config", str(REPO / "configs/negatives/bm25-scifact.yaml"),
-                 "--dataset", str(scifact_small), "--output", str(tmp_path)])  # fmt: skip
+    code = main(
+        [
+            "negatives",
+            "--config",
+            str(REPO / "configs/negatives/bm25-scifact.yaml"),
+            "--dataset",
+            str(scifact_small),
+            "--output",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["method"] == "bm25" and last["queries"] == 60 and Path(last["negatives_file"]).is_file()

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from retrieval.training.finetune import FinetuneConfig, paired_bootstrap_interval, run_finetune
 from retroflow.config import load_config
 from retroflow.data.beir import load_dataset
 from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retrieval.training.finetune import FinetuneConfig, paired_bootstrap_interval, run_finetune
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"
@@ -46,11 +46,14 @@ def test_a_mean_bottleneck_pretraining_saves_mean_pooling(tiny_bert, scifact_sma
     init = tmp_path / "init"
     shutil.copytree(tiny_bert, init)
     write_sentence_transformer_files(init, pooling="mean", normalize=True, max_seq_length=64, dim=64)
-    config = PretrainConfig.model_validate({
-        "bottleneck": "init", "model": {"init": str(init)},
-        "data": {"beir_corpus": str(scifact_small / "corpus.jsonl"), "max_docs": 40, "max_seq_length": 32},
-        "train": {"max_steps": 3, "batch_size": 4, "head_warmup_steps": 1, "save_every": 10, "log_every": 1, "precision": "fp32"},
-    })  # fmt: skip
+    config = PretrainConfig.model_validate(
+        {
+            "bottleneck": "init",
+            "model": {"init": str(init)},
+            "data": {"beir_corpus": str(scifact_small / "corpus.jsonl"), "max_docs": 40, "max_seq_length": 32},
+            "train": {"max_steps": 3, "batch_size": 4, "head_warmup_steps": 1, "save_every": 10, "log_every": 1, "precision": "fp32"},
+        }
+    )
     metrics = run_pretrain(config, tmp_path / "out", tmp_path / "partial")
     saved = read_sentence_transformer_settings(tmp_path / "out" / "encoder")
     assert metrics["bottleneck"] == "mean" and (saved.pooling, saved.normalize) == ("mean", True)
@@ -63,18 +66,23 @@ def test_bottleneck_init_needs_an_init_that_declares_its_pooling(tiny_bert, scif
     from retromae.pretrain import resolve_bottleneck
 
     config = PretrainConfig.model_validate({"bottleneck": "init", "model": {"init": str(tiny_bert)}})
-    with pytest.raises(ValueError, match="bottleneck: init needs an init model that declares cls or mean pooling.*no sentence-transformers pooling"):
+    with pytest.raises(
+        ValueError, match="bottleneck: init needs an init model that declares cls or mean pooling.*no sentence-transformers pooling"
+    ):
         resolve_bottleneck(config)
 
 
 def test_fine_tuning_with_another_pooling_than_the_model_declares_is_refused_or_reported(dataset, cls_declared, tmp_path):
     with pytest.raises(ValueError, match=r"finetune.model.pooling: .* declares cls pooling .* asks mean"):
         run_finetune(tiny_config("model.pooling=mean"), dataset, cls_declared, tmp_path / "a", tmp_path / "a-partial")
-    metrics = run_finetune(tiny_config("model.pooling=mean", "model.allow_pooling_change=true"), dataset, cls_declared,
-                           tmp_path / "b", tmp_path / "b-partial")  # fmt: skip
+    metrics = run_finetune(
+        tiny_config("model.pooling=mean", "model.allow_pooling_change=true"), dataset, cls_declared, tmp_path / "b", tmp_path / "b-partial"
+    )
     assert metrics["pooling_change"] == {"declared": "cls", "used": "mean"} and metrics["pooling"] == "mean"
     assert "pooling_change" in (tmp_path / "b" / "model" / "README.md").read_text()
-    assert run_finetune(tiny_config("model.pooling=auto"), dataset, cls_declared, tmp_path / "c", tmp_path / "c-partial")["pooling"] == "cls"
+    assert (
+        run_finetune(tiny_config("model.pooling=auto"), dataset, cls_declared, tmp_path / "c", tmp_path / "c-partial")["pooling"] == "cls"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +98,19 @@ def test_the_gate_rejects_a_pretrained_encoder_made_worse_and_starts_from_the_in
 
     weights = load_file(str(damaged / "model.safetensors"))
     generator = torch.Generator().manual_seed(0)
-    weights = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=generator) if v.is_floating_point() and v.ndim == 2 else v
-               for k, v in weights.items()}  # fmt: skip
+    weights = {
+        k: v + 0.5 * v.std() * torch.randn(v.shape, generator=generator) if v.is_floating_point() and v.ndim == 2 else v
+        for k, v in weights.items()
+    }
     save_file(weights, str(damaged / "model.safetensors"), metadata={"format": "pt"})
-    config = tiny_config("model.pooling=mean", "model.normalize=true", "model.query_max_length=32", "model.passage_max_length=64",
-                         "data.dev_fraction=0.3", "pretrain_gate.pool_depth=10")  # fmt: skip
+    config = tiny_config(
+        "model.pooling=mean",
+        "model.normalize=true",
+        "model.query_max_length=32",
+        "model.passage_max_length=64",
+        "data.dev_fraction=0.3",
+        "pretrain_gate.pool_depth=10",
+    )
     metrics = run_finetune(config, dataset, damaged, tmp_path / "out", tmp_path / "partial", init_path=minilm)
     gate = metrics["pretrain_gate"]
     assert gate["start"] == "init" and gate["delta"] < 0 and gate["init_dev_ndcg@10"] > gate["pretrained_dev_ndcg@10"]

@@ -7,14 +7,14 @@ import bm25s
 import numpy as np
 import pytest
 
-from retroflow.data.beir import load_dataset
 from retrieval.serving.bm25 import BM25Retriever
 from retrieval.serving.encode import write_embeddings
 from retrieval.serving.encoder import Encoder, EncoderSettings
-from retrieval.serving.hybrid import dense_side, FusionSettings, HybridSearcher
+from retrieval.serving.hybrid import FusionSettings, HybridSearcher, dense_side
 from retrieval.serving.index import IndexConfig, IndexRetriever, run_build_index
-from retrieval.training.negatives import dense_retriever
 from retrieval.serving.search import ExactDenseRetriever, MemoryIndexRetriever, Retriever
+from retrieval.training.negatives import dense_retriever
+from retroflow.data.beir import load_dataset
 
 K = 10
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import clustered
+
 import retrieval.serving.tune as autotune
-from retrieval.serving.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
+from retrieval.serving.encode import open_embeddings, write_embeddings
 from retrieval.serving.index import IndexConfig, run_build_index, search_with_index
 from retrieval.serving.search import exact_search
-from retrieval.serving.encode import open_embeddings, write_embeddings
+from retrieval.serving.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,9 @@ def test_unreachable_target_is_reported_not_hidden(synthetic):
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-pq"
     run_build_index(IndexConfig(factory="IVF16,PQ4x4", nprobe=1), emb, index_dir)
-    result = run_tune_index(TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir)
+    result = run_tune_index(
+        TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir
+    )
     assert result["target_met"] is False
     rows = json.loads((index_dir / "tune.json").read_text())["rows"]
     assert result["tuned_on"]["recall"] == max(r["recall"] for r in rows) < 0.999
@@ -90,7 +92,12 @@ def test_tuner_never_reports_on_the_queries_it_tuned_on(synthetic, monkeypatch, 
     root, emb, docs, queries = synthetic
     swept = record_queries(monkeypatch, "sweep", lambda args: args[1])  # sweep(loaded, queries, truth, config)
     reported = record_queries(monkeypatch, "report_setting", lambda args: args[2].vectors)  # (loaded, embeddings, QuerySet, ...)
-    pools = {"given": queries, "given with duplicates": np.concatenate([queries, queries[:60]]), "corpus": None, "given report set": queries[:150]}
+    pools = {
+        "given": queries,
+        "given with duplicates": np.concatenate([queries, queries[:60]]),
+        "corpus": None,
+        "given report set": queries[:150],
+    }
     report_vectors = queries[150:] if queries_from == "given report set" else None
     index_dir = root / "idx-disjoint"
     if not index_dir.exists():
@@ -125,8 +132,13 @@ def test_pareto_front_has_no_dominated_point():
     rows = [{"nprobe": i, "recall": float(r), "qps": float(q)} for i, (r, q) in enumerate(zip(rng.random(60), rng.random(60) * 1000))]
     front = pareto_front(rows)
     for point in front:
-        assert not any(o["recall"] >= point["recall"] and o["qps"] >= point["qps"] and o is not point
-                       and (o["recall"] > point["recall"] or o["qps"] > point["qps"]) for o in rows)  # fmt: skip
+        assert not any(
+            o["recall"] >= point["recall"]
+            and o["qps"] >= point["qps"]
+            and o is not point
+            and (o["recall"] > point["recall"] or o["qps"] > point["qps"])
+            for o in rows
+        )
     for other in rows:
         if other not in front:
             assert any(p["recall"] >= other["recall"] and p["qps"] >= other["qps"] for p in front)
@@ -148,9 +160,11 @@ def test_blockwise_exact_search_equals_one_pass(synthetic):
 
 
 def test_choose_rejects_a_faster_setting_that_loses_dev_ndcg():
-    rows = [{"nprobe": 1, "recall": 0.97, "qps": 9000.0, "dev_ndcg": 0.690, "dev_ndcg_loss": 0.005},
-            {"nprobe": 4, "recall": 0.99, "qps": 4000.0, "dev_ndcg": 0.694, "dev_ndcg_loss": 0.001},
-            {"nprobe": 16, "recall": 1.0, "qps": 1000.0, "dev_ndcg": 0.695, "dev_ndcg_loss": 0.0}]  # fmt: skip
+    rows = [
+        {"nprobe": 1, "recall": 0.97, "qps": 9000.0, "dev_ndcg": 0.690, "dev_ndcg_loss": 0.005},
+        {"nprobe": 4, "recall": 0.99, "qps": 4000.0, "dev_ndcg": 0.694, "dev_ndcg_loss": 0.001},
+        {"nprobe": 16, "recall": 1.0, "qps": 1000.0, "dev_ndcg": 0.695, "dev_ndcg_loss": 0.0},
+    ]
     assert choose(rows, 0.95) == (rows[0], True)  # recall alone takes the lossy one
     assert choose(rows, 0.95, tolerance=0.001) == (rows[1], True)  # a loss equal to the tolerance is within it
     assert choose(rows, 0.95, tolerance=0.0) == (rows[2], True)
@@ -197,8 +211,14 @@ def test_without_dev_queries_the_choice_is_by_recall_and_says_so(synthetic):
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-recall-only"
     run_build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
-    result = run_tune_index(TuneConfig(num_queries=100, repeats=1, nprobe=[1, 64]), index_dir, emb, queries, index_dir,
-                            no_dev_reason="scifact has no split 'train'")  # fmt: skip
+    result = run_tune_index(
+        TuneConfig(num_queries=100, repeats=1, nprobe=[1, 64]),
+        index_dir,
+        emb,
+        queries,
+        index_dir,
+        no_dev_reason="scifact has no split 'train'",
+    )
     assert result["dev"] is None and result["ndcg_tolerance"] is None
     assert result["rule"] == "fastest with recall@10 >= 0.95 (recall only: scifact has no split 'train')"
 

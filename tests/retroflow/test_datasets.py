@@ -15,7 +15,9 @@ import pytest
 from retroflow.data.beir import DatasetError, download_and_unzip, load_dataset, safe_unzip
 
 
-def write_dataset(root: Path, corpus_lines: list[str] | bytes, queries: list[dict] | None = None, qrels: dict[str, str] | None = None) -> Path:
+def write_dataset(
+    root: Path, corpus_lines: list[str] | bytes, queries: list[dict] | None = None, qrels: dict[str, str] | None = None
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     data = corpus_lines if isinstance(corpus_lines, bytes) else ("\n".join(corpus_lines) + "\n").encode()
     (root / "corpus.jsonl").write_bytes(data)
@@ -72,7 +74,10 @@ def test_missing_title_defaults_to_empty_and_doc_texts_join_like_beir(tmp_path):
         ([GOOD_CORPUS[0], "[1, 2]"], r"line 2: expected a JSON object"),
         ([GOOD_CORPUS[0], json.dumps({"_id": "d2", "text": 5})], r"line 2: field 'text' must be a string"),
         ([GOOD_CORPUS[0], json.dumps({"_id": " ", "text": "blank id"})], r"line 2: field '_id' is empty"),
-        ([GOOD_CORPUS[0], json.dumps({"_id": ["d2"], "text": "list id"})], r"line 2: field '_id' must be a string \(or an integer\), got list"),
+        (
+            [GOOD_CORPUS[0], json.dumps({"_id": ["d2"], "text": "list id"})],
+            r"line 2: field '_id' must be a string \(or an integer\), got list",
+        ),
     ],
 )
 def test_bad_corpus_lines_are_named(tmp_path, corpus, message):
@@ -98,8 +103,10 @@ def test_empty_corpus_is_an_error(tmp_path):
         ("query-id\tcorpus-id\tscore\nq1\td7\t1\n", r"test\.tsv, line 2: corpus-id 'd7' is not in the corpus"),
         ("query-id\tcorpus-id\tscore\nq1\td1\thigh\n", r"test\.tsv, line 2: field 'score' is not an integer: 'high'"),
         ("query-id\tcorpus-id\tscore\nq1\td1\n", r"test\.tsv, line 2: expected 3 tab-separated fields"),
-        ("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq1\td1\t0\n",
-         r"test\.tsv, line 4: query-id 'q1', corpus-id 'd1' is graded 0 here but 1 at line 2; conflicting judgments"),
+        (
+            "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\nq1\td1\t0\n",
+            r"test\.tsv, line 4: query-id 'q1', corpus-id 'd1' is graded 0 here but 1 at line 2; conflicting judgments",
+        ),
     ],
 )
 def test_bad_qrels_rows_are_named(tmp_path, qrels, message):
@@ -148,7 +155,10 @@ def test_huggingface_layout_with_parquet_and_sibling_qrels(tmp_path):
     root = tmp_path / "scifact-hf"
     (root / "corpus").mkdir(parents=True)
     (root / "queries").mkdir()
-    pq.write_table(pa.table({"_id": ["d1", "d2"], "title": ["X", ""], "text": ["x is a letter", "y is another"]}), root / "corpus" / "corpus-00000.parquet")
+    pq.write_table(
+        pa.table({"_id": ["d1", "d2"], "title": ["X", ""], "text": ["x is a letter", "y is another"]}),
+        root / "corpus" / "corpus-00000.parquet",
+    )
     (root / "queries" / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "what is x"}) + "\n")
     qrels = tmp_path / "scifact-hf-qrels"
     (qrels / "test").mkdir(parents=True)

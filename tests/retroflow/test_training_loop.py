@@ -24,7 +24,9 @@ class ToyStage:
         model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
         optimizer, self.scheduler = make_optimizer(model, lr=0.05, weight_decay=0.01, warmup_ratio=0.2, total_steps=STEPS)
         self.model, self.optimizer = self.acc.prepare(model, optimizer)
-        self.settings = LoopSettings(label="toy", max_steps=STEPS, checkpoint_dir=checkpoint_dir, save_every=2, keep_checkpoints=2, log_every=3)
+        self.settings = LoopSettings(
+            label="toy", max_steps=STEPS, checkpoint_dir=checkpoint_dir, save_every=2, keep_checkpoints=2, log_every=3
+        )
         self.scale = 1.0  # a hook may change it before a step draws its batch
         self.zero_targets: list[bool] = []  # per step run: whether its batch was drawn with scale 0
 

@@ -16,10 +16,7 @@ def random_features(n: int, seed: int = 0, min_len: int = 8, max_len: int = 60, 
     """Token rows (no special tokens) of varied length, each with its own mask key."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_len, max_len + 1, (n,), generator=g)
-    return [
-        {"input_ids": torch.randint(5, vocab, (int(k),), generator=g).tolist(), "mask_key": i}
-        for i, k in enumerate(lengths)
-    ]
+    return [{"input_ids": torch.randint(5, vocab, (int(k),), generator=g).tolist(), "mask_key": i} for i, k in enumerate(lengths)]
 
 
 def fake_collator(**kwargs) -> RetroMAECollator:
@@ -36,8 +33,7 @@ def tiny_config_dict(tmp: Path, tokenizer: str | None = None, **train) -> dict:
     return {
         "model": {"init": None, "preset": "tiny", "vocab_size": 400, "dropout": 0.0, "tokenizer": tokenizer},
         "data": {"beir_corpus": str(SCIFACT), "max_docs": 60, "max_seq_length": 32, "cache_dir": str(tmp / "cache")},
-        "train": {"seed": 7, "max_steps": 8, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.0,
-                  "save_every": 4, "log_every": 4, **train},
+        "train": {"seed": 7, "max_steps": 8, "batch_size": 8, "lr": 5e-3, "warmup_ratio": 0.0, "save_every": 4, "log_every": 4, **train},
     }
 
 

@@ -25,8 +25,10 @@ def test_paper_settings_preset():
     assert cfg.train.lr == 1e-4 and cfg.data.max_seq_length == 512 and cfg.model.preset == "base"
 
 
-@pytest.mark.parametrize("override", ["encoder_mask_ratio=0", "decoder_mask_ratio=1.2", "objective=clm",
-                                      "train.grad_accum_steps=3", "nonsense=1", "decoder_layers=0"])
+@pytest.mark.parametrize(
+    "override",
+    ["encoder_mask_ratio=0", "decoder_mask_ratio=1.2", "objective=clm", "train.grad_accum_steps=3", "nonsense=1", "decoder_layers=0"],
+)
 def test_impossible_values_are_rejected(override):
     with pytest.raises(ConfigError):
         load_config(PretrainConfig, "configs/pretrain/tiny.yaml", [override])
@@ -97,8 +99,9 @@ def test_a_from_scratch_tokenizer_is_the_same_in_every_process(scifact_dir):
     import sys
 
     def vocab_digest() -> str:
-        done = subprocess.run([sys.executable, "-c", TRAIN_TOKENIZER, str(scifact_dir / "corpus.jsonl")],
-                              capture_output=True, text=True, check=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", TRAIN_TOKENIZER, str(scifact_dir / "corpus.jsonl")], capture_output=True, text=True, check=True
+        )
         return done.stdout.strip().splitlines()[-1]
 
     assert vocab_digest() == vocab_digest()

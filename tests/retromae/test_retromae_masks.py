@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 
 from retromae.collator import IGNORE, choose_whole_words
-from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 
 SP = FAKE_SPECIAL
 

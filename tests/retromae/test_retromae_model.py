@@ -1,11 +1,11 @@
 """RetroMAE model structure: one shared-weight decoder layer, who sees what, save/load round trip."""
 
 import torch
+from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 from transformers import AutoModel, BertTokenizer
 
 from retromae.collator import IGNORE
 from retromae.model import RetroMAEModel, load_retromae, resolve_checkpoint, scratch_mlm
-from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 
 
 def _model(seed=0, **kwargs) -> RetroMAEModel:

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 from safetensors.torch import load_file
 
 from retroflow.artifacts import ArtifactStore
 from retromae.config import PretrainConfig
 from retromae.pretrain import run_pretrain
-from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 
 pytestmark = pytest.mark.skipif(not SCIFACT.is_file(), reason="SciFact corpus not available")
 REPO = Path(__file__).resolve().parents[2]
@@ -107,9 +107,23 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, tokenizer_dir):
 
     # the pipeline's own launch settings: rendezvous and gloo on the loopback interface
     env = {**loopback_environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", *single_node_rendezvous(), "--nproc_per_node", "2",
-           "-m", "flows.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "ddp"),
-           "--set", "train.grad_accum_steps=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *single_node_rendezvous(),
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "flows.cli",
+        "pretrain",
+        "--config",
+        str(cfg_file),
+        "--output",
+        str(tmp_path / "ddp"),
+        "--set",
+        "train.grad_accum_steps=2",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
