@@ -46,7 +46,7 @@ def test_a_remote_download_leaves_one_stamps_file_beside_the_artifact_and_nothin
 class OneProcess:
     """The accelerate surface save_checkpoint uses, for a single process."""
 
-    is_main_process, process_index, scaler = True, 0, None
+    is_main_process, process_index, num_processes, scaler = True, 0, 1, None
 
     def wait_for_everyone(self) -> None:
         pass
