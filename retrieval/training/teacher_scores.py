@@ -64,6 +64,8 @@ def read_teacher_scores(path: Path) -> TeacherScores:
     provenance, records = read_headed_jsonl(path, FORMAT, "teacher scores")
     scores: dict[str, dict[str, float]] = {}
     for number, record in records:
+        if "qid" not in record:
+            raise ValueError(f"{path}, line {number}: no 'qid'")
         if len(record.get("doc_ids", [])) != len(record.get("scores", [None])):
             raise ValueError(f"{path}, line {number}: 'doc_ids' and 'scores' differ in length")
         scores[str(record["qid"])] = {str(d): float(s) for d, s in zip(record["doc_ids"], record["scores"])}

@@ -135,6 +135,9 @@ def test_the_scores_file_round_trips_and_reads_an_older_file_s_dev_check_under_i
     (tmp_path / "bad.jsonl").write_text('{"format": "x", "provenance": {}}\n')
     with pytest.raises(ValueError, match="not a retroflow teacher scores file"):
         read_teacher_scores(tmp_path / "bad.jsonl")
+    (tmp_path / "no-qid.jsonl").write_text(lines[0] + '\n{"doc_ids": ["p"], "scores": [1.0]}\n')
+    with pytest.raises(ValueError, match=r"no-qid.jsonl, line 2: no 'qid'"):
+        read_teacher_scores(tmp_path / "no-qid.jsonl")
 
 
 def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, dataset, tiny_bert, tmp_path):
