@@ -346,16 +346,9 @@ class ChainRun:
         """`step` as one executed step: the stage's `build` of `config` over `inputs`."""
         return self.execute(step, build, self.store, step, config, inputs, *extra)
 
-    def evaluate(
-        self,
-        config: StageConfig,
-        system: str,
-        data: Artifact,
-        model: Input | None = None,
-        index: Artifact | None = None,
-        embeddings: Artifact | None = None,
-    ) -> Artifact:
-        return self.execute("evaluate", build, self.store, "evaluate", *evaluation(config, system, data, model, index, embeddings))
+    def evaluate(self, config: StageConfig, system: str, data: Artifact, *searched: Input | None) -> Artifact:
+        """One executed `evaluate` step; `searched` is `evaluation`'s (model, index, embeddings)."""
+        return self.execute("evaluate", build, self.store, "evaluate", *evaluation(config, system, data, *searched))
 
 
 def run_pipeline(pipeline: PipelineConfig, execute=direct, execute_map=direct_map) -> PipelineResult:
