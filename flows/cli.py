@@ -83,6 +83,7 @@ ENVIRONMENT_ERRNOS = {
     errno.EDQUOT: "disk quota exceeded",
     errno.EIO: "input/output error (a failing disk or network file system)",
     errno.ENAMETOOLONG: "file name too long",
+    errno.EISDIR: "is a directory (a file was expected there)",
 }
 
 

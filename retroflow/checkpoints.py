@@ -176,8 +176,12 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
-        shutil.rmtree(final, ignore_errors=True)
+        replaced = directory / staging_name(final.name) if final.exists() else None
+        if replaced is not None:  # a re-save of this step: the old copy leaves in one rename
+            final.rename(replaced)
         tmp.rename(final)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)
@@ -225,6 +229,15 @@ def _check_scheduler_state(file: Path, saved, current: dict) -> None:
             raise _damaged(file, f"field '{key}' should be {type(value).__name__}, got {type(given).__name__} {given!r:.40}")
 
 
+def restore(file: Path, apply) -> None:
+    """`apply` the state in `file`; a file of the wrong shape is a damaged checkpoint, named."""
+    state = safe_load(file)
+    try:
+        apply(state)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise _damaged(file, err) from None
+
+
 def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, scheduler, check=None) -> dict | None:
     """Restore the newest complete checkpoint into the objects; its trainer state, or None.
 
@@ -252,9 +265,9 @@ def load_latest_checkpoint(accelerator, directory: Path, *, model, optimizer, sc
     except Exception as err:  # safetensors, JSON and state-dict errors alike: the files were damaged after saving
         raise _damaged(path, err) from None
     if accelerator.scaler is not None and (path / SCALER_FILE).is_file():
-        accelerator.scaler.load_state_dict(safe_load(path / SCALER_FILE))
+        restore(path / SCALER_FILE, lambda state: accelerator.scaler.load_state_dict(state))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.is_file():
-        set_rng_state(safe_load(rng_file))
+        restore(rng_file, set_rng_state)
     log.info("resumed from %s (step %d)", path, state["step"])
     return state

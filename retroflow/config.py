@@ -107,7 +107,12 @@ def parse_override(text: str | tuple[list[str], Any]) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.sub=value")
     dotted, raw = text.split("=", 1)
-    return dotted.strip().split("."), yaml.safe_load(raw)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({problem}); quote it to pass a string") from None
+    return dotted.strip().split("."), value
 
 
 def apply_overrides(data: dict[str, Any], overrides: list | None) -> dict[str, Any]:

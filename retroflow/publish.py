@@ -13,6 +13,7 @@ holds its key's lock.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -133,7 +134,8 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
 
     If the block raises, the staging directory is removed and `final` is untouched. If `final`
     appeared meanwhile (another process published the same content first) it is kept and the
-    staging copy dropped, unless `replace`.
+    staging copy dropped, unless `replace`: then the old copy is renamed aside, the new one
+    renamed in, and only then is the old one deleted, so a kill never leaves `final` half gone.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     sweep_stale(final.parent)
@@ -144,13 +146,15 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    old = None
     if final.exists():
         if not replace:
             shutil.rmtree(staging, ignore_errors=True)
             return
-        try:
-            shutil.rmtree(final)
-        except BaseException:  # a complete copy under a staging name would stay until this process ends
+        old = final.parent / staging_name(final.name)
+        try:  # out of the way in one rename: `final` is never a half-deleted folder
+            os.replace(final, old)
+        except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     try:
@@ -158,7 +162,11 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
     except OSError:  # lost a race to publish the same name: theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
         if not final.exists():
+            if old is not None:
+                os.replace(old, final)  # nothing new arrived: the old copy goes back
             raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # a kill here leaves staging that the next sweep removes
 
 
 @contextmanager
@@ -192,6 +200,8 @@ def publishing_file(final: Path) -> Iterator[Path]:
     """Yield a staging path beside `final` to write; when the block ends it is synced and renamed
     to `final` (replacing it), so a reader sees the old file or the new one, never half of one.
     If the block raises, the staging file is removed and `final` is untouched."""
+    if final.is_dir():  # before any work: the rename at the end would fail with the staging name
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = final.parent / staging_name(f".{final.name}")
     try:

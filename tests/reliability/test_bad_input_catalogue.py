@@ -206,6 +206,16 @@ CASES = [
         lambda t, o: ["index", "build", "--embeddings", str(truncated_embeddings(t)), "--output", str(o)],
         r"embeddings\.npy: not a complete \.npy vectors file",
     ),
+    Case(
+        "--set: a value that is not YAML",
+        lambda t, o: evaluate(beir(t / "ds"), o, "--set", "top_k=[10"),
+        r"override 'top_k=\[10': the value is not valid YAML",
+    ),
+    Case(
+        "--output: an existing folder where the result file goes",
+        lambda t, o: (o.mkdir(), evaluate(beir(t / "ds"), o))[1],
+        r"out: is a directory",
+    ),
 ]
 
 

@@ -77,22 +77,48 @@ def test_a_checkpoint_that_hits_a_full_disk_leaves_no_empty_directory(tmp_path, 
     assert sorted(p.name for p in directory.iterdir()) == [first.name]  # the earlier checkpoint stays, the half one goes
 
 
-def test_a_replace_that_cannot_remove_the_old_copy_leaves_no_staging(tmp_path, monkeypatch):
-    import shutil
+def test_a_replace_that_cannot_move_the_old_copy_aside_leaves_no_staging(tmp_path, monkeypatch):
+    import os
 
     import retroflow.publish as publish
 
     final = tmp_path / "model"
     final.mkdir()
-    real_rmtree = shutil.rmtree
+    real_replace = os.replace
 
-    def refuse_final(path, *args, **kwargs):
-        if Path(path) == final:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_rmtree(path, *args, **kwargs)
+    def refuse_final(source, target, *args, **kwargs):
+        if Path(source) == final:
+            raise PermissionError(errno.EACCES, "Permission denied", str(source))
+        return real_replace(source, target, *args, **kwargs)
 
-    monkeypatch.setattr(publish.shutil, "rmtree", refuse_final)
+    monkeypatch.setattr(publish.os, "replace", refuse_final)
     with pytest.raises(PermissionError):
         with publish.publishing(final, replace=True) as staging:
             (staging / "weights.bin").write_bytes(b"new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_replacing_a_published_folder_never_leaves_it_half_deleted(tmp_path, monkeypatch):
+    """`publishing(replace=True)` deletes the old copy only after the new one is in place: a kill
+    while the old one is being deleted leaves the new copy, complete, under the final name."""
+    import shutil
+
+    import retroflow.publish as publish
+
+    final = tmp_path / "model"
+    with publish.publishing(final):
+        pass
+    for name in ("a.bin", "b.bin"):
+        (final / name).write_text("old")
+    seen = []
+    real_rmtree = shutil.rmtree
+
+    def observing_rmtree(path, *args, **kwargs):
+        seen.append(sorted((p.name, p.read_text()) for p in final.iterdir()))  # what a reader sees at that moment
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(publish.shutil, "rmtree", observing_rmtree)
+    with publish.publishing(final, replace=True) as staging:
+        (staging / "a.bin").write_text("new")
+    assert seen == [[("a.bin", "new")]]  # the old copy was deleted with the new one already in place
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # and nothing else is left

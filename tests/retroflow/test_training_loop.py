@@ -126,3 +126,13 @@ def test_a_save_killed_before_its_rename_is_no_checkpoint_and_is_swept(tmp_path)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]
     assert ToyStage(tmp_path).train().resumed_from == 2
     assert not killed.exists()
+
+
+@pytest.mark.parametrize("planted", [{"x": torch.zeros(1)}, torch.zeros(3)])
+def test_an_rng_state_of_the_wrong_shape_is_a_damaged_checkpoint_named(tmp_path, planted):
+    from retroflow.checkpoints import DamagedCheckpointError
+
+    ToyStage(tmp_path).train(stop_after=3)
+    torch.save(planted, tmp_path / "checkpoint-2" / "rng-0.pt")  # loads without pickle, but is not an RNG state
+    with pytest.raises(DamagedCheckpointError, match=r"rng-0\.pt: damaged checkpoint"):
+        ToyStage(tmp_path).train()
