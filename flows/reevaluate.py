@@ -30,7 +30,7 @@ from flows.chain import (
 from flows.pretrain_to_beir import task_executor
 from flows.stages import build
 from flows.tasks import ui_key
-from retroflow.artifacts import Artifact
+from retroflow.artifacts import open_verified
 
 
 def model_reference(model: str):
@@ -38,7 +38,7 @@ def model_reference(model: str):
     from pathlib import Path
 
     if (Path(model) / "manifest.json").is_file():
-        return Artifact.open(model)
+        return open_verified(model)
     return external_model(model)
 
 
@@ -68,7 +68,7 @@ def reevaluate(
     execute, _ = task_executor(pipeline)
     artifact_store = store_for(pipeline)
     model_ref = model_reference(model)
-    index_ref = Artifact.open(index) if index else None
+    index_ref = open_verified(index) if index else None
     config = section_config(pipeline, "evaluate")
     arts = {}
     for source in pipeline.eval_datasets:

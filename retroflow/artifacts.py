@@ -120,6 +120,15 @@ class Artifact:
         return cls(stage=manifest["stage"], key=manifest["key"], path=path)
 
 
+def open_verified(path: str | Path) -> Artifact:
+    """An artifact named by its path (not found through the store by key), verified first: its
+    fingerprint keys whatever is built from it, and says nothing of damage done since."""
+    problems = verify_artifact(Path(path))
+    if problems:
+        raise DamagedArtifactError(f"{path}: the artifact fails verification ({'; '.join(problems[:3])}); rebuild or restore it")
+    return Artifact.open(path)
+
+
 def list_files(root: Path) -> dict[str, dict[str, Any]]:
     files = {}
     for file in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):

@@ -68,18 +68,22 @@ _directory_digests: dict[tuple[str, int], str] = {}
 
 
 def directory_fingerprint(path: Path) -> str:
-    """sha256 over the relative names and bytes of a directory's files (memoised by path and mtime)."""
+    """sha256 over the relative names, sizes and bytes of a directory's files, each name and size
+    length-prefixed so no two layouts hash alike (memoised by every file's name, size and mtime:
+    a file added, removed or rewritten misses the memo)."""
     files = sorted(p for p in path.rglob("*") if p.is_file())
-    stamp = max((p.stat().st_mtime_ns for p in files), default=0)
-    cached = _directory_digests.get((str(path), stamp))
+    stats = [(p.relative_to(path).as_posix(), p.stat()) for p in files]
+    memo = (str(path), tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats))
+    cached = _directory_digests.get(memo)
     if cached:
         return cached
     digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.relative_to(path).as_posix().encode())
+    for file, (name, st) in zip(files, stats):
+        encoded = name.encode()
+        digest.update(len(encoded).to_bytes(8, "little") + encoded + st.st_size.to_bytes(8, "little"))
         update_with_file(digest, file)
-    _directory_digests[(str(path), stamp)] = digest.hexdigest()[:24]
-    return _directory_digests[(str(path), stamp)]
+    _directory_digests[memo] = digest.hexdigest()[:24]
+    return _directory_digests[memo]
 
 
 def code_version(*modules: str) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroflow.artifacts import MANIFEST, Artifact
+from retroflow.artifacts import MANIFEST, Artifact, open_verified
 from retroflow.hashing import directory_fingerprint
 
 
@@ -61,7 +61,7 @@ def artifact_containing(path: str | Path) -> Artifact | None:
     path = path.resolve()
     for candidate in (path, *path.parents):
         if (candidate / MANIFEST).is_file():
-            return Artifact.open(candidate)
+            return open_verified(candidate)
     return None
 
 

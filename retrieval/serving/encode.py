@@ -144,12 +144,25 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
+def model_identity(model: str) -> str:
+    """A store model by stage/key (the same on every store root); any other model (an alias, a
+    folder) by its name and the fingerprint of its files, so a model retrained in place does not
+    pass for the one that encoded the shards already there."""
+    label = artifact_label(model)
+    if label != str(Path(model)):
+        return label
+    from retroflow.hashing import directory_fingerprint
+    from retroflow.models import resolve_model_path
+
+    return f"{model}@{directory_fingerprint(resolve_model_path(model))}"
+
+
 def compatibility_key(config: EncodeConfig, dataset: BeirDataset) -> str:
     """Shards with the same key hold interchangeable vectors (same model, text, layout)."""
     encoder = {k: v for k, v in config.encoder.canonical().items() if k not in _RUNTIME_ONLY}
     return hash_json(
         {
-            "model": artifact_label(config.model),  # a store model by stage/key: the same on every store root
+            "model": model_identity(config.model),
             "encoder": encoder,
             "precision": resolve_precision(config.encoder.device, config.encoder.precision),
             "dtype": config.dtype,

@@ -132,6 +132,21 @@ def test_shards_from_another_config_are_not_mixed(dataset, config, encoder, tmp_
         run_encode_shard(other, dataset, 0, tmp_path, encoder=encoder)
 
 
+def test_shards_of_a_model_changed_in_place_are_not_mixed(dataset, config, encoder, tiny_bert, tmp_path):
+    """A model folder retrained (rewritten) under the same path is another model: shards made
+    before are refused, not taken for its own."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_bert, model)
+    mine = config.with_overrides(model=str(model))
+    run_encode_shard(mine, dataset, 0, tmp_path / "shards", encoder=encoder)
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # the same size, other weights
+    with pytest.raises(ValueError, match="different model/encoder"):
+        run_encode_shard(mine, dataset, 0, tmp_path / "shards", encoder=encoder)
+
+
 def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, reference, tmp_path):
     cfg = config.with_overrides(dtype="float16", merge=False)
     metrics = run_encode(cfg, dataset, tmp_path / "out", tmp_path / "partial")

@@ -148,3 +148,34 @@ def test_a_build_waits_for_pieces_being_written_into_its_partial_directory(tmp_p
     assert events == ["shard written", "build"]
     assert (store.lookup("toy", key).path / "merged.txt").read_text() == "vectors"
     assert not store.partial_dir("toy", key).exists()
+
+
+def test_an_artifact_named_by_path_is_verified_before_it_keys_anything(tmp_path):
+    """`retroflow encode --model <store>/finetune/<key>/model` and reevaluate's `model`/`index`
+    parameters name artifacts by path: a file changed since (even to the same size) is refused,
+    not used under the intact artifact's fingerprint."""
+    import os
+
+    from retroflow.artifacts import DamagedArtifactError
+    from retroflow.inputs import artifact_containing
+
+    art = ArtifactStore(tmp_path).build("toy", ToyConfig(), {}, "v1", write_numbers([]))
+    assert artifact_containing(art.path / "numbers.txt").fingerprint == art.fingerprint
+    numbers = art.path / "numbers.txt"
+    numbers.write_text("9 9 9")  # same size, other content
+    os.utime(numbers, (1, 1))
+    with pytest.raises(DamagedArtifactError, match=r"fails verification \(.*numbers\.txt"):
+        artifact_containing(art.path / "numbers.txt")
+
+
+def test_a_directory_fingerprint_tells_apart_layouts_with_the_same_bytes(tmp_path):
+    from retroflow.hashing import directory_fingerprint
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    (one / "a").write_text("bc")
+    (two / "ab").write_text("c")  # name + content concatenate to the same bytes
+    assert directory_fingerprint(one) != directory_fingerprint(two)
+    before = directory_fingerprint(one)
+    (one / "extra").write_text("")  # an empty file added: no byte and no newer mtime needed to count
+    assert directory_fingerprint(one) != before
