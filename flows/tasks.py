@@ -74,10 +74,16 @@ def step_cache_key(step: str, parameters: dict[str, Any]) -> str:
 
 
 def made_artifact_key(step: str, parameters: dict[str, Any]) -> str:
-    """The key of the artifact the step makes (an encoding shard: its artifact's key and number)."""
+    """The key of the artifact the step makes (an encoding shard: its artifact's key and number;
+    a dataset read by name: the key of its content, so edited files are read again)."""
     if "config" in parameters and "inputs" in parameters:
         key = artifact_key(parameters.get("stage", step.removesuffix("-shard")), parameters["config"], parameters["inputs"])
         return f"{key}-shard{parameters['shard']}" if "shard" in parameters else key
+    if step == "data":  # named by source, keyed by content: read it, as the step itself would
+        from flows.chain import dataset_source
+        from retroflow.data import data_config
+
+        return artifact_key("data", data_config(dataset_source(parameters["source"], parameters.get("data_dir"))), {})
     payload = {"step": step, "code": code_version("flows.chain", "retroflow.data"), "args": canonical_argument(parameters)}
     return hash_json(payload)[:24]
 

@@ -123,3 +123,21 @@ def test_an_old_command_spelling_runs_the_new_command_and_says_it_is_deprecated(
     out, err = capsys.readouterr()
     assert f"'{old}' is deprecated" in err and f"use '{new}'" in err
     assert out.startswith(f"usage: retroflow {new} ")
+
+
+def test_the_flow_reads_a_dataset_again_when_its_files_change(scifact_small, tmp_path):
+    """The `data` task is cached by the key of the dataset's content, not by its name: the flow
+    must not keep using the old `data` artifact after the files under that name were edited."""
+    import shutil
+
+    from flows.tasks import step_cache_key
+    from retroflow.artifacts import ArtifactStore
+
+    data = tmp_path / "data"
+    shutil.copytree(scifact_small, data / "scifact")
+    parameters = {"store": ArtifactStore(tmp_path / "store"), "source": "scifact", "data_dir": str(data)}
+    before = step_cache_key("data", parameters)
+    assert step_cache_key("data", parameters) == before  # unchanged files: the cached task answers
+    corpus = data / "scifact" / "corpus.jsonl"
+    corpus.write_text("".join(corpus.read_text().splitlines(keepends=True)[:-1]))  # one document fewer
+    assert step_cache_key("data", parameters) != before
