@@ -84,6 +84,7 @@ ENVIRONMENT_ERRNOS = {
     errno.EIO: "input/output error (a failing disk or network file system)",
     errno.ENAMETOOLONG: "file name too long",
     errno.EISDIR: "is a directory (a file was expected there)",
+    errno.EEXIST: "already exists",
 }
 
 

@@ -169,6 +169,13 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)  # a kill here leaves staging that the next sweep removes
 
 
+def check_replaceable_model_dir(dest: Path) -> None:
+    """Refuse to replace `dest` unless it is absent or holds a model (`config.json`): an output
+    folder's `model/` that holds something else (notes, data) is the user's, not a stale model."""
+    if dest.exists() and not (dest / "config.json").is_file():
+        raise FileExistsError(errno.EEXIST, "holds no model, so it is not replaced (move it, or choose another --output)", str(dest))
+
+
 @contextmanager
 def publishing_content(parent: Path) -> Iterator[tuple[Path, Callable[[str], Path]]]:
     """Like `publishing`, for a directory named after its content: yields (staging, publish);

@@ -57,7 +57,7 @@ from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
 from retroflow.devices import seed_everything
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
-from retroflow.publish import atomic_write_text, publishing
+from retroflow.publish import atomic_write_text, check_replaceable_model_dir, publishing
 from retroflow.training import (
     LoopSettings,
     TrainerState,
@@ -318,6 +318,7 @@ def save_encoder(
     model, tokenizer, dest: Path, pooling: str, normalize: bool, max_seq_length: int, prefixes: tuple[str, str] = ("", "")
 ) -> None:
     """HF weights + tokenizer + sentence-transformers files, published whole (retroflow.publish)."""
+    check_replaceable_model_dir(dest)
     with publishing(dest, replace=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -932,6 +933,7 @@ def run_finetune(
     With `init_path` (the model `model_path` was pretrained from) the pretrain gate may start
     from `init_path` instead (`pretrain_gate`)."""
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    check_replaceable_model_dir(out_dir / "model")  # before training, not after it
     model_path = resolve_model_path(model_path)
     if (config.distill.loss == "none") != (teacher_scores_file is None):
         raise ValueError("distill.loss and teacher_scores_file go together: set both (distillation) or neither")

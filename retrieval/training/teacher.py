@@ -59,7 +59,7 @@ from retroflow.data.splits import dev_split
 from retroflow.devices import autocast, pick_dtype, seed_everything
 from retroflow.models import resolve_model_path
 from retroflow.progress import progress_bar
-from retroflow.publish import publishing
+from retroflow.publish import check_replaceable_model_dir, publishing
 from retroflow.training import LoopSettings, TrainerState, TrainingLoop, apply_gradients, make_accelerator, make_optimizer, run_identity
 
 log = logging.getLogger("retroflow.teacher")
@@ -212,6 +212,7 @@ class TeacherTrainer:
 
     def save(self, dest: Path) -> None:
         """The trained model and its tokenizer, published whole (retroflow.publish)."""
+        check_replaceable_model_dir(dest)
         with publishing(dest, replace=True) as staging:
             self.unwrapped().save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
@@ -259,6 +260,7 @@ def run_train_teacher(
         return run_fusion_teacher(config, dataset, out_dir)
 
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
+    check_replaceable_model_dir(out_dir / TEACHER_DIR)  # before training, not after it
     train = training_queries(config.selection(), dataset)
     mined = read_negatives(negatives_file)
     pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}

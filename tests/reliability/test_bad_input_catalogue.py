@@ -304,3 +304,17 @@ def test_the_installed_command_exits_2_with_one_line(tmp_path):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert [line for line in done.stderr.splitlines() if line.strip()][-1].startswith(f"error: {dataset}/qrels/test.tsv, line 2")
+
+
+def test_finetune_output_never_replaces_a_model_folder_that_holds_no_model(scifact_small, tiny_bert, tmp_path, capsys):
+    """`retroflow finetune --output proj` where `proj/model/` is the user's folder of notes: one
+    line before any training, and the notes stay."""
+    notes = tmp_path / "proj" / "model" / "my_notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    argv = ["finetune", "--config", str(REPO / "configs/finetune/tiny.yaml"), "--dataset", str(scifact_small)]
+    code = main([*argv, "--model", str(tiny_bert), "--output", str(tmp_path / "proj"), "--set", "train.max_steps=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err[-2000:]
+    assert re.search(r"proj/model: already exists \(holds no model", err), err[-2000:]
+    assert notes.read_text() == "mine" and sorted(p.name for p in notes.parent.iterdir()) == ["my_notes.txt"]
