@@ -143,9 +143,19 @@ STAGES: dict[str, Stage] = {
 def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
     """The config as the key sees it: without the fields that inputs fill in (paths differ by
     machine and store; the inputs enter the key by content instead), and with every `precision`
-    as it resolves here ('auto' is bf16 on one CPU and fp32 on another: different numbers)."""
+    as it resolves here ('auto' is bf16 on one CPU and fp32 on another: different numbers), and
+    so is FAISS's `gpu` (k-means on a GPU trains other IVF centroids than on a CPU)."""
     kept = {k: v for k, v in config.canonical().items() if k not in STAGES[stage].located_by_inputs}
-    return with_resolved_precision(kept)
+    return with_resolved_faiss_gpu(with_resolved_precision(kept))
+
+
+def with_resolved_faiss_gpu(node: dict[str, Any]) -> dict[str, Any]:
+    """`node` with an index config's `gpu: auto` replaced by what it resolves to on this machine."""
+    if node.get("gpu") != "auto":
+        return node
+    from retrieval.serving.index import gpu_count
+
+    return {**node, "gpu": "always" if gpu_count() else "never"}
 
 
 def with_resolved_precision(node: Any) -> Any:

@@ -141,3 +141,16 @@ def test_the_flow_reads_a_dataset_again_when_its_files_change(scifact_small, tmp
     corpus = data / "scifact" / "corpus.jsonl"
     corpus.write_text("".join(corpus.read_text().splitlines(keepends=True)[:-1]))  # one document fewer
     assert step_cache_key("data", parameters) != before
+
+
+def test_faiss_gpu_auto_is_keyed_as_it_resolves_here(monkeypatch):
+    """An IVF index trained with GPU k-means is another index: `gpu: auto` is keyed as `always`
+    where FAISS sees a GPU and `never` where it does not, like an explicit setting."""
+    import retrieval.serving.index as index_module
+    from retrieval.serving.index import IndexConfig
+
+    auto, never, always = IndexConfig(), IndexConfig(gpu="never"), IndexConfig(gpu="always")
+    monkeypatch.setattr(index_module, "gpu_count", lambda: 0)
+    assert key_config("index", auto) == key_config("index", never) != key_config("index", always)
+    monkeypatch.setattr(index_module, "gpu_count", lambda: 2)
+    assert key_config("index", auto) == key_config("index", always)
