@@ -32,6 +32,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM, PreT
 from transformers.activations import ACT2FN
 
 from retroflow.models import resolve_model_path, write_sentence_transformer_files
+from retroflow.publish import publishing
 from retromae.collator import IGNORE
 
 log = logging.getLogger("retroflow.retromae")
@@ -270,24 +271,29 @@ class RetroMAEModel(nn.Module):
 
     # persistence -------------------------------------------------------------------------
     def save(self, out_dir: Path, tokenizer=None) -> None:
-        """out_dir/encoder: HF encoder (+ tokenizer); out_dir/decoder: decoder layers + MLM head."""
+        """out_dir/encoder: HF encoder (+ tokenizer); out_dir/decoder: decoder layers + MLM head.
+
+        Both are written whole under staging names and only then renamed over a previous save
+        (`pretrain --resume` into the same DIR), so a kill or a full disk while writing leaves the
+        previous encoder and decoder as they were, not a mix of old and new files (only a kill
+        between the two renames at the very end could pair a new decoder with the old encoder).
+        """
         out_dir = Path(out_dir)
-        encoder_dir = out_dir / ENCODER_DIR
-        self.encoder.save_pretrained(encoder_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(encoder_dir)
-        declare_pooling(encoder_dir, self.mlm.config, self.bottleneck, self.normalize)
-        decoder_dir = out_dir / DECODER_DIR
-        decoder_dir.mkdir(parents=True, exist_ok=True)
-        save_file(self.decoder_state(), str(decoder_dir / DECODER_WEIGHTS))
-        meta = {
-            "objective": self.objective,
-            "decoding": self.decoding,
-            "decoder_layers": len(self.decoder),
-            "bottleneck": self.bottleneck,
-            "mlm_class": type(self.mlm).__name__,
-        }
-        (decoder_dir / DECODER_CONFIG).write_text(json.dumps(meta, indent=2))
+        # Nested: neither directory is replaced until both are complete (decoder renamed first).
+        with publishing(out_dir / ENCODER_DIR, replace=True) as encoder_dir, publishing(out_dir / DECODER_DIR, replace=True) as decoder_dir:
+            self.encoder.save_pretrained(encoder_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(encoder_dir)
+            declare_pooling(encoder_dir, self.mlm.config, self.bottleneck, self.normalize)
+            save_file(self.decoder_state(), str(decoder_dir / DECODER_WEIGHTS))
+            meta = {
+                "objective": self.objective,
+                "decoding": self.decoding,
+                "decoder_layers": len(self.decoder),
+                "bottleneck": self.bottleneck,
+                "mlm_class": type(self.mlm).__name__,
+            }
+            (decoder_dir / DECODER_CONFIG).write_text(json.dumps(meta, indent=2))
 
     def decoder_state(self) -> dict[str, torch.Tensor]:
         """Decoder layers and the MLM head, minus the output matrix (it *is* the word embeddings)."""

@@ -16,7 +16,9 @@ adapts the inputs for the library functions below, which tests and benchmarks al
         into `out_dir`. `devices=["cuda:0", "cuda:1"]` runs one worker process per device.
     merge_shards(shards_dir: Path, out_dir: Path, num_shards: int, merge: bool = True,
                  extra_meta: dict | None = None) -> dict
-    open_embeddings(path: str | Path) -> Embeddings    (memory-mapped vectors + ids + meta)
+    open_embeddings(path: str | Path, check_finite: bool = True) -> Embeddings
+        Memory-mapped vectors + ids + meta. NaN or infinite vectors are refused wherever vectors
+        enter (an encoded shard, a merge, an opened directory) with the file, row and doc id.
 
 On disk (every file written under a temporary name, then renamed):
 
@@ -119,6 +121,32 @@ class Embeddings:
             if hi > lo:
                 out[order[lo:hi]] = part[sorted_idx[lo:hi] - offsets[part_no]]
         return out
+
+
+class NonFiniteVectors(ValueError):
+    """A vector holds NaN or infinity (e.g. fp16 overflow): it would poison every search score."""
+
+
+# Rows scanned at a time by `require_finite`: about 64 MB of float32, whatever the dimension.
+_FINITE_CHECK_VALUES = 1 << 24
+
+
+def require_finite(vectors: np.ndarray, ids: pa.Array | pa.ChunkedArray | Sequence[str], source: Path | str) -> None:
+    """Raise NonFiniteVectors naming `source`, the first bad row and its doc id (`ids[row]`).
+
+    Reads `vectors` once, in blocks, so a memory-mapped file is never loaded whole.
+    """
+    step = max(1, _FINITE_CHECK_VALUES // max(1, int(np.prod(vectors.shape[1:]))))
+    for start in range(0, len(vectors), step):
+        block = np.asarray(vectors[start : start + step])
+        finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+        if not finite.all():
+            row = start + int(np.argmin(finite))
+            doc = ids[row].as_py() if isinstance(ids, (pa.Array, pa.ChunkedArray)) else ids[row]
+            raise NonFiniteVectors(
+                f"{source}: row {row} (doc id {doc!r}) is not finite (NaN or infinity); "
+                "the encoder overflowed (try precision fp32 / dtype float32) or the file is damaged: re-encode"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -230,7 +258,8 @@ def run_encode_shard(
 
     The shard is built in a private temporary directory and renamed into place, so a kill
     leaves either nothing or a whole shard, and two processes racing on one shard cannot
-    interleave their files (the loser discards its copy).
+    interleave their files (the loser discards its copy). Vectors with NaN or infinity are
+    refused (NonFiniteVectors naming the shard and the first bad doc id); nothing is written.
     """
     out_dir = Path(out_dir)
     shards = plan_shards(dataset.num_docs, config.shard_size)
@@ -251,6 +280,8 @@ def run_encode_shard(
     started = time.perf_counter()
     vectors = encoder.encode_passages(shard_texts(dataset, rows)).astype(config.dtype, copy=False)
     seconds = time.perf_counter() - started
+    shard_ids = dataset.corpus.column("_id").slice(rows.start, len(rows))
+    require_finite(vectors, shard_ids, final)  # after the cast: float16 overflows to inf
     meta = {
         "shard": shard_index,
         "start": rows.start,
@@ -270,7 +301,7 @@ def run_encode_shard(
     tmp.mkdir(parents=True)
     try:
         write_vectors(tmp / VECTORS_FILE, vectors)
-        write_ids(tmp / IDS_FILE, dataset.corpus.column("_id").slice(rows.start, len(rows)))
+        write_ids(tmp / IDS_FILE, shard_ids)
         atomic_write_text(tmp / SHARD_META, json.dumps(meta, indent=2))
         try:
             os.rename(tmp, final)
@@ -454,7 +485,7 @@ def merge_shards(
     merge: bool = True,
     extra_meta: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Check shards 0..num_shards-1 (complete, contiguous, unique ids) and publish them in `out_dir`.
+    """Check shards 0..num_shards-1 (complete, contiguous, unique ids, finite vectors) and publish them in `out_dir`.
 
     merge=True streams them into one memory-mappable `embeddings.npy` (never all in RAM);
     merge=False moves the shard directories as they are (no second copy on disk).
@@ -468,11 +499,14 @@ def merge_shards(
         raise ValueError(f"{shards_dir}: {len(ids)} ids for {num_docs} vectors, {len(ids.unique())} distinct: duplicate or missing ids")
     dim, dtype = metas[0]["dim"], metas[0]["dtype"]
     if merge:
-        _concatenate_vectors(shards_dir, metas, out_dir / VECTORS_FILE, num_docs, dim, dtype)
+        _concatenate_vectors(shards_dir, metas, ids, out_dir / VECTORS_FILE, num_docs, dim, dtype)
         write_ids(out_dir / IDS_FILE, ids)
         layout, shard_list = "merged", []
     else:
         layout, shard_list = "sharded", []
+        for m in metas:  # every shard checked before any is moved: a refused merge leaves them in place
+            vectors_file = shards_dir / shard_name(m["shard"]) / VECTORS_FILE
+            require_finite(load_vectors(vectors_file), ids.slice(m["start"], m["num_docs"]), vectors_file)
         for m in metas:
             name = shard_name(m["shard"])
             if shards_dir.resolve() != out_dir.resolve():
@@ -508,11 +542,16 @@ def merge_shards(
     }
 
 
-def _concatenate_vectors(shards_dir: Path, metas: list[dict[str, Any]], path: Path, num_docs: int, dim: int, dtype: str) -> None:
+def _concatenate_vectors(
+    shards_dir: Path, metas: list[dict[str, Any]], ids: pa.ChunkedArray, path: Path, num_docs: int, dim: int, dtype: str
+) -> None:
     with publishing_file(path) as staging:
         merged = np.lib.format.open_memmap(staging, mode="w+", dtype=dtype, shape=(num_docs, dim))
         for m in metas:
-            merged[m["start"] : m["stop"]] = np.load(shards_dir / shard_name(m["shard"]) / VECTORS_FILE, mmap_mode="r")
+            vectors_file = shards_dir / shard_name(m["shard"]) / VECTORS_FILE
+            shard = np.load(vectors_file, mmap_mode="r")
+            require_finite(shard, ids.slice(m["start"], m["num_docs"]), vectors_file)  # while it is read for the copy anyway
+            merged[m["start"] : m["stop"]] = shard
         merged.flush()
         del merged
 
@@ -533,8 +572,13 @@ def load_vectors(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a complete .npy vectors file ({err}); re-run the encoding") from None
 
 
-def open_embeddings(path: str | Path) -> Embeddings:
-    """Open an embeddings directory written by `run_encode` (merged or sharded layout)."""
+def open_embeddings(path: str | Path, check_finite: bool = True) -> Embeddings:
+    """Open an embeddings directory written by `run_encode` (merged or sharded layout).
+
+    `check_finite` reads every vector once and refuses NaN or infinity (NonFiniteVectors naming
+    the file, row and doc id): directories written by other tools or older versions are not
+    checked otherwise. Pass False when only the metadata is needed.
+    """
     path = Path(path)
     meta_file = path / META_FILE
     if not meta_file.is_file():
@@ -551,6 +595,12 @@ def open_embeddings(path: str | Path) -> Embeddings:
     embeddings = Embeddings(path=path, meta=meta, parts=parts, ids=ids)
     if embeddings.num_docs != len(ids) or embeddings.num_docs != meta["num_docs"]:
         raise ValueError(f"{path}: {embeddings.num_docs} vectors, {len(ids)} ids, meta says {meta['num_docs']}")
+    if check_finite:
+        files = [path / VECTORS_FILE] if meta["layout"] == "merged" else [path / s["path"] / VECTORS_FILE for s in meta["shards"]]
+        offset = 0
+        for part, file in zip(parts, files):
+            require_finite(part, ids.slice(offset, len(part)), file)
+            offset += len(part)
     return embeddings
 
 

@@ -20,6 +20,7 @@ Index directory (every file written under a temporary name, then renamed):
     index.json           factory, metric, dim, ntotal, shard files, search_params, embeddings info
     index-00000.faiss    one file per shard; searched together through faiss.IndexShards
     trained.faiss        the trained, empty index every shard was cloned from (IVF/PQ/OPQ codebooks)
+    build.json           what the template and shards were built from: a rerun reuses them only if it matches
     ids.parquet          column `_id`: FAISS id i (shard offsets applied) -> document id
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -56,6 +58,15 @@ FORMAT = "retroflow-index/1"
 META_FILE = "index.json"
 IDS_FILE = "ids.parquet"
 TEMPLATE_FILE = "trained.faiss"
+BUILD_FILE = "build.json"
+BUILD_FORMAT = "retroflow-index-build/1"
+
+# Config fields that never change the template or shard files (search defaults go to index.json,
+# the rest is speed or placement): a rerun differing only in these still resumes.
+_NOT_IN_FILES = {"ef_search", "nprobe", "k_factor", "add_batch_size", "gpu", "threads"}
+# Embeddings metadata that says which vectors they are (absent for hand-written embeddings).
+_EMBEDDINGS_IDENTITY = ("compat_key", "dataset_fingerprint", "model", "dtype")
+_SAMPLE_ROWS = 64
 
 # Search-time knobs as FAISS's ParameterSpace names them -> our config/param names.
 KNOBS = {"efSearch": "efSearch", "nprobe": "nprobe", "k_factor_rf": "k_factor_rf", "quantizer_efSearch": "quantizer_efSearch"}
@@ -273,10 +284,58 @@ def _set_threads(config: IndexConfig) -> None:
         faiss.omp_set_num_threads(config.threads)
 
 
+def build_record(config: IndexConfig, embeddings: Embeddings) -> dict[str, Any]:
+    """What the template and shards depend on: the build settings and which vectors (their
+    metadata, shape, and a digest of evenly spaced rows and ids, so re-encoded vectors of the
+    same shape differ too; cheap at any corpus size)."""
+    settings = {k: v for k, v in config.canonical().items() if k not in _NOT_IN_FILES}
+    positions = np.unique(np.linspace(0, embeddings.num_docs - 1, min(_SAMPLE_ROWS, embeddings.num_docs)).astype(np.int64))
+    digest = hashlib.sha256(embeddings.rows(positions).tobytes())
+    digest.update("\n".join(map(str, embeddings.ids.take(pa.array(positions)).to_pylist())).encode())
+    vectors = {k: embeddings.meta.get(k) for k in _EMBEDDINGS_IDENTITY}
+    vectors.update(dim=embeddings.dim, ntotal=embeddings.num_docs, vectors_sample=digest.hexdigest()[:16])
+    record = {"format": BUILD_FORMAT, "config": settings, "embeddings": vectors}
+    return json.loads(json.dumps(record, default=str))  # as build.json reads back, so the two compare equal
+
+
+def check_reusable(out_dir: Path, record: dict[str, Any]) -> None:
+    """Refuse a directory holding a template or shards built from anything but `record` (an
+    older index left in --output would otherwise be kept under the new index.json)."""
+    built = [p.name for p in sorted(out_dir.glob("*.faiss"))] if out_dir.is_dir() else []
+    if not built:
+        return
+    try:
+        recorded = json.loads((out_dir / BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == record:
+        return
+    differs = _record_differences(recorded, record) if isinstance(recorded, dict) else f"no readable {BUILD_FILE}"
+    raise ValueError(
+        f"{out_dir} holds an index ({built[0]}) that is not this build's ({differs}); use a fresh output directory or delete it"
+    )
+
+
+def _record_differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """`name old -> new` for each setting or embeddings field that changed."""
+    changes = []
+    for section in ("config", "embeddings"):
+        before, after = old.get(section) or {}, new[section]
+        for name in sorted(set(before) | set(after)):
+            if before.get(name) != after.get(name):
+                changes.append(f"{name} {before.get(name)!r} -> {after.get(name)!r}")
+    return ", ".join(changes) or f"{BUILD_FILE} format {old.get('format')!r}"
+
+
 def train_index_template(config: IndexConfig, embeddings: Embeddings, out_dir: Path) -> dict[str, Any]:
-    """Create the index from the factory string, train it on a random sample, save it empty."""
+    """Create the index from the factory string, train it on a random sample, save it empty.
+
+    Skipped when `out_dir` already holds the template of this very build (see `check_reusable`).
+    """
     out_dir = Path(out_dir)
     path = out_dir / TEMPLATE_FILE
+    record = build_record(config, embeddings)
+    check_reusable(out_dir, record)
     if path.is_file():
         return {"train_seconds": 0.0, "trained_on": None, "skipped": True}
     _set_threads(config)
@@ -293,6 +352,8 @@ def train_index_template(config: IndexConfig, embeddings: Embeddings, out_dir: P
         trained_on = len(sample)
         _train(index, sample, config)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # The record goes first: a template is never on disk without the record of what it was built from.
+    atomic_write_text(out_dir / BUILD_FILE, json.dumps(record, indent=2, sort_keys=True))
     write_index_file(index, path)
     return {"train_seconds": round(time.perf_counter() - started, 3), "trained_on": trained_on, "skipped": False}
 
@@ -321,11 +382,13 @@ def _train(index: faiss.Index, sample: np.ndarray, config: IndexConfig) -> None:
 def build_index_shard(config: IndexConfig, embeddings: Embeddings, out_dir: Path, shard: int) -> dict[str, Any]:
     """Add shard `shard`'s rows (in batches) to a copy of the trained template and save it.
 
-    Independent of the other shards, so separate processes/machines may build them.
+    Independent of the other shards, so separate processes/machines may build them. An existing
+    shard file is kept only when the directory's build record matches this build.
     """
     out_dir = Path(out_dir)
     path = out_dir / index_shard_name(shard)
     rows = shard_rows(embeddings.num_docs, config.num_shards)[shard]
+    check_reusable(out_dir, build_record(config, embeddings))
     if path.is_file():
         return {"shard": shard, "num_docs": len(rows), "add_seconds": 0.0, "skipped": True}
     _set_threads(config)
@@ -379,7 +442,7 @@ def finalize_index_dir(config: IndexConfig, embeddings: Embeddings, out_dir: Pat
 
 
 def run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Embeddings directory -> index directory (resumable: finished shard files are kept)."""
+    """Embeddings directory -> index directory (resumable: finished shard files of the same build are kept)."""
     embeddings = open_embeddings(embeddings_dir)
     if config.num_shards > embeddings.num_docs:
         raise ValueError(f"num_shards={config.num_shards} exceeds the {embeddings.num_docs} documents")

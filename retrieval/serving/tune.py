@@ -498,7 +498,9 @@ def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
         from retroflow.data import open_dataset
         from retroflow.inputs import model_dir
 
-        settings = config.encoder or EncoderSettings(**(open_embeddings(inputs["embeddings"].path).meta.get("encoder") or {}))
+        settings = config.encoder or EncoderSettings(
+            **(open_embeddings(inputs["embeddings"].path, check_finite=False).meta.get("encoder") or {})
+        )
         encoder = Encoder(model_dir(inputs["model"]), settings.with_overrides(show_progress=False, device=config.device))
         dev, reason = dev_hold_out_queries(config, open_dataset(inputs["data"]), encoder)
     return run_tune_index(config, inputs["index"].path, inputs["embeddings"].path, None, out_dir, dev=dev, no_dev_reason=reason)

@@ -15,6 +15,7 @@ import pytest
 
 from retrieval.serving.encode import (
     EncodeConfig,
+    NonFiniteVectors,
     encode_shards,
     merge_shards,
     open_embeddings,
@@ -24,6 +25,7 @@ from retrieval.serving.encode import (
     shard_name,
     shard_texts,
     worker_shards,
+    write_embeddings,
 )
 from retrieval.serving.encoder import Encoder
 from retroflow.data.beir import load_dataset
@@ -145,6 +147,46 @@ def test_shards_of_a_model_changed_in_place_are_not_mixed(dataset, config, encod
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # the same size, other weights
     with pytest.raises(ValueError, match="different model/encoder"):
         run_encode_shard(mine, dataset, 0, tmp_path / "shards", encoder=encoder)
+
+
+@pytest.mark.parametrize("dtype, bad", [("float32", np.nan), ("float16", 1e6)])  # 1e6 overflows float16 to inf
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_a_shard_with_non_finite_vectors_is_refused_naming_the_doc(dataset, config, encoder, tmp_path, monkeypatch, dtype, bad):
+    """A model producing NaN (or values float16 cannot hold) used to give a shard like any other."""
+    real_encode = Encoder.encode_passages
+
+    def poisoned(self, texts):
+        vectors = real_encode(self, texts)
+        vectors[3, 1] = bad
+        return vectors
+
+    monkeypatch.setattr(Encoder, "encode_passages", poisoned)
+    doc = dataset.doc_ids()[config.shard_size + 3]
+    with pytest.raises(NonFiniteVectors, match=rf"shard-00001: row 3 \(doc id '{doc}'\) is not finite"):
+        run_encode_shard(config.with_overrides(dtype=dtype), dataset, 1, tmp_path, encoder=encoder)
+    assert list(tmp_path.iterdir()) == []  # no shard, no staging left
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_merge_and_open_refuse_non_finite_vectors(dataset, config, encoder, tmp_path, merge):
+    """Shards damaged on disk (or written by another tool) are refused when merged or opened."""
+    shards = tmp_path / "shards"
+    encode_shards(config, dataset, shards, [0, 1], encoder=encoder)
+    vectors = np.load(shards / shard_name(1) / "embeddings.npy", mmap_mode="r+")
+    vectors[5, 0] = np.inf
+    vectors.flush()
+    del vectors
+    doc = dataset.doc_ids()[config.shard_size + 5]
+    with pytest.raises(NonFiniteVectors, match=rf"shard-00001/embeddings.npy: row 5 \(doc id '{doc}'\)"):
+        merge_shards(shards, tmp_path / "out", 2, merge=merge)
+    assert (shards / shard_name(1)).is_dir() and not (tmp_path / "out" / "embeddings.json").exists()
+
+    loose = np.ones((6, 3), np.float32)
+    loose[4, 2] = np.nan
+    written = write_embeddings(tmp_path / "loose", loose, [f"d{i}" for i in range(6)])
+    with pytest.raises(NonFiniteVectors, match=r"loose/embeddings.npy: row 4 \(doc id 'd4'\) is not finite"):
+        open_embeddings(written)
+    assert open_embeddings(written, check_finite=False).num_docs == 6  # metadata only
 
 
 def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, reference, tmp_path):

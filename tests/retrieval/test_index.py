@@ -134,6 +134,50 @@ def test_bad_inputs_give_clear_errors(data, tmp_path):
         search_with_index(tmp_path / "missing", queries, 5)
 
 
+def test_an_index_of_other_settings_or_vectors_left_in_the_output_is_refused_not_reused(tmp_path):
+    """A rerun into the same directory used to keep the old trained.faiss and shards whatever the
+    factory, vectors or dimension, then wrote index.json for the new build over them."""
+    small = write_embeddings(tmp_path / "e1", clustered(40, 8, 4, seed=0), [f"a{i}" for i in range(40)])
+    wider = write_embeddings(tmp_path / "e2", clustered(60, 16, 4, seed=1), [f"b{i}" for i in range(60)])
+    run_build_index(IndexConfig(factory="HNSW16"), small, tmp_path / "out")
+    meta = (tmp_path / "out" / "index.json").read_bytes()
+    with pytest.raises(ValueError, match=r"out holds an index .*factory 'HNSW16' -> 'Flat', .*dim 8 -> 16, ntotal 40 -> 60.*fresh output"):
+        run_build_index(IndexConfig(factory="Flat"), wider, tmp_path / "out")
+    assert (tmp_path / "out" / "index.json").read_bytes() == meta
+    # re-encoded vectors of the same shape and no metadata to tell them apart: their rows differ
+    write_embeddings(tmp_path / "e3", clustered(40, 8, 4, seed=5), [f"a{i}" for i in range(40)])
+    with pytest.raises(ValueError, match=r"vectors_sample '\w+' -> '\w+'"):
+        run_build_index(IndexConfig(factory="HNSW16"), tmp_path / "e3", tmp_path / "out")
+
+
+def test_an_index_without_a_build_record_is_refused(tmp_path):
+    """Files of an older build (or anything else) cannot be told from this build's: refused."""
+    emb = write_embeddings(tmp_path / "emb", clustered(40, 8, 4, seed=0), [f"a{i}" for i in range(40)])
+    run_build_index(IndexConfig(factory="Flat"), emb, tmp_path / "out")
+    (tmp_path / "out" / "build.json").unlink()
+    with pytest.raises(ValueError, match=r"\(no readable build.json\); use a fresh output directory"):
+        run_build_index(IndexConfig(factory="Flat"), emb, tmp_path / "out")
+
+
+def test_an_interrupted_identical_build_resumes_from_its_template_and_shards(data, tmp_path):
+    """The template and finished shards of the same build are kept (a changed search default
+    only changes index.json); the missing shard is built and the result equals a fresh build."""
+    emb, docs, queries, ids = data
+    run_build_index(IndexConfig(factory="IVF16,Flat", num_shards=2), emb, tmp_path / "fresh")
+    out = tmp_path / "out"
+    run_build_index(IndexConfig(factory="IVF16,Flat", num_shards=2), emb, out)
+    kept = {name: (out / name).stat().st_ino for name in ("trained.faiss", "index-00000.faiss")}
+    for name in ("index-00001.faiss", "index.json", "ids.parquet"):  # killed before these
+        (out / name).unlink()
+    run_build_index(IndexConfig(factory="IVF16,Flat", num_shards=2, nprobe=16), emb, out)
+    assert {name: (out / name).stat().st_ino for name in kept} == kept
+    assert json.loads((out / "index.json").read_text())["search_params"] == {"nprobe": 16}
+    assert (
+        search_with_index(out, queries, 10, params={"nprobe": 16})[1]
+        == search_with_index(tmp_path / "fresh", queries, 10, params={"nprobe": 16})[1]
+    )
+
+
 def test_every_index_preset_builds_in_faiss():
     """Each preset's factory string is one FAISS accepts (on MiniLM-sized vectors), not just a parsed field."""
     for path in sorted((REPO / "configs" / "index").glob("*.yaml")):

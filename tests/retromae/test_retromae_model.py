@@ -1,9 +1,11 @@
 """RetroMAE model structure: one shared-weight decoder layer, who sees what, save/load round trip."""
 
+import pytest
 import torch
 from retromae_builders import FAKE_SPECIAL, fake_collator, random_features
 from transformers import AutoModel, BertTokenizer
 
+import retromae.model
 from retromae.collator import IGNORE
 from retromae.model import RetroMAEModel, load_retromae, resolve_checkpoint, scratch_mlm
 
@@ -93,6 +95,28 @@ def test_save_load_round_trip(tmp_path):
     from retroflow.models import read_sentence_transformer_settings
 
     assert read_sentence_transformer_settings(tmp_path / "encoder").pooling == "cls"
+
+
+@pytest.mark.parametrize("failing", ["declare_pooling", "save_file"])  # the encoder's last write; the decoder's weights
+def test_a_save_failing_half_way_leaves_the_previous_save_intact(tmp_path, monkeypatch, failing):
+    """`pretrain --resume` saves over DIR/encoder and DIR/decoder: a full disk mid-save used to leave
+    them half old, half new."""
+    _model(seed=0).save(tmp_path)
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(retromae.model, failing, disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        _model(seed=1).save(tmp_path)
+    assert {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "encoder"]  # no staging left behind
+    monkeypatch.undo()
+    _model(seed=1).save(tmp_path)  # a save that completes replaces both
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys() and after != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["decoder", "encoder"]
 
 
 def _loss_and_grads(model, batch):
