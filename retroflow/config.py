@@ -40,6 +40,15 @@ def check_path_component(value: str) -> str:
     return value
 
 
+def listed_part(directory: Path, name: Any, listing: Path) -> Path:
+    """`directory / name` for a part a metadata file lists (`listing`: embeddings.json's shards,
+    index.json's files), refused unless `name` is one plain path component: such a file may come
+    from elsewhere, and a `../` entry would make a reader open files outside the directory."""
+    if not isinstance(name, str) or not PATH_COMPONENT.fullmatch(name):
+        raise ValueError(f"{listing}: lists {name!r}, which is not a file or folder name inside {directory}; refusing it")
+    return directory / name
+
+
 def child_dir(parent: Path, name: str, what: str) -> Path:
     """`parent / name`, refused unless it resolves to a direct child of `parent` (a name that is a
     path, or a symlinked folder, would make a run replace a directory outside the store)."""

@@ -48,7 +48,7 @@ from pydantic import Field
 
 from retrieval.serving.encoder import Encoder, EncoderSettings
 from retroflow.artifacts import artifact_label
-from retroflow.config import StageConfig
+from retroflow.config import StageConfig, listed_part
 from retroflow.data.beir import BeirDataset
 from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
@@ -590,13 +590,14 @@ def open_embeddings(path: str | Path, check_finite: bool = True) -> Embeddings:
         parts = [load_vectors(path / VECTORS_FILE)]
         ids = pq.read_table(path / IDS_FILE).column("_id")
     else:
-        parts = [load_vectors(path / s["path"] / VECTORS_FILE) for s in meta["shards"]]
-        ids = pa.chunked_array([pq.read_table(path / s["path"] / IDS_FILE).column("_id").combine_chunks() for s in meta["shards"]])
+        shard_dirs = [listed_part(path, s["path"], meta_file) for s in meta["shards"]]
+        parts = [load_vectors(shard / VECTORS_FILE) for shard in shard_dirs]
+        ids = pa.chunked_array([pq.read_table(shard / IDS_FILE).column("_id").combine_chunks() for shard in shard_dirs])
     embeddings = Embeddings(path=path, meta=meta, parts=parts, ids=ids)
     if embeddings.num_docs != len(ids) or embeddings.num_docs != meta["num_docs"]:
         raise ValueError(f"{path}: {embeddings.num_docs} vectors, {len(ids)} ids, meta says {meta['num_docs']}")
     if check_finite:
-        files = [path / VECTORS_FILE] if meta["layout"] == "merged" else [path / s["path"] / VECTORS_FILE for s in meta["shards"]]
+        files = [path / VECTORS_FILE] if meta["layout"] == "merged" else [shard / VECTORS_FILE for shard in shard_dirs]
         offset = 0
         for part, file in zip(parts, files):
             require_finite(part, ids.slice(offset, len(part)), file)

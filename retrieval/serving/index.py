@@ -49,7 +49,7 @@ from pydantic import Field, field_validator
 from retrieval.serving.encode import Embeddings, open_embeddings, write_ids
 from retrieval.serving.search import METRICS, DenseRetriever, QueryEncoder, Run, search_in_batches
 from retroflow.artifacts import artifact_label
-from retroflow.config import StageConfig
+from retroflow.config import StageConfig, listed_part
 from retroflow.publish import atomic_write_text, publishing_file
 
 log = logging.getLogger(__name__)
@@ -515,7 +515,7 @@ def read_faiss_file(path: Path) -> faiss.Index:
 def _load_index_cached(path_text: str, mtime_ns: int, device: str) -> LoadedIndex:
     path = Path(path_text)
     meta = read_index_meta(path)
-    parts = [read_faiss_file(path / name) for name in meta["shards"]]
+    parts = [read_faiss_file(listed_part(path, name, path / META_FILE)) for name in meta["shards"]]
     if len(parts) == 1:
         index = parts[0]
     else:

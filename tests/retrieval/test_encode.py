@@ -237,3 +237,18 @@ def test_cli_encode_survives_sigkill(scifact_small, tiny_bert, dataset, tmp_path
     ids = open_embeddings(out).ids.to_pylist()
     assert ids == dataset.doc_ids() and len(set(ids)) == len(ids)
     assert not (out / "shards").exists()
+
+
+def test_a_shard_path_outside_the_embeddings_directory_is_refused(tmp_path):
+    """embeddings.json may come from elsewhere: a listed shard `../x` must not make the reader
+    open files outside the directory."""
+    import json
+
+    from retrieval.serving.encode import META_FILE
+
+    written = write_embeddings(tmp_path / "emb", np.ones((2, 3), np.float32), ["d0", "d1"])
+    meta = json.loads((written / META_FILE).read_text())
+    meta.update(layout="sharded", shards=[{"path": "../elsewhere"}])
+    (written / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"embeddings.json: lists '\.\./elsewhere', which is not a file or folder name inside"):
+        open_embeddings(written)
