@@ -47,11 +47,13 @@ DEPRECATED_COMMANDS = {
 
 
 def modern_argv(argv: list[str]) -> list[str]:
+    at = next((i for i, arg in enumerate(argv) if not arg.startswith("-")), len(argv))  # after global flags (-v)
+    head, argv = argv[:at], argv[at:]
     for old, new in DEPRECATED_COMMANDS.items():
         if tuple(argv[: len(old)]) == old:
             print(f"retroflow: '{' '.join(old)}' is deprecated and will be removed in 0.2; use '{' '.join(new)}'", file=sys.stderr)
-            return [*new, *argv[len(old) :]]
-    return argv
+            return [*head, *new, *argv[len(old) :]]
+    return [*head, *argv]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -151,8 +151,8 @@ def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
 
 def with_resolved_faiss_gpu(node: dict[str, Any]) -> dict[str, Any]:
     """`node` with an index config's `gpu: auto` replaced by what it resolves to on this machine."""
-    if node.get("gpu") != "auto":
-        return node
+    if node.get("gpu") != "auto" or "IVF" not in str(node.get("factory", "")).upper():
+        return node  # only IVF training (k-means) runs on the GPU: other indexes are the same files
     from retrieval.serving.index import gpu_count
 
     return {**node, "gpu": "always" if gpu_count() else "never"}

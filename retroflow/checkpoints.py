@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retroflow.publish import remove_if_empty, staging_name, sweep_stale
+from retroflow.publish import remove_if_empty, staging_name
 
 log = logging.getLogger("retroflow.checkpoints")
 
@@ -147,7 +147,11 @@ def _save_checkpoint(
     from safetensors.torch import save_model
 
     if accelerator.is_main_process:
-        sweep_stale(directory)  # the staging copy of a save that was killed
+        # the folder has one owner (its build holds the key's lock): any other staging copy is a
+        # killed save's, whatever host or pid namespace it came from
+        for leftover in directory.glob(f"{CHECKPOINT_PREFIX}*.tmp*") if directory.is_dir() else []:
+            if leftover != tmp:
+                shutil.rmtree(leftover, ignore_errors=True)
         check_free_space(directory, checkpoint_bytes(accelerator.unwrap_model(model), optimizer))
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()

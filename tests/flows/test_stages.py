@@ -149,8 +149,17 @@ def test_faiss_gpu_auto_is_keyed_as_it_resolves_here(monkeypatch):
     import retrieval.serving.index as index_module
     from retrieval.serving.index import IndexConfig
 
-    auto, never, always = IndexConfig(), IndexConfig(gpu="never"), IndexConfig(gpu="always")
+    ivf = "IVF64,Flat"
+    auto, never, always = IndexConfig(factory=ivf), IndexConfig(factory=ivf, gpu="never"), IndexConfig(factory=ivf, gpu="always")
     monkeypatch.setattr(index_module, "gpu_count", lambda: 0)
     assert key_config("index", auto) == key_config("index", never) != key_config("index", always)
     monkeypatch.setattr(index_module, "gpu_count", lambda: 2)
     assert key_config("index", auto) == key_config("index", always)
+    assert key_config("index", IndexConfig(factory="HNSW32"))["gpu"] == "auto"  # no k-means: one key everywhere
+
+
+def test_an_old_spelling_after_a_global_flag_is_still_recognised():
+    from flows.cli import modern_argv
+
+    assert modern_argv(["-v", "train-teacher", "--config", "x.yaml"]) == ["-v", "teacher", "--config", "x.yaml"]
+    assert modern_argv(["-v", "teacher"]) == ["-v", "teacher"]

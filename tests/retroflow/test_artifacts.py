@@ -169,6 +169,8 @@ def test_an_artifact_named_by_path_is_verified_before_it_keys_anything(tmp_path)
 
 
 def test_a_directory_fingerprint_tells_apart_layouts_with_the_same_bytes(tmp_path):
+    import os
+
     from retroflow.hashing import directory_fingerprint
 
     one, two = tmp_path / "one", tmp_path / "two"
@@ -177,5 +179,6 @@ def test_a_directory_fingerprint_tells_apart_layouts_with_the_same_bytes(tmp_pat
     (two / "ab").write_text("c")  # name + content concatenate to the same bytes
     assert directory_fingerprint(one) != directory_fingerprint(two)
     before = directory_fingerprint(one)
-    (one / "extra").write_text("")  # an empty file added: no byte and no newer mtime needed to count
+    (one / "extra").write_text("")  # an empty file added, older than the rest: it still counts
+    os.utime(one / "extra", (1, 1))
     assert directory_fingerprint(one) != before
