@@ -2,7 +2,8 @@
 
 A task's cache key is the key of the artifact it makes (`flows.stages.artifact_key`, the one
 the store and the stage commands use), so Prefect's cache and the store agree; steps that make
-no artifact of their own (a dataset read by name, an encoding shard) hash their arguments.
+no artifact key of their own use the key they stand for (a dataset read by name: its content's
+`data` key; an encoding shard: its artifact's key and number), else they hash their arguments.
 Prefect's cache does not know whether the files a cached result points to still exist, so every
 finished task records its artifact in a small key index and the key function refuses a cached
 entry whose artifact is gone or damaged.
