@@ -13,6 +13,7 @@ from retromae_builders import SCIFACT, save_tiny_tokenizer, tiny_config_dict
 from safetensors.torch import load_file
 
 from retroflow.artifacts import ArtifactStore
+from retroflow.checkpoints import list_checkpoints
 from retromae.config import PretrainConfig
 from retromae.pretrain import run_pretrain
 
@@ -148,7 +149,8 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path, tokenizer_dir):
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(checkpoints.glob("checkpoint-*[0-9]")):
+    # a finished checkpoint, not a staging copy (`checkpoint-N.tmp-<pid>-...` may end in a digit too)
+    while time.time() < deadline and proc.poll() is None and not list_checkpoints(checkpoints):
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
