@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from retroflow.publish import remove_if_empty, staging_name
+from retroflow.publish import remove_if_empty, replace_directory, staging_name
 
 log = logging.getLogger("retroflow.checkpoints")
 
@@ -180,12 +180,7 @@ def _save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAINER_STATE).write_text(json.dumps({"step": step, **trainer_state}))
-        replaced = directory / staging_name(final.name) if final.exists() else None
-        if replaced is not None:  # a re-save of this step: the old copy leaves in one rename
-            final.rename(replaced)
-        tmp.rename(final)
-        if replaced is not None:
-            shutil.rmtree(replaced, ignore_errors=True)
+        replace_directory(tmp, final)  # a re-save of this step never leaves it half deleted
         for old in list_checkpoints(directory)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         log.info("checkpoint saved: %s", final)

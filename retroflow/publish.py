@@ -146,13 +146,21 @@ def publishing(final: Path, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if final.exists() and not replace:
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    replace_directory(staging, final)
+
+
+def replace_directory(staging: Path, final: Path) -> None:
+    """Rename the complete directory `staging` to `final`. An existing `final` is renamed aside
+    first, in one step, and deleted only once the new copy is in place, so a kill never leaves
+    `final` half deleted. If another process publishes `final` meanwhile, theirs is kept and
+    `staging` dropped (the same name holds the same content)."""
     old = None
     if final.exists():
-        if not replace:
-            shutil.rmtree(staging, ignore_errors=True)
-            return
         old = final.parent / staging_name(final.name)
-        try:  # out of the way in one rename: `final` is never a half-deleted folder
+        try:
             os.replace(final, old)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
