@@ -16,7 +16,7 @@ from flows.stages import STAGES, build
 from retroflow.artifacts import Artifact, ArtifactStore, default_store
 from retroflow.config import ConfigError, StageConfig
 from retroflow.console import emit_json
-from retroflow.inputs import Input, artifact_containing, external_model
+from retroflow.inputs import Input, artifact_containing, model_input
 
 
 def runs_in_store(args: argparse.Namespace) -> bool:
@@ -53,11 +53,6 @@ def run_in_store(args: argparse.Namespace) -> int:
 
 def short(metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if not k.endswith("_history")}
-
-
-def model_input(name: str) -> Input:
-    """A model directory the store made (its artifact), else an alias, directory or hub id."""
-    return artifact_containing(name) or external_model(name)
 
 
 def artifact_input(path: Path | None, flag: str, stage: str) -> Artifact | None:

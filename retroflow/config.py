@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -61,6 +61,8 @@ def child_dir(parent: Path, name: str, what: str) -> Path:
 
 class StageConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    # fields older configs carried that are now inputs of the stage's `run`: field -> how to give it
+    moved_to_inputs: ClassVar[dict[str, str]] = {}
 
     def canonical(self) -> dict[str, Any]:
         """JSON-ready dict used for hashing and manifests (stable key order)."""
@@ -96,6 +98,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
 
 
 def validate_config(cls: type[C], data: Mapping[str, Any], source: str = "<dict>") -> C:
+    moved = [f"field '{k}' is an input now: {cls.moved_to_inputs[k]}" for k in data if k in getattr(cls, "moved_to_inputs", {})]
+    if moved:
+        raise ConfigError(f"invalid config {source}: " + "; ".join(moved))
     try:
         return cls.model_validate(dict(data))
     except ValidationError as err:

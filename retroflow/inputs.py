@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retroflow.artifacts import MANIFEST, Artifact, open_verified
-from retroflow.hashing import directory_fingerprint
+from retroflow.hashing import directory_fingerprint, sha256_file
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,8 @@ class ExternalInput:
         return {"stage": "external", "name": self.name, "fingerprint": self.fingerprint, "path": str(self.path)}
 
     def file(self, name: str) -> Path:
-        return self.path / name
+        """`name` inside the input, or the input itself when it is one loose file (`--negatives FILE`)."""
+        return self.path if self.path.is_file() else self.path / name
 
 
 Input = Artifact | ExternalInput
@@ -36,6 +37,36 @@ def external_model(name: str) -> ExternalInput:
 
     path = resolve_model_path(name)
     return ExternalInput(name=name, path=path, fingerprint=directory_fingerprint(path))
+
+
+def model_input(name: str | Path) -> Input:
+    """A model directory the store made (its artifact), else an alias, directory or hub id."""
+    return artifact_containing(name) or external_model(str(name))
+
+
+def dataset_input(source: Any) -> ExternalInput:
+    """The `data` input for a dataset outside the store: a name, a BEIR directory, or a dataset
+    already loaded (`retroflow.data.beir.load_dataset`), normalised once into the cache. What
+    `--output` runs and tests hand a stage instead of a `data` artifact; both hold the same files."""
+    from retroflow.data.beir import load_dataset
+
+    dataset = source if hasattr(source, "fingerprint") and hasattr(source, "path") else load_dataset(str(source))
+    return ExternalInput(name=dataset.name, path=Path(dataset.path), fingerprint=dataset.fingerprint)
+
+
+def path_input(path: str | Path) -> ExternalInput:
+    """A loose file or directory outside the store (`--negatives FILE`, `--embeddings DIR`), by content."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return ExternalInput(name=str(path), path=path, fingerprint=sha256_file(path))
+    if path.is_dir():
+        return ExternalInput(name=str(path), path=path, fingerprint=directory_fingerprint(path))
+    raise FileNotFoundError(f"{path}: no such file or directory")
+
+
+def inputs_of(**named: Input | None) -> dict[str, Input]:
+    """The inputs mapping a stage's `run` takes, without the ones not given."""
+    return {name: value for name, value in named.items() if value is not None}
 
 
 def model_dir(ref: Input) -> Path:

@@ -44,7 +44,8 @@ def run(config: DataConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
 
 
 def open_dataset(data) -> Any:
-    """The dataset inside a `data` artifact."""
+    """The dataset inside a `data` input: a `data` artifact, or `retroflow.inputs.dataset_input`
+    (the same normalised files in the cache)."""
     from retroflow.data.beir import read_normalised
 
     return read_normalised(data.path)
