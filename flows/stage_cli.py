@@ -88,24 +88,34 @@ def tune_inputs(args: argparse.Namespace, config: StageConfig, store: ArtifactSt
     return {"index": index, "embeddings": embeddings}
 
 
+def required(args: argparse.Namespace, name: str, stage: str) -> str:
+    value = getattr(args, name, None)
+    if not value:
+        raise ConfigError(f"retroflow {stage}: pass --{name} (an input of the stage, not a config field)")
+    return value
+
+
 STAGE_INPUTS = {
     "pretrain": pretrain_inputs,
     "negatives": lambda args, config, store: {
-        "data": prepare_data(store, config.dataset),
-        "model": model_input(config.model) if config.method == "dense" and config.model else None,
+        "data": prepare_data(store, required(args, "dataset", "negatives")),
+        "model": model_input(required(args, "model", "negatives")) if config.method == "dense" else None,
     },
     "teacher": lambda args, config, store: {
-        "data": prepare_data(store, config.dataset),
-        "init": model_input(config.init),
+        "data": prepare_data(store, required(args, "dataset", "teacher")),
+        "init": model_input(required(args, "model", "teacher")),
         "negatives": artifact_input(args.negatives, "--negatives", "negatives") if config.kind == "cross_encoder" else None,
     },
     "finetune": lambda args, config, store: {
-        "data": prepare_data(store, config.dataset),
-        "model": model_input(config.init),
+        "data": prepare_data(store, required(args, "dataset", "finetune")),
+        "model": model_input(required(args, "model", "finetune")),
         "negatives": artifact_input(args.negatives, "--negatives", "negatives"),
         "teacher": artifact_input(args.teacher_scores, "--teacher-scores", "teacher"),
     },
-    "encode": lambda args, config, store: {"data": prepare_data(store, config.dataset), "model": model_input(config.model)},
+    "encode": lambda args, config, store: {
+        "data": prepare_data(store, required(args, "dataset", "encode")),
+        "model": model_input(required(args, "model", "encode")),
+    },
     "index": lambda args, config, store: {"embeddings": artifact_input(args.embeddings, "--embeddings", "encode")},
     "tune": tune_inputs,
 }

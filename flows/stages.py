@@ -41,7 +41,7 @@ class Stage:
     module: str  # holds `run` and the config class; imported on use (torch is slow to import)
     config_class: str
     inputs: tuple[str, ...]  # the input names `run` reads (some optional)
-    located_by_inputs: tuple[str, ...] = ()  # config fields the inputs fill in: not part of the key
+    location_fields: tuple[str, ...] = ()  # config fields that say where, not what: not part of the key
     run_function: str = "run"
     summary: str = ""
 
@@ -83,7 +83,6 @@ STAGES: dict[str, Stage] = {
             "retrieval.training.negatives",
             "NegativesConfig",
             ("data", "model"),
-            ("dataset", "model"),
             summary="hard negatives for the training queries (BM25 or dense)",
         ),
         Stage(
@@ -91,7 +90,6 @@ STAGES: dict[str, Stage] = {
             "retrieval.training.teacher",
             "TeacherConfig",
             ("data", "init", "negatives", "embeddings"),
-            ("dataset", "init"),
             summary="the distillation teacher's scores (BM25+dense fusion or a cross-encoder)",
         ),
         Stage(
@@ -99,7 +97,6 @@ STAGES: dict[str, Stage] = {
             "retrieval.training.finetune",
             "FinetuneConfig",
             ("data", "model", "negatives", "teacher", "init"),
-            ("dataset", "init"),
             summary="DPR fine-tuning of the bi-encoder",
         ),
         Stage(
@@ -107,7 +104,6 @@ STAGES: dict[str, Stage] = {
             "retrieval.serving.encode",
             "EncodeConfig",
             ("data", "model"),
-            ("model", "dataset"),
             summary="the corpus's vectors, encoded shard by shard",
         ),
         Stage("index", "retrieval.serving.index", "IndexConfig", ("embeddings",), summary="a FAISS index over the vectors"),
@@ -123,7 +119,6 @@ STAGES: dict[str, Stage] = {
             "eval.evaluate",
             "EvaluateConfig",
             ("data", "model", "index", "embeddings"),
-            ("model", "dataset", "index", "embeddings"),
             summary="a system's metrics (and per-query values) on a dataset split",
         ),
         # the ablation's own steps (flows/ablation.py)
@@ -145,7 +140,7 @@ def key_config(stage: str, config: StageConfig) -> dict[str, Any]:
     machine and store; the inputs enter the key by content instead), and with every `precision`
     as it resolves here ('auto' is bf16 on one CPU and fp32 on another: different numbers), and
     so is FAISS's `gpu` (k-means on a GPU trains other IVF centroids than on a CPU)."""
-    kept = {k: v for k, v in config.canonical().items() if k not in STAGES[stage].located_by_inputs}
+    kept = {k: v for k, v in config.canonical().items() if k not in STAGES[stage].location_fields}
     return with_resolved_faiss_gpu(with_resolved_precision(kept))
 
 

@@ -20,7 +20,7 @@ def add_commands(subparsers) -> None:
     )
     parser.add_argument("--config", required=True, type=Path, help="YAML file, e.g. configs/pretrain/tiny.yaml")
     parser.add_argument("--output", type=Path, help="train directly into this directory")
-    parser.add_argument("--dataset", help="into the store: the dataset whose corpus is the text (default: data.beir_corpus's dataset)")
+    parser.add_argument("--dataset", help="the dataset whose corpus is the text (default: the files data.files / data.beir_corpus name)")
     parser.add_argument("--max-steps", type=int, help="override train.max_steps")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in DIR/checkpoints")
     parser.add_argument(
@@ -48,13 +48,15 @@ def pretrain_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Pretrain into --output (the store's own path, flows.stage_cli, handles a missing --output)."""
     from retroflow.checkpoints import list_checkpoints
-    from retromae.pretrain import run_pretrain
+    from retroflow.inputs import dataset_input, inputs_of
+    from retromae.pretrain import run as pretrain
 
     config = pretrain_config(args)
     partial = args.output
     if list_checkpoints(partial / "checkpoints") and not args.resume:
         raise ValueError(f"{partial / 'checkpoints'} already holds checkpoints: pass --resume to continue, or use a new --output")
-    metrics = run_pretrain(config, args.output, partial, resume=args.resume)
+    inputs = inputs_of(data=dataset_input(args.dataset) if args.dataset else None)
+    metrics = pretrain(config, inputs, args.output, partial, resume=args.resume)
     output_dir = args.output
     if _is_main_process():
         emit_json(

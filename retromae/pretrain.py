@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from retroflow.artifacts import Artifact
 from retroflow.devices import seed_everything
+from retroflow.inputs import Input
 from retroflow.publish import atomic_write_text
 from retroflow.training import make_accelerator
 from retromae.collator import RetroMAECollator, SpecialIds, continuation_table
@@ -46,14 +46,8 @@ def needs_tokenizer(config: PretrainConfig) -> bool:
     return config.model.init is None and config.model.tokenizer is None
 
 
-def run_tokenizer(config: PretrainConfig, out_dir: Path, text_files: list[Path] | None = None) -> dict:
-    """Train the from-scratch run's WordPiece tokenizer on its pretraining text into out_dir.
-
-    A stage of its own because `tokenizers` breaks frequency ties at the vocabulary's cut-off in
-    hash-map order: two trainings on the same text can differ by a few tokens. Stored once, the
-    tokenizer is an artifact the pretraining key depends on by content, and every run that
-    shares it (ablation arms, seeds) tokenises identically.
-    """
+def _train_tokenizer(config: PretrainConfig, out_dir: Path, text_files: list[Path] | None = None) -> dict:
+    """Train the from-scratch run's WordPiece tokenizer on its pretraining text into out_dir."""
     sources = [Path(p) for p in text_files] if text_files else config.data_sources()
     texts = read_texts(sources, config.data.max_docs)
     tokenizer = train_wordpiece(texts, config.model.vocab_size)
@@ -148,8 +142,8 @@ def build_collator(config: PretrainConfig, tokenizer) -> RetroMAECollator:
     )
 
 
-def run_scratch_init(config: PretrainConfig, out_dir: Path) -> dict:
-    """Save the from-scratch encoder exactly as `run_pretrain` initialises it (same seed, same
+def _save_scratch_init(config: PretrainConfig, out_dir: Path) -> dict:
+    """Save the from-scratch encoder exactly as `run` initialises it (same seed, same
     draw order), untrained: the `none` arm of an ablation, the floor every objective must beat."""
     from transformers import AutoTokenizer
 
@@ -162,19 +156,14 @@ def run_scratch_init(config: PretrainConfig, out_dir: Path) -> dict:
     return {"steps": 0, "objective": "none", "vocab_size": len(tokenizer)}
 
 
-def run_pretrain(
+def _pretrain(
     config: PretrainConfig,
     out_dir: Path,
     partial_dir: Path,
-    text_files: list[Path] | None = None,
-    resume: bool = True,
-    stop_after: int | None = None,
+    text_files: list[Path] | None,
+    resume: bool,
+    stop_after: int | None,
 ) -> dict:
-    """Pretrain and write out_dir/encoder (HF model + tokenizer), out_dir/decoder, out_dir/loss_history.json.
-
-    Checkpoints go to partial_dir/checkpoints and are resumed from when present (resume=True).
-    `stop_after` ends the loop early without saving the final model (used to test resumption).
-    """
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
     config.warn_outside_paper()
     accelerator = make_accelerator(config.train)
@@ -302,18 +291,47 @@ def source_label(path: Path) -> str:
 # --------------------------------------------------------------------------- the stage contract
 
 
-def run(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
-    """The `pretrain` stage: inputs `data` (its corpus is the text) and, from scratch, `tokenizer`."""
-    if "tokenizer" in inputs:
-        config = config.with_overrides(model={"tokenizer": str(inputs["tokenizer"].path)})
-    return run_pretrain(config, out_dir, partial_dir, text_files=[inputs["data"].file("corpus.parquet")])
+def run(
+    config: PretrainConfig,
+    inputs: Mapping[str, Input],
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """The `pretrain` stage: write out_dir/encoder (HF model + tokenizer), out_dir/decoder and
+    out_dir/loss_history.json.
+
+    Inputs: `data` (a dataset: its corpus is the text; without it, the files `data.files` /
+    `data.beir_corpus` name) and, from scratch, `tokenizer`. Checkpoints go to
+    partial_dir/checkpoints and are resumed from when present (`resume`); `stop_after` ends the
+    loop after that step without saving the model (how tests stand in for a kill)."""
+    config = with_tokenizer(config, inputs)
+    return _pretrain(config, out_dir, partial_dir, text_of(inputs), resume, stop_after)
 
 
-def run_tokenizer_stage(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
-    """The `tokenizer` step of a from-scratch pretraining (its config: `tokenizer_config`), on input `data`."""
-    return run_tokenizer(config, out_dir, text_files=[inputs["data"].file("corpus.parquet")])
+def run_tokenizer_stage(config: PretrainConfig, inputs: Mapping[str, Input], out_dir: Path, partial_dir: Path) -> dict:
+    """The `tokenizer` step of a from-scratch pretraining (its config: `tokenizer_config`), on input `data`.
+
+    A stage of its own because `tokenizers` breaks frequency ties at the vocabulary's cut-off in
+    hash-map order: two trainings on the same text can differ by a few tokens. Stored once, the
+    tokenizer is an artifact the pretraining key depends on by content, and every run that
+    shares it (ablation arms, seeds) tokenises identically."""
+    return _train_tokenizer(config, out_dir, text_of(inputs))
 
 
-def run_scratch_stage(config: PretrainConfig, inputs: Mapping[str, Artifact], out_dir: Path, partial_dir: Path) -> dict:
+def run_scratch_stage(config: PretrainConfig, inputs: Mapping[str, Input], out_dir: Path, partial_dir: Path) -> dict:
     """The `scratch` step of an ablation: the untrained from-scratch encoder, with input `tokenizer`."""
-    return run_scratch_init(config.with_overrides(model={"tokenizer": str(inputs["tokenizer"].path)}), out_dir)
+    return _save_scratch_init(with_tokenizer(config, inputs), out_dir)
+
+
+def text_of(inputs: Mapping[str, Input]) -> list[Path] | None:
+    """The pretraining text: the `data` input's corpus, else None (the config's own files)."""
+    return [inputs["data"].file("corpus.parquet")] if "data" in inputs else None
+
+
+def with_tokenizer(config: PretrainConfig, inputs: Mapping[str, Input]) -> PretrainConfig:
+    if "tokenizer" not in inputs:
+        return config
+    return config.with_overrides(model={"tokenizer": str(inputs["tokenizer"].path)})

@@ -53,11 +53,11 @@ def test_a_checkpoint_is_not_started_without_room_for_it(shared_data: Path, tmp_
 
     import retroflow.checkpoints as checkpoints
     from flows.cli import error_message
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10 << 30, 10 << 30, 1 << 20))
     with pytest.raises(OSError) as err:
-        run_pretrain(tiny_pretrain(shared_data, tmp_path), tmp_path / "out", tmp_path / "partial")
+        pretrain(tiny_pretrain(shared_data, tmp_path), {}, tmp_path / "out", tmp_path / "partial")
     line = error_message(err.value)
     assert line.startswith(str(tmp_path / "partial" / "checkpoints")) and "disk is full" in line and "MiB are free" in line
     assert not list((tmp_path / "partial" / "checkpoints").glob("checkpoint-*"))
@@ -66,14 +66,14 @@ def test_a_checkpoint_is_not_started_without_room_for_it(shared_data: Path, tmp_
 def test_torch_iostream_error_while_saving_names_the_checkpoint(shared_data: Path, tmp_path: Path, monkeypatch):
     import retroflow.checkpoints as checkpoints
     from flows.cli import error_message
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     def full_disk(*args, **kwargs):
         raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     with pytest.raises(OSError) as err:
-        run_pretrain(tiny_pretrain(shared_data, tmp_path), tmp_path / "out", tmp_path / "partial")
+        pretrain(tiny_pretrain(shared_data, tmp_path), {}, tmp_path / "out", tmp_path / "partial")
     line = error_message(err.value)
     assert "checkpoint-2.tmp-" in line and "writing the checkpoint failed" in line and "\n" not in line
     assert not list((tmp_path / "partial" / "checkpoints").glob("checkpoint-2.tmp*"))  # no half checkpoint left

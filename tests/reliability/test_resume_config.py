@@ -52,10 +52,10 @@ def pretrain_config(shared_data: Path, tmp: Path, **train):
 @pytest.fixture(scope="module")
 def stopped_pretrain(shared_data: Path, tmp_path_factory) -> Path:
     """A pretraining run stopped after step 4 (checkpoints at 2 and 4)."""
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     tmp = tmp_path_factory.mktemp("stopped-pretrain")
-    run_pretrain(pretrain_config(shared_data, tmp), tmp / "out", tmp / "partial", stop_after=4)
+    pretrain(pretrain_config(shared_data, tmp), {}, tmp / "out", tmp / "partial", stop_after=4)
     assert [p.name for p in list_checkpoints(tmp / "partial" / "checkpoints")] == ["checkpoint-2", "checkpoint-4"]
     return tmp
 
@@ -66,12 +66,12 @@ def copy_run(source: Path, dest: Path) -> Path:
 
 
 def test_pretrain_resume_with_another_lr_or_mask_ratio_is_refused(stopped_pretrain: Path, shared_data: Path, tmp_path: Path):
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     run = copy_run(stopped_pretrain, tmp_path)
     changed = pretrain_config(shared_data, stopped_pretrain, lr=1e-3).with_overrides(encoder_mask_ratio=0.2)
     with pytest.raises(ResumeConfigError) as err:
-        run_pretrain(changed, run / "out", run / "partial")
+        pretrain(changed, {}, run / "out", run / "partial")
     message = str(err.value)
     assert "\n" not in message and "checkpoint-4" in message
     assert "train.lr: 0.005 -> 0.001" in message and "encoder_mask_ratio: 0.3 -> 0.2" in message
@@ -79,11 +79,11 @@ def test_pretrain_resume_with_another_lr_or_mask_ratio_is_refused(stopped_pretra
 
 
 def test_pretrain_resume_may_change_steps_intervals_and_device(stopped_pretrain: Path, shared_data: Path, tmp_path: Path):
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     run = copy_run(stopped_pretrain, tmp_path)
     longer = pretrain_config(shared_data, stopped_pretrain, max_steps=6, log_every=3, save_every=5, keep_checkpoints=3, device="cpu")
-    metrics = run_pretrain(longer, run / "out", run / "partial")
+    metrics = pretrain(longer, {}, run / "out", run / "partial")
     assert metrics["resumed_from"] == 4 and metrics["steps"] == 6
 
 
@@ -141,12 +141,12 @@ def test_teacher_resume_with_another_config_is_refused(scifact_small: Path, tiny
 
 
 def damaged_resume(stopped_pretrain: Path, shared_data: Path, tmp_path: Path, file: str, text: str) -> str:
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     run = copy_run(stopped_pretrain, tmp_path)
     (run / "partial" / "checkpoints" / "checkpoint-4" / file).write_text(text)
     with pytest.raises(DamagedCheckpointError) as err:
-        run_pretrain(pretrain_config(shared_data, stopped_pretrain), run / "out", run / "partial")
+        pretrain(pretrain_config(shared_data, stopped_pretrain), {}, run / "out", run / "partial")
     message = str(err.value)
     assert "\n" not in message and f"checkpoint-4/{file}" in message and "delete checkpoint-4" in message
     return message

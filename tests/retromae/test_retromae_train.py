@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from retroflow.artifacts import ArtifactStore
 from retroflow.checkpoints import list_checkpoints
 from retromae.config import PretrainConfig
-from retromae.pretrain import run_pretrain
+from retromae.pretrain import run as pretrain
 
 pytestmark = pytest.mark.skipif(not SCIFACT.is_file(), reason="SciFact corpus not available")
 REPO = Path(__file__).resolve().parents[2]
@@ -52,7 +52,7 @@ def _max_diff(a, b) -> float:
 
 def test_loss_falls_and_outputs_are_complete(tmp_path):
     cfg = _config(tmp_path, max_steps=150, save_every=1000, log_every=50)
-    metrics = run_pretrain(cfg, tmp_path / "out", tmp_path / "partial")
+    metrics = pretrain(cfg, {}, tmp_path / "out", tmp_path / "partial")
     history = metrics["loss_history"]
     assert metrics["steps"] == 150 and len(history) == 150
     first, last = sum(history[:5]) / 5, sum(history[-5:]) / 5
@@ -71,11 +71,11 @@ def test_loss_falls_and_outputs_are_complete(tmp_path):
 def test_kill_and_resume_equals_uninterrupted_run(tmp_path, tokenizer_dir):
     cfg = _config(tmp_path, tokenizer_dir, max_steps=8, save_every=3)
     cfg = PretrainConfig.model_validate({**cfg.canonical(), "model": {**cfg.canonical()["model"], "dropout": 0.1}})
-    straight = run_pretrain(cfg, tmp_path / "a", tmp_path / "a_partial")
+    straight = pretrain(cfg, {}, tmp_path / "a", tmp_path / "a_partial")
     # "killed" after step 5: the last checkpoint is step 3, so steps 4-5 are redone on resume
-    partial = run_pretrain(cfg, tmp_path / "b", tmp_path / "b_partial", stop_after=5)
+    partial = pretrain(cfg, {}, tmp_path / "b", tmp_path / "b_partial", stop_after=5)
     assert partial["steps"] == 5 and not (tmp_path / "b" / "encoder").exists()
-    resumed = run_pretrain(cfg, tmp_path / "b", tmp_path / "b_partial")
+    resumed = pretrain(cfg, {}, tmp_path / "b", tmp_path / "b_partial")
     assert resumed["resumed_from"] == 3
     assert resumed["loss_history"] == pytest.approx(straight["loss_history"], abs=1e-6)
     assert _max_diff(_weights(tmp_path / "a"), _weights(tmp_path / "b")) < 1e-6
@@ -103,7 +103,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, tokenizer_dir):
     cfg["train"]["precision"] = "fp32"
     cfg_file = tmp_path / "ddp.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    single = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "single", tmp_path / "single")
+    single = pretrain(PretrainConfig.model_validate(cfg), {}, tmp_path / "single", tmp_path / "single")
     from flows.stages import loopback_environment, single_node_rendezvous
 
     # the pipeline's own launch settings: rendezvous and gloo on the loopback interface
@@ -143,7 +143,7 @@ def test_cli_sigkill_then_resume_matches_uninterrupted(tmp_path, tokenizer_dir):
     cfg = tiny_config_dict(tmp_path, tokenizer_dir, max_steps=60, save_every=3, log_every=20)
     cfg_file = tmp_path / "kill.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    straight = run_pretrain(PretrainConfig.model_validate(cfg), tmp_path / "straight", tmp_path / "straight")
+    straight = pretrain(PretrainConfig.model_validate(cfg), {}, tmp_path / "straight", tmp_path / "straight")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(cfg_file), "--output", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
