@@ -12,17 +12,17 @@ What it writes (each an embeddings directory readable by `retrieval.serving.enco
   encode` writes), for nDCG@10 through each index.
 - `queries-<dataset>-<split>`: query vectors, ids = query ids (SciFact train/test, TREC-DL test).
 
-Corpora go through `retrieval.serving.encode.run_encode` (resumable 10k-row shards, so a killed first
-run keeps its finished shards), queries through `Encoder.encode_queries`. Everything lives
+Corpora go through the encode stage, `retrieval.serving.encode.run` (resumable 10k-row shards, so a
+killed first run keeps its finished shards), queries through `Encoder.encode_queries`. Everything lives
 under `$RETROFLOW_CACHE/bench-index/` (outside the repository) in directories named after a
 hash of the model, the encoder settings that change vectors, and the text, so a re-run finds
-its vectors and any change of text or model encodes afresh.
+its vectors and any change of text or model encodes afresh. (The sentence corpus itself is
+normalised into the dataset cache, `$RETROFLOW_CACHE/beir/`, like any dataset the stage reads.)
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import re
 import shutil
@@ -33,11 +33,14 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retrieval.serving.encode import META_FILE, EncodeConfig, compatibility_key, run_encode, write_embeddings  # noqa: E402
+from retrieval.serving.encode import META_FILE, EncodeConfig, compatibility_key, write_embeddings  # noqa: E402
+from retrieval.serving.encode import run as encode  # noqa: E402
 from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retroflow.artifacts import cache_root  # noqa: E402
-from retroflow.data.beir import BeirDataset, load_dataset  # noqa: E402
+from retroflow.data import dataset_input  # noqa: E402
+from retroflow.data.beir import BeirDataset, load_dataset, write_normalised  # noqa: E402
 from retroflow.hashing import hash_json  # noqa: E402
+from retroflow.inputs import model_input  # noqa: E402
 
 SCIFACT, TREC = "scifact", "trec-dl-2019-subset5k"
 # A sentence ends at . ! or ? followed by whitespace and something that can start a sentence;
@@ -71,32 +74,39 @@ def sentence_texts(datasets: list[BeirDataset]) -> tuple[list[str], list[str]]:
 
 
 def in_memory_dataset(name: str, ids: list[str], texts: list[str]) -> BeirDataset:
-    """A corpus-only BeirDataset, so the sentences go through the same sharded encoder as any corpus."""
-    fingerprint = hashlib.sha256("\n".join(f"{i}\t{t}" for i, t in zip(ids, texts)).encode()).hexdigest()[:24]
+    """A corpus-only dataset, normalised into the dataset cache (by content) like any other, so the
+    sentences go through the same encode stage as any corpus."""
     corpus = pa.table({"_id": ids, "title": [""] * len(ids), "text": texts})
     queries = pa.table({"_id": pa.array([], pa.string()), "text": pa.array([], pa.string())})
-    return BeirDataset(name=name, fingerprint=fingerprint, path=Path("."), corpus=corpus, queries=queries, qrels={})
+    no_qrels = pa.table({column: pa.array([], pa.string()) for column in ("split", "query-id", "corpus-id")}).append_column(
+        "score", pa.array([], pa.int32())
+    )
+    cache = cache_root()
+    return write_normalised(cache, name, corpus, queries, no_qrels, cache / "beir" / "index" / f"bench-{name}.json", Path(name))
 
 
-def encode_config(model: str, dataset: BeirDataset) -> EncodeConfig:
+def encode_config() -> EncodeConfig:
     # batch size is runtime-only (not part of the cache key): larger batches of short sentences are cheaper per vector
-    return EncodeConfig(model=model, dataset=dataset.name, shard_size=10_000, encoder=EncoderSettings(batch_size=128))
+    return EncodeConfig(shard_size=10_000, encoder=EncoderSettings(batch_size=128))
+
+
+def corpus_key(dataset: BeirDataset, model: str) -> str:
+    return compatibility_key(encode_config(), model_input(model), dataset)
 
 
 def cached_corpus(dataset: BeirDataset, model: str, cache: Path, label: str) -> Path:
     """Encode `dataset`'s corpus into `cache/<label>-<key>` unless it is already there."""
-    config = encode_config(model, dataset)
-    out = cache / f"{label}-{compatibility_key(config, dataset)}"
+    out = cache / f"{label}-{corpus_key(dataset, model)}"
     if not (out / META_FILE).is_file():
         partial = out.with_name(out.name + ".partial")
-        run_encode(config, dataset, out, partial)
+        encode(encode_config(), {"data": dataset_input(dataset), "model": model_input(model)}, out, partial)
         shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
 def cached_queries(dataset: BeirDataset, split: str, encoder: Encoder | None, model: str, cache: Path) -> tuple[Path, Encoder | None]:
     """Query vectors of one split in `cache/queries-<dataset>-<split>-<key>`; the encoder is loaded only when needed."""
-    key = hash_json({"corpus_key": compatibility_key(encode_config(model, dataset), dataset), "split": split})[:16]
+    key = hash_json({"corpus_key": corpus_key(dataset, model), "split": split})[:16]
     out = cache / f"queries-{dataset.name}-{split}-{key}"
     if not (out / META_FILE).is_file():
         encoder = encoder or Encoder(model, EncoderSettings(show_progress=False))

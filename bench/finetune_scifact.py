@@ -1,6 +1,7 @@
 """SciFact fine-tuning benchmark: untouched MiniLM, BM25, hybrid(untouched), DPR, DPR + fusion-teacher distillation, hybrid(best).
 
     python bench/finetune_scifact.py [--seeds 1 2 3] [--skip-distill | --skip-dpr] [--check-dataset ../shared/data/trec-dl-2019-subset5k]
+                                     [--model minilm]
 
 Protocol (no tuning on test): 10% of SciFact's train queries (seeded) are held out as dev and
 never trained on (`data.dev_fraction` in the configs); every setting in
@@ -37,11 +38,14 @@ from bench.provenance import shown_path  # noqa: E402
 from retrieval.serving.bm25 import BM25Retriever  # noqa: E402
 from retrieval.serving.encoder import Encoder, EncoderSettings  # noqa: E402
 from retrieval.serving.search import drop_self_hits, exact_search, to_run  # noqa: E402
-from retrieval.training.finetune import FinetuneConfig, run_finetune  # noqa: E402
-from retrieval.training.teacher import TeacherConfig, run_train_teacher  # noqa: E402
+from retrieval.training import finetune, teacher  # noqa: E402
+from retrieval.training.finetune import FinetuneConfig  # noqa: E402
+from retrieval.training.teacher import TeacherConfig  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
+from retroflow.data import dataset_input  # noqa: E402
 from retroflow.data.beir import load_dataset  # noqa: E402
 from retroflow.data.splits import dev_split  # noqa: E402
+from retroflow.inputs import inputs_of, model_input, path_input  # noqa: E402
 from retroflow.metrics import evaluate_run  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 
@@ -142,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         help="a corpus not trained on: each model's delta against the untouched one there ('' = skip)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--model", default="minilm", help="the untouched model: where fine-tuning starts, the fusion teacher's dense side")
     parser.add_argument("--config", default=str(REPO / "configs/finetune/minilm-scifact.yaml"))
     parser.add_argument("--distill-config", default=str(REPO / "configs/finetune/minilm-scifact-distill.yaml"))
     parser.add_argument("--teacher-config", default=str(REPO / "configs/teacher/fusion-scifact.yaml"))
@@ -160,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
     began = time.time()
 
     dataset = load_dataset(args.dataset)
+    data, start = dataset_input(dataset), model_input(args.model)
     check = load_dataset(args.check_dataset) if args.check_dataset else None
     check_splits = {"test": check.split_qrels("test")} if check else {}
-    dpr_cfg = load_config(FinetuneConfig, args.config, [f"dataset={args.dataset}"])
+    dpr_cfg = load_config(FinetuneConfig, args.config)
     splits = split_qrels(dataset, dpr_cfg)
     report: dict = {
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint,
+        "model": args.model,
         "seeds": args.seeds,
         "configs": {"dpr": shown_path(args.config), "distill": shown_path(args.distill_config), "teacher": shown_path(args.teacher_config)},
         "dev_queries": len(splits["dev"]),
@@ -179,13 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_text(args.out, json.dumps(report, indent=2, default=str))
 
     report["bm25"] = cached(work / "bm25.json", lambda: evaluate_bm25(dataset, splits))
-    report["untouched"] = cached(work / "untouched.json", lambda: evaluate_model("minilm", dataset, splits, work / "untouched_docs.npy"))
+    report["untouched"] = cached(work / "untouched.json", lambda: evaluate_model(args.model, dataset, splits, work / "untouched_docs.npy"))
     if check:
-        report["check_untouched"] = cached(work / "check-untouched.json", lambda: evaluate_model("minilm", check, check_splits))
+        report["check_untouched"] = cached(work / "check-untouched.json", lambda: evaluate_model(args.model, check, check_splits))
     save()
     sample_texts = dataset.doc_texts()[:32]
 
-    def train_and_eval(name: str, cfg: FinetuneConfig, seed: int, **files) -> dict:
+    def train_and_eval(name: str, cfg: FinetuneConfig, seed: int, teacher_scores: Path | None = None) -> dict:
         run_dir = work / f"{name}-seed{seed}"
         cfg = cfg.with_overrides(train={"seed": seed})
 
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                 # trained before (a `retroflow finetune --output run_dir` with this config and seed): evaluate only
                 metrics = json.loads((run_dir / "metrics.json").read_text())
             else:
-                metrics = run_finetune(cfg, dataset, cfg.init, run_dir, run_dir / "partial", **files)
+                inputs = inputs_of(data=data, model=start, teacher=path_input(teacher_scores) if teacher_scores else None)
+                metrics = finetune.run(cfg, inputs, run_dir, run_dir / "partial")
             result = {
                 "seed": seed,
                 "train": {
@@ -227,16 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         report["dpr"].append(train_and_eval("dpr", dpr_cfg, seed))
         save()
     if not args.skip_distill:
-        teacher_cfg = load_config(TeacherConfig, args.teacher_config, [f"dataset={args.dataset}"])
+        teacher_cfg = load_config(TeacherConfig, args.teacher_config)
         teacher_dir = work / "teacher-fusion"
         report["teacher"] = cached(
-            teacher_dir / "result.json", lambda: run_train_teacher(teacher_cfg, dataset, None, teacher_dir, teacher_dir / "partial")
+            teacher_dir / "result.json",
+            lambda: teacher.run(teacher_cfg, inputs_of(data=data, init=start), teacher_dir, teacher_dir / "partial"),
         )
-        distill_cfg = load_config(FinetuneConfig, args.distill_config, [f"dataset={args.dataset}"])
+        distill_cfg = load_config(FinetuneConfig, args.distill_config)
         report["distill"] = []
         for seed in args.seeds:
             report["distill"].append(
-                train_and_eval("distill-fusion", distill_cfg, seed, teacher_scores_file=teacher_dir / "teacher_scores.jsonl")
+                train_and_eval("distill-fusion", distill_cfg, seed, teacher_scores=teacher_dir / "teacher_scores.jsonl")
             )
             save()
 

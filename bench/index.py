@@ -9,9 +9,9 @@ bench/export_vectors.py):
 
 Parts:
 - `sentences` (speed and recall@10): ~62.5k MiniLM sentence vectors of SciFact + TREC-DL.
-  Each preset is tuned (`run_tune_index`: fastest setting with recall@10 >= 0.99 for HNSW,
-  >= 0.95 otherwise) on the SciFact **train** queries and reported on different queries, the
-  SciFact **test** + TREC-DL test queries.
+  Each preset is tuned (the tune stage, `retrieval.serving.tune.run`: fastest setting with
+  recall@10 >= 0.99 for HNSW, >= 0.95 otherwise) on the SciFact **train** queries and reported
+  on different queries, the SciFact **test** + TREC-DL test queries.
 - `scifact_real` (nDCG@10): the normal passage-level SciFact encoding (5,183 docs); tuned on
   SciFact train, recall@10 and nDCG@10 reported on SciFact test.
 
@@ -44,10 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.export_vectors import build_all, default_data_dir  # noqa: E402
 from retrieval.serving.encode import open_embeddings, write_embeddings  # noqa: E402
-from retrieval.serving.index import IndexConfig, load_index, run_build_index, search_loaded, search_with_index  # noqa: E402
-from retrieval.serving.tune import TuneConfig, run_tune_index  # noqa: E402
+from retrieval.serving.index import IndexConfig, load_index, search_loaded, search_with_index  # noqa: E402
+from retrieval.serving.index import run as build_index  # noqa: E402
+from retrieval.serving.tune import TuneConfig  # noqa: E402
+from retrieval.serving.tune import run as tune_index  # noqa: E402
 from retroflow.artifacts import cache_root  # noqa: E402
 from retroflow.config import load_config  # noqa: E402
+from retroflow.inputs import path_input  # noqa: E402
 from retroflow.publish import atomic_write_text  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -159,7 +162,7 @@ def bench_preset(name: str, part: Part, work: Path, repeats: int) -> dict:
     num_vectors = open_embeddings(part.embeddings).num_docs
     config = preset_config(name, num_vectors)
     index_dir = work / part.name / name
-    built = run_build_index(config, part.embeddings, index_dir)
+    built = build_index(config, {"embeddings": path_input(part.embeddings)}, index_dir, index_dir)
     tune = TuneConfig(
         target_recall=target_recall(config.factory),
         num_queries=max(len(part.tune_queries), len(part.report_queries)),
@@ -169,7 +172,8 @@ def bench_preset(name: str, part: Part, work: Path, repeats: int) -> dict:
         k_factor=[1, 2, 4, 8, 12, 16],
         device="never",
     )
-    tuned = run_tune_index(tune, index_dir, part.embeddings, part.tune_queries, index_dir, report_vectors=part.report_queries)
+    inputs = {"index": path_input(index_dir), "embeddings": path_input(part.embeddings)}
+    tuned = tune_index(tune, inputs, index_dir, index_dir, query_vectors=part.tune_queries, report_vectors=part.report_queries)
     row = {
         "preset": name,
         "factory": config.factory,

@@ -99,19 +99,17 @@ def encoding(texts: list[str], trials: int) -> dict:
 
 
 def scifact_ndcg(dataset_dir: Path) -> dict:
-    from eval.evaluate import EvaluateConfig, evaluate
+    from eval.evaluate import EvaluateConfig, Target, evaluate
     from retroflow.data.beir import load_dataset
 
     dataset = load_dataset(dataset_dir)
     out = {}
     for precision in ("fp32", "auto"):
         config = EvaluateConfig(
-            model="minilm",
-            dataset=str(dataset_dir),
-            metrics=["ndcg@10"],
-            encoder={"precision": precision, "passage_max_length": MAX_LENGTH, "show_progress": False},
+            metrics=["ndcg@10"], encoder={"precision": precision, "passage_max_length": MAX_LENGTH, "show_progress": False}
         )
-        out["retroflow_" + ("bf16" if precision == "auto" else "fp32")] = round(evaluate(config, dataset)["ndcg@10"], 4)
+        result = evaluate(config, Target(model="minilm", dataset=str(dataset_dir)), dataset)
+        out["retroflow_" + ("bf16" if precision == "auto" else "fp32")] = round(result["ndcg@10"], 4)
     out["delta_bf16_minus_fp32"] = round(out["retroflow_bf16"] - out["retroflow_fp32"], 4)
     return out
 

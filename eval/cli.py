@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from eval.evaluate import EvaluateConfig, evaluate, record_run, summary, write_result
+from eval.evaluate import EvaluateConfig, Target, evaluate, record_run, summary, write_result
 from eval.report import search_columns
 from retroflow.config import flag, load_config
 from retroflow.console import emit_json, format_table
@@ -36,20 +36,27 @@ def add_evaluate_command(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="score a model (or bm25) on a BEIR, MS MARCO or NQ dataset and register the run",
-        description="Evaluate a dense encoder or BM25 on a dataset split. Flags override --config.",
+        description="Evaluate a dense encoder or BM25 on a dataset split. Flags override --config; "
+        "--model, --dataset, --index and --embeddings say what is evaluated (never a config field).",
     )
     parser.add_argument("--config", type=Path, help="YAML EvaluateConfig (flags below override it)")
     parser.add_argument("--suite", choices=["beir", "msmarco", "nq"], help="evaluation suite (default beir)")
-    parser.add_argument("--model", help="alias (minilm), local HF model dir, hub id, bm25, or hybrid:<dense model>")
     parser.add_argument(
-        "--dataset", help="dataset directory (BEIR, MS MARCO TSV or DPR layout), name under $RETROFLOW_DATA_DIR, hf:BeIR/NAME, or zip URL"
+        "--model", default="minilm", help="alias, local HF model dir, hub id, bm25, or hybrid:<dense model> (default minilm)"
+    )
+    parser.add_argument(
+        "--dataset",
+        default="scifact",
+        help="dataset directory (BEIR, MS MARCO TSV or DPR layout), name under $RETROFLOW_DATA_DIR, hf:BeIR/NAME, "
+        "or zip URL (default scifact)",
     )
     parser.add_argument("--split", help="qrels split (default test)")
     parser.add_argument("--metrics", help="comma-separated, e.g. ndcg@10,recall@100,mrr@10,map@100 (nq: accuracy@20,...)")
     parser.add_argument("--top-k", type=int, help="retrieval depth (default 1000; nq 100)")
     parser.add_argument("--pooling", choices=["auto", "cls", "mean", "max"])
     parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--index", help="search through this FAISS index artifact instead of exact search")
+    parser.add_argument("--index", help="search through this FAISS index directory instead of exact search")
+    parser.add_argument("--embeddings", help="search exactly over this embeddings directory's vectors instead of encoding the corpus")
     parser.add_argument("--run-file", help="score this ranking file (MS MARCO 'qid pid rank' or TREC format) instead of retrieving")
     parser.add_argument(
         "--on-unknown-ids", choices=["error", "drop"], help="qrels rows naming unknown queries/documents: fail (default) or drop them"
@@ -73,11 +80,8 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     overrides = list(args.set)
     flags = (
         ("suite", "suite"),
-        ("model", "model"),
-        ("dataset", "dataset"),
         ("split", "split"),
         ("top_k", "top_k"),
-        ("index", "index"),
         ("run_file", "run_file"),
         ("on_unknown_ids", "on_unknown_ids"),
         ("checksum", "checksum"),
@@ -95,18 +99,24 @@ def config_from_args(args: argparse.Namespace) -> EvaluateConfig:
     return load_config(EvaluateConfig, args.config, overrides)
 
 
+def target_from_args(args: argparse.Namespace) -> Target:
+    """What is evaluated: the flags as given (strings, never parsed as YAML)."""
+    return Target(model=args.model, dataset=args.dataset, index=args.index, embeddings=args.embeddings)
+
+
 def run_evaluate_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    result = evaluate(config)
+    target = target_from_args(args)
+    result = evaluate(config, target)
     short = summary(result)
-    metric_row = {"model": config.model, "dataset": short["dataset"], "split": config.split}
+    metric_row = {"model": target.model, "dataset": short["dataset"], "split": config.split}
     metric_row.update({m: short[m] for m in config.metrics})
     metric_row["queries"] = short["num_queries"]
     metric_row.update(search_columns(short, config.metrics))
     print(format_table([metric_row]))
     if args.output:
         write_result(result, args.output)
-    short["run_id"] = None if args.no_registry else record_run(result, config, args.registry, args.run_id)
+    short["run_id"] = None if args.no_registry else record_run(result, config, target, args.registry, args.run_id)
     emit_json(short)
     return 0
 

@@ -66,6 +66,7 @@ class PipelineConfig(StageConfig):
     )
     data_dir: str | None = Field(None, description="where bare dataset names are found (else RETROFLOW_DATA_DIR)")
     model: str = "minilm"
+    teacher_model: str | None = Field(None, description="the teacher's model (an alias or directory); default: `model`")
     train_dataset: str = "scifact"
     train_split: str = "train"
     eval_datasets: list[str] = Field(default_factory=lambda: ["scifact"])
@@ -449,8 +450,7 @@ def run_finetuning(run: ChainRun, data: Artifact, model: Input) -> Input:
         config = section_config(pipeline, "teacher")
         if negatives is None and config.kind == "cross_encoder":
             raise ConfigError(f"pipeline '{pipeline.name}': the cross-encoder teacher needs stages.negatives on")
-        named = pipeline.teacher.get("init")
-        init = external_model(named) if named else run.init_model
+        init = external_model(pipeline.teacher_model) if pipeline.teacher_model else run.init_model
         inputs = {"data": data, "init": init}
         if config.kind == "fusion":  # its dense side is the init model: the same encoding the init reference uses
             inputs["embeddings"] = encode_corpus(run, data, init, f"init:{pipeline.train_dataset}")

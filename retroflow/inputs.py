@@ -44,16 +44,6 @@ def model_input(name: str | Path) -> Input:
     return artifact_containing(name) or external_model(str(name))
 
 
-def dataset_input(source: Any) -> ExternalInput:
-    """The `data` input for a dataset outside the store: a name, a BEIR directory, or a dataset
-    already loaded (`retroflow.data.beir.load_dataset`), normalised once into the cache. What
-    `--output` runs and tests hand a stage instead of a `data` artifact; both hold the same files."""
-    from retroflow.data.beir import load_dataset
-
-    dataset = source if hasattr(source, "fingerprint") and hasattr(source, "path") else load_dataset(str(source))
-    return ExternalInput(name=dataset.name, path=Path(dataset.path), fingerprint=dataset.fingerprint)
-
-
 def path_input(path: str | Path) -> ExternalInput:
     """A loose file or directory outside the store (`--negatives FILE`, `--embeddings DIR`), by content."""
     path = Path(path).expanduser()

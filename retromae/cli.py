@@ -48,7 +48,8 @@ def pretrain_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     """Pretrain into --output (the store's own path, flows.stage_cli, handles a missing --output)."""
     from retroflow.checkpoints import list_checkpoints
-    from retroflow.inputs import dataset_input, inputs_of
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of
     from retromae.pretrain import run as pretrain
 
     config = pretrain_config(args)

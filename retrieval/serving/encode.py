@@ -1,24 +1,24 @@
 """Sharded, resumable corpus encoding: a corpus -> fixed-size shards of vectors -> one embeddings directory.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
+The stage's one entry is `run` (the contract of `flows.stages.STAGES`); a flow maps `run_shard` over
+the shards first (one task per shard, any machine), then `run` merges them:
 
+    run(config: EncodeConfig, inputs: {"data", "model"}, out_dir: Path, partial_dir: Path,
+        *, devices: list[str] | None = None) -> dict
+        Every shard into `partial_dir` (finished ones are kept, so a killed run resumes), then
+        merged into `out_dir`. `devices=["cuda:0", "cuda:1"]` runs one worker process per device.
+    run_shard(config: EncodeConfig, inputs: {"data", "model"}, shard: int, shards_dir: Path) -> dict
+        Encode one shard into `shards_dir/shard-NNNNN/` atomically; skipped when already there.
+        Safe to call from separate processes/machines sharing `shards_dir`.
     plan_shards(num_docs: int, shard_size: int) -> list[range]
-    run_encode_shard(config: EncodeConfig, dataset: BeirDataset, shard_index: int, out_dir: Path,
-                     encoder: Encoder | None = None) -> dict
-        Encode one shard into `out_dir/shard-NNNNN/` atomically; skipped when already there.
-        Safe to call from separate processes/machines sharing `out_dir`.
-    encode_shards(config, dataset, shards_dir: Path, shard_indices=None, encoder=None) -> dict
-        Several shards in this process, with a docs/s progress bar.
-    run_encode(config: EncodeConfig, dataset: BeirDataset, out_dir: Path, partial_dir: Path,
-               *, devices: list[str] | None = None) -> dict
-        All shards (finished ones in `partial_dir` are kept, so a killed run resumes), then merge
-        into `out_dir`. `devices=["cuda:0", "cuda:1"]` runs one worker process per device.
     merge_shards(shards_dir: Path, out_dir: Path, num_shards: int, merge: bool = True,
                  extra_meta: dict | None = None) -> dict
     open_embeddings(path: str | Path, check_finite: bool = True) -> Embeddings
         Memory-mapped vectors + ids + meta. NaN or infinite vectors are refused wherever vectors
         enter (an encoded shard, a merge, an opened directory) with the file, row and doc id.
+
+`inputs["data"]` is a `data` artifact or `retroflow.inputs.dataset_input(...)`; `inputs["model"]` a
+model artifact or `retroflow.inputs.model_input(alias_or_dir)`.
 
 On disk (every file written under a temporary name, then renamed):
 
@@ -39,7 +39,7 @@ import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -52,6 +52,7 @@ from retroflow.config import StageConfig, listed_part
 from retroflow.data.beir import BeirDataset
 from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
+from retroflow.inputs import ExternalInput, Input, model_dir, open_input
 from retroflow.progress import progress_bar
 from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 
@@ -70,10 +71,11 @@ _RUNTIME_ONLY = {"batch_size", "max_tokens_per_batch", "device", "precision", "s
 
 
 class EncodeConfig(StageConfig):
-    """`retroflow encode`: which model encodes which corpus, and how the output is laid out."""
+    """`retroflow encode`: how a corpus is encoded and laid out (the corpus and the model are the
+    stage's inputs `data` and `model`)."""
 
-    model: str = "minilm"
-    dataset: str = "scifact"
+    moved_to_inputs: ClassVar[dict[str, str]] = {"model": "pass --model ALIAS|DIR", "dataset": "pass --dataset NAME|DIR"}
+
     shard_size: int = Field(50_000, ge=1, description="documents per shard (the unit of resume and of parallelism)")
     dtype: Literal["float32", "float16"] = "float32"
     merge: bool = Field(True, description="one embeddings.npy; false keeps per-shard files (for 100M-scale corpora)")
@@ -172,25 +174,28 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def model_identity(model: str) -> str:
+def recorded_model(model: Input) -> str:
+    """How the vectors name their model (shard.json, embeddings.json, an index's provenance): a
+    store model by `stage/key/<its model folder>` (the same on every store root), any other model
+    by the name it was given (an alias, a directory, a hub id)."""
+    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))
+
+
+def model_identity(model: Input) -> str:
     """A store model by stage/key (the same on every store root); any other model (an alias, a
     folder) by its name and the fingerprint of its files, so a model retrained in place does not
     pass for the one that encoded the shards already there."""
-    label = artifact_label(model)
-    if label != str(Path(model)):
-        return label
-    from retroflow.hashing import directory_fingerprint
-    from retroflow.models import resolve_model_path
-
-    return f"{model}@{directory_fingerprint(resolve_model_path(model))}"
+    if isinstance(model, ExternalInput):
+        return f"{model.name}@{model.fingerprint}"
+    return artifact_label(model_dir(model))
 
 
-def compatibility_key(config: EncodeConfig, dataset: BeirDataset) -> str:
+def compatibility_key(config: EncodeConfig, model: Input, dataset: BeirDataset) -> str:
     """Shards with the same key hold interchangeable vectors (same model, text, layout)."""
     encoder = {k: v for k, v in config.encoder.canonical().items() if k not in _RUNTIME_ONLY}
     return hash_json(
         {
-            "model": model_identity(config.model),
+            "model": model_identity(model),
             "encoder": encoder,
             "precision": resolve_precision(config.encoder.device, config.encoder.precision),
             "dtype": config.dtype,
@@ -247,26 +252,21 @@ def write_ids(path: Path, ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> No
         )
 
 
-def run_encode_shard(
+def _encode_shard(
     config: EncodeConfig,
+    model: Input,
     dataset: BeirDataset,
     shard_index: int,
     out_dir: Path,
     encoder: Encoder | None = None,
 ) -> dict[str, Any]:
-    """Encode shard `shard_index` into `out_dir/shard-NNNNN/`; a no-op if it is already complete.
-
-    The shard is built in a private temporary directory and renamed into place, so a kill
-    leaves either nothing or a whole shard, and two processes racing on one shard cannot
-    interleave their files (the loser discards its copy). Vectors with NaN or infinity are
-    refused (NonFiniteVectors naming the shard and the first bad doc id); nothing is written.
-    """
+    """Encode shard `shard_index` into `out_dir/shard-NNNNN/`; a no-op if it is already complete (see `run_shard`)."""
     out_dir = Path(out_dir)
     shards = plan_shards(dataset.num_docs, config.shard_size)
     if not 0 <= shard_index < len(shards):
         raise ValueError(f"shard {shard_index} out of range: {dataset.num_docs} docs make {len(shards)} shards")
     rows = shards[shard_index]
-    key = compatibility_key(config, dataset)
+    key = compatibility_key(config, model, dataset)
     final = out_dir / shard_name(shard_index)
     existing = read_shard_meta(final)
     if existing is not None:
@@ -276,7 +276,7 @@ def run_encode_shard(
         log.warning("%s is incomplete; re-encoding it", final)
         shutil.rmtree(final)
 
-    encoder = encoder or Encoder(config.model, config.encoder)
+    encoder = encoder or Encoder(model_dir(model), config.encoder)
     started = time.perf_counter()
     vectors = encoder.encode_passages(shard_texts(dataset, rows)).astype(config.dtype, copy=False)
     seconds = time.perf_counter() - started
@@ -289,7 +289,7 @@ def run_encode_shard(
         "num_docs": len(rows),
         "dim": int(vectors.shape[1]),
         "dtype": config.dtype,
-        "model": artifact_label(config.model),
+        "model": recorded_model(model),
         "pooling": encoder.pooling,
         "normalize": bool(encoder.normalize),
         "compat_key": key,
@@ -321,8 +321,9 @@ def run_encode_shard(
 # ---------------------------------------------------------------------------------------
 
 
-def encode_shards(
+def _encode_shards(
     config: EncodeConfig,
+    model: Input,
     dataset: BeirDataset,
     shards_dir: Path,
     shard_indices: Sequence[int] | None = None,
@@ -333,7 +334,7 @@ def encode_shards(
     shards_dir.mkdir(parents=True, exist_ok=True)
     plan = plan_shards(dataset.num_docs, config.shard_size)
     todo = list(range(len(plan))) if shard_indices is None else list(shard_indices)
-    key = compatibility_key(config, dataset)
+    key = compatibility_key(config, model, dataset)
     done, pending = [], []
     for index in todo:
         meta = read_shard_meta(shards_dir / shard_name(index))
@@ -348,7 +349,7 @@ def encode_shards(
         log.info("resuming: %d of %d shards already encoded in %s", len(done), len(todo), shards_dir)
     encoded_docs, started = 0, time.perf_counter()
     if pending and encoder is None:
-        encoder = Encoder(config.model, config.encoder)
+        encoder = Encoder(model_dir(model), config.encoder)
     bar = progress_bar(
         total=total_docs,
         initial=done_docs,
@@ -359,7 +360,7 @@ def encode_shards(
         disable=not config.encoder.show_progress,
     )
     for index in pending:
-        result = run_encode_shard(config, dataset, index, shards_dir, encoder=encoder)
+        result = _encode_shard(config, model, dataset, index, shards_dir, encoder=encoder)
         if not result["skipped"]:
             encoded_docs += result["num_docs"]
         bar.update(result["num_docs"])
@@ -377,18 +378,22 @@ def encode_shards(
     }
 
 
-def _worker_main(config_json: str, dataset_source: str, fingerprint: str, shards_dir: str, indices: list[int]) -> dict[str, Any]:
-    """Entry point of one encoding process (one per GPU): loads the dataset from its cache."""
-    from retroflow.data.beir import load_dataset
+def _worker_main(
+    config_json: str, model_ref: dict[str, str], dataset_dir: str, fingerprint: str, shards_dir: str, indices: list[int]
+) -> dict[str, Any]:
+    """Entry point of one encoding process (one per GPU): reads the normalised dataset again."""
+    from retroflow.data.beir import read_normalised
 
     config = EncodeConfig.model_validate_json(config_json)
-    dataset = load_dataset(dataset_source)
+    dataset = read_normalised(Path(dataset_dir))
     if dataset.fingerprint != fingerprint:
-        raise ValueError(f"worker loaded a different dataset from {dataset_source} (fingerprint {dataset.fingerprint})")
-    return encode_shards(config, dataset, Path(shards_dir), indices)
+        raise ValueError(f"worker read a different dataset from {dataset_dir} (fingerprint {dataset.fingerprint})")
+    return _encode_shards(config, open_input(model_ref), dataset, Path(shards_dir), indices)
 
 
-def encode_in_processes(config: EncodeConfig, dataset: BeirDataset, shards_dir: Path, devices: Sequence[str]) -> dict[str, Any]:
+def _encode_in_processes(
+    config: EncodeConfig, model: Input, dataset: BeirDataset, shards_dir: Path, devices: Sequence[str]
+) -> dict[str, Any]:
     """One worker process per device (`cuda:0`, `cuda:1`, ... or `cpu`), shards dealt round-robin."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
@@ -400,7 +405,8 @@ def encode_in_processes(config: EncodeConfig, dataset: BeirDataset, shards_dir: 
         jobs.append(
             (
                 worker_config.model_dump_json(),
-                config.dataset,
+                model.ref(),
+                str(dataset.path),
                 dataset.fingerprint,
                 str(shards_dir),
                 worker_shards(num_shards, worker, len(devices)),
@@ -422,29 +428,34 @@ def encode_in_processes(config: EncodeConfig, dataset: BeirDataset, shards_dir: 
     }
 
 
-def run_encode(
+def run(
     config: EncodeConfig,
-    dataset: BeirDataset,
+    inputs: Mapping[str, Input],
     out_dir: Path,
     partial_dir: Path,
     *,
     devices: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Encode every shard into `partial_dir` (resuming), then merge them into `out_dir`."""
+    """The `encode` stage: the corpus of input `data` encoded by input `model`, every shard into
+    `partial_dir` (shards already there are kept: a killed run resumes), then merged into `out_dir`.
+    `devices` (`retroflow encode --devices`): one worker process per device, or this one device."""
+    from retroflow.data import open_dataset
+
+    model, dataset = inputs["model"], open_dataset(inputs["data"])
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
     if devices and len(devices) > 1:
-        stats = encode_in_processes(config, dataset, partial_dir, devices)
+        stats = _encode_in_processes(config, model, dataset, partial_dir, devices)
     else:
         if devices:
             config = config.with_overrides(encoder={"device": devices[0]})
-        stats = encode_shards(config, dataset, partial_dir)
+        stats = _encode_shards(config, model, dataset, partial_dir)
     merged = merge_shards(
         partial_dir,
         out_dir,
         stats["shards_total"],
         merge=config.merge,
         extra_meta={
-            "model": artifact_label(config.model),
+            "model": recorded_model(model),
             "dataset": dataset.name,
             "dataset_fingerprint": dataset.fingerprint,
             "encoder": config.encoder.canonical(),
@@ -452,6 +463,19 @@ def run_encode(
         },
     )
     return {**stats, **merged}
+
+
+def run_shard(config: EncodeConfig, inputs: Mapping[str, Input], shard: int, shards_dir: Path) -> dict[str, Any]:
+    """One shard of the `encode` stage into `shards_dir` (the artifact's partial directory); a
+    no-op when it is already there. `run` then merges the shards (encoding any still missing).
+
+    The shard is built in a private temporary directory and renamed into place, so a kill
+    leaves either nothing or a whole shard, and two processes racing on one shard cannot
+    interleave their files (the loser discards its copy). Vectors with NaN or infinity are
+    refused (NonFiniteVectors naming the shard and the first bad doc id); nothing is written."""
+    from retroflow.data import open_dataset
+
+    return _encode_shard(config, inputs["model"], open_dataset(inputs["data"]), shard, Path(shards_dir))
 
 
 # ---------------------------------------------------------------------------------------
@@ -573,7 +597,7 @@ def load_vectors(path: Path) -> np.ndarray:
 
 
 def open_embeddings(path: str | Path, check_finite: bool = True) -> Embeddings:
-    """Open an embeddings directory written by `run_encode` (merged or sharded layout).
+    """Open an embeddings directory written by the encode stage (merged or sharded layout).
 
     `check_finite` reads every vector once and refuses NaN or infinity (NonFiniteVectors naming
     the file, row and doc id): directories written by other tools or older versions are not
@@ -633,23 +657,3 @@ def write_embeddings(out_dir: Path, vectors: np.ndarray, ids: Sequence[str], **m
     }
     atomic_write_text(out_dir / META_FILE, json.dumps(info, indent=2, default=str))
     return out_dir
-
-
-def with_inputs(config: EncodeConfig, inputs: Mapping[str, Any]) -> EncodeConfig:
-    from retroflow.inputs import model_dir
-
-    return config.with_overrides(model=str(model_dir(inputs["model"])), dataset=str(inputs["data"].path))
-
-
-def run(config: EncodeConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
-    """The `encode` stage: inputs `data` and `model`; shards already in `partial_dir` are kept."""
-    from retroflow.data import open_dataset
-
-    return run_encode(with_inputs(config, inputs), open_dataset(inputs["data"]), out_dir, partial_dir)
-
-
-def run_shard(config: EncodeConfig, inputs: Mapping[str, Any], shard: int, shards_dir: Path) -> dict:
-    """One shard of the `encode` stage into `shards_dir` (the artifact's partial directory)."""
-    from retroflow.data import open_dataset
-
-    return run_encode_shard(with_inputs(config, inputs), open_dataset(inputs["data"]), shard, shards_dir)

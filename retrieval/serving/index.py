@@ -1,12 +1,14 @@
 """FAISS indexes over an embeddings directory: build (train on a sample, add in batches), save, load, search.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
+The stage's one entry is `run` (the contract of `flows.stages.STAGES`); searching goes through the
+functions below:
 
-    run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) -> dict
-        Train once on a sample, then build `config.num_shards` sub-indexes and write the index
-        directory. Same as `train_index_template` followed by `build_index_shard` for every shard
-        and `finalize_index_dir` (a flow may map one task per shard; shards are independent files).
+    run(config: IndexConfig, inputs: {"embeddings"}, out_dir: Path, partial_dir: Path) -> dict
+        Train once on a sample of the `embeddings` input's vectors (an `encode` artifact, or
+        `retroflow.inputs.path_input(DIR)`), then build `config.num_shards` sub-indexes and write
+        the index directory `out_dir`. Same as `train_index_template` followed by
+        `build_index_shard` for every shard and `finalize_index_dir` (a flow may map one task per
+        shard; shards are independent files).
     search_with_index(index_dir: str | Path, query_vectors: np.ndarray, k: int, *, device="auto",
                       params: dict | None = None) -> tuple[np.ndarray, list[list[str | None]]]
         (nq, k) scores and doc ids (None where FAISS pads with -1), using the search parameters
@@ -441,43 +443,6 @@ def finalize_index_dir(config: IndexConfig, embeddings: Embeddings, out_dir: Pat
     return meta
 
 
-def run_build_index(config: IndexConfig, embeddings_dir: Path, out_dir: Path) -> dict[str, Any]:
-    """Embeddings directory -> index directory (resumable: finished shard files of the same build are kept)."""
-    embeddings = open_embeddings(embeddings_dir)
-    if config.num_shards > embeddings.num_docs:
-        raise ValueError(f"num_shards={config.num_shards} exceeds the {embeddings.num_docs} documents")
-    started = time.perf_counter()
-    trained = train_index_template(config, embeddings, out_dir)
-    shards = [build_index_shard(config, embeddings, out_dir, s) for s in range(config.num_shards)]
-    add_seconds = sum(s["add_seconds"] for s in shards)
-    stats = {
-        "train_seconds": trained["train_seconds"],
-        "trained_on": trained["trained_on"],
-        "add_seconds": round(add_seconds, 3),
-        "build_seconds": round(time.perf_counter() - started, 3),
-        "add_docs_per_s": round(embeddings.num_docs / add_seconds, 1) if add_seconds > 0 else None,
-    }
-    meta = finalize_index_dir(config, embeddings, out_dir, stats)
-    log.info(
-        "built %s over %d vectors (%d shard(s)) in %.1fs: %.1f bytes/vector",
-        config.factory,
-        embeddings.num_docs,
-        config.num_shards,
-        stats["build_seconds"],
-        meta["bytes_per_vector"],
-    )
-    return {
-        "factory": config.factory,
-        "ntotal": meta["ntotal"],
-        "dim": meta["dim"],
-        "num_shards": config.num_shards,
-        "bytes_per_vector": meta["bytes_per_vector"],
-        "marginal_bytes_per_vector": meta["marginal_bytes_per_vector"],
-        "search_params": meta["search_params"],
-        **stats,
-    }
-
-
 # ---------------------------------------------------------------------------------------
 # Load and search
 # ---------------------------------------------------------------------------------------
@@ -602,5 +567,39 @@ def copy_index_dir(src: Path, dest: Path) -> None:
 
 
 def run(config: IndexConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
-    """The `index` stage: input `embeddings` (an `encode` artifact)."""
-    return run_build_index(config, inputs["embeddings"].path, out_dir)
+    """The `index` stage: input `embeddings` (an embeddings directory) -> the index directory
+    `out_dir` (resumable: finished shard files of the same build are kept there)."""
+    out_dir = Path(out_dir)
+    embeddings = open_embeddings(inputs["embeddings"].path)
+    if config.num_shards > embeddings.num_docs:
+        raise ValueError(f"num_shards={config.num_shards} exceeds the {embeddings.num_docs} documents")
+    started = time.perf_counter()
+    trained = train_index_template(config, embeddings, out_dir)
+    shards = [build_index_shard(config, embeddings, out_dir, s) for s in range(config.num_shards)]
+    add_seconds = sum(s["add_seconds"] for s in shards)
+    stats = {
+        "train_seconds": trained["train_seconds"],
+        "trained_on": trained["trained_on"],
+        "add_seconds": round(add_seconds, 3),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "add_docs_per_s": round(embeddings.num_docs / add_seconds, 1) if add_seconds > 0 else None,
+    }
+    meta = finalize_index_dir(config, embeddings, out_dir, stats)
+    log.info(
+        "built %s over %d vectors (%d shard(s)) in %.1fs: %.1f bytes/vector",
+        config.factory,
+        embeddings.num_docs,
+        config.num_shards,
+        stats["build_seconds"],
+        meta["bytes_per_vector"],
+    )
+    return {
+        "factory": config.factory,
+        "ntotal": meta["ntotal"],
+        "dim": meta["dim"],
+        "num_shards": config.num_shards,
+        "bytes_per_vector": meta["bytes_per_vector"],
+        "marginal_bytes_per_vector": meta["marginal_bytes_per_vector"],
+        "search_params": meta["search_params"],
+        **stats,
+    }

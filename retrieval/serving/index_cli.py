@@ -1,4 +1,8 @@
-"""`retroflow encode`, `retroflow index`, `retroflow tune`, `retroflow search`: thin wrappers over the stage functions.
+"""`retroflow encode`, `retroflow index`, `retroflow tune`, `retroflow search`: thin wrappers over the stages' `run`.
+
+With --output each command runs its stage's `run` into that directory, its inputs built by the
+`retroflow.inputs` helpers; without it, `flows.stage_cli` runs the stage into the artifact store.
+The flags that name inputs (`--model`, `--dataset`, `--embeddings`, `--index`) never enter a config.
 
 retroflow encode --model minilm --dataset scifact --output runs/scifact-minilm [--shard-size 50000]
                  [--dtype float16] [--no-merge] [--worker I --num-workers N] [--devices cuda:0,cuda:1]
@@ -21,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from retroflow.config import flag, load_config
+from retroflow.config import ConfigError, flag, load_config
 from retroflow.console import emit_json, format_table
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (repeatable)")
+
+
+def required(args: argparse.Namespace, name: str, command: str) -> str:
+    """The value of flag --NAME, which names an input of the stage: a one-line error without it."""
+    value = getattr(args, name, None)
+    if not value:
+        raise ConfigError(f"retroflow {command}: pass --{name.replace('_', '-')} (an input of the stage, not a config field)")
+    return value
 
 
 def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list:
@@ -61,8 +73,8 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
         "(or machines sharing OUTPUT), then the command without --worker to merge; or --devices cuda:0,cuda:1.",
     )
     _common(parser, "YAML EncodeConfig, e.g. configs/encode/scifact.yaml")
-    parser.add_argument("--model", help="alias (minilm), local HF model dir or hub id")
-    parser.add_argument("--dataset", help="BEIR directory, name, hf:BeIR/NAME or zip URL")
+    parser.add_argument("--model", help="the encoder (required): alias (minilm), local HF model dir or hub id")
+    parser.add_argument("--dataset", help="the corpus (required): BEIR directory, name, hf:BeIR/NAME or zip URL")
     parser.add_argument(
         "--output", type=Path, help="embeddings directory (shards go to OUTPUT/shards until merged); default: the artifact store"
     )
@@ -79,31 +91,25 @@ def _add_encode(subparsers: argparse._SubParsersAction) -> None:
 def encode_config(args: argparse.Namespace):
     from retrieval.serving.encode import EncodeConfig
 
-    overrides = _overrides(
-        args,
-        [
-            ("model", "model"),
-            ("dataset", "dataset"),
-            ("shard_size", "shard_size"),
-            ("dtype", "dtype"),
-            ("batch_size", "encoder.batch_size"),
-        ],
-    )
+    overrides = _overrides(args, [("shard_size", "shard_size"), ("dtype", "dtype"), ("batch_size", "encoder.batch_size")])
     if args.no_merge:
         overrides.append("merge=false")
     return load_config(EncodeConfig, args.config, overrides)
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
-    from retrieval.serving.encode import META_FILE, compatibility_key, encode_shards, plan_shards, run_encode, worker_shards
+    from retrieval.serving.encode import META_FILE, compatibility_key, plan_shards, run, run_shard, worker_shards
+    from retroflow.data import dataset_input
     from retroflow.data.beir import load_dataset
+    from retroflow.inputs import model_input
 
     config = encode_config(args)
-    dataset = load_dataset(config.dataset)
+    dataset = load_dataset(required(args, "dataset", "encode"))
+    inputs = {"data": dataset_input(dataset), "model": model_input(required(args, "model", "encode"))}
     out_dir, shards_dir = args.output, args.output / "shards"
     if (out_dir / META_FILE).is_file():
         existing = json.loads((out_dir / META_FILE).read_text())
-        if existing.get("compat_key") != compatibility_key(config, dataset):
+        if existing.get("compat_key") != compatibility_key(config, inputs["model"], dataset):
             raise ValueError(f"{out_dir} already holds embeddings from a different model/config/dataset; choose another --output")
         print(f"{out_dir} is already complete ({existing['num_docs']} vectors)")
         emit_json({"output": str(out_dir), "num_docs": existing["num_docs"], "dim": existing["dim"], "skipped": True})
@@ -111,11 +117,23 @@ def run_encode_command(args: argparse.Namespace) -> int:
     if args.worker is not None:
         plan = plan_shards(dataset.num_docs, config.shard_size)
         mine = worker_shards(len(plan), args.worker, args.num_workers)
-        stats = encode_shards(config, dataset, shards_dir, mine)
+        started = time.perf_counter()
+        results = [run_shard(config, inputs, shard, shards_dir) for shard in mine]
+        seconds = time.perf_counter() - started
+        encoded = sum(r["num_docs"] for r in results if not r["skipped"])
+        stats = {
+            "shards_total": len(plan),
+            "shards_requested": len(mine),
+            "shards_skipped": sum(1 for r in results if r["skipped"]),
+            "shards_encoded": sum(1 for r in results if not r["skipped"]),
+            "docs_encoded": encoded,
+            "encode_seconds": round(seconds, 3),
+            "docs_per_s": round(encoded / seconds, 2) if encoded and seconds > 0 else None,
+        }
         emit_json({"output": str(shards_dir), "worker": args.worker, "num_workers": args.num_workers, **stats})
         return 0
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
-    metrics = run_encode(config, dataset, out_dir, shards_dir, devices=devices)
+    metrics = run(config, inputs, out_dir, shards_dir, devices=devices)
     shutil.rmtree(shards_dir, ignore_errors=True)  # merged (or moved) into OUTPUT: drop the second copy
     print(
         format_table(
@@ -194,29 +212,35 @@ def tune_config(args: argparse.Namespace):
 
 
 def run_index_build_command(args: argparse.Namespace) -> int:
-    from retrieval.serving.index import run_build_index
+    from retrieval.serving.index import run
+    from retroflow.inputs import path_input
 
     config = index_config(args)
     embeddings = args.embeddings.resolve()
     out_dir = args.output or embeddings.parent / f"{embeddings.name}.index-{factory_slug(config.factory)}"
-    metrics = run_build_index(config, embeddings, out_dir)
+    metrics = run(config, {"embeddings": path_input(embeddings)}, out_dir, out_dir)
     print(format_table([{k: metrics[k] for k in ("factory", "ntotal", "num_shards", "bytes_per_vector", "train_seconds", "add_seconds")}]))
     emit_json({"output": str(out_dir), **metrics})
     return 0
 
 
+def recorded_model(index_meta: dict[str, Any], model: str | None) -> str:
+    """`model`, else the model the index's vectors came from (as `encode` recorded it)."""
+    from retroflow.artifacts import resolve_artifact_label
+
+    name = model or index_meta.get("embeddings", {}).get("model")
+    if not name:
+        raise ValueError("the index does not record its model: pass --model")
+    return resolve_artifact_label(name)
+
+
 def query_encoder(index_meta: dict[str, Any], model: str | None):
     """The encoder the index's vectors came from (same model, pooling, normalisation, prefixes)."""
     from retrieval.serving.encoder import Encoder, EncoderSettings
-    from retroflow.artifacts import resolve_artifact_label
 
-    recorded = index_meta.get("embeddings", {})
-    name = model or recorded.get("model")
-    if not name:
-        raise ValueError("the index does not record its model: pass --model")
-    settings = dict(recorded.get("encoder") or {})
+    settings = dict(index_meta.get("embeddings", {}).get("encoder") or {})
     settings.update({"show_progress": False, "device": "auto"})
-    return Encoder(resolve_artifact_label(name), EncoderSettings(**settings))
+    return Encoder(recorded_model(index_meta, model), EncoderSettings(**settings))
 
 
 def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str, model: str | None) -> tuple[list[str], np.ndarray]:
@@ -228,9 +252,10 @@ def _dataset_query_vectors(meta: dict[str, Any], dataset_source: str, split: str
 
 def run_index_tune_command(args: argparse.Namespace) -> int:
     from retrieval.serving.index import read_index_meta
-    from retrieval.serving.tune import run_tune_index
+    from retrieval.serving.tune import run
     from retroflow.artifacts import resolve_artifact_label
-    from retroflow.inputs import artifact_containing
+    from retroflow.data import dataset_input
+    from retroflow.inputs import artifact_containing, inputs_of, model_input, path_input
 
     config = tune_config(args)
     if args.output is None and artifact_containing(args.index) is not None:
@@ -246,14 +271,14 @@ def run_index_tune_command(args: argparse.Namespace) -> int:
         _, query_vectors = _dataset_query_vectors(meta, args.dataset, args.split, args.model)
     else:
         query_vectors = None
-    dev, reason = None, "no --dev-dataset given"
-    if args.dev_dataset:
-        from retrieval.serving.tune import dev_hold_out_queries
-        from retroflow.data.beir import load_dataset
-
-        dev, reason = dev_hold_out_queries(config, load_dataset(args.dev_dataset), query_encoder(meta, args.model))
+    inputs = inputs_of(
+        index=path_input(args.index),
+        embeddings=path_input(embeddings),
+        data=dataset_input(args.dev_dataset) if args.dev_dataset else None,  # dev queries: its dev hold-out
+        model=model_input(recorded_model(meta, args.model)) if args.dev_dataset else None,  # encoded as the corpus was
+    )
     out_dir = args.output or args.index
-    metrics = run_tune_index(config, args.index, embeddings, query_vectors, out_dir, dev=dev, no_dev_reason=reason)
+    metrics = run(config, inputs, out_dir, out_dir, query_vectors=query_vectors)
     print(format_table(json.loads((Path(out_dir) / "tune.json").read_text())["pareto_front"]))
     emit_json({"output": str(out_dir), "plot": str(Path(out_dir) / "tune.png"), **metrics})
     return 0

@@ -1,27 +1,32 @@
 """Autotuning of search-time knobs (efSearch, nprobe, refine k_factor) against exact search.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
+The stage's one entry is `run` (the contract of `flows.stages.STAGES`):
 
-    run_tune_index(config: TuneConfig, index_dir: Path, embeddings_dir: Path,
-                   query_vectors: np.ndarray | None, out_dir: Path,
-                   report_vectors: np.ndarray | None = None) -> dict
-        Sweep the knobs the index exposes on the tuning queries, measure recall@k against an
-        exact (Flat) search over the same embeddings and batched queries/s, keep the Pareto
-        front; with `dev` queries (the dev hold-out of the training split, with its qrels) also
-        measure every setting's nDCG@k on them beside exact search's, and pick the fastest setting
-        whose nDCG@k is within `ndcg_tolerance` of exact search's and whose recall meets
-        `target_recall` (without dev queries: recall alone, and the summary says so); then measure
-        that one setting on the report queries. `out_dir` becomes a complete index directory (files
-        hard-linked from `index_dir`; out_dir == index_dir tunes in place) whose index.json
-        carries the chosen search_params, so `search_with_index` uses them; plus tune.csv,
-        tune.json and tune.png (recall vs QPS on the tuning queries).
+    run(config: TuneConfig, inputs: {"index", "embeddings", optional "data", "model"},
+        out_dir: Path, partial_dir: Path, *, query_vectors: np.ndarray | None = None,
+        report_vectors: np.ndarray | None = None, dev: DevQueries | None = None) -> dict
+        Sweep the knobs the `index` input exposes on the tuning queries, measure recall@k against
+        an exact (Flat) search over the `embeddings` it was built from and batched queries/s, keep
+        the Pareto front; with dev queries (the dev hold-out of the `data` input's training split,
+        encoded by the `model` input, with its qrels; or `dev` given as it is) also measure every
+        setting's nDCG@k on them beside exact search's, and pick the fastest setting whose nDCG@k
+        is within `ndcg_tolerance` of exact search's and whose recall meets `target_recall`
+        (without dev queries: recall alone, and the summary says so); then measure that one
+        setting on the report queries. `out_dir` becomes a complete index directory (files
+        hard-linked from the index; `out_dir` being the index's own directory tunes in place) whose
+        index.json carries the chosen search_params, so `search_with_index` uses them; plus
+        tune.csv, tune.json and tune.png (recall vs QPS on the tuning queries).
+
+    The inputs are an `index` and an `encode` artifact in the store, or
+    `retroflow.inputs.path_input(DIR)` outside it; `query_vectors` and `report_vectors` are query
+    vectors (`retroflow tune --queries`/`--dataset`, benchmarks), not artifacts: the stage in the
+    store is given neither.
 
     Tuning and report queries are always disjoint: a setting chosen as the fastest to clear the
     target on some queries is biased upwards on exactly those (it is the one that got lucky), so
     the recall and QPS this stage reports (`recall`, `qps`, `reported_on`) come from queries the
     choice never saw; the sweep's own figures are kept apart under `tuned_on`. `report_vectors`
-    names the report queries (e.g. a test split while `query_vectors` is train); without it a
+    names the report queries (e.g. a test split while `query_vectors` is train); without them a
     `holdout_fraction` of the sampled queries is held out. Identical rows in both are refused.
 
     Why nDCG on dev decides and recall only constrains: recall@10 against exact search counts
@@ -355,15 +360,69 @@ def dev_hold_out_queries(config: TuneConfig, dataset, encoder) -> tuple[DevQueri
 # ---------------------------------------------------------------------------------------
 
 
-def run_tune_index(
+def sweep(loaded, queries: np.ndarray, truth: np.ndarray, config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every candidate setting measured on `queries` (each row flagged `pareto`), and the Pareto front."""
+    rows = [measure(loaded, queries, truth, params, config) for params in candidate_settings(loaded.parts[0], config)]
+    front = pareto_front(rows)
+    front_keys = {json.dumps({n: r[n] for n in r if n not in ("recall", "qps")}, sort_keys=True) for r in front}
+    for row in rows:
+        row["pareto"] = json.dumps({n: row[n] for n in row if n not in ("recall", "qps", "pareto")}, sort_keys=True) in front_keys
+    return rows, front
+
+
+def report_setting(
+    loaded, embeddings: Embeddings, queries: QuerySet, params: dict[str, int], metric: str, config: TuneConfig
+) -> dict[str, Any]:
+    """Recall@k and batched QPS of one setting on queries the sweep never saw, and exact search's QPS on them."""
+    truth, exact_seconds = exact_topk(embeddings, queries.vectors, config.k, metric, config.exact_batch_size)
+    measured = measure(loaded, queries.vectors, truth, params, config)
+    return {
+        "num_queries": len(queries.vectors),
+        "query_source": queries.source,
+        "recall": measured["recall"],
+        "qps": measured["qps"],
+        "exact_qps": round(len(queries.vectors) / exact_seconds, 1),
+    }
+
+
+def run(
+    config: TuneConfig,
+    inputs: Mapping[str, Any],
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    query_vectors: np.ndarray | None = None,
+    report_vectors: np.ndarray | None = None,
+    dev: DevQueries | None = None,
+) -> dict[str, Any]:
+    """The `tune` stage: inputs `index` and the `embeddings` it was built from (their vectors are the
+    recall queries unless `query_vectors` are given); with `data` and `model` (the model the
+    embeddings came from) also the dev hold-out of `dev_split`, on which the nDCG rule is measured
+    (`dev`: dev queries already encoded, instead). See the module docstring."""
+    reason = "the stage was given no dataset and model to draw dev queries from"
+    if dev is None and "data" in inputs and "model" in inputs:
+        from retrieval.serving.encoder import Encoder
+        from retroflow.data import open_dataset
+        from retroflow.inputs import model_dir
+
+        settings = config.encoder or EncoderSettings(
+            **(open_embeddings(inputs["embeddings"].path, check_finite=False).meta.get("encoder") or {})
+        )
+        encoder = Encoder(model_dir(inputs["model"]), settings.with_overrides(show_progress=False, device=config.device))
+        dev, reason = dev_hold_out_queries(config, open_dataset(inputs["data"]), encoder)
+    index_dir, embeddings_dir = Path(inputs["index"].path), Path(inputs["embeddings"].path)
+    return _tune(config, index_dir, embeddings_dir, query_vectors, Path(out_dir), report_vectors, dev, reason)
+
+
+def _tune(
     config: TuneConfig,
     index_dir: Path,
     embeddings_dir: Path,
     query_vectors: np.ndarray | None,
     out_dir: Path,
-    report_vectors: np.ndarray | None = None,
-    dev: DevQueries | None = None,
-    no_dev_reason: str = "no dev queries given",
+    report_vectors: np.ndarray | None,
+    dev: DevQueries | None,
+    no_dev_reason: str,
 ) -> dict[str, Any]:
     """Sweep, choose, and write a tuned index directory to `out_dir` (see the module docstring)."""
     index_dir, out_dir = Path(index_dir), Path(out_dir)
@@ -461,46 +520,3 @@ def run_tune_index(
     tuned_meta = {**meta, "search_params": params, "tuned": True, "tuning": {k_: summary[k_] for k_ in headline}}
     atomic_write_text(out_dir / META_FILE, json.dumps(tuned_meta, indent=2, default=str))  # last: the directory is complete
     return {k_: summary[k_] for k_ in ("factory", "search_params", *headline)} | {"settings_tried": len(rows), "pareto_size": len(front)}
-
-
-def sweep(loaded, queries: np.ndarray, truth: np.ndarray, config: TuneConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Every candidate setting measured on `queries` (each row flagged `pareto`), and the Pareto front."""
-    rows = [measure(loaded, queries, truth, params, config) for params in candidate_settings(loaded.parts[0], config)]
-    front = pareto_front(rows)
-    front_keys = {json.dumps({n: r[n] for n in r if n not in ("recall", "qps")}, sort_keys=True) for r in front}
-    for row in rows:
-        row["pareto"] = json.dumps({n: row[n] for n in row if n not in ("recall", "qps", "pareto")}, sort_keys=True) in front_keys
-    return rows, front
-
-
-def report_setting(
-    loaded, embeddings: Embeddings, queries: QuerySet, params: dict[str, int], metric: str, config: TuneConfig
-) -> dict[str, Any]:
-    """Recall@k and batched QPS of one setting on queries the sweep never saw, and exact search's QPS on them."""
-    truth, exact_seconds = exact_topk(embeddings, queries.vectors, config.k, metric, config.exact_batch_size)
-    measured = measure(loaded, queries.vectors, truth, params, config)
-    return {
-        "num_queries": len(queries.vectors),
-        "query_source": queries.source,
-        "recall": measured["recall"],
-        "qps": measured["qps"],
-        "exact_qps": round(len(queries.vectors) / exact_seconds, 1),
-    }
-
-
-def run(config: TuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:
-    """The `tune` stage: inputs `index` and the `embeddings` it was built from (their vectors are the
-    recall queries); with `data` and `model` (the model the embeddings came from) also the dev
-    hold-out of `dev_split`, on which the nDCG rule is measured."""
-    dev, reason = None, "the stage was given no dataset and model to draw dev queries from"
-    if "data" in inputs and "model" in inputs:
-        from retrieval.serving.encoder import Encoder
-        from retroflow.data import open_dataset
-        from retroflow.inputs import model_dir
-
-        settings = config.encoder or EncoderSettings(
-            **(open_embeddings(inputs["embeddings"].path, check_finite=False).meta.get("encoder") or {})
-        )
-        encoder = Encoder(model_dir(inputs["model"]), settings.with_overrides(show_progress=False, device=config.device))
-        dev, reason = dev_hold_out_queries(config, open_dataset(inputs["data"]), encoder)
-    return run_tune_index(config, inputs["index"].path, inputs["embeddings"].path, None, out_dir, dev=dev, no_dev_reason=reason)

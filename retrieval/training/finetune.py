@@ -1,13 +1,10 @@
 """DPR fine-tuning with in-batch + hard negatives, ANCE-style negative refresh, and distillation.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
-
-    run_finetune(config: FinetuneConfig, dataset: BeirDataset | None, model_path: Path,
-                 out_dir: Path, partial_dir: Path, negatives_file: Path | None = None,
-                 teacher_scores_file: Path | None = None, *, resume: bool = True,
-                 stop_after: int | None = None, training_set: TrainingSet | None = None) -> dict
-
+The stage is `run(config, inputs, out_dir, partial_dir, *, resume=True, stop_after=None)` (the
+contract of `flows.stages.STAGES`). Inputs: `data` (the dataset whose training qrels are trained
+on), `model` (where training starts), and optionally `negatives` (a mined negatives file; without
+it the stage mines its own as `negatives.mine` says), `teacher` (its scores file: distillation)
+and `init` (the model `model` was pretrained from: the pretrain gate's rival). It
 writes `out_dir/model` (HF weights + tokenizer + sentence-transformers files, so both
 `SentenceTransformer(out_dir/model)` and `retroflow evaluate --model out_dir/model` load it;
 with `model.shared_encoder: false`, `out_dir/query_model` and `out_dir/passage_model`),
@@ -17,8 +14,8 @@ history) go to `partial_dir/checkpoints` every `train.save_every` steps and a re
 the latest one; ANCE rounds write their re-mined negatives to `partial_dir/ance/` so a resumed
 run reuses them.
 
-Related stages: `retrieval.training.negatives.run_mine_negatives` and `retrieval.training.teacher.run_train_teacher`, whose
-scores file (`retrieval.training.teacher_scores`) distillation reads.
+Related stages: `retrieval.training.negatives` and `retrieval.training.teacher`, whose scores file
+(`retrieval.training.teacher_scores`) distillation reads.
 
 Design notes
 - The data order (`retrieval.training.training_data.BatchPlan`) is a pure function of (seed, step): a
@@ -40,7 +37,7 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -56,6 +53,7 @@ from retroflow.checkpoints import rng_state, set_rng_state
 from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
 from retroflow.devices import seed_everything
+from retroflow.inputs import ExternalInput, Input
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retroflow.publish import atomic_write_text, check_replaceable_model_dir, publishing
 from retroflow.training import (
@@ -115,7 +113,8 @@ class DataSection(_Section):
 
 class NegativesSection(_Section):
     hard_negatives: int = Field(1, ge=0, description="hard negatives per query in each batch")
-    # used when run_finetune gets no negatives file and hard_negatives > 0
+    # used when the stage gets no `negatives` input and hard_negatives > 0; dense mining encodes
+    # with the model training starts from
     mine: NegativesConfig = Field(default_factory=NegativesConfig)
 
 
@@ -194,8 +193,11 @@ class PretrainGateSection(_Section):
 
 
 class FinetuneConfig(StageConfig):
-    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
-    init: str = "minilm"  # used by the CLI; the stage function receives model_path
+    moved_to_inputs: ClassVar[dict[str, str]] = {
+        "dataset": "pass --dataset NAME|DIR (a pipeline sets it from train_dataset)",
+        "init": "pass --model ALIAS|DIR (where training starts)",
+    }
+
     model: ModelSection = Field(default_factory=ModelSection)
     data: DataSection = Field(default_factory=DataSection)
     negatives: NegativesSection = Field(default_factory=NegativesSection)
@@ -835,8 +837,11 @@ class FinetuneTrainer:
 # ---------------------------------------------------------------------------------------- stage
 
 
-def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_dir: Path, negatives_file: Path | None):
-    """Hard-negative pools per query (+ provenance): from the file, or mined with BM25 into partial_dir."""
+def initial_pools(
+    config: FinetuneConfig, dataset, train: TrainingSet, partial_dir: Path, negatives_file: Path | None, model_path: Path | None = None
+):
+    """Hard-negative pools per query (+ provenance): from the file, or mined as `negatives.mine`
+    says into partial_dir (dense mining with `model_path`, where training starts)."""
     if config.negatives.hard_negatives == 0:
         return {}, None
     if negatives_file is None:
@@ -845,7 +850,8 @@ def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_d
         negatives_file = Path(partial_dir) / "negatives.jsonl"
         if not negatives_file.is_file():
             mine_cfg = config.negatives.mine.model_copy(update={"split": config.data.split})
-            write_negatives(negatives_file, mine_negatives(mine_cfg, dataset, query_ids=[ex.qid for ex in train.examples]))
+            mined = mine_negatives(mine_cfg, dataset, model_path, query_ids=[ex.qid for ex in train.examples])
+            write_negatives(negatives_file, mined)
     mined = read_negatives(negatives_file)
     fingerprint = mined.provenance.get("dataset_fingerprint")
     if dataset is not None and fingerprint and fingerprint != dataset.fingerprint:
@@ -854,14 +860,10 @@ def initial_pools(config: FinetuneConfig, dataset, train: TrainingSet, partial_d
     return pools, mined.provenance
 
 
-def write_training_card(model_dir: Path, config: FinetuneConfig, dataset, model_path: Path, metrics: dict) -> None:
-    """The saved model's README.md: base model, data, this stage's config and training figures."""
+def write_training_card(model_dir: Path, config: FinetuneConfig, name: str, base: str, metrics: dict) -> None:
+    """The saved model's README.md: base model (`base`), data (`name`), this stage's config and training figures."""
     from retroflow.model_card import CARD_TRAINING_KEYS, card_from_model_dir, write_model_card
 
-    name = getattr(dataset, "name", None) or config.dataset
-    from retroflow.artifacts import artifact_label
-
-    base = artifact_label(model_path) if str(config.init).startswith("<input") else str(config.init)
     card = card_from_model_dir(
         model_dir,
         name=f"{Path(base).name} fine-tuned on {name}",
@@ -914,24 +916,25 @@ def distillation_verdict(
     return {"distilled": distil, "reason": reason, "student_dev_ndcg@10": student_dev}
 
 
-def run_finetune(
+def _finetune(
     config: FinetuneConfig,
     dataset,
     model_path: Path,
     out_dir: Path,
     partial_dir: Path,
-    negatives_file: Path | None = None,
-    teacher_scores_file: Path | None = None,
     *,
-    resume: bool = True,
-    stop_after: int | None = None,
-    training_set: TrainingSet | None = None,
-    init_path: Path | None = None,
+    negatives_file: Path | None,
+    teacher_scores_file: Path | None,
+    init_path: Path | None,
+    labels: Mapping[Path, str],
+    resume: bool,
+    stop_after: int | None,
+    training_set: TrainingSet | None,
 ) -> dict:
     """Fine-tune `model_path` into `out_dir/model`; see the module docstring for files and resumption.
 
     With `init_path` (the model `model_path` was pretrained from) the pretrain gate may start
-    from `init_path` instead (`pretrain_gate`)."""
+    from `init_path` instead (`pretrain_gate`). `labels` name the start models in the model card."""
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
     check_replaceable_model_dir(out_dir / "model")  # before training, not after it
     model_path = resolve_model_path(model_path)
@@ -952,7 +955,7 @@ def run_finetune(
         gate = distillation_verdict(config, dataset, train, trainer, teacher, teacher_scores_file, start_gate)
         trainer.set_teacher(teacher.scores, distill=gate["distilled"])
     else:
-        pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file)
+        pools, provenance = initial_pools(config, dataset, train, partial_dir, negatives_file, model_path)
         trainer.set_pools(pools)
     log.info(
         "fine-tuning %s on %d queries for %d steps (pooling=%s normalize=%s temperature=%s)",
@@ -995,8 +998,9 @@ def run_finetune(
     if trainer.acc.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics["outputs"] = trainer.save(out_dir)
+        name = getattr(dataset, "name", None) or train.source
         for output in metrics["outputs"]:
-            write_training_card(out_dir / output, config, dataset, model_path, metrics)
+            write_training_card(out_dir / output, config, name, labels.get(model_path, str(model_path)), metrics)
         atomic_write_text(
             out_dir / "loss_history.json", json.dumps({"loss": metrics["loss_history"], "distill": metrics["distill_loss_history"]})
         )
@@ -1004,21 +1008,55 @@ def run_finetune(
     return metrics
 
 
-def run(config: FinetuneConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
-    """The `finetune` stage: inputs `data`, `model` (where training starts), optional `negatives`,
-    `teacher` (its scores: distillation) and `init` (the model `model` was pretrained from: the
-    pretrain gate's rival)."""
+def run(
+    config: FinetuneConfig,
+    inputs: Mapping[str, Input],
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+    training_set: TrainingSet | None = None,
+) -> dict:
+    """The `finetune` stage: fine-tune the `model` input on `data`'s training qrels into
+    `out_dir/model` (see the module docstring for the files) and return metrics.
+
+    Inputs: `data`, `model` (where training starts), optional `negatives` (a negatives file or
+    artifact), `teacher` (its scores: distillation, with `distill.loss`) and `init` (the model
+    `model` was pretrained from: the pretrain gate's rival). Checkpoints go to
+    `partial_dir/checkpoints` and are resumed from (`resume`); `stop_after` ends the loop after
+    that step without saving the model (how tests stand in for a kill). `training_set` (a
+    `retrieval.training.training_data.TrainingSet` of MS MARCO or NQ data) replaces `data`'s
+    qrels; without a `data` input there is no corpus, so no mining and no ANCE refresh."""
     from retrieval.training.negatives import NEGATIVES_FILE
     from retroflow.data import open_dataset
     from retroflow.inputs import model_dir
 
-    return run_finetune(
+    if "model" not in inputs:
+        raise ValueError("finetune: the `model` input (where training starts: --model ALIAS|DIR) is missing")
+    if "data" not in inputs and training_set is None:
+        raise ValueError("finetune: the `data` input (--dataset NAME|DIR) is missing")
+    dataset = open_dataset(inputs["data"]) if "data" in inputs else None
+    return _finetune(
         config,
-        open_dataset(inputs["data"]),
+        dataset,
         model_dir(inputs["model"]),
         out_dir,
         partial_dir,
         negatives_file=inputs["negatives"].file(NEGATIVES_FILE) if "negatives" in inputs else None,
         teacher_scores_file=inputs["teacher"].file(SCORES_FILE) if "teacher" in inputs else None,
         init_path=model_dir(inputs["init"]) if "init" in inputs else None,
+        labels={model_dir(inputs[name]): start_label(inputs[name]) for name in ("init", "model") if name in inputs},
+        resume=resume,
+        stop_after=stop_after,
+        training_set=training_set,
     )
+
+
+def start_label(model: Input) -> str:
+    """How the model card names a start model: as given (an alias, a directory, a hub id), or by
+    its place in the store (`stage/key/model`), the same on every machine."""
+    from retroflow.artifacts import artifact_label
+    from retroflow.inputs import model_dir
+
+    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))

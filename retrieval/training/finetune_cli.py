@@ -3,7 +3,9 @@
 Each command loads a YAML config (flags and `--set key=value` override it) and runs the stage
 into the artifact store (no `--output`: flows.stage_cli, the chain's own key), or into
 `--output DIR` (checkpoints in `DIR/partial`, removed on success; `--resume` continues a killed
-run) and prints a JSON line last.
+run) and prints a JSON line last. Both run the stage module's `run(config, inputs, ...)`: what the
+stage reads (`--dataset`, `--model`, `--negatives`, `--teacher-scores`) are its inputs, never
+config fields.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from retroflow.config import flag, load_config
+from retroflow.config import ConfigError, flag, load_config
 from retroflow.console import emit_json, format_table
 from retroflow.publish import atomic_write_text
 
@@ -23,7 +25,7 @@ PARTIAL = "partial"
 
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", type=Path, help=config_help)
-    parser.add_argument("--dataset", help="BEIR directory or name (overrides the config's `dataset`)")
+    parser.add_argument("--dataset", help="the dataset trained on: a BEIR directory or name (required)")
     parser.add_argument(
         "--output", type=Path, help="directory the stage writes into (default: the artifact store, $RETROFLOW_STORE or ./artifacts)"
     )
@@ -44,22 +46,23 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         description="Mine hard negatives for a dataset's training queries from a rank window, excluding every "
         "judged positive. Writes DIR/negatives.jsonl (first line: provenance).",
     )
-    _common(mine, "YAML NegativesConfig, e.g. configs/negatives/bm25.yaml")
+    _common(mine, "YAML NegativesConfig, e.g. configs/negatives/bm25-scifact.yaml")
     mine.add_argument("--method", choices=["bm25", "dense"])
-    mine.add_argument("--model", help="dense mining: alias or model directory")
-    mine.set_defaults(func=run_mine_command, stage="negatives", config_from_args=negatives_config)
+    mine.add_argument("--model", help="dense mining: the model that ranks (alias, HF directory, a model artifact)")
+    mine.set_defaults(func=negatives_command, stage="negatives", config_from_args=negatives_config)
 
     teacher = subparsers.add_parser(
         "teacher",
         help="score each training query's candidates with a teacher (BM25+dense fusion or a cross-encoder)",
-        description="kind fusion: fuse BM25 with the dense model `init` (weight chosen on the dev hold-out) and score "
-        "each query's fused top candidates. kind cross_encoder: train a cross-encoder on the training queries + mined "
+        description="kind fusion: fuse BM25 with the dense model --model (weight chosen on the dev hold-out) and score "
+        "each query's fused top candidates. kind cross_encoder: train a cross-encoder from --model on the training queries + mined "
         "negatives, then score each query's candidates (DIR/teacher/). Both write DIR/teacher_scores.jsonl.",
     )
     _common(teacher, "YAML TeacherConfig, e.g. configs/teacher/fusion-scifact.yaml")
+    teacher.add_argument("--model", help="the teacher's model: fusion's dense side, the cross-encoder's start (alias, HF directory)")
     teacher.add_argument("--negatives", type=Path, help="negatives.jsonl from `retroflow negatives` (cross_encoder kind)")
     teacher.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
-    teacher.set_defaults(func=run_teacher_command, stage="teacher", config_from_args=teacher_config)
+    teacher.set_defaults(func=teacher_command, stage="teacher", config_from_args=teacher_config)
 
     finetune = subparsers.add_parser(
         "finetune",
@@ -69,23 +72,42 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "torchrun --nproc_per_node N -m flows.cli finetune ...",
     )
     _common(finetune, "YAML FinetuneConfig, e.g. configs/finetune/tiny.yaml")
-    finetune.add_argument("--model", help="encoder to start from (alias, HF dir, pretrain output); overrides `init`")
+    finetune.add_argument("--model", help="the encoder training starts from (alias, HF directory, pretrain output; required)")
     finetune.add_argument("--negatives", type=Path, help="negatives.jsonl (default: mine with BM25 as negatives.mine says)")
     finetune.add_argument("--teacher-scores", type=Path, help="teacher_scores.jsonl: distil (set distill.loss)")
     finetune.add_argument("--max-steps", type=int, help="override train.max_steps")
     finetune.add_argument("--seed", type=int, help="override train.seed")
     finetune.add_argument("--resume", action="store_true", help="continue from DIR/partial checkpoints")
-    finetune.set_defaults(func=run_finetune_command, stage="finetune", config_from_args=finetune_config)
+    finetune.set_defaults(func=finetune_command, stage="finetune", config_from_args=finetune_config)
 
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _load_dataset(name: str):
-    from retroflow.data.beir import load_dataset
+def _required(args: argparse.Namespace, name: str) -> str:
+    value = getattr(args, name, None)
+    if not value:
+        raise ConfigError(f"retroflow {args.stage}: pass --{name} (an input of the stage, not a config field)")
+    return value
 
-    return load_dataset(name)
+
+def _data_input(args: argparse.Namespace):
+    from retroflow.data import dataset_input
+
+    return dataset_input(_required(args, "dataset"))
+
+
+def _model_input(args: argparse.Namespace):
+    from retroflow.inputs import model_input
+
+    return model_input(_required(args, "model"))
+
+
+def _file_input(path: Path | None):
+    from retroflow.inputs import path_input
+
+    return path_input(path) if path is not None else None
 
 
 def _partial_dir(output: Path, resume: bool) -> Path:
@@ -112,62 +134,66 @@ def flag_overrides(args: argparse.Namespace, flags: tuple[tuple[str, str], ...])
 def negatives_config(args: argparse.Namespace):
     from retrieval.training.negatives import NegativesConfig
 
-    return load_config(
-        NegativesConfig, args.config, flag_overrides(args, (("dataset", "dataset"), ("method", "method"), ("model", "model")))
-    )
+    return load_config(NegativesConfig, args.config, flag_overrides(args, (("method", "method"),)))
 
 
 def teacher_config(args: argparse.Namespace):
     from retrieval.training.teacher import TeacherConfig
 
-    return load_config(TeacherConfig, args.config, flag_overrides(args, (("dataset", "dataset"),)))
+    return load_config(TeacherConfig, args.config, flag_overrides(args, ()))
 
 
 def finetune_config(args: argparse.Namespace):
     from retrieval.training.finetune import FinetuneConfig
 
-    flags = (("dataset", "dataset"), ("model", "init"), ("max_steps", "train.max_steps"), ("seed", "train.seed"))
+    flags = (("max_steps", "train.max_steps"), ("seed", "train.seed"))
     return load_config(FinetuneConfig, args.config, flag_overrides(args, flags))
 
 
-def run_mine_command(args: argparse.Namespace) -> int:
-    from retrieval.training.negatives import run_mine_negatives
+def negatives_command(args: argparse.Namespace) -> int:
+    from retrieval.training.negatives import run
+    from retroflow.inputs import inputs_of
 
     config = negatives_config(args)
-    metrics = run_mine_negatives(config, _load_dataset(config.dataset), args.output)
+    inputs = inputs_of(data=_data_input(args), model=_model_input(args) if config.method == "dense" else None)
+    metrics = run(config, inputs, args.output, args.output / PARTIAL)
     print(format_table([{k: metrics[k] for k in ("method", "queries", "negatives", "mean_per_query")}]))
     atomic_write_text(args.output / "metrics.json", json.dumps(metrics, indent=2))
     emit_json({**metrics, "output_dir": str(args.output)})
     return 0
 
 
-def run_teacher_command(args: argparse.Namespace) -> int:
-    from retrieval.training.teacher import run_train_teacher
+def teacher_command(args: argparse.Namespace) -> int:
+    from retrieval.training.teacher import run
+    from retroflow.inputs import inputs_of
 
     config = teacher_config(args)
     if config.kind == "cross_encoder" and args.negatives is None:
-        raise ValueError("train-teacher: the cross_encoder kind trains on mined negatives: pass --negatives FILE")
+        raise ConfigError("retroflow teacher: the cross_encoder kind trains on mined negatives: pass --negatives FILE")
+    inputs = inputs_of(
+        data=_data_input(args),
+        init=_model_input(args),
+        negatives=_file_input(args.negatives) if config.kind == "cross_encoder" else None,
+    )
     partial = _partial_dir(args.output, args.resume)
-    metrics = run_train_teacher(config, _load_dataset(config.dataset), args.negatives, args.output, partial, resume=args.resume)
+    metrics = run(config, inputs, args.output, partial, resume=args.resume)
     _finish(args.output, metrics)
     return 0
 
 
-def run_finetune_command(args: argparse.Namespace) -> int:
-    from retrieval.training.finetune import run_finetune
+def finetune_command(args: argparse.Namespace) -> int:
+    from retrieval.training.finetune import run
+    from retroflow.inputs import inputs_of
 
     config = finetune_config(args)
-    partial = _partial_dir(args.output, args.resume)
-    metrics = run_finetune(
-        config,
-        _load_dataset(config.dataset),
-        config.init,
-        args.output,
-        partial,
-        negatives_file=args.negatives,
-        teacher_scores_file=args.teacher_scores,
-        resume=args.resume,
+    inputs = inputs_of(
+        data=_data_input(args),
+        model=_model_input(args),
+        negatives=_file_input(args.negatives),
+        teacher=_file_input(args.teacher_scores),
     )
+    partial = _partial_dir(args.output, args.resume)
+    metrics = run(config, inputs, args.output, partial, resume=args.resume)
     if _is_main_process():
         print(format_table([{"steps": metrics["steps"], "final_loss": metrics["final_loss"], "queries": metrics["num_train_queries"]}]))
     _finish(args.output, metrics)

@@ -1,12 +1,8 @@
 """Hard-negative mining with BM25 (`bm25s`) or a dense model (FAISS flat / HNSW), saved with provenance.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
-
-    run_mine_negatives(config: NegativesConfig, dataset: BeirDataset, out_dir: Path,
-                       model_path: Path | None = None) -> dict
-
-writes `out_dir/negatives.jsonl` and returns metrics. For every training query the retriever's
+The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`;
+inputs `data` and, for dense mining, `model`): it writes `out_dir/negatives.jsonl` and returns
+metrics. For every training query the retriever's
 ranked list is cut to the rank window `[rank_start, rank_end)` (0-based ranks of the full list,
 so the top `rank_start` hits are skipped as likely unlabelled positives), and every document
 judged relevant to that query in *any* split is removed, as is a document whose id equals the
@@ -22,7 +18,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -32,6 +28,7 @@ from retrieval.serving.encoder import EncoderSettings
 from retrieval.serving.search import Run
 from retrieval.training.training_data import beir_training_set, judged_positives
 from retroflow.config import StageConfig
+from retroflow.inputs import Input
 from retroflow.publish import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -41,10 +38,13 @@ FORMAT = "retroflow-negatives/1"
 
 
 class NegativesConfig(StageConfig):
-    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
+    moved_to_inputs: ClassVar[dict[str, str]] = {
+        "dataset": "pass --dataset NAME|DIR (a pipeline sets it from train_dataset)",
+        "model": "dense mining: pass --model ALIAS|DIR (a pipeline mines with the model it fine-tunes)",
+    }
+
     split: str = "train"
-    method: Literal["bm25", "dense"] = "bm25"
-    model: str | None = None  # dense: alias or model directory (run_mine_negatives' model_path wins)
+    method: Literal["bm25", "dense"] = "bm25"  # dense: with the stage's `model` input
     rank_start: int = Field(10, ge=0, description="skip hits ranked above this (0-based)")
     rank_end: int = Field(100, ge=1, description="last rank (exclusive) taken from")
     max_negatives: int | None = Field(None, ge=1, description="keep at most this many per query (best first)")
@@ -205,7 +205,8 @@ def rank_dense(
 def mine_negatives(
     config: NegativesConfig, dataset, model_path: Path | str | None = None, query_ids: Sequence[str] | None = None
 ) -> MinedNegatives:
-    """Mine negatives for the judged queries of `config.split` (or just `query_ids`)."""
+    """Mine negatives for the judged queries of `config.split` (or just `query_ids`); dense mining
+    encodes with `model_path`."""
     train = beir_training_set(dataset, config.split, config.min_grade, on_missing_positive="skip", query_ids=query_ids)
     qids = [ex.qid for ex in train.examples]
     queries = [ex.query for ex in train.examples]
@@ -224,11 +225,10 @@ def mine_negatives(
         ranked, scores = rank_bm25(config, doc_ids, doc_texts, queries, qids)
         provenance["index"] = {"kind": "bm25s", **config.bm25.canonical()}
     else:
-        model = model_path if model_path is not None else config.model
-        if model is None:
-            raise ValueError("dense mining needs a model: set `model` in the config or pass model_path")
-        ranked, scores, enc = rank_dense(config, model, doc_ids, doc_texts, queries, qids=qids)
-        provenance["model"] = str(model)
+        if model_path is None:
+            raise ValueError("negatives: dense mining needs a model: the stage's `model` input (--model ALIAS|DIR)")
+        ranked, scores, enc = rank_dense(config, model_path, doc_ids, doc_texts, queries, qids=qids)
+        provenance["model"] = str(model_path)
         provenance["index"] = {"kind": f"faiss-{config.index}", "metric": "inner_product", **enc}
     negatives, kept_scores, ranks = select_window(
         qids, ranked, scores, judged_positives(dataset, config.min_grade), config.rank_start, config.rank_end, config.max_negatives
@@ -247,10 +247,16 @@ def negatives_metrics(mined: MinedNegatives) -> dict[str, Any]:
     }
 
 
-def run_mine_negatives(config: NegativesConfig, dataset, out_dir: Path, model_path: Path | None = None) -> dict:
-    """Mine hard negatives and write `out_dir/negatives.jsonl` (with a provenance header)."""
+def run(config: NegativesConfig, inputs: Mapping[str, Input], out_dir: Path, partial_dir: Path) -> dict:
+    """The `negatives` stage: mine hard negatives for `data`'s training queries with BM25 or, for
+    `method: dense`, the `model` input; write `out_dir/negatives.jsonl` (a provenance header
+    first) and return metrics."""
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir
+
     started = time.perf_counter()
-    mined = mine_negatives(config, dataset, model_path)
+    dense_model = model_dir(inputs["model"]) if config.method == "dense" and "model" in inputs else None
+    mined = mine_negatives(config, open_dataset(inputs["data"]), dense_model)
     out_dir = Path(out_dir)
     write_negatives(out_dir / NEGATIVES_FILE, mined)
     metrics = negatives_metrics(mined)
@@ -258,12 +264,3 @@ def run_mine_negatives(config: NegativesConfig, dataset, out_dir: Path, model_pa
     metrics["negatives_file"] = str(out_dir / NEGATIVES_FILE)
     log.info("mined %d negatives for %d queries (%s)", metrics["negatives"], metrics["queries"], config.method)
     return metrics
-
-
-def run(config: NegativesConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
-    """The `negatives` stage: inputs `data` and, for dense mining, `model`."""
-    from retroflow.data import open_dataset
-    from retroflow.inputs import model_dir
-
-    dense_model = model_dir(inputs["model"]) if config.method == "dense" and "model" in inputs else None
-    return run_mine_negatives(config, open_dataset(inputs["data"]), out_dir, model_path=dense_model)

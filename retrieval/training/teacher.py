@@ -11,19 +11,16 @@ hold-out it ranks above both of its parts, where a cross-encoder trained on 2 co
 `kind: cross_encoder` (below): trained on (query, positive, hard negatives); for users with
 GPUs or real reranker checkpoints.
 
-The stage is `run(config, inputs, out_dir, partial_dir)` (the contract of `flows.stages.STAGES`); it
-adapts the inputs for the library functions below, which tests and benchmarks also call directly:
-
-    run_train_teacher(config: TeacherConfig, dataset: BeirDataset, negatives_file: Path,
-                      out_dir: Path, partial_dir: Path, *, resume: bool = True,
-                      stop_after: int | None = None) -> dict
-
-writes `out_dir/teacher/` (a Hugging Face sequence-classification model + tokenizer scoring
-`[CLS] query [SEP] passage [SEP]` with one logit) and `out_dir/teacher_scores.jsonl`
-(`retrieval.training.teacher_scores`, the file's format and its reader; candidates = each training
-query's positives + its best-ranked `candidates_per_query` mined negatives). Distillation
-(`retrieval.training.finetune.run_finetune(..., teacher_scores_file=...)`) reads only that file, so the
-teacher never has to score again. It trains on retroflow.training's loop, like pretraining and
+The stage is `run(config, inputs, out_dir, partial_dir, *, resume=True, stop_after=None)` (the
+contract of `flows.stages.STAGES`). Inputs: `data`, `init` (the teacher's model: the dense side of
+a fusion, the start of a cross-encoder), `negatives` (cross-encoder: what it trains on) and
+`embeddings` (fusion, optional: an `encode` artifact of the init model's corpus vectors, so the
+corpus is not encoded again). The cross-encoder kind writes `out_dir/teacher/` (a Hugging Face
+sequence-classification model + tokenizer scoring `[CLS] query [SEP] passage [SEP]` with one
+logit); both kinds write `out_dir/teacher_scores.jsonl` (`retrieval.training.teacher_scores`, the
+file's format and its reader; candidates = each training query's positives + its best-ranked
+`candidates_per_query` mined negatives). Distillation (the `finetune` stage's `teacher` input)
+reads only that file, so the teacher never has to score again. It trains on retroflow.training's loop, like pretraining and
 fine-tuning: checkpoints (model, optimizer, scheduler, RNG, loss history; retroflow.checkpoints'
 format, `checkpoint-N/` directories) go to `partial_dir/checkpoints` and a re-run resumes from
 the latest. Checkpoints of the teacher's earlier format (single `checkpoint-N.pt` files) are not
@@ -43,7 +40,7 @@ import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -57,6 +54,7 @@ from retrieval.training.training_data import BatchPlan, QuerySelection, Sample, 
 from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
 from retroflow.devices import autocast, pick_dtype, seed_everything
+from retroflow.inputs import Input
 from retroflow.models import resolve_model_path
 from retroflow.progress import progress_bar
 from retroflow.publish import check_replaceable_model_dir, publishing
@@ -68,9 +66,13 @@ TEACHER_DIR = "teacher"
 
 
 class TeacherConfig(StageConfig):
+    moved_to_inputs: ClassVar[dict[str, str]] = {
+        "dataset": "pass --dataset NAME|DIR (a pipeline sets it from train_dataset)",
+        "init": "pass --model ALIAS|DIR (a pipeline sets it from teacher.init or model)",
+    }
+
+    # the `init` input: cross_encoder: any HF encoder (a fresh one-logit head is added); fusion: the dense model
     kind: Literal["fusion", "cross_encoder"] = "cross_encoder"
-    dataset: str = "scifact"  # used by the CLI; the stage function receives the loaded dataset
-    init: str = "minilm"  # cross_encoder: any HF encoder (a fresh one-logit head is added); fusion: the dense model
     fusion: FusionSettings = Field(default_factory=FusionSettings)  # kind fusion; its dev split is this config's
     split: str = "train"
     min_grade: int = Field(1, ge=1)
@@ -161,12 +163,12 @@ class TeacherTrainer:
 
     LAST_CHECKPOINTS_KEPT = 1  # TeacherConfig has no keep_checkpoints; the newest is all a resume needs
 
-    def __init__(self, config: TeacherConfig, train, pools: dict[str, list[str]]):
+    def __init__(self, config: TeacherConfig, train, pools: dict[str, list[str]], init: Path):
         self.config, self.train_set, self.pools = config, train, pools
-        self.run_config = config.canonical()  # what checkpoints record; run_train_teacher adds the dataset's identity
+        self.run_config = config.canonical()  # what checkpoints record; `_train_teacher` adds the dataset's and init's identity
         self.acc = make_accelerator(config)
         seed_everything(config.seed)  # the fresh classification head's initial weights
-        model, self.tokenizer = load_cross_encoder(config.init)
+        model, self.tokenizer = load_cross_encoder(init)
         self.steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / config.batch_size))
         optimizer, self.scheduler = make_optimizer(
             model, lr=config.lr, weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, total_steps=self.steps
@@ -218,7 +220,9 @@ class TeacherTrainer:
             self.tokenizer.save_pretrained(staging)
 
 
-def write_teacher_card(model_dir: Path, config: TeacherConfig, dataset, dev_check: dict, steps: int, losses: list[float]) -> None:
+def write_teacher_card(
+    model_dir: Path, config: TeacherConfig, dataset, init_label: str, dev_check: dict, steps: int, losses: list[float]
+) -> None:
     """A model card for the trained cross-encoder: what it is, how it was trained, its dev check."""
     from retroflow.model_card import ModelCard, write_model_card
 
@@ -228,13 +232,13 @@ def write_teacher_card(model_dir: Path, config: TeacherConfig, dataset, dev_chec
         **{k: v for k, v in dev_check.items() if k.startswith("dev_") and k != "dev_check_seconds"},
     }
     summary = (
-        f"A cross-encoder reranker trained from `{config.init}` by retroflow's `teacher` stage on {dataset.name} "
+        f"A cross-encoder reranker trained from `{init_label}` by retroflow's `teacher` stage on {dataset.name} "
         f"({config.split} queries, mined negatives). It scores (query, passage) pairs; the dev check below compares "
         "its reranking of held-out queries with BM25's."
     )
     card = ModelCard(
         name=f"retroflow teacher: cross-encoder on {dataset.name}",
-        base_model=config.init,
+        base_model=init_label,
         datasets=[dataset.name],
         max_seq_length=config.max_length,
         configs={"teacher": config.canonical()},
@@ -245,27 +249,25 @@ def write_teacher_card(model_dir: Path, config: TeacherConfig, dataset, dev_chec
     write_model_card(model_dir, card)
 
 
-def run_train_teacher(
+def _train_teacher(
     config: TeacherConfig,
     dataset,
-    negatives_file: Path | None,
+    init: Path,
+    init_label: str,
+    negatives_file: Path,
     out_dir: Path,
     partial_dir: Path,
-    *,
-    resume: bool = True,
-    stop_after: int | None = None,
+    resume: bool,
+    stop_after: int | None,
 ) -> dict:
-    """Train the cross-encoder (or fuse, for kind fusion), then score every training query's candidates into the scores file."""
-    if config.kind == "fusion":
-        return run_fusion_teacher(config, dataset, out_dir)
-
+    """Train the cross-encoder from `init`, then score every training query's candidates into the scores file."""
     out_dir, partial_dir = Path(out_dir), Path(partial_dir)
     check_replaceable_model_dir(out_dir / TEACHER_DIR)  # before training, not after it
     train = training_queries(config.selection(), dataset)
     mined = read_negatives(negatives_file)
     pools = {qid: [d for d in docs if d not in train.positives_of(qid)] for qid, docs in mined.negatives.items()}
-    trainer = TeacherTrainer(config, train, pools)
-    trainer.run_config = run_identity(config.canonical(), dataset=dataset)
+    trainer = TeacherTrainer(config, train, pools, init)
+    trainer.run_config = run_identity(config.canonical(), dataset=dataset, init=init)
     state = trainer.train(partial_dir / "checkpoints", resume=resume, stop_after=stop_after)
     losses = state.history("loss")
     if stop_after is not None and state.global_step >= stop_after:  # stopped at the last step too: no outputs then either
@@ -280,7 +282,7 @@ def run_train_teacher(
     pool = dev_check.pop("dev_pool", {})
     provenance = {
         "kind": "cross_encoder",
-        "teacher_init": config.init,
+        "teacher_init": init_label,
         "dev_check": {k: v for k, v in dev_check.items() if k != "dev_check_seconds"},
         "dev_pool": pool,
         "dataset": dataset.name,
@@ -291,7 +293,7 @@ def run_train_teacher(
         "max_length": config.max_length,
     }
     write_teacher_scores(out_dir / SCORES_FILE, TeacherScores(provenance, scored["scores"]))
-    write_teacher_card(out_dir / TEACHER_DIR, config, dataset, dev_check, state.global_step, losses)
+    write_teacher_card(out_dir / TEACHER_DIR, config, dataset, init_label, dev_check, state.global_step, losses)
     return {
         **dev_check,
         "final_loss": float(np.mean(losses[-10:])) if losses else math.nan,
@@ -395,14 +397,14 @@ def dev_pool(run: dict[str, dict[str, float]], depth: int) -> dict[str, list[str
 # ---------------------------------------------------------------------------------------- fusion teacher
 
 
-def fusion_searcher(config: TeacherConfig, dataset, embeddings_dir: Path | None = None):
+def fusion_searcher(config: TeacherConfig, dataset, init: Path, embeddings_dir: Path | None = None):
     from retrieval.serving.bm25 import BM25Retriever
     from retrieval.serving.encode import corpus_vectors
     from retrieval.serving.encoder import Encoder, EncoderSettings
     from retrieval.serving.hybrid import HybridSearcher, dense_side
 
     encoder = Encoder(
-        config.init,
+        init,
         EncoderSettings(
             query_max_length=config.query_max_length,
             passage_max_length=config.passage_max_length,
@@ -433,8 +435,8 @@ def cross_fitted_ndcg(dense, bm25, qrels: dict, settings: FusionSettings, seed: 
     return float(np.mean(list(per_query.values())))
 
 
-def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings_dir: Path | None = None) -> dict:
-    """Score every training query's candidates with the BM25 + dense fusion (weight chosen on dev)."""
+def _fusion_teacher(config: TeacherConfig, dataset, init: Path, init_label: str, out_dir: Path, embeddings_dir: Path | None) -> dict:
+    """Score every training query's candidates with the fusion of BM25 and `init` (weight chosen on dev)."""
     from retrieval.serving.hybrid import dev_hold_out, fuse_minmax, top_hits
     from retroflow.metrics import evaluate_run
 
@@ -442,7 +444,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     fusion = config.fusion.model_copy(update={"dev_split": config.split, "dev_fraction": config.dev_fraction, "dev_seed": config.dev_seed})
     config = config.model_copy(update={"fusion": fusion})
     train = training_queries(config.selection(), dataset)
-    searcher = fusion_searcher(config, dataset, embeddings_dir)
+    searcher = fusion_searcher(config, dataset, init, embeddings_dir)
     held_out = dev_hold_out(dataset, fusion)
     if held_out is None:
         raise ValueError(f"teacher.kind fusion: dataset {dataset.name} has no split '{config.split}' to hold dev queries out of")
@@ -479,7 +481,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         log.warning("the fusion teacher ranks the dev queries below one of its parts (%s): distillation will be skipped", dev_check)
     provenance = {
         "kind": "fusion",
-        "teacher_init": config.init,
+        "teacher_init": init_label,
         "dataset": dataset.name,
         "dataset_fingerprint": dataset.fingerprint,
         "split": config.split,
@@ -488,6 +490,7 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
         "dev_pool": pool,
         "candidates_per_query": config.candidates_per_query,
     }
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_teacher_scores(out_dir / SCORES_FILE, TeacherScores(provenance, scores))
     log.info(
@@ -509,17 +512,32 @@ def run_fusion_teacher(config: TeacherConfig, dataset, out_dir: Path, embeddings
     }
 
 
-def run(config: TeacherConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict:
-    """The `teacher` stage: inputs `data`, `init` (the teacher's model) and `negatives` (cross-encoder)
-    or `embeddings` (fusion: the init model's corpus vectors, optional)."""
-    from retroflow.data import open_dataset
-    from retroflow.inputs import model_dir
+def run(
+    config: TeacherConfig,
+    inputs: Mapping[str, Input],
+    out_dir: Path,
+    partial_dir: Path,
+    *,
+    resume: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """The `teacher` stage: score every training query's candidates into `out_dir/teacher_scores.jsonl`.
 
-    config = config.with_overrides(init=str(model_dir(inputs["init"])))
+    Inputs: `data`, `init` (the teacher's model) and `negatives` (cross-encoder) or `embeddings`
+    (fusion: the init model's corpus vectors, optional). The cross-encoder trains first (into
+    `out_dir/teacher/`), checkpointing to `partial_dir/checkpoints` and resuming from there
+    (`resume`); `stop_after` ends its loop after that step without outputs (how tests stand in
+    for a kill)."""
+    from retrieval.training.negatives import NEGATIVES_FILE
+    from retroflow.data import open_dataset
+    from retroflow.inputs import model_dir, model_label
+
     dataset = open_dataset(inputs["data"])
+    init, init_label = model_dir(inputs["init"]), model_label(inputs["init"])
     if config.kind == "fusion":
         embeddings = inputs.get("embeddings")
-        return run_fusion_teacher(config, dataset, out_dir, embeddings.path if embeddings else None)
-    from retrieval.training.negatives import NEGATIVES_FILE
-
-    return run_train_teacher(config, dataset, inputs["negatives"].file(NEGATIVES_FILE), out_dir, partial_dir)
+        return _fusion_teacher(config, dataset, init, init_label, out_dir, embeddings.path if embeddings else None)
+    if "negatives" not in inputs:
+        raise ValueError("teacher: the cross_encoder kind trains on mined negatives: the `negatives` input (--negatives FILE)")
+    negatives_file = inputs["negatives"].file(NEGATIVES_FILE)
+    return _train_teacher(config, dataset, init, init_label, negatives_file, out_dir, partial_dir, resume, stop_after)

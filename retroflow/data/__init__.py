@@ -44,8 +44,19 @@ def run(config: DataConfig, inputs: Mapping[str, Any], out_dir: Path, partial_di
 
 
 def open_dataset(data) -> Any:
-    """The dataset inside a `data` input: a `data` artifact, or `retroflow.inputs.dataset_input`
+    """The dataset inside a `data` input: a `data` artifact, or `dataset_input` below
     (the same normalised files in the cache)."""
     from retroflow.data.beir import read_normalised
 
     return read_normalised(data.path)
+
+
+def dataset_input(source: Any):  # -> retroflow.inputs.ExternalInput (imported on use: not a dependency of the data stage)
+    """The `data` input for a dataset outside the store: a name, a BEIR directory, or a dataset
+    already loaded (`retroflow.data.beir.load_dataset`), normalised once into the cache. What
+    `--output` runs and tests hand a stage instead of a `data` artifact; both hold the same files."""
+    from retroflow.data.beir import load_dataset
+    from retroflow.inputs import ExternalInput
+
+    dataset = source if hasattr(source, "fingerprint") and hasattr(source, "path") else load_dataset(str(source))
+    return ExternalInput(name=dataset.name, path=Path(dataset.path), fingerprint=dataset.fingerprint)

@@ -51,9 +51,37 @@ def test_bad_input_exits_2_with_a_one_line_error(tmp_path):
 
 def test_unknown_config_key_names_the_field(tmp_path):
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("model: bm25\ntopk: 10\n")
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "evaluate", "--config", str(cfg)], capture_output=True, text=True)
+    cfg.write_text("topk: 10\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.cli", "evaluate", "--config", str(cfg), "--model", "bm25"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "field 'topk'" in proc.stderr and str(cfg) in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "flag"), [("model", "--model"), ("dataset", "--dataset"), ("index", "--index"), ("embeddings", "--embeddings")]
+)
+def test_a_config_naming_what_is_evaluated_says_which_flag_to_pass(tmp_path, capsys, field, flag):
+    """What is evaluated travels in flags (the stage: its inputs), never in the config: an old YAML gets one line naming both."""
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"{field}: x\ntop_k: 10\n")
+    assert main(["evaluate", "--config", str(cfg), "--model", "bm25", "--no-registry"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"field '{field}'" in errors[0] and flag in errors[0] and str(cfg) in errors[0], errors
+
+
+def test_embeddings_flag_searches_those_vectors_exactly(scifact_small, tiny_bert, tmp_path, capsys):
+    """--embeddings (once `--set embeddings=DIR`): exact search over an encoded corpus, the same ranking as encoding it here."""
+    common = ["--model", str(tiny_bert), "--dataset", str(scifact_small), "--set", "encoder.precision=fp32"]
+    args = ["evaluate", *common, "--no-registry", "--set", "encoder.show_progress=false"]
+    assert main(["encode", *common, "--output", str(tmp_path / "emb")]) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    encoded_here = last_json_line(capsys.readouterr().out)
+    assert main([*args, "--embeddings", str(tmp_path / "emb")]) == 0
+    given = last_json_line(capsys.readouterr().out)
+    assert given["encode_docs_per_s"] is None and encoded_here["encode_docs_per_s"] > 0
+    assert given["ndcg@10"] == pytest.approx(encoded_here["ndcg@10"], abs=1e-6)
 
 
 def test_on_unknown_ids_flag_drops_qrels_rows_naming_unknown_documents(tmp_path, capsys):

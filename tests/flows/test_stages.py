@@ -39,13 +39,16 @@ def test_each_stage_has_one_name_for_module_config_command_and_store(name):
         assert name in commands  # the command
 
 
-def test_the_key_leaves_out_what_inputs_locate_and_keeps_what_they_are(tmp_path):
+def test_the_key_holds_what_inputs_are_not_where_they_lie(tmp_path):
     from retrieval.training.negatives import NegativesConfig
+    from retroflow.data import DataConfig
 
+    here, there = DataConfig(source="scifact", content_fingerprint="f"), DataConfig(source="/elsewhere/scifact", content_fingerprint="f")
+    assert "source" not in key_config("data", here)
+    assert artifact_key("data", here, {}) == artifact_key("data", there, {})
+    assert artifact_key("data", here, {}) != artifact_key("data", here.with_overrides(content_fingerprint="g"), {})
     data = ExternalInput("d", tmp_path, fingerprint="aaa")
-    here, there = NegativesConfig(dataset="scifact"), NegativesConfig(dataset="/elsewhere/scifact")
-    assert "dataset" not in key_config("negatives", here)
-    assert artifact_key("negatives", here, {"data": data}) == artifact_key("negatives", there, {"data": data})
+    here = NegativesConfig()
     other = ExternalInput("d", tmp_path, fingerprint="bbb")
     assert artifact_key("negatives", here, {"data": data}) != artifact_key("negatives", here, {"data": other})
     assert artifact_key("negatives", here, {"data": data}) != artifact_key("negatives", here.with_overrides(rank_end=99), {"data": data})

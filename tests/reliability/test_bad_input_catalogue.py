@@ -265,13 +265,15 @@ def test_a_damaged_model_is_one_clear_error(damage, tiny_bert, tmp_path, capsys)
 
 
 def test_a_damaged_checkpoint_is_one_clear_error_on_resume(scifact_small, tiny_bert, tmp_path):
-    from retrieval.training.finetune import FinetuneConfig, run_finetune
+    from retrieval.training.finetune import FinetuneConfig, run
     from retroflow.config import load_config
-    from retroflow.data.beir import load_dataset
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of, model_input
 
     out, overrides = tmp_path / "run", ["train.save_every=2", "train.max_steps=4"]
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", overrides)
-    run_finetune(config, load_dataset(scifact_small), tiny_bert, out, out / "partial", stop_after=2)  # as if killed at step 2
+    inputs = inputs_of(data=dataset_input(scifact_small), model=model_input(tiny_bert))
+    run(config, inputs, out, out / "partial", stop_after=2)  # as if killed at step 2
     weights = out / "partial" / "checkpoints" / "checkpoint-2" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:64])
     argv = [

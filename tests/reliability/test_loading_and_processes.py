@@ -42,19 +42,20 @@ def test_rng_state_round_trips_without_pickle(tmp_path):
 
 def test_teacher_checkpoints_are_the_shared_pickle_free_format(scifact_small, tiny_bert, tmp_path):
     """The teacher trains on retroflow.training's loop, so it writes and reads the checkpoints every stage does."""
-    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
+    from retrieval.training import negatives as negatives_stage
+    from retrieval.training import teacher
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
-    from retroflow.data.beir import load_dataset
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of, model_input, path_input
 
-    dataset = load_dataset(scifact_small)
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
+    data = dataset_input(scifact_small)
+    mining = negatives_stage.NegativesConfig(rank_start=0, rank_end=30)
+    negatives_stage.run(mining, inputs_of(data=data), tmp_path / "neg", tmp_path / "neg-p")
     negatives, partial = tmp_path / "neg" / "negatives.jsonl", tmp_path / "partial"
-    config = load_config(
-        TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_bert}", "max_steps=4", "save_every=2", "max_queries=8"]
-    )
-    stopped = run_train_teacher(config, dataset, negatives, tmp_path / "out", partial, stop_after=2)
+    config = load_config(teacher.TeacherConfig, REPO / "configs/teacher/tiny.yaml", ["max_steps=4", "save_every=2", "max_queries=8"])
+    inputs = inputs_of(data=data, init=model_input(tiny_bert), negatives=path_input(negatives))
+    stopped = teacher.run(config, inputs, tmp_path / "out", partial, stop_after=2)
     assert stopped["stopped_early"]
     checkpoint = list_checkpoints(partial / "checkpoints")[-1]
     assert checkpoint.name == "checkpoint-2"
@@ -69,7 +70,7 @@ def test_teacher_checkpoints_are_the_shared_pickle_free_format(scifact_small, ti
     marker = tmp_path / "pwned"
     torch.save({"state": _Planted(str(marker))}, checkpoint / "optimizer.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: not a plain-tensor checkpoint file"):
-        run_train_teacher(config, dataset, negatives, tmp_path / "out", partial)
+        teacher.run(config, inputs, tmp_path / "out", partial)
     assert not marker.exists()
 
 
@@ -114,10 +115,12 @@ class _Planted:
 def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     import pickle
 
-    from retrieval.training.finetune import FinetuneConfig, run_finetune
+    from retrieval.training.finetune import FinetuneConfig, run
     from retroflow.checkpoints import UnsafeCheckpointError, list_checkpoints
     from retroflow.config import load_config
+    from retroflow.data import dataset_input
     from retroflow.data.beir import load_dataset
+    from retroflow.inputs import inputs_of, model_input
 
     dataset = load_dataset(scifact_small)
     config = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=4", "train.save_every=2"])
@@ -125,7 +128,8 @@ def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     from conftest import build_tiny_bert
 
     model = build_tiny_bert(tmp_path / "bert", [t for t in dataset.doc_texts()[:50]], vocab_size=500, hidden=32)
-    run_finetune(config, dataset, model, out, partial, stop_after=2)
+    inputs = inputs_of(data=dataset_input(dataset), model=model_input(model))
+    run(config, inputs, out, partial, stop_after=2)
     checkpoint = list_checkpoints(partial / "checkpoints")[-1]
     assert sorted(p.name for p in checkpoint.iterdir()) == [
         "model.safetensors",
@@ -139,14 +143,14 @@ def test_resume_never_unpickles_a_planted_file(scifact_small, tmp_path):
     marker = tmp_path / "pwned"
     (checkpoint / "random_states_0.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
     (checkpoint / "custom_checkpoint_0.pkl").write_bytes(pickle.dumps(_Planted(str(marker))))
-    resumed = run_finetune(config, dataset, model, tmp_path / "out2", partial, stop_after=3)
+    resumed = run(config, inputs, tmp_path / "out2", partial, stop_after=3)
     assert resumed["resumed_from"] == 2 and not marker.exists()
 
     # a planted pickle in a file that is read is refused, naming it, and runs nothing
     checkpoint = list_checkpoints(partial / "checkpoints")[-1]
     torch.save({"state": _Planted(str(marker))}, checkpoint / "optimizer.pt")
     with pytest.raises(UnsafeCheckpointError, match=r"optimizer\.pt: not a plain-tensor checkpoint file"):
-        run_finetune(config, dataset, model, tmp_path / "out3", partial)
+        run(config, inputs, tmp_path / "out3", partial)
     assert not marker.exists()
 
 

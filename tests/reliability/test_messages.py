@@ -33,22 +33,25 @@ def test_flag_values_stay_strings(value: str, tmp_path: Path, capsys, monkeypatc
 
 
 def test_set_values_are_still_yaml_and_flags_are_not(tmp_path: Path):
-    from eval.cli import config_from_args
+    from eval.cli import config_from_args, target_from_args
     from flows.cli import build_parser
 
     args = build_parser().parse_args(["evaluate", "--dataset", "0123", "--set", "top_k=0x10", "--metrics", "ndcg@10, recall@100"])
     config = config_from_args(args)
-    assert (config.dataset, config.top_k, list(config.metrics)) == ("0123", 16, ["ndcg@10", "recall@100"])
+    assert (target_from_args(args).dataset, config.top_k, list(config.metrics)) == ("0123", 16, ["ndcg@10", "recall@100"])
 
 
-def test_finetune_flags_stay_strings():
-    import argparse
+def test_a_config_that_still_names_an_input_says_which_flag_took_its_place(tmp_path: Path):
+    from retrieval.training.finetune import FinetuneConfig
+    from retroflow.config import ConfigError, load_config
 
-    from retrieval.training.finetune_cli import finetune_config
-
-    args = argparse.Namespace(config=None, overrides=[], dataset="0123", model="null", max_steps=None, seed=None)
-    config = finetune_config(args)
-    assert (config.dataset, config.init) == ("0123", "null")
+    old = tmp_path / "old-finetune.yaml"
+    old.write_text("dataset: ../shared/data/scifact\ninit: minilm\ntrain: {lr: 2.0e-5}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(FinetuneConfig, old)
+    message = str(err.value)
+    assert "old-finetune.yaml" in message and "\n" not in message
+    assert "field 'dataset' is an input now: pass --dataset" in message and "field 'init' is an input now: pass --model" in message
 
 
 def test_hybrid_with_bm25_as_the_dense_model_says_so(tmp_path: Path, capsys):

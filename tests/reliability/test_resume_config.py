@@ -99,45 +99,41 @@ def test_config_differences_ignore_only_the_resumable_fields():
 
 
 def test_finetune_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
-    from retrieval.training.finetune import FinetuneConfig, run_finetune
-    from retroflow.data.beir import load_dataset
+    from retrieval.training.finetune import FinetuneConfig, run
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of, model_input
 
-    dataset = load_dataset(scifact_small)
+    inputs = inputs_of(data=dataset_input(scifact_small), model=model_input(tiny_bert))
     tiny = REPO / "configs/finetune/tiny.yaml"
     config = load_config(FinetuneConfig, tiny, ["train.max_steps=4", "train.save_every=2", "data.max_queries=16"])
-    run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", stop_after=2)
+    run(config, inputs, tmp_path / "out", tmp_path / "partial", stop_after=2)
     changed = load_config(
         FinetuneConfig,
         tiny,
         ["train.max_steps=4", "train.save_every=2", "data.max_queries=16", "train.lr=1e-3", "negatives.hard_negatives=2"],
     )
     with pytest.raises(ResumeConfigError, match=r"negatives\.hard_negatives: 1 -> 2; train\.lr: 0\.0005 -> 0\.001"):
-        run_finetune(changed, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial")
+        run(changed, inputs, tmp_path / "out", tmp_path / "partial")
     longer = load_config(FinetuneConfig, tiny, ["train.max_steps=5", "train.save_every=3", "data.max_queries=16", "train.log_every=1"])
-    assert run_finetune(longer, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial")["resumed_from"] == 2
+    assert run(longer, inputs, tmp_path / "out", tmp_path / "partial")["resumed_from"] == 2
 
 
 def test_teacher_resume_with_another_config_is_refused(scifact_small: Path, tiny_bert: Path, tmp_path: Path):
-    from retrieval.training.negatives import NegativesConfig, run_mine_negatives
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
-    from retroflow.data.beir import load_dataset
+    from retrieval.training import negatives as negatives_stage
+    from retrieval.training import teacher
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of, model_input, path_input
 
-    dataset = load_dataset(scifact_small)
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=10), dataset, tmp_path / "neg")
-    negatives = tmp_path / "neg" / "negatives.jsonl"
-    common = [f"init={tiny_bert}", "max_queries=8", "candidates_per_query=2", "save_every=2"]
+    data = dataset_input(scifact_small)
+    mining = negatives_stage.NegativesConfig(rank_start=0, rank_end=10)
+    negatives_stage.run(mining, inputs_of(data=data), tmp_path / "neg", tmp_path / "neg-p")
+    inputs = inputs_of(data=data, init=model_input(tiny_bert), negatives=path_input(tmp_path / "neg" / "negatives.jsonl"))
+    common = ["max_queries=8", "candidates_per_query=2", "save_every=2"]
     tiny = REPO / "configs/teacher/tiny.yaml"
-    run_train_teacher(
-        load_config(TeacherConfig, tiny, [*common, "max_steps=4"]), dataset, negatives, tmp_path / "out", tmp_path / "partial", stop_after=2
-    )
+    out, partial = tmp_path / "out", tmp_path / "partial"
+    teacher.run(load_config(teacher.TeacherConfig, tiny, [*common, "max_steps=4"]), inputs, out, partial, stop_after=2)
     with pytest.raises(ResumeConfigError, match=r"lr: 0\.0005 -> 0\.0001"):
-        run_train_teacher(
-            load_config(TeacherConfig, tiny, [*common, "max_steps=4", "lr=1e-4"]),
-            dataset,
-            negatives,
-            tmp_path / "out",
-            tmp_path / "partial",
-        )
+        teacher.run(load_config(teacher.TeacherConfig, tiny, [*common, "max_steps=4", "lr=1e-4"]), inputs, out, partial)
 
 
 def damaged_resume(stopped_pretrain: Path, shared_data: Path, tmp_path: Path, file: str, text: str) -> str:

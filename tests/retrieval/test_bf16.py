@@ -25,14 +25,14 @@ def test_bf16_minilm_vectors_are_fp32_vectors_to_rounding(scifact_small):
 
 
 def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrupted_one(scifact_small, tiny_bert, tmp_path, monkeypatch):
-    from retrieval.serving.encode import EncodeConfig, open_embeddings, run_encode
-    from retroflow.data.beir import load_dataset
+    from retrieval.serving.encode import EncodeConfig, open_embeddings
+    from retrieval.serving.encode import run as encode
+    from retroflow.data import dataset_input
+    from retroflow.inputs import model_input
 
-    dataset = load_dataset(scifact_small)
-    config = EncodeConfig(
-        model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "bf16"}
-    )
-    run_encode(config, dataset, tmp_path / "whole", tmp_path / "whole-partial")
+    inputs = {"data": dataset_input(scifact_small), "model": model_input(tiny_bert)}
+    config = EncodeConfig(shard_size=64, encoder={"show_progress": False, "precision": "bf16"})
+    encode(config, inputs, tmp_path / "whole", tmp_path / "whole-partial")
     real, calls = Encoder.encode_passages, {"n": 0}
 
     def dies_on_second_shard(self, texts):
@@ -43,9 +43,9 @@ def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrup
 
     monkeypatch.setattr(Encoder, "encode_passages", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        run_encode(config, dataset, tmp_path / "killed", tmp_path / "killed-partial")
+        encode(config, inputs, tmp_path / "killed", tmp_path / "killed-partial")
     monkeypatch.setattr(Encoder, "encode_passages", real)
-    assert run_encode(config, dataset, tmp_path / "killed", tmp_path / "killed-partial")["shards_skipped"] == 1
+    assert encode(config, inputs, tmp_path / "killed", tmp_path / "killed-partial")["shards_skipped"] == 1
     assert np.array_equal(open_embeddings(tmp_path / "whole").vectors(), open_embeddings(tmp_path / "killed").vectors())
 
 
@@ -54,7 +54,7 @@ def test_bf16_pretraining_resumes_bit_identically(tiny_bert, scifact_small, tmp_
     from safetensors.torch import load_file
 
     from retromae.config import PretrainConfig
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     config = PretrainConfig.model_validate(
         {
@@ -63,9 +63,9 @@ def test_bf16_pretraining_resumes_bit_identically(tiny_bert, scifact_small, tmp_
             "train": {"max_steps": 4, "batch_size": 4, "save_every": 2, "log_every": 1, "precision": "bf16"},
         }
     )
-    whole = run_pretrain(config, tmp_path / "whole", tmp_path / "whole-partial")
-    run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial", stop_after=2)  # as a kill after step 2's checkpoint
-    resumed = run_pretrain(config, tmp_path / "killed", tmp_path / "killed-partial")
+    whole = pretrain(config, {}, tmp_path / "whole", tmp_path / "whole-partial")
+    pretrain(config, {}, tmp_path / "killed", tmp_path / "killed-partial", stop_after=2)  # as a kill after step 2's checkpoint
+    resumed = pretrain(config, {}, tmp_path / "killed", tmp_path / "killed-partial")
     assert resumed["resumed_from"] == 2 and resumed["loss_history"] == whole["loss_history"]
     a = load_file(tmp_path / "whole" / "encoder" / "model.safetensors")
     b = load_file(tmp_path / "killed" / "encoder" / "model.safetensors")

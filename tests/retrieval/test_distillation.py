@@ -9,13 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.training.finetune import FinetuneConfig, distillation_gate, run_finetune, standardized, student_dev_check, teacher_pools
-from retrieval.training.teacher import TeacherConfig, run_fusion_teacher
+from retrieval.training import finetune
+from retrieval.training import teacher as teacher_stage
+from retrieval.training.finetune import FinetuneConfig, distillation_gate, standardized, student_dev_check, teacher_pools
+from retrieval.training.teacher import TeacherConfig
 from retrieval.training.teacher_scores import TeacherScores, read_teacher_scores, write_teacher_scores
 from retrieval.training.training_data import BatchPlan, TrainingExample, TrainingSet, training_queries
 from retroflow.config import ConfigError, load_config
+from retroflow.data import dataset_input
 from retroflow.data.beir import load_dataset
 from retroflow.data.splits import dev_split
+from retroflow.inputs import inputs_of, model_input, path_input
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "finetune" / "tiny.yaml"
@@ -26,17 +30,23 @@ def dataset(scifact_small: Path):
     return load_dataset(scifact_small)
 
 
+def student(dataset, model: Path, teacher_scores: Path | None = None) -> dict:
+    """The finetune stage's inputs: the dataset, the start model and (distillation) a teacher's scores file."""
+    return inputs_of(data=dataset_input(dataset), model=model_input(model), teacher=path_input(teacher_scores) if teacher_scores else None)
+
+
 @pytest.fixture(scope="module")
 def fusion_teacher(dataset, tiny_bert: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("fusion-teacher")
-    config = TeacherConfig(kind="fusion", init=str(tiny_bert), dev_fraction=0.2, candidates_per_query=10, passage_max_length=64)
-    return out, run_fusion_teacher(config, dataset, out)
+    config = TeacherConfig(kind="fusion", dev_fraction=0.2, candidates_per_query=10, passage_max_length=64)
+    inputs = inputs_of(data=dataset_input(dataset), init=model_input(tiny_bert))
+    return out, teacher_stage.run(config, inputs, out, out / "partial")
 
 
 def test_fusion_teacher_scores_positives_and_fused_top_candidates_of_training_queries_only(fusion_teacher, dataset):
     out, metrics = fusion_teacher
-    teacher = read_teacher_scores(out / "teacher_scores.jsonl")
-    provenance, scores = teacher.provenance, teacher.scores
+    scored = read_teacher_scores(out / "teacher_scores.jsonl")
+    provenance, scores = scored.provenance, scored.scores
     train = dataset.split_qrels("train")
     kept, dev = dev_split(list(train), 0.2, 0)
     assert set(scores) == set(kept) and not set(scores) & set(dev)
@@ -150,7 +160,7 @@ def test_gated_teacher_trains_without_distillation_and_says_so(fusion_teacher, d
     config = load_config(
         FinetuneConfig, TINY, ["train.max_steps=2", "data.dev_fraction=0.2", "distill.loss=kl", "negatives.hard_negatives=3"]
     )
-    metrics = run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", teacher_scores_file=scores_file)
+    metrics = finetune.run(config, student(dataset, tiny_bert, scores_file), tmp_path / "out", tmp_path / "partial")
     assert metrics["distill"] == "none" and metrics["distill_gate"]["distilled"] is False
     assert "below BM25" in metrics["distill_gate"]["reason"] and metrics["distill_loss_history"] == []
     assert metrics["distill_gate"]["student_dev_ndcg@10"] is not None  # the student was scored on the teacher's dev pool
@@ -167,7 +177,7 @@ def test_teacher_scores_for_another_dataset_are_rejected_naming_the_file(fusion_
     other.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
     config = load_config(FinetuneConfig, TINY, ["train.max_steps=1", "data.dev_fraction=0.2", "distill.loss=kl"])
     with pytest.raises(ValueError, match=r"other\.jsonl: these teacher scores were made on dataset nfcorpus"):
-        run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial", teacher_scores_file=other)
+        finetune.run(config, student(dataset, tiny_bert, other), tmp_path / "out", tmp_path / "partial")
 
 
 def test_one_row_per_query_positive_pair_visits_every_positive_once_an_epoch():
@@ -188,7 +198,7 @@ def test_prefixes_are_trained_with_and_saved_for_serving(dataset, tiny_bert, tmp
     from retrieval.serving.encoder import Encoder, EncoderSettings
 
     config = load_config(FinetuneConfig, TINY, ["train.max_steps=1", "model.query_prefix='query: '", "model.passage_prefix='passage: '"])
-    run_finetune(config, dataset, tiny_bert, tmp_path / "out", tmp_path / "partial")
+    finetune.run(config, student(dataset, tiny_bert), tmp_path / "out", tmp_path / "partial")
     saved = json.loads((tmp_path / "out" / "model" / "config_sentence_transformers.json").read_text())
     assert saved["prompts"] == {"query": "query: ", "document": "passage: "}
     encoder = Encoder(tmp_path / "out" / "model", EncoderSettings(show_progress=False))

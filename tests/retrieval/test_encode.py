@@ -16,19 +16,21 @@ import pytest
 from retrieval.serving.encode import (
     EncodeConfig,
     NonFiniteVectors,
-    encode_shards,
     merge_shards,
     open_embeddings,
     plan_shards,
-    run_encode,
-    run_encode_shard,
+    run,
+    run_shard,
     shard_name,
     shard_texts,
     worker_shards,
     write_embeddings,
 )
 from retrieval.serving.encoder import Encoder
+from retroflow.config import ConfigError, load_config
+from retroflow.data import dataset_input
 from retroflow.data.beir import load_dataset
+from retroflow.inputs import model_input
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,15 +41,24 @@ def dataset(scifact_small):
 
 
 @pytest.fixture(scope="module")
-def config(tiny_bert, scifact_small) -> EncodeConfig:
-    return EncodeConfig(
-        model=str(tiny_bert), dataset=str(scifact_small), shard_size=64, encoder={"show_progress": False, "precision": "fp32"}
-    )
+def config() -> EncodeConfig:
+    return EncodeConfig(shard_size=64, encoder={"show_progress": False, "precision": "fp32"})
 
 
 @pytest.fixture(scope="module")
-def encoder(config) -> Encoder:
-    return Encoder(config.model, config.encoder)
+def inputs(dataset, tiny_bert) -> dict:
+    """The stage's inputs outside the store: the dataset and the model."""
+    return {"data": dataset_input(dataset), "model": model_input(tiny_bert)}
+
+
+@pytest.fixture(scope="module")
+def encoder(config, tiny_bert) -> Encoder:
+    return Encoder(tiny_bert, config.encoder)
+
+
+def encode_these(config: EncodeConfig, inputs: dict, shards_dir: Path, shards: list[int]) -> None:
+    for shard in shards:
+        run_shard(config, inputs, shard, shards_dir)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +89,7 @@ def test_shard_texts_match_corpus_texts(dataset):
     assert joined == texts
 
 
-def test_resume_after_simulated_kill_has_no_duplicate_or_missing_ids(dataset, config, encoder, reference, tmp_path, monkeypatch):
+def test_resume_after_simulated_kill_has_no_duplicate_or_missing_ids(dataset, config, inputs, reference, tmp_path, monkeypatch):
     partial, out = tmp_path / "partial", tmp_path / "out"
     calls = {"n": 0}
     real_encode = Encoder.encode_passages
@@ -91,14 +102,14 @@ def test_resume_after_simulated_kill_has_no_duplicate_or_missing_ids(dataset, co
 
     monkeypatch.setattr(Encoder, "encode_passages", dies_on_third_shard)
     with pytest.raises(KeyboardInterrupt):
-        run_encode(config, dataset, out, partial)
+        run(config, inputs, out, partial)
     finished = sorted(p.name for p in partial.iterdir() if p.name.startswith("shard-"))
     assert finished == [shard_name(0), shard_name(1)]
     assert not list(partial.glob(".shard-*"))  # the interrupted shard left no half-written files
     mtimes = {name: (partial / name / "embeddings.npy").stat().st_mtime_ns for name in finished}
     monkeypatch.setattr(Encoder, "encode_passages", real_encode)
 
-    metrics = run_encode(config, dataset, out, partial)
+    metrics = run(config, inputs, out, partial)
     assert metrics["shards_skipped"] == 2
     assert metrics["shards_encoded"] == len(plan_shards(dataset.num_docs, config.shard_size)) - 2
     assert {name: (partial / name / "embeddings.npy").stat().st_mtime_ns for name in finished} == mtimes
@@ -108,12 +119,12 @@ def test_resume_after_simulated_kill_has_no_duplicate_or_missing_ids(dataset, co
     np.testing.assert_allclose(emb.vectors(), reference, atol=1e-5)
 
 
-def test_two_workers_share_a_directory_and_merge(dataset, config, encoder, reference, tmp_path):
+def test_two_workers_share_a_directory_and_merge(dataset, config, inputs, reference, tmp_path):
     shards_dir = tmp_path / "shards"
     num_shards = len(plan_shards(dataset.num_docs, config.shard_size))
     for worker in range(2):  # what two processes/GPUs do, one after the other here
-        encode_shards(config, dataset, shards_dir, worker_shards(num_shards, worker, 2), encoder=encoder)
-    again = run_encode_shard(config, dataset, 1, shards_dir, encoder=encoder)  # a late duplicate task
+        encode_these(config, inputs, shards_dir, worker_shards(num_shards, worker, 2))
+    again = run_shard(config, inputs, 1, shards_dir)  # a late duplicate task
     assert again["skipped"] is True
     merge_shards(shards_dir, tmp_path / "out", num_shards)
     emb = open_embeddings(tmp_path / "out")
@@ -121,37 +132,36 @@ def test_two_workers_share_a_directory_and_merge(dataset, config, encoder, refer
     np.testing.assert_allclose(np.asarray(emb.vectors()), reference, atol=1e-5)
 
 
-def test_merge_refuses_missing_shard(dataset, config, encoder, tmp_path):
-    encode_shards(config, dataset, tmp_path, [0, 2], encoder=encoder)
+def test_merge_refuses_missing_shard(config, inputs, tmp_path):
+    encode_these(config, inputs, tmp_path, [0, 2])
     with pytest.raises(ValueError, match=r"missing or incomplete \(1"):
         merge_shards(tmp_path, tmp_path / "out", 3)
 
 
-def test_shards_from_another_config_are_not_mixed(dataset, config, encoder, tmp_path):
-    run_encode_shard(config, dataset, 0, tmp_path, encoder=encoder)
+def test_shards_from_another_config_are_not_mixed(config, inputs, tmp_path):
+    run_shard(config, inputs, 0, tmp_path)
     other = config.with_overrides(encoder={"pooling": "mean"})
     with pytest.raises(ValueError, match="different model/encoder"):
-        run_encode_shard(other, dataset, 0, tmp_path, encoder=encoder)
+        run_shard(other, inputs, 0, tmp_path)
 
 
-def test_shards_of_a_model_changed_in_place_are_not_mixed(dataset, config, encoder, tiny_bert, tmp_path):
+def test_shards_of_a_model_changed_in_place_are_not_mixed(dataset, config, tiny_bert, tmp_path):
     """A model folder retrained (rewritten) under the same path is another model: shards made
     before are refused, not taken for its own."""
     import shutil
 
     model = tmp_path / "model"
     shutil.copytree(tiny_bert, model)
-    mine = config.with_overrides(model=str(model))
-    run_encode_shard(mine, dataset, 0, tmp_path / "shards", encoder=encoder)
+    run_shard(config, {"data": dataset_input(dataset), "model": model_input(model)}, 0, tmp_path / "shards")
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(weights.read_bytes()[:-4] + b"\x00\x00\x00\x01")  # the same size, other weights
     with pytest.raises(ValueError, match="different model/encoder"):
-        run_encode_shard(mine, dataset, 0, tmp_path / "shards", encoder=encoder)
+        run_shard(config, {"data": dataset_input(dataset), "model": model_input(model)}, 0, tmp_path / "shards")
 
 
 @pytest.mark.parametrize("dtype, bad", [("float32", np.nan), ("float16", 1e6)])  # 1e6 overflows float16 to inf
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_a_shard_with_non_finite_vectors_is_refused_naming_the_doc(dataset, config, encoder, tmp_path, monkeypatch, dtype, bad):
+def test_a_shard_with_non_finite_vectors_is_refused_naming_the_doc(dataset, config, inputs, tmp_path, monkeypatch, dtype, bad):
     """A model producing NaN (or values float16 cannot hold) used to give a shard like any other."""
     real_encode = Encoder.encode_passages
 
@@ -163,15 +173,15 @@ def test_a_shard_with_non_finite_vectors_is_refused_naming_the_doc(dataset, conf
     monkeypatch.setattr(Encoder, "encode_passages", poisoned)
     doc = dataset.doc_ids()[config.shard_size + 3]
     with pytest.raises(NonFiniteVectors, match=rf"shard-00001: row 3 \(doc id '{doc}'\) is not finite"):
-        run_encode_shard(config.with_overrides(dtype=dtype), dataset, 1, tmp_path, encoder=encoder)
+        run_shard(config.with_overrides(dtype=dtype), inputs, 1, tmp_path)
     assert list(tmp_path.iterdir()) == []  # no shard, no staging left
 
 
 @pytest.mark.parametrize("merge", [True, False])
-def test_merge_and_open_refuse_non_finite_vectors(dataset, config, encoder, tmp_path, merge):
+def test_merge_and_open_refuse_non_finite_vectors(dataset, config, inputs, tmp_path, merge):
     """Shards damaged on disk (or written by another tool) are refused when merged or opened."""
     shards = tmp_path / "shards"
-    encode_shards(config, dataset, shards, [0, 1], encoder=encoder)
+    encode_these(config, inputs, shards, [0, 1])
     vectors = np.load(shards / shard_name(1) / "embeddings.npy", mmap_mode="r+")
     vectors[5, 0] = np.inf
     vectors.flush()
@@ -189,9 +199,9 @@ def test_merge_and_open_refuse_non_finite_vectors(dataset, config, encoder, tmp_
     assert open_embeddings(written, check_finite=False).num_docs == 6  # metadata only
 
 
-def test_float16_unmerged_layout_is_memory_mapped(dataset, config, encoder, reference, tmp_path):
+def test_float16_unmerged_layout_is_memory_mapped(dataset, config, inputs, reference, tmp_path):
     cfg = config.with_overrides(dtype="float16", merge=False)
-    metrics = run_encode(cfg, dataset, tmp_path / "out", tmp_path / "partial")
+    metrics = run(cfg, inputs, tmp_path / "out", tmp_path / "partial")
     assert metrics["layout"] == "sharded" and metrics["dtype"] == "float16"
     emb = open_embeddings(tmp_path / "out")
     assert all(isinstance(p, np.memmap) and p.dtype == np.float16 for p in emb.parts)
@@ -252,3 +262,22 @@ def test_a_shard_path_outside_the_embeddings_directory_is_refused(tmp_path):
     (written / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"embeddings.json: lists '\.\./elsewhere', which is not a file or folder name inside"):
         open_embeddings(written)
+
+
+@pytest.mark.parametrize(("field", "flag"), [("model", "--model"), ("dataset", "--dataset")])
+def test_a_config_naming_an_input_is_a_one_line_error_naming_the_flag(tmp_path, field, flag):
+    """`model` and `dataset` are the stage's inputs now: an old YAML that sets them says what to pass instead."""
+    old = tmp_path / "encode.yaml"
+    old.write_text(f"{field}: x\nshard_size: 10\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(EncodeConfig, old)
+    message = str(info.value)
+    assert "\n" not in message and f"field '{field}'" in message and flag in message and str(old) in message
+
+
+def test_cli_encode_without_its_inputs_names_the_flag(scifact_small, tiny_bert, tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["encode", "--model", str(tiny_bert), "--output", str(tmp_path / "emb")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--dataset" in errors[0], errors

@@ -9,12 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from retrieval.training.finetune import FinetuneConfig, run_finetune
-from retrieval.training.negatives import NegativesConfig, read_negatives, run_mine_negatives
+from retrieval.training import finetune, negatives, teacher
+from retrieval.training.finetune import FinetuneConfig
+from retrieval.training.negatives import NegativesConfig, read_negatives
+from retrieval.training.teacher import TeacherConfig
 from retrieval.training.teacher_scores import read_teacher_scores
 from retrieval.training.training_data import judged_positives
 from retroflow.config import ConfigError, load_config
+from retroflow.data import dataset_input
 from retroflow.data.beir import load_dataset
+from retroflow.inputs import inputs_of, model_input, path_input
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/finetune/tiny.yaml"
@@ -55,10 +59,27 @@ def tiny_config(*overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, TINY, list(overrides))
 
 
+def stage_inputs(dataset, model: Path | None = None, *, init: Path | None = None, **files: Path) -> dict:
+    """A stage's inputs: the loaded dataset as `data`, a model directory as `model` (or `init`),
+    loose files (`negatives=`, `teacher=`) as those inputs."""
+    return inputs_of(
+        data=dataset_input(dataset),
+        model=model_input(model) if model is not None else None,
+        init=model_input(init) if init is not None else None,
+        **{name: path_input(path) for name, path in files.items()},
+    )
+
+
+def mine_bm25(dataset, out: Path) -> Path:
+    """BM25 negatives of ranks 0-30 into `out`; returns the file."""
+    negatives.run(NegativesConfig(rank_start=0, rank_end=30), stage_inputs(dataset), out, out / "partial")
+    return out / "negatives.jsonl"
+
+
 @pytest.fixture(scope="module")
 def tiny_run(dataset, tiny_encoder: Path, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("tiny-run")
-    metrics = run_finetune(tiny_config(), dataset, tiny_encoder, out / "out", out / "partial")
+    metrics = finetune.run(tiny_config(), stage_inputs(dataset, tiny_encoder), out / "out", out / "partial")
     return out, metrics
 
 
@@ -74,9 +95,9 @@ def test_loss_falls_on_tiny_config(tiny_run) -> None:
 
 def test_resume_equals_uninterrupted(tiny_run, dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     full_dir, full = tiny_run
-    killed = run_finetune(tiny_config(), dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial", stop_after=16)
+    killed = finetune.run(tiny_config(), stage_inputs(dataset, tiny_encoder), tmp_path / "out", tmp_path / "partial", stop_after=16)
     assert killed.get("stopped_early") and not (tmp_path / "out" / "model").exists()
-    resumed = run_finetune(tiny_config(), dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    resumed = finetune.run(tiny_config(), stage_inputs(dataset, tiny_encoder), tmp_path / "out", tmp_path / "partial")
     assert resumed["resumed_from"] == 16
     assert resumed["loss_history"] == full["loss_history"]
     from safetensors.torch import load_file
@@ -86,10 +107,10 @@ def test_resume_equals_uninterrupted(tiny_run, dataset, tiny_encoder: Path, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_run, dataset) -> None:
+def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_run, dataset, tmp_path: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
-    from eval.evaluate import EvaluateConfig, evaluate
+    from eval import evaluate
     from retrieval.serving.encoder import Encoder, EncoderSettings
 
     model_dir = tiny_run[0] / "out" / "model"
@@ -100,9 +121,8 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
     theirs = SentenceTransformer(str(model_dir), device="cpu").encode(texts, convert_to_numpy=True)
     np.testing.assert_allclose(ours, theirs, atol=2e-5)
     assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)  # normalize: true, as trained
-    result = evaluate(
-        EvaluateConfig(model=str(model_dir), dataset=str(dataset.path), metrics=["ndcg@10"], encoder={"precision": "fp32"}), dataset
-    )
+    config = evaluate.EvaluateConfig(metrics=["ndcg@10"], encoder={"precision": "fp32"})
+    result = evaluate.run(config, stage_inputs(dataset, model_dir), tmp_path / "eval", tmp_path / "eval-partial")
     # the reference: sentence-transformers' vectors, exact search, pytrec_eval, self-hits dropped as BEIR does
     from retrieval.serving.search import drop_self_hits, exact_search, to_run
     from retroflow.metrics import evaluate_run
@@ -118,7 +138,7 @@ def test_saved_model_loads_with_sentence_transformers_and_matches_encoder(tiny_r
 
 def test_dense_mining_with_a_model_excludes_positives(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     config = NegativesConfig(method="dense", rank_start=2, rank_end=40, encoder={"pooling": "mean", "show_progress": False})
-    run_mine_negatives(config, dataset, tmp_path, model_path=tiny_encoder)
+    negatives.run(config, stage_inputs(dataset, tiny_encoder), tmp_path, tmp_path / "partial")
     mined = read_negatives(tmp_path / "negatives.jsonl")
     judged = judged_positives(dataset)
     assert mined.provenance["model"] == str(tiny_encoder) and mined.provenance["index"]["kind"] == "faiss-flat"
@@ -127,7 +147,7 @@ def test_dense_mining_with_a_model_excludes_positives(dataset, tiny_encoder: Pat
 
 def test_ance_refresh_remines_with_the_current_checkpoint(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     config = tiny_config("train.max_steps=6", "train.save_every=100", "ance.rounds=1", "ance.rank_start=1", "ance.rank_end=30")
-    metrics = run_finetune(config, dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    metrics = finetune.run(config, stage_inputs(dataset, tiny_encoder), tmp_path / "out", tmp_path / "partial")
     assert metrics["ance_rounds_done"] == 1 and metrics["steps"] == 6
     refreshed = read_negatives(tmp_path / "partial" / "ance" / "negatives-round-1.jsonl")
     assert refreshed.provenance["method"] == "dense" and refreshed.provenance["ance_round"] == 1
@@ -139,7 +159,7 @@ def test_ance_refresh_remines_with_the_current_checkpoint(dataset, tiny_encoder:
 
 def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     config = tiny_config("train.max_steps=2", "model.shared_encoder=false", "data.max_queries=16", "model.serve_max_length=96")
-    metrics = run_finetune(config, dataset, tiny_encoder, tmp_path / "out", tmp_path / "partial")
+    metrics = finetune.run(config, stage_inputs(dataset, tiny_encoder), tmp_path / "out", tmp_path / "partial")
     assert metrics["outputs"] == ["query_model", "passage_model"]
     saved = json.loads((tmp_path / "out" / "passage_model" / "sentence_bert_config.json").read_text())
     assert saved["max_seq_length"] == 96 and (tmp_path / "out" / "query_model" / "modules.json").is_file()
@@ -151,14 +171,12 @@ def test_separate_query_and_passage_encoders(dataset, tiny_encoder: Path, tmp_pa
 
 
 def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
-
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    teacher_cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", [f"init={tiny_encoder}"])
-    metrics = run_train_teacher(teacher_cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "teacher", tmp_path / "tp")
+    mined = mine_bm25(dataset, tmp_path / "neg")
+    teacher_cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml")
+    metrics = teacher.run(teacher_cfg, stage_inputs(dataset, init=tiny_encoder, negatives=mined), tmp_path / "teacher", tmp_path / "tp")
     assert metrics["steps"] == 12 and all(np.isfinite(metrics["loss_history"]))
-    teacher = read_teacher_scores(tmp_path / "teacher" / "teacher_scores.jsonl")
-    provenance, scores = teacher.provenance, teacher.scores
+    scored = read_teacher_scores(tmp_path / "teacher" / "teacher_scores.jsonl")
+    provenance, scores = scored.provenance, scored.scores
     assert provenance["negatives"]["method"] == "bm25" and len(scores) == 32
     train_qrels = dataset.split_qrels("train")
     for qid, docs in scores.items():
@@ -167,34 +185,23 @@ def test_teacher_scores_then_kl_distillation(dataset, tiny_encoder: Path, tmp_pa
     assert (tmp_path / "teacher" / "teacher" / "config.json").is_file()
 
     distill = tiny_config("train.max_steps=6", "data.max_queries=32", "distill.loss=kl", "distill.temperature=2.0")
-    out = run_finetune(
-        distill,
-        dataset,
-        tiny_encoder,
-        tmp_path / "student",
-        tmp_path / "sp",
-        teacher_scores_file=tmp_path / "teacher" / "teacher_scores.jsonl",
-    )
+    with_teacher = stage_inputs(dataset, tiny_encoder, teacher=tmp_path / "teacher")  # the teacher's output folder: its scores file
+    out = finetune.run(distill, with_teacher, tmp_path / "student", tmp_path / "sp")
     assert out["steps"] == 6 and all(v > 0 for v in out["distill_loss_history"])
     with pytest.raises(ValueError, match="go together"):
-        run_finetune(distill, dataset, tiny_encoder, tmp_path / "x", tmp_path / "xp")
+        finetune.run(distill, stage_inputs(dataset, tiny_encoder), tmp_path / "x", tmp_path / "xp")
 
 
 def test_teacher_dev_check_reranks_the_held_out_queries_only(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
     """With a dev hold-out the teacher reports BM25's and its own nDCG@10 on exactly those queries."""
     from retrieval.serving.bm25 import BM25Retriever
     from retrieval.serving.search import drop_self_hits
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
     from retroflow.data.splits import dev_split
     from retroflow.metrics import evaluate_run
 
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    cfg = load_config(
-        TeacherConfig,
-        REPO / "configs/teacher/tiny.yaml",
-        [f"init={tiny_encoder}", "max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"],
-    )
-    metrics = run_train_teacher(cfg, dataset, tmp_path / "neg" / "negatives.jsonl", tmp_path / "t", tmp_path / "tp")
+    mined = mine_bm25(dataset, tmp_path / "neg")
+    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", ["max_steps=2", "dev_fraction=0.25", "dev_check_depth=10"])
+    metrics = teacher.run(cfg, stage_inputs(dataset, init=tiny_encoder, negatives=mined), tmp_path / "t", tmp_path / "tp")
 
     train = dataset.split_qrels("train")
     _, dev = dev_split(list(train), 0.25, 0)
@@ -232,6 +239,13 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
         load_config(FinetuneConfig, bad)
     for name in ("tiny", "minilm-scifact", "minilm-scifact-distill", "msmarco-paper"):
         load_config(FinetuneConfig, REPO / f"configs/finetune/{name}.yaml")
+    for name in ("tiny", "minilm-scifact", "minilm-scifact-3ep", "fusion-scifact"):
+        load_config(TeacherConfig, REPO / f"configs/teacher/{name}.yaml")
+    bad.write_text("dataset: scifact\ninit: minilm\n")  # written before they became the stage's inputs
+    with pytest.raises(ConfigError, match="field 'dataset' is an input now: pass --dataset.*field 'init' is an input now: pass --model"):
+        load_config(FinetuneConfig, bad)
+    with pytest.raises(ConfigError, match="field 'init' is an input now: pass --model"):
+        load_config(TeacherConfig, bad)
 
 
 def test_cli_finetune_prints_json_last(scifact_small: Path, tiny_encoder: Path, tmp_path: Path, capsys) -> None:
@@ -258,6 +272,19 @@ def test_cli_finetune_prints_json_last(scifact_small: Path, tiny_encoder: Path, 
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["steps"] == 3 and last["output_dir"] == str(tmp_path / "run")
     assert (tmp_path / "run" / "model" / "config.json").is_file() and not (tmp_path / "run" / "partial").exists()
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    # the dataset as normalised (content-addressed: the name it was first normalised under)
+    assert f"base_model: {tiny_encoder}" in card and dataset_input(scifact_small).name in card
+
+
+@pytest.mark.parametrize("command", ["finetune", "teacher"])
+def test_cli_without_model_names_the_flag(command: str, scifact_small: Path, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    config = TINY if command == "finetune" else REPO / "configs/teacher/fusion-scifact.yaml"
+    code = main([command, "--config", str(config), "--dataset", str(scifact_small), "--output", str(tmp_path / "run")])
+    assert code == 2 and f"retroflow {command}: pass --model" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "partial").exists()  # refused before anything was written
 
 
 @pytest.mark.slow
@@ -278,7 +305,7 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same thread count as each rank: identical float reduction order
     try:
-        single = run_finetune(tiny_config("train.max_steps=4"), dataset, model_dir, tmp_path / "one", tmp_path / "one-p")
+        single = finetune.run(tiny_config("train.max_steps=4"), stage_inputs(dataset, model_dir), tmp_path / "one", tmp_path / "one-p")
     finally:
         torch.set_num_threads(threads)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -318,19 +345,12 @@ def test_two_process_ddp_run_equals_one_process_run(dataset, scifact_small: Path
 
 
 def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_path: Path) -> None:
-    from retrieval.training.teacher import TeacherConfig, run_train_teacher
-
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=30), dataset, tmp_path / "neg")
-    negatives = tmp_path / "neg" / "negatives.jsonl"
-    cfg = load_config(
-        TeacherConfig,
-        REPO / "configs/teacher/tiny.yaml",
-        [f"init={tiny_encoder}", "max_steps=8", "max_queries=16", "candidates_per_query=2"],
-    )
-    full = run_train_teacher(cfg, dataset, negatives, tmp_path / "a", tmp_path / "ap")
-    stopped = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp", stop_after=4)
+    inputs = stage_inputs(dataset, init=tiny_encoder, negatives=mine_bm25(dataset, tmp_path / "neg"))
+    cfg = load_config(TeacherConfig, REPO / "configs/teacher/tiny.yaml", ["max_steps=8", "max_queries=16", "candidates_per_query=2"])
+    full = teacher.run(cfg, inputs, tmp_path / "a", tmp_path / "ap")
+    stopped = teacher.run(cfg, inputs, tmp_path / "b", tmp_path / "bp", stop_after=4)
     assert stopped["stopped_early"]
-    resumed = run_train_teacher(cfg, dataset, negatives, tmp_path / "b", tmp_path / "bp")
+    resumed = teacher.run(cfg, inputs, tmp_path / "b", tmp_path / "bp")
     assert resumed["resumed_from"] == 4 and resumed["loss_history"] == full["loss_history"]
     assert (tmp_path / "a" / "teacher_scores.jsonl").read_text().splitlines()[1:] == (
         tmp_path / "b" / "teacher_scores.jsonl"

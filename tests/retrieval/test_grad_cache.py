@@ -60,9 +60,12 @@ def test_grad_cache_and_gradient_accumulation_are_exclusive():
 
 
 def test_a_grad_cache_run_trains_and_saves(scifact_small, no_dropout_encoder, tmp_path):
-    from retrieval.training.finetune import run_finetune
+    from retrieval.training.finetune import run
+    from retroflow.data import dataset_input
+    from retroflow.inputs import inputs_of, model_input
 
     cfg = load_config(FinetuneConfig, REPO / "configs/finetune/tiny.yaml", ["train.max_steps=3", "train.grad_cache_chunk=4"])
-    metrics = run_finetune(cfg, load_dataset(scifact_small), no_dropout_encoder, tmp_path / "out", tmp_path / "partial")
+    inputs = inputs_of(data=dataset_input(scifact_small), model=model_input(no_dropout_encoder))
+    metrics = run(cfg, inputs, tmp_path / "out", tmp_path / "partial")
     assert metrics["steps"] == 3 and len(metrics["loss_history"]) == 3
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from eval.evaluate import EvaluateConfig, evaluate
+from eval.evaluate import EvaluateConfig, Target, evaluate
 from flows.cli import main
 from retrieval.serving.hybrid import FusionSettings, choose_weight, dev_hold_out, fuse_minmax, fuse_rrf, pseudo_queries, split_sentences
 from retroflow.config import ConfigError, load_config
@@ -48,11 +48,13 @@ def test_choose_weight_picks_the_best_grid_point_and_prefers_dense_on_ties():
 
 def test_fusion_weight_outside_0_1_is_a_config_error_naming_the_field(tmp_path):
     cfg = tmp_path / "eval.yaml"
-    cfg.write_text("model: hybrid:minilm\nfusion: {weight: 1.2}\n")
+    cfg.write_text("fusion: {weight: 1.2}\n")
     with pytest.raises(ConfigError, match=r"field 'fusion.weight'"):
         load_config(EvaluateConfig, cfg)
-    with pytest.raises(ConfigError, match="hybrid:"):
-        load_config(EvaluateConfig, None, ["model='hybrid:'"])
+    with pytest.raises(ConfigError, match="'hybrid:' needs a dense model"):
+        Target(model="hybrid:")
+    with pytest.raises(ConfigError, match="cannot score a run_file"):
+        evaluate(EvaluateConfig(run_file=str(tmp_path / "run.txt")), Target(model="hybrid:minilm", dataset="scifact"))
 
 
 def test_empty_dev_hold_out_is_an_error_naming_the_split(scifact_small):
@@ -111,16 +113,14 @@ def test_hybrid_on_a_corpus_without_dev_queries_uses_pseudo_queries(scifact_smal
     zero_shot = tmp_path / "zero-shot"
     shutil.copytree(scifact_small, zero_shot)
     (zero_shot / "qrels" / "train.tsv").unlink()
-    config = EvaluateConfig(
-        model=f"hybrid:{tiny_bert}", dataset=str(zero_shot), encoder={"show_progress": False}, fusion={"pseudo_queries": 40}
-    )
-    result = evaluate(config)
+    config = EvaluateConfig(encoder={"show_progress": False}, fusion={"pseudo_queries": 40})
+    result = evaluate(config, Target(model=f"hybrid:{tiny_bert}", dataset=str(zero_shot)))
     fusion = result["fusion"]
     assert fusion["chosen_on"] == "pseudo-queries" and fusion["pseudo_documents"] == 40
     assert fusion["selection_queries"] > 40  # several queries (styles) per document
     assert fusion["weight"] in FusionSettings().weight_grid and fusion["reason"] and fusion["margin"] == FusionSettings().pseudo_margin
     # the fused run is the fusion of the two sides at that weight
-    bm25 = evaluate(EvaluateConfig(model="bm25", dataset=str(zero_shot)))
+    bm25 = evaluate(EvaluateConfig(), Target(model="bm25", dataset=str(zero_shot)))
     assert bm25["num_queries"] == result["num_queries"]
 
 

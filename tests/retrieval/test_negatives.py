@@ -7,15 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.training.negatives import (
-    NegativesConfig,
-    read_negatives,
-    run_mine_negatives,
-    select_window,
-)
+from retrieval.training.negatives import NegativesConfig, read_negatives, run, select_window
 from retrieval.training.training_data import judged_positives
 from retroflow.config import ConfigError, load_config
+from retroflow.data import dataset_input
 from retroflow.data.beir import load_dataset
+from retroflow.inputs import inputs_of
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,7 +29,7 @@ def test_window_drops_top_ranks_positives_and_self() -> None:
 def test_bm25_negatives_never_contain_a_judged_positive(scifact_small: Path, tmp_path: Path) -> None:
     dataset = load_dataset(scifact_small)
     config = NegativesConfig(method="bm25", rank_start=0, rank_end=60)
-    metrics = run_mine_negatives(config, dataset, tmp_path)
+    metrics = run(config, inputs_of(data=dataset_input(dataset)), tmp_path, tmp_path / "partial")
     mined = read_negatives(tmp_path / "negatives.jsonl")
     judged = judged_positives(dataset)
     assert set(mined.negatives) == set(dataset.split_qrels("train"))
@@ -49,8 +46,9 @@ def test_bm25_negatives_never_contain_a_judged_positive(scifact_small: Path, tmp
 
 def test_rank_window_skips_the_top(scifact_small: Path, tmp_path: Path) -> None:
     dataset = load_dataset(scifact_small)
-    run_mine_negatives(NegativesConfig(rank_start=0, rank_end=20), dataset, tmp_path / "all")
-    run_mine_negatives(NegativesConfig(rank_start=10, rank_end=20), dataset, tmp_path / "tail")
+    data = inputs_of(data=dataset_input(dataset))
+    run(NegativesConfig(rank_start=0, rank_end=20), data, tmp_path / "all", tmp_path / "all-partial")
+    run(NegativesConfig(rank_start=10, rank_end=20), data, tmp_path / "tail", tmp_path / "tail-partial")
     full = read_negatives(tmp_path / "all" / "negatives.jsonl")
     tail = read_negatives(tmp_path / "tail" / "negatives.jsonl")
     for qid, docs in tail.negatives.items():
@@ -66,6 +64,14 @@ def test_bad_window_and_bad_file_are_clear_errors(tmp_path: Path) -> None:
     (tmp_path / "neg.jsonl").write_text('{"format": "retroflow-negatives/1", "provenance": {}}\n{"qid": "1"}\n')
     with pytest.raises(ValueError, match="neg.jsonl, line 2: needs fields"):
         read_negatives(tmp_path / "neg.jsonl")
+    path.write_text("dataset: scifact\nmodel: minilm\nmethod: dense\n")  # a config written before they became inputs
+    with pytest.raises(ConfigError, match="field 'dataset' is an input now: pass --dataset.*field 'model' is an input now"):
+        load_config(NegativesConfig, path)
+
+
+def test_dense_mining_without_a_model_is_a_clear_error(scifact_small: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs a model: the stage's `model` input"):
+        run(NegativesConfig(method="dense"), inputs_of(data=dataset_input(scifact_small)), tmp_path, tmp_path / "partial")
 
 
 def test_cli_mine_negatives_prints_json_last(scifact_small: Path, tmp_path: Path, capsys) -> None:
@@ -85,3 +91,11 @@ def test_cli_mine_negatives_prints_json_last(scifact_small: Path, tmp_path: Path
     assert code == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["method"] == "bm25" and last["queries"] == 60 and Path(last["negatives_file"]).is_file()
+
+
+def test_cli_dense_mining_needs_model(scifact_small: Path, tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    argv = ["negatives", "--method", "dense", "--dataset", str(scifact_small), "--output", str(tmp_path)]
+    assert main(argv) == 2
+    assert "retroflow negatives: pass --model" in capsys.readouterr().err

@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrieval.training.finetune import FinetuneConfig, paired_bootstrap_interval, run_finetune
+from retrieval.training.finetune import FinetuneConfig, paired_bootstrap_interval, run
 from retroflow.config import load_config
+from retroflow.data import dataset_input
 from retroflow.data.beir import load_dataset
+from retroflow.inputs import inputs_of, model_input
 from retroflow.models import read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_config(*overrides: str) -> FinetuneConfig:
     return load_config(FinetuneConfig, TINY, ["train.max_steps=1", "train.precision=fp32", *overrides])
+
+
+def finetune(config: FinetuneConfig, dataset, model: Path, out: Path, init: Path | None = None) -> dict:
+    """The finetune stage from `model` (the pretrain gate's rival: `init`) into `out`, checkpoints beside it."""
+    inputs = inputs_of(data=dataset_input(dataset), model=model_input(model), init=model_input(init) if init else None)
+    return run(config, inputs, out, out.with_name(out.name + "-partial"))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def cls_declared(tiny_bert, tmp_path_factory) -> Path:
 
 def test_a_mean_bottleneck_pretraining_saves_mean_pooling(tiny_bert, scifact_small, tmp_path):
     from retromae.config import PretrainConfig
-    from retromae.pretrain import run_pretrain
+    from retromae.pretrain import run as pretrain
 
     init = tmp_path / "init"
     shutil.copytree(tiny_bert, init)
@@ -54,10 +62,10 @@ def test_a_mean_bottleneck_pretraining_saves_mean_pooling(tiny_bert, scifact_sma
             "train": {"max_steps": 3, "batch_size": 4, "head_warmup_steps": 1, "save_every": 10, "log_every": 1, "precision": "fp32"},
         }
     )
-    metrics = run_pretrain(config, tmp_path / "out", tmp_path / "partial")
+    metrics = pretrain(config, {}, tmp_path / "out", tmp_path / "partial")  # no `data` input: the text is data.beir_corpus
     saved = read_sentence_transformer_settings(tmp_path / "out" / "encoder")
     assert metrics["bottleneck"] == "mean" and (saved.pooling, saved.normalize) == ("mean", True)
-    cls = run_pretrain(config.with_overrides(bottleneck="cls"), tmp_path / "cls", tmp_path / "cls-partial")
+    cls = pretrain(config.with_overrides(bottleneck="cls"), {}, tmp_path / "cls", tmp_path / "cls-partial")
     assert cls["bottleneck"] == "cls" and read_sentence_transformer_settings(tmp_path / "cls" / "encoder").pooling == "cls"
 
 
@@ -74,15 +82,11 @@ def test_bottleneck_init_needs_an_init_that_declares_its_pooling(tiny_bert, scif
 
 def test_fine_tuning_with_another_pooling_than_the_model_declares_is_refused_or_reported(dataset, cls_declared, tmp_path):
     with pytest.raises(ValueError, match=r"finetune.model.pooling: .* declares cls pooling .* asks mean"):
-        run_finetune(tiny_config("model.pooling=mean"), dataset, cls_declared, tmp_path / "a", tmp_path / "a-partial")
-    metrics = run_finetune(
-        tiny_config("model.pooling=mean", "model.allow_pooling_change=true"), dataset, cls_declared, tmp_path / "b", tmp_path / "b-partial"
-    )
+        finetune(tiny_config("model.pooling=mean"), dataset, cls_declared, tmp_path / "a")
+    metrics = finetune(tiny_config("model.pooling=mean", "model.allow_pooling_change=true"), dataset, cls_declared, tmp_path / "b")
     assert metrics["pooling_change"] == {"declared": "cls", "used": "mean"} and metrics["pooling"] == "mean"
     assert "pooling_change" in (tmp_path / "b" / "model" / "README.md").read_text()
-    assert (
-        run_finetune(tiny_config("model.pooling=auto"), dataset, cls_declared, tmp_path / "c", tmp_path / "c-partial")["pooling"] == "cls"
-    )
+    assert finetune(tiny_config("model.pooling=auto"), dataset, cls_declared, tmp_path / "c")["pooling"] == "cls"
 
 
 @pytest.fixture(scope="module")
@@ -111,19 +115,20 @@ def test_the_gate_rejects_a_pretrained_encoder_made_worse_and_starts_from_the_in
         "data.dev_fraction=0.3",
         "pretrain_gate.pool_depth=10",
     )
-    metrics = run_finetune(config, dataset, damaged, tmp_path / "out", tmp_path / "partial", init_path=minilm)
+    metrics = finetune(config, dataset, damaged, tmp_path / "out", init=minilm)
     gate = metrics["pretrain_gate"]
     assert gate["start"] == "init" and gate["delta"] < 0 and gate["init_dev_ndcg@10"] > gate["pretrained_dev_ndcg@10"]
     assert gate["dev_queries"] > 0 and gate["pool"] == "BM25's top 10" and gate["delta_ci95"][0] <= gate["delta"] <= gate["delta_ci95"][1]
     assert metrics["init"] == str(minilm) and "starts from the init" in gate["reason"]  # fine-tuning started from the init
-    assert "pretrain_gate" in (tmp_path / "out" / "model" / "README.md").read_text()
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "pretrain_gate" in card and f"base_model: {minilm}" in card  # the card names the start the gate chose
     # the untouched model itself passes (a tie is not worse)
-    same = run_finetune(config, dataset, minilm, tmp_path / "same", tmp_path / "same-partial", init_path=minilm)
+    same = finetune(config, dataset, minilm, tmp_path / "same", init=minilm)
     assert same["pretrain_gate"]["start"] == "pretrained" and same["pretrain_gate"]["delta"] == 0
 
 
 def test_the_gate_says_so_when_there_is_no_dev_hold_out(dataset, tiny_bert, tmp_path):
-    metrics = run_finetune(tiny_config("data.dev_fraction=0"), dataset, tiny_bert, tmp_path / "o", tmp_path / "p", init_path=tiny_bert)
+    metrics = finetune(tiny_config("data.dev_fraction=0"), dataset, tiny_bert, tmp_path / "o", init=tiny_bert)
     assert metrics["pretrain_gate"]["start"] == "pretrained" and "unchecked" in metrics["pretrain_gate"]["reason"]
 
 

@@ -11,10 +11,12 @@ from retrieval.serving.bm25 import BM25Retriever
 from retrieval.serving.encode import write_embeddings
 from retrieval.serving.encoder import Encoder, EncoderSettings
 from retrieval.serving.hybrid import FusionSettings, HybridSearcher, dense_side
-from retrieval.serving.index import IndexConfig, IndexRetriever, run_build_index
+from retrieval.serving.index import IndexConfig, IndexRetriever
+from retrieval.serving.index import run as build_index
 from retrieval.serving.search import ExactDenseRetriever, MemoryIndexRetriever, Retriever
 from retrieval.training.negatives import dense_retriever
 from retroflow.data.beir import load_dataset
+from retroflow.inputs import path_input
 
 K = 10
 
@@ -42,7 +44,7 @@ def flat_index_dir(corpus, doc_vectors, tmp_path_factory):
     dataset, _ = corpus
     root = tmp_path_factory.mktemp("retrievers")
     embeddings = write_embeddings(root / "emb", doc_vectors, dataset.doc_ids())
-    run_build_index(IndexConfig(factory="Flat"), embeddings, root / "flat")
+    build_index(IndexConfig(factory="Flat"), {"embeddings": path_input(embeddings)}, root / "flat", root / "partial")
     return root / "flat"
 
 

@@ -11,9 +11,21 @@ from conftest import clustered
 
 import retrieval.serving.tune as autotune
 from retrieval.serving.encode import open_embeddings, write_embeddings
-from retrieval.serving.index import IndexConfig, run_build_index, search_with_index
+from retrieval.serving.index import IndexConfig, search_with_index
+from retrieval.serving.index import run as build
 from retrieval.serving.search import exact_search
-from retrieval.serving.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run_tune_index
+from retrieval.serving.tune import TuneConfig, choose, exact_topk, pareto_front, recall_at_k, run
+from retroflow.inputs import path_input
+
+
+def build_index(config: IndexConfig, embeddings: Path, out: Path) -> dict:
+    return build(config, {"embeddings": path_input(embeddings)}, out, out.parent / "partial")
+
+
+def tune(config: TuneConfig, index_dir: Path, embeddings: Path, queries: np.ndarray | None, out: Path, **given) -> dict:
+    """The tune stage on an index and embeddings outside the store (`given`: report_vectors, dev)."""
+    inputs = {"index": path_input(index_dir), "embeddings": path_input(embeddings)}
+    return run(config, inputs, out, out.parent / "partial", query_vectors=queries, **given)
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +51,9 @@ def test_chosen_setting_meets_target_and_is_used_by_search(synthetic, factory, t
     root, emb, docs, queries = synthetic
     tune_q, report_q = queries[:200], queries[200:]
     index_dir, tuned = root / f"idx-{factory}", root / f"tuned-{factory}"
-    run_build_index(IndexConfig(factory=factory, ef_search=16, nprobe=1, ef_construction=40), emb, index_dir)
+    build_index(IndexConfig(factory=factory, ef_search=16, nprobe=1, ef_construction=40), emb, index_dir)
     config = TuneConfig(target_recall=target, num_queries=300, repeats=1, ef_search=[8, 16, 32, 64, 128], nprobe=[1, 2, 4, 8, 16, 32, 64])
-    result = run_tune_index(config, index_dir, emb, tune_q, tuned, report_vectors=report_q)
+    result = tune(config, index_dir, emb, tune_q, tuned, report_vectors=report_q)
     assert result["target_met"] and result["tuned_on"]["recall"] >= target
     assert (result["tuned_on"]["num_queries"], result["reported_on"]["num_queries"]) == (200, 100)
     stored = json.loads((tuned / "index.json").read_text())
@@ -60,10 +72,8 @@ def test_chosen_setting_meets_target_and_is_used_by_search(synthetic, factory, t
 def test_unreachable_target_is_reported_not_hidden(synthetic):
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-pq"
-    run_build_index(IndexConfig(factory="IVF16,PQ4x4", nprobe=1), emb, index_dir)
-    result = run_tune_index(
-        TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir
-    )
+    build_index(IndexConfig(factory="IVF16,PQ4x4", nprobe=1), emb, index_dir)
+    result = tune(TuneConfig(target_recall=0.999, num_queries=100, repeats=1, nprobe=[1, 4, 16]), index_dir, emb, queries, index_dir)
     assert result["target_met"] is False
     rows = json.loads((index_dir / "tune.json").read_text())["rows"]
     assert result["tuned_on"]["recall"] == max(r["recall"] for r in rows) < 0.999
@@ -101,9 +111,9 @@ def test_tuner_never_reports_on_the_queries_it_tuned_on(synthetic, monkeypatch, 
     report_vectors = queries[150:] if queries_from == "given report set" else None
     index_dir = root / "idx-disjoint"
     if not index_dir.exists():
-        run_build_index(IndexConfig(factory="IVF64,Flat"), emb, index_dir)
+        build_index(IndexConfig(factory="IVF64,Flat"), emb, index_dir)
     config = TuneConfig(num_queries=400, repeats=1, nprobe=[1, 4, 16])
-    result = run_tune_index(config, index_dir, emb, pools[queries_from], root / f"tuned-{queries_from}", report_vectors=report_vectors)
+    result = tune(config, index_dir, emb, pools[queries_from], root / f"tuned-{queries_from}", report_vectors=report_vectors)
 
     assert len(swept) == len(reported) == 1
     tuned_rows, reported_rows = row_set(swept[0]), row_set(reported[0])
@@ -122,9 +132,9 @@ def test_tuner_never_reports_on_the_queries_it_tuned_on(synthetic, monkeypatch, 
 def test_report_queries_that_were_tuned_on_are_refused(synthetic):
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-overlap"
-    run_build_index(IndexConfig(factory="Flat"), emb, index_dir)
+    build_index(IndexConfig(factory="Flat"), emb, index_dir)
     with pytest.raises(ValueError, match="also tuning queries"):
-        run_tune_index(TuneConfig(repeats=1), index_dir, emb, queries[:100], index_dir, report_vectors=queries[90:120])
+        tune(TuneConfig(repeats=1), index_dir, emb, queries[:100], index_dir, report_vectors=queries[90:120])
 
 
 def test_pareto_front_has_no_dominated_point():
@@ -187,10 +197,10 @@ def test_tuner_rejects_an_index_setting_that_loses_quality_on_dev(synthetic):
     """Recall alone lets a fast, lossy nprobe through; the nDCG rule keeps a slower one exact search's equal."""
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-ndcg"
-    run_build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
+    build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
     config = TuneConfig(target_recall=0.05, ndcg_tolerance=0.001, num_queries=300, repeats=3, nprobe=[1, 64])
     dev = dev_queries_for(docs, 80, seed=5)
-    result = run_tune_index(config, index_dir, emb, queries, root / "tuned-ndcg", dev=dev)
+    result = tune(config, index_dir, emb, queries, root / "tuned-ndcg", dev=dev)
 
     rows = {r["nprobe"]: r for r in json.loads((root / "tuned-ndcg" / "tune.json").read_text())["rows"]}
     lossy, exact_enough = rows[1], rows[64]  # nprobe 64 of 64 lists scans every vector
@@ -210,17 +220,12 @@ def test_tuner_rejects_an_index_setting_that_loses_quality_on_dev(synthetic):
 def test_without_dev_queries_the_choice_is_by_recall_and_says_so(synthetic):
     root, emb, docs, queries = synthetic
     index_dir = root / "idx-recall-only"
-    run_build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
-    result = run_tune_index(
-        TuneConfig(num_queries=100, repeats=1, nprobe=[1, 64]),
-        index_dir,
-        emb,
-        queries,
-        index_dir,
-        no_dev_reason="scifact has no split 'train'",
-    )
+    build_index(IndexConfig(factory="IVF64,Flat", nprobe=1), emb, index_dir)
+    result = tune(TuneConfig(num_queries=100, repeats=1, nprobe=[1, 64]), index_dir, emb, queries, index_dir)
     assert result["dev"] is None and result["ndcg_tolerance"] is None
-    assert result["rule"] == "fastest with recall@10 >= 0.95 (recall only: scifact has no split 'train')"
+    assert (
+        result["rule"] == "fastest with recall@10 >= 0.95 (recall only: the stage was given no dataset and model to draw dev queries from)"
+    )
 
 
 @pytest.mark.parametrize(("field", "value"), [("ndcg_tolerance", -0.001), ("ndcg_tolerance", 1.5)])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.evaluate import EvaluateConfig, evaluate
+from eval.evaluate import EvaluateConfig, Target, evaluate
 from flows.cli import main
 from retroflow.data.beir import DatasetError
 from retroflow.data.msmarco import (
@@ -60,8 +60,8 @@ def write_run(path: Path, ranking: dict[str, list[str]]) -> Path:
 
 
 def score_run_file(dataset_dir: Path, run_path: Path, split: str = "dev.small", **config) -> dict:
-    config = EvaluateConfig(suite="msmarco", dataset=str(dataset_dir), split=split, run_file=str(run_path), **config)
-    return evaluate(config, load_msmarco(dataset_dir))
+    config = EvaluateConfig(suite="msmarco", split=split, run_file=str(run_path), **config)
+    return evaluate(config, Target(model="minilm", dataset=str(dataset_dir)), load_msmarco(dataset_dir))
 
 
 # --- readers ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.evaluate import EvaluateConfig, evaluate
+from eval.evaluate import EvaluateConfig, Target, evaluate
 from flows.cli import main
 from retroflow.config import ConfigError, load_config
 from retroflow.data.beir import DatasetError
@@ -199,7 +199,7 @@ def test_config_defaults_follow_the_suite() -> None:
         load_config(EvaluateConfig, None, ["suite=nq", "metrics=[ndcg@10]"])
     with pytest.raises(ConfigError, match="accuracy@100 needs top_k >= 100"):
         load_config(EvaluateConfig, None, ["suite=nq", "top_k=20"])
-    assert EvaluateConfig(suite="nq").with_overrides(model="bm25").metrics == config.metrics  # survives a round trip
+    assert EvaluateConfig(suite="nq").with_overrides(split="dev").metrics == config.metrics  # survives a round trip
 
 
 # --- the command a user runs -------------------------------------------------------------
@@ -223,8 +223,8 @@ def test_dense_nq_accuracy_at_full_depth_is_the_share_of_answerable_questions(tm
 
     root = write_dpr_dir(tmp_path / "nq")
     tiny_bert = build_tiny_bert(tmp_path / "bert", [text for _, text, _ in PSGS] + [q for q, _ in QUESTIONS], vocab_size=300)
-    config = EvaluateConfig(suite="nq", model=str(tiny_bert), dataset=str(root), metrics=["accuracy@1", "accuracy@6"], top_k=6)
-    result = evaluate(config.with_overrides(encoder={"show_progress": False}))
+    config = EvaluateConfig(suite="nq", metrics=["accuracy@1", "accuracy@6"], top_k=6, encoder={"show_progress": False})
+    result = evaluate(config, Target(model=str(tiny_bert), dataset=str(root)))
     assert result["accuracy@6"] == pytest.approx(4 / 5)
     assert 0 <= result["accuracy@1"] <= result["accuracy@6"]
     assert all(len(hits) == len(PSGS) for hits in result["run"].values())
