@@ -63,14 +63,10 @@ if ! healthy; then
   for _ in $(seq 1 120); do healthy && break; sleep 1; done
   healthy || { echo "quickstart: the server did not come up, see $PREFECT_HOME/server.log" >&2; exit 1; }
 fi
-# Each prefect command spends seconds importing Prefect: the pools are made side by side, and the
-# worker boots while the deployments register.
-pool_jobs=()
 for pool in local gpu; do
-  (prefect work-pool inspect "$pool" > /dev/null 2>&1 || prefect work-pool create "$pool" --type process > /dev/null) &
-  pool_jobs+=($!)
+  prefect work-pool inspect "$pool" > /dev/null 2>&1 || prefect work-pool create "$pool" --type process > /dev/null
 done
-for job in "${pool_jobs[@]}"; do wait "$job" || { echo "quickstart: could not create the Prefect work pools" >&2; exit 1; }; done
+prefect --no-prompt deploy --all > "$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
 # only a worker this script started (recorded in worker.pid) counts: one found by name may serve another server
 own_worker_alive() { [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; }
 if ! own_worker_alive; then
@@ -78,7 +74,6 @@ if ! own_worker_alive; then
   echo $! >> "$PIDS"
   echo $! > "$PREFECT_HOME/worker.pid"
 fi
-prefect --no-prompt deploy --all > "$PREFECT_HOME/deploy.log" 2>&1 || { cat "$PREFECT_HOME/deploy.log"; exit 1; }
 echo "quickstart: running pretrain-to-beir/$DEPLOYMENT (worker log: $PREFECT_HOME/worker.log)"
 prefect deployment run "pretrain-to-beir/$DEPLOYMENT" --watch --watch-interval 2 > "$PREFECT_HOME/run.log" 2>&1 || {
   tail -40 "$PREFECT_HOME/worker.log"; echo "quickstart: the flow run failed (see above and the UI: $PREFECT_UI_URL)" >&2; exit 1; }
