@@ -47,8 +47,11 @@ def open_dataset(data) -> Any:
     """The dataset inside a `data` input: a `data` artifact, or `dataset_input` below
     (the same normalised files in the cache)."""
     from retroflow.data.beir import read_normalised
+    from retroflow.inputs import ExternalInput
 
-    return read_normalised(data.path)
+    # an outside dataset keeps the name it was given now: the cache is shared by content, so its
+    # dataset.json names whichever copy was normalised first
+    return read_normalised(data.path, data.name if isinstance(data, ExternalInput) else None)
 
 
 def dataset_input(source: Any):  # -> retroflow.inputs.ExternalInput (imported on use: not a dependency of the data stage)

@@ -59,6 +59,18 @@ def test_second_load_hits_the_cache_and_content_fingerprint_is_route_independent
     assert load_dataset(changed, cache_dir=tmp_path / "cache").fingerprint != first.fingerprint
 
 
+def test_a_dataset_input_keeps_the_name_it_was_given_when_another_copy_was_normalised_first(tmp_path, monkeypatch):
+    """The cache is shared by content: a stage reading a `dataset_input` still sees (and writes into
+    model cards and metrics) the name the user gave, not the first copy's."""
+    from retroflow.data import dataset_input, open_dataset
+
+    monkeypatch.setenv("RETROFLOW_CACHE", str(tmp_path / "cache"))
+    first = dataset_input(write_dataset(tmp_path / "first-copy", GOOD_CORPUS))
+    second = dataset_input(write_dataset(tmp_path / "mine", GOOD_CORPUS))
+    assert first.path == second.path  # one normalised copy
+    assert (open_dataset(first).name, open_dataset(second).name) == ("first-copy", "mine")
+
+
 def test_missing_title_defaults_to_empty_and_doc_texts_join_like_beir(tmp_path):
     ds = load_dataset(write_dataset(tmp_path / "d", GOOD_CORPUS), cache_dir=tmp_path / "cache")
     assert ds.doc_texts() == ["X x is a letter", "y is another"]
