@@ -68,7 +68,7 @@ TEACHER_DIR = "teacher"
 class TeacherConfig(StageConfig):
     moved_to_inputs: ClassVar[dict[str, str]] = {
         "dataset": "pass --dataset NAME|DIR (a pipeline sets it from train_dataset)",
-        "init": "pass --model ALIAS|DIR (a pipeline sets it from teacher.init or model)",
+        "init": "pass --model ALIAS|DIR (a pipeline sets it from teacher_model, else model)",
     }
 
     # the `init` input: cross_encoder: any HF encoder (a fresh one-logit head is added); fusion: the dense model
