@@ -22,10 +22,11 @@ class DataConfig(StageConfig):
 
 
 def data_config(source: str) -> DataConfig:
-    """Read (and normalise, once, into the cache) the dataset at `source` to learn its content."""
-    from retroflow.data.beir import load_dataset
+    """The `data` config of the dataset at `source`: its content fingerprint, normalising it (once,
+    into the cache) when its files are new or changed, else from the cache's index alone."""
+    from retroflow.data.beir import content_fingerprint
 
-    return DataConfig(source=str(source), content_fingerprint=load_dataset(source).fingerprint)
+    return DataConfig(source=str(source), content_fingerprint=content_fingerprint(source))
 
 
 def run(config: DataConfig, inputs: Mapping[str, Any], out_dir: Path, partial_dir: Path) -> dict[str, Any]:

@@ -128,6 +128,19 @@ def load_dataset(
     return normalise(local, cache, name=dataset_name(str(source)), on_unknown_ids=on_unknown_ids)
 
 
+def content_fingerprint(source: str | Path, cache_dir: str | Path | None = None) -> str:
+    """The content fingerprint `load_dataset(source)` would give, without reading its tables when
+    the source files are unchanged since they were normalised (the index records their stat
+    signature): what a cached re-run needs to know, cheap even for MS MARCO's corpus. Anything
+    else (new or edited files, a first download) normalises as `load_dataset` does."""
+    cache = Path(cache_dir) if cache_dir else cache_root()
+    if is_normalised_dir(Path(source)):
+        return json.loads((Path(source) / "dataset.json").read_text())["fingerprint"]
+    local = resolve_local_source(str(source), cache)
+    known = indexed_fingerprint(index_file_of(local, cache)[0], cache)
+    return known or normalise(local, cache, name=dataset_name(str(source))).fingerprint
+
+
 def is_normalised_dir(path: Path) -> bool:
     return all((path / name).is_file() for name in ("dataset.json", "corpus.parquet", "queries.parquet", "qrels.parquet"))
 
@@ -485,17 +498,30 @@ def source_signature(files: list[Path]) -> str:
     return stat_signature(files, f"validation {VALIDATION_VERSION}")
 
 
-def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error") -> BeirDataset:
+def index_file_of(root: Path, cache: Path, on_unknown_ids: str = "error") -> tuple[Path, list[Path], list[Path], Path, dict]:
+    """Where the normalisation index records `root`'s files as they are now (their stat
+    signature), and the files themselves."""
     corpus_files, query_files, qrels_dir = locate_files(root)
     qrels_files = find_qrels_files(qrels_dir)
     all_files = corpus_files + query_files + [p for files in qrels_files.values() for p in files]
     signature = source_signature(all_files) + f"-{on_unknown_ids}"
-    index_file = cache / "beir" / "index" / f"{signature}.json"
-    if index_file.is_file():
-        fingerprint = json.loads(index_file.read_text())["fingerprint"]
-        cached = cache / "beir" / fingerprint
-        if (cached / "dataset.json").is_file():
-            return read_normalised(cached, name)
+    return cache / "beir" / "index" / f"{signature}.json", corpus_files, query_files, qrels_dir, qrels_files
+
+
+def indexed_fingerprint(index_file: Path, cache: Path) -> str | None:
+    """The fingerprint `index_file` (from `index_file_of`) holds, if the normalised copy is still
+    in the cache."""
+    if not index_file.is_file():
+        return None
+    fingerprint = json.loads(index_file.read_text())["fingerprint"]
+    return fingerprint if (cache / "beir" / fingerprint / "dataset.json").is_file() else None
+
+
+def normalise(root: Path, cache: Path, name: str, on_unknown_ids: str = "error") -> BeirDataset:
+    index_file, corpus_files, query_files, qrels_dir, qrels_files = index_file_of(root, cache, on_unknown_ids)
+    fingerprint = indexed_fingerprint(index_file, cache)
+    if fingerprint is not None:
+        return read_normalised(cache / "beir" / fingerprint, name)
 
     corpus_cols = read_id_text_records(corpus_files, "corpus", with_title=True)
     if not corpus_cols["_id"]:

@@ -71,6 +71,27 @@ def test_a_dataset_input_keeps_the_name_it_was_given_when_another_copy_was_norma
     assert (open_dataset(first).name, open_dataset(second).name) == ("first-copy", "mine")
 
 
+def test_the_content_fingerprint_of_an_unchanged_dataset_reads_no_table(tmp_path, monkeypatch):
+    """A cached re-run keys its `data` step by content: for files unchanged since they were
+    normalised that answer comes from the cache's index, without reading a table (MS MARCO's
+    corpus is gigabytes); edited files are normalised again."""
+    import retroflow.data.beir as beir
+
+    src = write_dataset(tmp_path / "a", GOOD_CORPUS)
+    first = load_dataset(src, cache_dir=tmp_path / "cache")
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a table was read")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(beir, "read_normalised", no_reading)
+        patched.setattr(beir.pq, "read_table", no_reading)
+        assert beir.content_fingerprint(src, cache_dir=tmp_path / "cache") == first.fingerprint
+    (src / "corpus.jsonl").write_text("\n".join(GOOD_CORPUS[:1] + [json.dumps({"_id": "d2", "text": "edited"})]) + "\n")
+    edited = beir.content_fingerprint(src, cache_dir=tmp_path / "cache")
+    assert edited != first.fingerprint and edited == load_dataset(src, cache_dir=tmp_path / "cache").fingerprint
+
+
 def test_missing_title_defaults_to_empty_and_doc_texts_join_like_beir(tmp_path):
     ds = load_dataset(write_dataset(tmp_path / "d", GOOD_CORPUS), cache_dir=tmp_path / "cache")
     assert ds.doc_texts() == ["X x is a letter", "y is another"]
