@@ -231,20 +231,13 @@ def same_model(recorded: str, used: str) -> bool:
 
 def _model_folder(name: str) -> str:
     from retroflow.artifacts import artifact_label
-    from retroflow.models import ALIASES, ModelNotFoundError
+    from retroflow.models import ALIASES, ModelNotFoundError, resolve_model_path
 
-    if name in ALIASES:
-        try:
-            name = str(ALIASES[name]())
-        except ModelNotFoundError:  # the alias's package is not installed here: aliases still agree by name
+    try:  # never a download: a hub id counts by its cached snapshot, else by name
+        name = str(resolve_model_path(name, local_only=True))
+    except ModelNotFoundError:
+        if name in ALIASES:  # the alias's package is not installed here: aliases still agree by name
             return ALIASES[name].__name__
-    elif not Path(name).exists() and "/" in name and not name.startswith((".", "/", "~")):
-        try:  # a hub id: its snapshot in the local cache, as `resolve_model_path` found it
-            from huggingface_hub import snapshot_download
-
-            name = snapshot_download(name, local_files_only=True)
-        except Exception:  # not cached (or not a hub id): compared by name
-            pass
     name = artifact_label(name)
     return str(Path(name).resolve()) if Path(name).is_dir() else name
 

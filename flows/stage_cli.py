@@ -14,7 +14,7 @@ from typing import Any
 from flows.chain import prepare_data
 from flows.stages import STAGES, build
 from retroflow.artifacts import Artifact, ArtifactStore, default_store
-from retroflow.config import ConfigError, StageConfig
+from retroflow.config import ConfigError, StageConfig, required_flag
 from retroflow.console import emit_json
 from retroflow.inputs import Input, artifact_containing, model_input
 
@@ -88,33 +88,26 @@ def tune_inputs(args: argparse.Namespace, config: StageConfig, store: ArtifactSt
     return {"index": index, "embeddings": embeddings}
 
 
-def required(args: argparse.Namespace, name: str, stage: str) -> str:
-    value = getattr(args, name, None)
-    if not value:
-        raise ConfigError(f"retroflow {stage}: pass --{name} (an input of the stage, not a config field)")
-    return value
-
-
 STAGE_INPUTS = {
     "pretrain": pretrain_inputs,
     "negatives": lambda args, config, store: {
-        "data": prepare_data(store, required(args, "dataset", "negatives")),
-        "model": model_input(required(args, "model", "negatives")) if config.method == "dense" else None,
+        "data": prepare_data(store, required_flag(args, "dataset", "negatives")),
+        "model": model_input(required_flag(args, "model", "negatives")) if config.method == "dense" else None,
     },
     "teacher": lambda args, config, store: {
-        "data": prepare_data(store, required(args, "dataset", "teacher")),
-        "init": model_input(required(args, "model", "teacher")),
+        "data": prepare_data(store, required_flag(args, "dataset", "teacher")),
+        "init": model_input(required_flag(args, "model", "teacher")),
         "negatives": artifact_input(args.negatives, "--negatives", "negatives") if config.kind == "cross_encoder" else None,
     },
     "finetune": lambda args, config, store: {
-        "data": prepare_data(store, required(args, "dataset", "finetune")),
-        "model": model_input(required(args, "model", "finetune")),
+        "data": prepare_data(store, required_flag(args, "dataset", "finetune")),
+        "model": model_input(required_flag(args, "model", "finetune")),
         "negatives": artifact_input(args.negatives, "--negatives", "negatives"),
         "teacher": artifact_input(args.teacher_scores, "--teacher-scores", "teacher"),
     },
     "encode": lambda args, config, store: {
-        "data": prepare_data(store, required(args, "dataset", "encode")),
-        "model": model_input(required(args, "model", "encode")),
+        "data": prepare_data(store, required_flag(args, "dataset", "encode")),
+        "model": model_input(required_flag(args, "model", "encode")),
     },
     "index": lambda args, config, store: {"embeddings": artifact_input(args.embeddings, "--embeddings", "encode")},
     "tune": tune_inputs,

@@ -113,6 +113,16 @@ def flag(key: str, value: Any) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+def required_flag(args: Any, name: str, command: str | None = None) -> str:
+    """The value of the command's flag --NAME, which gives an input of its stage (a dataset, a model):
+    without it, a one-line error naming the flag."""
+    value = getattr(args, name, None)
+    if not value:
+        command = command or getattr(args, "stage", "")
+        raise ConfigError(f"retroflow {command}: pass --{name.replace('_', '-')} (an input of the stage, not a config field)")
+    return value
+
+
 def parse_override(text: str | tuple[list[str], Any]) -> tuple[list[str], Any]:
     """`a.b=3` -> (['a','b'], 3); the value is parsed as YAML so numbers and bools work.
     A (path, value) pair from `flag` passes through."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retroflow.artifacts import MANIFEST, Artifact, open_verified
+from retroflow.artifacts import MANIFEST, Artifact, artifact_label, open_verified
 from retroflow.hashing import directory_fingerprint, sha256_file
 
 
@@ -71,6 +71,13 @@ def model_dir(ref: Input) -> Path:
 
 def model_label(model: Input) -> str:
     return model.name if isinstance(model, ExternalInput) else f"{model.stage}/{model.key}"
+
+
+def model_folder_label(model: Input) -> str:
+    """How files a stage writes name a model it read (vectors' metadata, a model card's base
+    model): as given (an alias, a directory, a hub id), or a store model by its folder's place in
+    the store (`stage/key/model`), the same on every store root."""
+    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))
 
 
 def artifact_containing(path: str | Path) -> Artifact | None:

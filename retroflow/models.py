@@ -28,8 +28,9 @@ ALIASES = {
 }
 
 
-def resolve_model_path(name_or_path: str | Path) -> Path:
-    """Alias -> packaged weights; existing directory -> itself; else a hub id, fetched or a clear error."""
+def resolve_model_path(name_or_path: str | Path, *, local_only: bool = False) -> Path:
+    """Alias -> packaged weights; existing directory -> itself; else a hub id, fetched (or, with
+    `local_only`, only found in the local hub cache) or a clear error."""
     text = str(name_or_path)
     if text in ALIASES:
         return ALIASES[text]()
@@ -40,19 +41,21 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
         return path
     if path.exists() or text.startswith((".", "/")):
         raise ModelNotFoundError(f"model path {path} does not exist")
-    return _download_from_hub(text)
+    return _download_from_hub(text, local_only)
 
 
-def _download_from_hub(repo_id: str) -> Path:
+def _download_from_hub(repo_id: str, local_only: bool = False) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
+        if local_only:
+            return Path(snapshot_download(repo_id, local_files_only=True))
         return Path(snapshot_download(repo_id, etag_timeout=10))
     except Exception as err:  # offline, unknown repo, gated: all mean "not available here"
         raise ModelNotFoundError(
             f"model '{repo_id}' is not an alias ({', '.join(sorted(ALIASES))}), not a local directory, "
-            f"and could not be fetched from the Hugging Face hub ({type(err).__name__}). "
-            "Offline? Pass a local model directory."
+            f"and could not be {'found in the local hub cache' if local_only else 'fetched from the Hugging Face hub'} "
+            f"({type(err).__name__}). Offline? Pass a local model directory."
         ) from None
 
 

@@ -10,6 +10,8 @@ the shards first (one task per shard, any machine), then `run` merges them:
     run_shard(config: EncodeConfig, inputs: {"data", "model"}, shard: int, shards_dir: Path) -> dict
         Encode one shard into `shards_dir/shard-NNNNN/` atomically; skipped when already there.
         Safe to call from separate processes/machines sharing `shards_dir`.
+    run_shards(config, inputs, shards: Sequence[int], shards_dir: Path) -> dict
+        Several shards in one process (one model load, a progress bar): one worker's share.
     plan_shards(num_docs: int, shard_size: int) -> list[range]
     merge_shards(shards_dir: Path, out_dir: Path, num_shards: int, merge: bool = True,
                  extra_meta: dict | None = None) -> dict
@@ -47,12 +49,11 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from retrieval.serving.encoder import Encoder, EncoderSettings
-from retroflow.artifacts import artifact_label
 from retroflow.config import StageConfig, listed_part
 from retroflow.data.beir import BeirDataset
 from retroflow.devices import resolve_precision
 from retroflow.hashing import hash_json
-from retroflow.inputs import ExternalInput, Input, model_dir, open_input
+from retroflow.inputs import ExternalInput, Input, model_dir, model_folder_label, open_input
 from retroflow.progress import progress_bar
 from retroflow.publish import atomic_write_text, publishing_file, staging_name, sweep_stale
 
@@ -174,20 +175,12 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def recorded_model(model: Input) -> str:
-    """How the vectors name their model (shard.json, embeddings.json, an index's provenance): a
-    store model by `stage/key/<its model folder>` (the same on every store root), any other model
-    by the name it was given (an alias, a directory, a hub id)."""
-    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))
-
-
 def model_identity(model: Input) -> str:
     """A store model by stage/key (the same on every store root); any other model (an alias, a
     folder) by its name and the fingerprint of its files, so a model retrained in place does not
     pass for the one that encoded the shards already there."""
-    if isinstance(model, ExternalInput):
-        return f"{model.name}@{model.fingerprint}"
-    return artifact_label(model_dir(model))
+    label = model_folder_label(model)
+    return f"{label}@{model.fingerprint}" if isinstance(model, ExternalInput) else label
 
 
 def compatibility_key(config: EncodeConfig, model: Input, dataset: BeirDataset) -> str:
@@ -289,7 +282,7 @@ def _encode_shard(
         "num_docs": len(rows),
         "dim": int(vectors.shape[1]),
         "dtype": config.dtype,
-        "model": recorded_model(model),
+        "model": model_folder_label(model),
         "pooling": encoder.pooling,
         "normalize": bool(encoder.normalize),
         "compat_key": key,
@@ -455,7 +448,7 @@ def run(
         stats["shards_total"],
         merge=config.merge,
         extra_meta={
-            "model": recorded_model(model),
+            "model": model_folder_label(model),
             "dataset": dataset.name,
             "dataset_fingerprint": dataset.fingerprint,
             "encoder": config.encoder.canonical(),
@@ -476,6 +469,14 @@ def run_shard(config: EncodeConfig, inputs: Mapping[str, Input], shard: int, sha
     from retroflow.data import open_dataset
 
     return _encode_shard(config, inputs["model"], open_dataset(inputs["data"]), shard, Path(shards_dir))
+
+
+def run_shards(config: EncodeConfig, inputs: Mapping[str, Input], shards: Sequence[int], shards_dir: Path) -> dict[str, Any]:
+    """`run_shard` for several shards in this process (one model load, one dataset read, a docs/s
+    progress bar): what one of several workers sharing `shards_dir` runs. Returns counts and speed."""
+    from retroflow.data import open_dataset
+
+    return _encode_shards(config, inputs["model"], open_dataset(inputs["data"]), Path(shards_dir), shards)
 
 
 # ---------------------------------------------------------------------------------------

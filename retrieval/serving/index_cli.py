@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from retroflow.config import ConfigError, flag, load_config
+from retroflow.config import flag, load_config, required_flag
 from retroflow.console import emit_json, format_table
 
 log = logging.getLogger(__name__)
@@ -40,14 +40,6 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def _common(parser: argparse.ArgumentParser, config_help: str) -> None:
     parser.add_argument("--config", type=Path, help=config_help)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any config field (repeatable)")
-
-
-def required(args: argparse.Namespace, name: str, command: str) -> str:
-    """The value of flag --NAME, which names an input of the stage: a one-line error without it."""
-    value = getattr(args, name, None)
-    if not value:
-        raise ConfigError(f"retroflow {command}: pass --{name.replace('_', '-')} (an input of the stage, not a config field)")
-    return value
 
 
 def _overrides(args: argparse.Namespace, pairs: list[tuple[str, str]]) -> list:
@@ -98,14 +90,14 @@ def encode_config(args: argparse.Namespace):
 
 
 def run_encode_command(args: argparse.Namespace) -> int:
-    from retrieval.serving.encode import META_FILE, compatibility_key, plan_shards, run, run_shard, worker_shards
+    from retrieval.serving.encode import META_FILE, compatibility_key, plan_shards, run, run_shards, worker_shards
     from retroflow.data import dataset_input
     from retroflow.data.beir import load_dataset
     from retroflow.inputs import model_input
 
     config = encode_config(args)
-    dataset = load_dataset(required(args, "dataset", "encode"))
-    inputs = {"data": dataset_input(dataset), "model": model_input(required(args, "model", "encode"))}
+    dataset = load_dataset(required_flag(args, "dataset", "encode"))
+    inputs = {"data": dataset_input(dataset), "model": model_input(required_flag(args, "model", "encode"))}
     out_dir, shards_dir = args.output, args.output / "shards"
     if (out_dir / META_FILE).is_file():
         existing = json.loads((out_dir / META_FILE).read_text())
@@ -117,19 +109,7 @@ def run_encode_command(args: argparse.Namespace) -> int:
     if args.worker is not None:
         plan = plan_shards(dataset.num_docs, config.shard_size)
         mine = worker_shards(len(plan), args.worker, args.num_workers)
-        started = time.perf_counter()
-        results = [run_shard(config, inputs, shard, shards_dir) for shard in mine]
-        seconds = time.perf_counter() - started
-        encoded = sum(r["num_docs"] for r in results if not r["skipped"])
-        stats = {
-            "shards_total": len(plan),
-            "shards_requested": len(mine),
-            "shards_skipped": sum(1 for r in results if r["skipped"]),
-            "shards_encoded": sum(1 for r in results if not r["skipped"]),
-            "docs_encoded": encoded,
-            "encode_seconds": round(seconds, 3),
-            "docs_per_s": round(encoded / seconds, 2) if encoded and seconds > 0 else None,
-        }
+        stats = run_shards(config, inputs, mine, shards_dir)
         emit_json({"output": str(shards_dir), "worker": args.worker, "num_workers": args.num_workers, **stats})
         return 0
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None

@@ -53,7 +53,7 @@ from retroflow.checkpoints import rng_state, set_rng_state
 from retroflow.config import StageConfig
 from retroflow.data.splits import dev_split
 from retroflow.devices import seed_everything
-from retroflow.inputs import ExternalInput, Input
+from retroflow.inputs import Input, model_folder_label
 from retroflow.models import ModelFormatError, read_sentence_transformer_settings, resolve_model_path, write_sentence_transformer_files
 from retroflow.publish import atomic_write_text, check_replaceable_model_dir, publishing
 from retroflow.training import (
@@ -1046,17 +1046,8 @@ def run(
         negatives_file=inputs["negatives"].file(NEGATIVES_FILE) if "negatives" in inputs else None,
         teacher_scores_file=inputs["teacher"].file(SCORES_FILE) if "teacher" in inputs else None,
         init_path=model_dir(inputs["init"]) if "init" in inputs else None,
-        labels={model_dir(inputs[name]): start_label(inputs[name]) for name in ("init", "model") if name in inputs},
+        labels={model_dir(inputs[name]): model_folder_label(inputs[name]) for name in ("init", "model") if name in inputs},
         resume=resume,
         stop_after=stop_after,
         training_set=training_set,
     )
-
-
-def start_label(model: Input) -> str:
-    """How the model card names a start model: as given (an alias, a directory, a hub id), or by
-    its place in the store (`stage/key/model`), the same on every machine."""
-    from retroflow.artifacts import artifact_label
-    from retroflow.inputs import model_dir
-
-    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from retroflow.config import ConfigError, flag, load_config
+from retroflow.config import ConfigError, flag, load_config, required_flag
 from retroflow.console import emit_json, format_table
 from retroflow.publish import atomic_write_text
 
@@ -85,23 +85,16 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _required(args: argparse.Namespace, name: str) -> str:
-    value = getattr(args, name, None)
-    if not value:
-        raise ConfigError(f"retroflow {args.stage}: pass --{name} (an input of the stage, not a config field)")
-    return value
-
-
 def _data_input(args: argparse.Namespace):
     from retroflow.data import dataset_input
 
-    return dataset_input(_required(args, "dataset"))
+    return dataset_input(required_flag(args, "dataset"))
 
 
 def _model_input(args: argparse.Namespace):
     from retroflow.inputs import model_input
 
-    return model_input(_required(args, "model"))
+    return model_input(required_flag(args, "model"))
 
 
 def _file_input(path: Path | None):

@@ -530,10 +530,10 @@ def run(
     for a kill)."""
     from retrieval.training.negatives import NEGATIVES_FILE
     from retroflow.data import open_dataset
-    from retroflow.inputs import model_dir, model_label
+    from retroflow.inputs import model_dir, model_folder_label
 
     dataset = open_dataset(inputs["data"])
-    init, init_label = model_dir(inputs["init"]), model_label(inputs["init"])
+    init, init_label = model_dir(inputs["init"]), model_folder_label(inputs["init"])
     if config.kind == "fusion":
         embeddings = inputs.get("embeddings")
         return _fusion_teacher(config, dataset, init, init_label, out_dir, embeddings.path if embeddings else None)

@@ -54,6 +54,19 @@ def test_encode_output_and_rerun_is_a_no_op(encoded, scifact_small, capsys):
         main(["--verbose", "encode", "--model", MODEL, "--dataset", str(scifact_small), "--output", str(encoded), "--shard-size", "50"])
 
 
+def test_workers_share_the_encoding_and_the_merge_encodes_nothing_again(encoded, scifact_small, capsys, tmp_path):
+    """`--worker I --num-workers N` in N processes, then the command without --worker merges: the
+    same vectors as one process."""
+    import numpy as np
+
+    common = ["encode", "--model", MODEL, "--dataset", scifact_small, "--output", tmp_path / "emb", "--shard-size", "100"]
+    parts = [run_cli(capsys, *common, "--worker", worker, "--num-workers", 2) for worker in (0, 1)]
+    assert sum(p["shards_encoded"] for p in parts) == parts[0]["shards_total"] >= 4 and all(p["shards_skipped"] == 0 for p in parts)
+    merged = run_cli(capsys, *common)
+    assert merged["shards_encoded"] == 0 and merged["shards_skipped"] == parts[0]["shards_total"]
+    np.testing.assert_array_equal(np.load(tmp_path / "emb" / "embeddings.npy"), np.load(encoded / "embeddings.npy"))
+
+
 def test_evaluate_through_flat_index_equals_exact(encoded, exact, scifact_small, capsys, tmp_path):
     built = run_cli(capsys, "index", "--embeddings", encoded, "--factory", "Flat", "--output", tmp_path / "flat")
     assert built["ntotal"] == json.loads((encoded / "embeddings.json").read_text())["num_docs"]
