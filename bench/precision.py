@@ -5,10 +5,14 @@
 Encoding (same model, the same seeded sample of SciFact passages, max length 256, one process,
 variants interleaved per trial, median docs/s over trials):
 - `st_fp32`: sentence-transformers' `encode` as it comes (fp32, batch 32): the reference default;
-- `st_bf16`: the same under `torch.autocast("cpu", bfloat16)` (its best CPU setting here: its ONNX
-  backend needs `optimum`, which does not install beside the pinned stack, see bench/README.md);
+- `st_bf16`: the same under `torch.autocast("cpu", bfloat16)`, and `st_bf16_b16` at batch 16 (its
+  best CPU settings here: its ONNX backend needs `optimum`, which does not install beside the
+  pinned stack, see bench/README.md);
 - `retroflow_fp32`: retroflow's encoder, `precision: fp32` (the fused backend);
-- `retroflow_bf16`: retroflow's encoder, `precision: auto` (= bf16 where the CPU has it).
+- `retroflow_bf16`: retroflow's encoder, `precision: auto` (= bf16 where the CPU has it; the fused
+  backend in bf16);
+- `retroflow_bf16_hf`: the same with `backend: hf` (transformers' forward under autocast), to show
+  what the fused backend adds in bf16.
 Ratios: retroflow bf16 against the best sentence-transformers variant and against `st_fp32`.
 `--ndcg` adds SciFact test nDCG@10 of retroflow fp32 and bf16 (two full corpus encodings).
 
@@ -56,19 +60,24 @@ def encoding(texts: list[str], trials: int) -> dict:
 
     st = SentenceTransformer(str(resolve_model_path("minilm")), device="cpu")
     st.max_seq_length = MAX_LENGTH
+    settings = dict(show_progress=False, passage_max_length=MAX_LENGTH)
     ours = {
-        p: Encoder("minilm", EncoderSettings(show_progress=False, passage_max_length=MAX_LENGTH, precision=p)) for p in ("fp32", "auto")
+        "fp32": Encoder("minilm", EncoderSettings(**settings, precision="fp32")),
+        "auto": Encoder("minilm", EncoderSettings(**settings, precision="auto")),
+        "auto_hf": Encoder("minilm", EncoderSettings(**settings, precision="auto", backend="hf")),
     }
 
-    def st_encode(bf16: bool):
+    def st_encode(bf16: bool, batch_size: int = 32):
         with bf16_autocast(bf16):
-            return st.encode(texts, batch_size=32, convert_to_numpy=True)
+            return st.encode(texts, batch_size=batch_size, convert_to_numpy=True)
 
     runners = {
         "st_fp32": lambda: st_encode(False),
         "st_bf16": lambda: st_encode(True),
+        "st_bf16_b16": lambda: st_encode(True, 16),
         "retroflow_fp32": lambda: ours["fp32"].encode_passages(texts),
         "retroflow_bf16": lambda: ours["auto"].encode_passages(texts),
+        "retroflow_bf16_hf": lambda: ours["auto_hf"].encode_passages(texts),
     }
     for fn in runners.values():  # warm-up: first-call allocations, oneDNN kernel selection
         fn()
@@ -81,7 +90,7 @@ def encoding(texts: list[str], trials: int) -> dict:
             seconds[name].append(time.perf_counter() - start)
             print(f"trial {trial + 1}/{trials} {name}: {len(texts) / seconds[name][-1]:.1f} docs/s", file=sys.stderr, flush=True)
     docs_per_s = {name: len(texts) / statistics.median(s) for name, s in seconds.items()}
-    best_st = max(("st_fp32", "st_bf16"), key=docs_per_s.get)
+    best_st = max(("st_fp32", "st_bf16", "st_bf16_b16"), key=docs_per_s.get)
     return {
         "texts": len(texts),
         "max_length": MAX_LENGTH,
@@ -93,8 +102,12 @@ def encoding(texts: list[str], trials: int) -> dict:
         "ratio_bf16_vs_best_st": round(docs_per_s["retroflow_bf16"] / docs_per_s[best_st], 3),
         "ratio_bf16_vs_st_fp32": round(docs_per_s["retroflow_bf16"] / docs_per_s["st_fp32"], 3),
         "ratio_retroflow_bf16_vs_fp32": round(docs_per_s["retroflow_bf16"] / docs_per_s["retroflow_fp32"], 3),
+        "ratio_fused_vs_hf_bf16": round(docs_per_s["retroflow_bf16"] / docs_per_s["retroflow_bf16_hf"], 3),
+        "ratio_hf_bf16_vs_best_st": round(docs_per_s["retroflow_bf16_hf"] / docs_per_s[best_st], 3),
         "max_1_minus_cos_bf16_vs_st_fp32": max_cosine_deviation(vectors["retroflow_bf16"], vectors["st_fp32"]),
         "max_1_minus_cos_fp32_vs_st_fp32": max_cosine_deviation(vectors["retroflow_fp32"], vectors["st_fp32"]),
+        "max_1_minus_cos_hf_bf16_vs_st_fp32": max_cosine_deviation(vectors["retroflow_bf16_hf"], vectors["st_fp32"]),
+        "max_1_minus_cos_st_bf16_vs_st_fp32": max_cosine_deviation(vectors["st_bf16"], vectors["st_fp32"]),
     }
 
 

@@ -5,8 +5,9 @@ MiniLM), else [CLS] (the RetroMAE / DPR convention); either can be overridden. T
 tokenised once, sorted by token length and cut into batches under a token budget, so
 padding is minimal and short texts go through in large batches.
 
-BERT-family models run through `retrieval.serving.encoder_fused` (same fp32 arithmetic, less overhead:
-see bench/README.md `## encode`); `EncoderSettings(backend="hf")` forces transformers' forward.
+BERT-family models run through `retrieval.serving.encoder_fused` (the same arithmetic with less
+overhead, in fp32 and in CPU bf16: see bench/README.md `## encode`); `EncoderSettings(backend="hf")`
+forces transformers' forward.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -158,7 +159,7 @@ class Encoder:
                 f"{st.dense[0].path}: Dense expects {st.dense[0].in_features} inputs but the model's vectors "
                 f"have {self.model.config.hidden_size}"
             )
-        self.backend = choose_backend(self.model, self.settings.backend, self.dtype)
+        self.backend = choose_backend(self.model, self.settings.backend, self.dtype, self.device)
         max_positions = getattr(self.model.config, "max_position_embeddings", 512)
         # sentence-transformers >= 5 keeps max_seq_length as the tokenizer's model_max_length
         tokenizer_max = getattr(self.tokenizer, "model_max_length", None) if st.is_sentence_transformer else None
@@ -210,7 +211,7 @@ class Encoder:
         progress = progress_bar(total=len(ids), desc=desc, unit="doc", disable=not self.settings.show_progress, leave=False)
         with torch.inference_mode():
             # Re-read the weights on every call: the model may have been trained since the last one.
-            forward = encoder_fused.FusedBert.from_model(self.model) if self.backend == "fused" else self._hf_forward
+            forward = encoder_fused.FusedBert.from_model(self.model, self.dtype) if self.backend == "fused" else self._hf_forward
             for batch in batches:
                 out[batch] = self._encode_batch([ids[i] for i in batch], forward)
                 progress.update(len(batch))
@@ -225,8 +226,10 @@ class Encoder:
     def _encode_batch(self, ids: list[list[int]], forward=None) -> np.ndarray:
         input_ids, attention_mask = pad_batch(ids, self.tokenizer.pad_token_id or 0)
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        with autocast(self.device, self.dtype):
-            hidden = (forward or self._hf_forward)(input_ids, attention_mask)
+        forward = forward or self._hf_forward
+        # the fused forward handles its own precision (and writes into buffers, which autocast refuses)
+        with nullcontext() if isinstance(forward, encoder_fused.FusedBert) else autocast(self.device, self.dtype):
+            hidden = forward(input_ids, attention_mask)
         vectors = self.head(pool(hidden.float(), attention_mask, self.pooling))
         if self.normalize:
             vectors = F.normalize(vectors, p=2, dim=-1)
@@ -244,20 +247,21 @@ def pad_batch(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return input_ids, attention_mask
 
 
-def choose_backend(model: torch.nn.Module, requested: str, dtype: torch.dtype = torch.float32) -> str:
-    """'fused' for plain BERT encoders in fp32 (where it was measured faster and exact), else 'hf'.
+def choose_backend(model: torch.nn.Module, requested: str, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> str:
+    """'fused' for plain BERT encoders in fp32 anywhere and in bf16 on a CPU (where it was measured
+    faster and within rounding of transformers' forward), else 'hf'.
 
-    Half precision (GPU) stays on transformers' forward under autocast, which keeps layer norms
-    and softmax in fp32; the fused forward writes into preallocated outputs, which autocast
-    does not support.
+    Half precision on a GPU stays on transformers' forward under autocast (the fused bf16 path
+    was measured on CPU only; fp16 needs autocast's fp32 softmax and layer norms).
     """
     if requested == "hf":
         return "hf"
+    on_cpu = device is None or torch.device(device).type == "cpu"
     problem = None
     if not encoder_fused.supports(model):
         problem = f"supports plain BERT encoders only, not {type(model).__name__}"
-    elif dtype != torch.float32:
-        problem = f"runs in fp32 only, not {str(dtype).replace('torch.', '')}"
+    elif dtype != torch.float32 and not (dtype == torch.bfloat16 and on_cpu):
+        problem = f"runs in fp32, or bf16 on a CPU, not {str(dtype).replace('torch.', '')} on {torch.device(device or 'cpu').type}"
     if problem is None:
         return "fused"
     if requested == "fused":

@@ -1,11 +1,16 @@
-"""A lean fp32-exact forward pass for BERT encoders (MiniLM, RetroMAE, DPR) used by `Encoder`.
+"""A lean forward pass for BERT encoders (MiniLM, RetroMAE, DPR) used by `Encoder`, in fp32 or bf16.
 
 Why: on CPU, transformers' BertModel spends a good share of its time outside the matrix
 multiplies (mask building, output bookkeeping, three separate Q/K/V projections). This forward
 runs the same arithmetic with one fused QKV projection per layer, PyTorch's
-`scaled_dot_product_attention`, and no mask at all when a batch has no padding. Results agree
-with `BertModel` to ~1e-6 (fp32), so it is the default wherever `supports()` says yes; anything
-else falls back to the Hugging Face forward.
+`scaled_dot_product_attention`, and no mask at all when a batch has no padding. In fp32 it agrees
+with `BertModel` to ~1e-6, so it is the default wherever `supports()` says yes; anything else falls
+back to the Hugging Face forward.
+
+In bf16 (a CPU with native bf16) the matrices are cast once per `from_model()` instead of on every
+call as autocast does, and the residual stream stays in bf16 between layers; embeddings and every
+layer norm compute in fp32 (PyTorch's mixed-type layer norm), as under autocast. Vectors stay
+within rounding of fp32 (bench/precision.py measures how close and how much faster).
 
 Weights are read from the live model at `FusedBert.from_model()` time (the encoder calls it
 once per `encode()`), so an encoder whose model is being fine-tuned never uses stale weights.
@@ -58,28 +63,37 @@ class FusedBert:
     layers: tuple[_Layer, ...]
     num_heads: int
     eps: float
+    dtype: torch.dtype = torch.float32  # of the projections, the attention and the residual stream
     # Scratch matrices reused by every layer and batch of one encode() call: fresh multi-MB
     # tensors on CPU cost page faults and zeroing each time, which showed up in profiles.
     _scratch: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     @torch.no_grad()
-    def from_model(cls, model: torch.nn.Module) -> FusedBert:
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> FusedBert:
+        """`dtype` float32 or bfloat16: what the projections compute in (layer norms stay fp32)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the fused forward computes in float32 or bfloat16, not {dtype}")
+
+        def projection(weight: torch.Tensor) -> torch.Tensor:
+            # (in, out) for addmm; contiguous in bf16 so the cast copy is laid out once, here
+            return weight.t() if dtype == torch.float32 else weight.t().to(dtype).contiguous()
+
         emb = model.embeddings
         layers = []
         for layer in model.encoder.layer:
             attn = layer.attention.self
             layers.append(
                 _Layer(
-                    qkv_weight=torch.cat([attn.query.weight, attn.key.weight, attn.value.weight]).t(),
-                    qkv_bias=torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]),
-                    attn_out_weight=layer.attention.output.dense.weight.t(),
-                    attn_out_bias=layer.attention.output.dense.bias,
+                    qkv_weight=projection(torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])),
+                    qkv_bias=torch.cat([attn.query.bias, attn.key.bias, attn.value.bias]).to(dtype),
+                    attn_out_weight=projection(layer.attention.output.dense.weight),
+                    attn_out_bias=layer.attention.output.dense.bias.to(dtype),
                     attn_norm=(layer.attention.output.LayerNorm.weight, layer.attention.output.LayerNorm.bias),
-                    ffn_in_weight=layer.intermediate.dense.weight.t(),
-                    ffn_in_bias=layer.intermediate.dense.bias,
-                    ffn_out_weight=layer.output.dense.weight.t(),
-                    ffn_out_bias=layer.output.dense.bias,
+                    ffn_in_weight=projection(layer.intermediate.dense.weight),
+                    ffn_in_bias=layer.intermediate.dense.bias.to(dtype),
+                    ffn_out_weight=projection(layer.output.dense.weight),
+                    ffn_out_bias=layer.output.dense.bias.to(dtype),
                     ffn_norm=(layer.output.LayerNorm.weight, layer.output.LayerNorm.bias),
                 )
             )
@@ -91,15 +105,16 @@ class FusedBert:
             layers=tuple(layers),
             num_heads=int(model.config.num_attention_heads),
             eps=float(model.config.layer_norm_eps),
+            dtype=dtype,
         )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(batch, length) ids and 0/1 mask -> last hidden state (batch, length, dim); padded rows are junk."""
+        """(batch, length) ids and 0/1 mask -> last hidden state (batch, length, dim) in `dtype`; padded rows are junk."""
         batch, length = input_ids.shape
         dim, tokens = self.word.shape[1], input_ids.numel()
         heads, head_dim = self.num_heads, self.word.shape[1] // self.num_heads
         x = F.embedding(input_ids, self.word) + self.position[:length] + self.token_type0
-        x = F.layer_norm(x, (dim,), *self.embed_norm, self.eps).view(tokens, dim)
+        x = F.layer_norm(x, (dim,), *self.embed_norm, self.eps).view(tokens, dim).to(self.dtype)
         keep = self._attention_keep(attention_mask)
         for layer in self.layers:
             qkv = torch.addmm(layer.qkv_bias, x, layer.qkv_weight, out=self._buffer("qkv", tokens, 3 * dim, x))

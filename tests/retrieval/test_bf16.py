@@ -19,9 +19,31 @@ def test_bf16_minilm_vectors_are_fp32_vectors_to_rounding(scifact_small):
     fp32 = Encoder("minilm", EncoderSettings(precision="fp32", show_progress=False)).encode_passages(texts)
     bf16_encoder = Encoder("minilm", EncoderSettings(precision="bf16", show_progress=False))
     bf16 = bf16_encoder.encode_passages(texts)
-    assert bf16_encoder.backend == "hf" and str(bf16_encoder.dtype) == "torch.bfloat16"
+    assert bf16_encoder.backend == "fused" and str(bf16_encoder.dtype) == "torch.bfloat16"
     cosine = np.sum(fp32 * bf16, axis=1)  # both L2-normalised (MiniLM's Normalize module)
     assert cosine.min() > 0.999 and not np.array_equal(fp32, bf16)  # bf16 really ran, and stayed close
+
+
+@pytest.mark.parametrize("model", ["minilm", "tiny"])
+def test_the_fused_bf16_forward_gives_transformers_bf16_vectors_to_rounding(model, tiny_bert, scifact_small):
+    """The fused forward in bf16 (weights cast once, bf16 residual stream) against transformers'
+    forward under autocast: the same model, the same texts, padded and unpadded batches."""
+    from retroflow.data.beir import load_dataset
+
+    texts = load_dataset(scifact_small).doc_texts()[:40] + ["x", "What causes cancer?"]
+    path = "minilm" if model == "minilm" else tiny_bert
+    fused = Encoder(path, EncoderSettings(precision="bf16", pooling="mean", show_progress=False))
+    hf = Encoder(path, EncoderSettings(precision="bf16", pooling="mean", backend="hf", show_progress=False))
+    fp32 = Encoder(path, EncoderSettings(precision="fp32", pooling="mean", show_progress=False))
+    assert (fused.backend, hf.backend) == ("fused", "hf")
+    a, b, exact = (e.encode_passages(texts) for e in (fused, hf, fp32))
+
+    def cosine(x, y):
+        return np.sum(x * y, axis=1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1))
+
+    assert cosine(a, b).min() > 0.999
+    # no further from fp32 than autocast's own rounding, give or take
+    assert (1 - cosine(a, exact)).max() < 3 * (1 - cosine(b, exact)).max() + 1e-5
 
 
 def test_bf16_encoding_is_reproducible_and_a_resumed_encode_equals_an_uninterrupted_one(scifact_small, tiny_bert, tmp_path, monkeypatch):

@@ -162,13 +162,14 @@ def test_fused_backend_sees_weights_changed_after_loading(tiny_bert, texts):
     np.testing.assert_allclose(after, encoder.encode_passages(texts[:3]), atol=1e-5)
 
 
-def test_fused_backend_refuses_non_bert_models_and_half_precision(tiny_bert):
+def test_fused_backend_takes_fp32_and_cpu_bf16_and_refuses_the_rest(tiny_bert):
     assert choose_backend(torch.nn.Linear(2, 2), "auto") == "hf"
     with pytest.raises(ValueError, match="plain BERT"):
         choose_backend(torch.nn.Linear(2, 2), "fused")
     bert = Encoder(tiny_bert, EncoderSettings(**QUIET)).model
-    assert choose_backend(bert, "auto", torch.bfloat16) == "hf"
-    with pytest.raises(ValueError, match="fp32 only"):
+    assert choose_backend(bert, "auto", torch.bfloat16, torch.device("cpu")) == "fused"
+    assert choose_backend(bert, "auto", torch.bfloat16, torch.device("cuda")) == "hf"  # GPU half precision: autocast
+    with pytest.raises(ValueError, match="fp32, or bf16 on a CPU, not float16"):
         choose_backend(bert, "fused", torch.float16)
 
 
