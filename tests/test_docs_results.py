@@ -69,3 +69,50 @@ def test_unknown_figure_reference_is_an_error(tmp_path: Path):
     result = render("--check", "--root", str(ROOT), "--results", str(results))
     assert result.returncode == 2
     assert "no-such-figure" in result.stderr
+
+
+def test_an_ablation_report_becomes_tables_of_its_figures_and_a_second_copy_replaces_the_first(tmp_path: Path):
+    """scripts/ablation_results.py: the study's report JSON -> docs/results.yaml, figures as reported."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import render_results
+
+    row = {"phase": "fine-tuned", "dataset": "scifact", "seeds": 3}
+    report = {
+        "arms": ["none", "retromae-enhanced"],
+        "seeds": [1, 2, 3],
+        "baseline": "none",
+        "rows": [
+            {**row, "arm": "none", "ndcg@10": 0.7081, "ndcg@10 std": 0.0014, "recall@100": 0.95, "recall@100 std": 0.004},
+            {**row, "arm": "retromae-enhanced", "ndcg@10": 0.6899, "ndcg@10 std": 0.002, "recall@100": 0.93, "recall@100 std": 0.003},
+        ],
+        "primary": [
+            {
+                "comparison": "retromae-enhanced vs none",
+                "dataset": "scifact",
+                "metric": "ndcg@10",
+                "seeds": 3,
+                "queries": 300,
+                "delta": -0.0182,
+                "ci95": [-0.03, -0.006],
+                "p": 0.004,
+                "p_holm": 0.008,
+                "significant": True,
+                "smallest_resolvable_effect": 0.012,
+            }
+        ],
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    results = tmp_path / "results.yaml"
+    shutil.copy(ROOT / "docs" / "results.yaml", results)
+    command = [sys.executable, str(ROOT / "scripts" / "ablation_results.py"), str(tmp_path / "report.json"), "--name", "study-x"]
+    command += ["--commit", "abc1234", "--command", "retroflow ablation", "--results", str(results)]
+    for _ in range(2):
+        assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
+    data = render_results.load(results)
+    assert sum(1 for fig in yaml.safe_load(results.read_text())["figures"] if fig["id"].startswith("study-x.")) == 5
+    table = render_results.render_table("study-x", data)
+    assert "| retromae-enhanced | 0.6899 ± 0.0020 (0.9300 ± 0.0030) |" in table
+    primary = render_results.render_table("study-x-primary", data)
+    assert "−0.0182" in primary and "Holm-corrected 0.008 (significant" in primary
