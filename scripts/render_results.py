@@ -7,7 +7,9 @@ Every measured figure the docs quote is kept once, in ``docs/results.yaml``: a l
     <!-- results:NAME -->
     <!-- /results:NAME -->
 
-is replaced by the generated markdown table NAME. A table is either a ``grid`` (a header and
+is replaced by the generated markdown table NAME. In prefect.yaml, a deployment description line
+ending in the comment ``# results: FIGURE-ID`` gets its ``(measured ...)`` part rewritten from that
+figure (value, commit), so the durations the Prefect UI shows cannot drift from the docs. A table is either a ``grid`` (a header and
 rows of cell templates in which ``{figure-id}`` stands for a formatted figure) or a ``list``
 (one row per figure id, showing fields of the record such as what / value / target / met).
 
@@ -33,6 +35,11 @@ BLOCK = re.compile(
     re.DOTALL,
 )
 DOC_GLOBS = ("README.md", "docs/*.md", "bench/README.md")
+DEPLOYMENTS = "prefect.yaml"
+MEASURED_DESCRIPTION = re.compile(
+    r"^(?P<pre>\s*description: .*)\(measured [^()]*\)(?P<post>.*?\s+# results: (?P<id>[A-Za-z0-9][A-Za-z0-9._@-]*)\s*)$",
+    re.MULTILINE,
+)
 LIST_HEADERS = {
     "what": "what",
     "value": "measured",
@@ -179,20 +186,44 @@ def render_text(text: str, data: dict, where: str) -> tuple[str, list[str]]:
     return BLOCK.sub(replace, text), changed
 
 
+def render_deployments(text: str, data: dict, where: str) -> tuple[str, list[str]]:
+    """prefect.yaml with each marked description's `(measured ...)` rewritten; (text, stale figure ids).
+    No colon after `measured`: a colon and a space would end YAML's plain scalar."""
+    changed: list[str] = []
+
+    def replace(m: re.Match) -> str:
+        fid = m.group("id")
+        if fid not in data["by_id"]:
+            raise ResultsError(f"{where}: a description refers to unknown figure {fid!r}")
+        fig = data["by_id"][fid]
+        line = f"{m.group('pre')}(measured {format_field(fig, 'value')} at {fig['commit']}, {fig['date']}){m.group('post')}"
+        if line != m.group(0):
+            changed.append(f"description ({fid})")
+        return line
+
+    return MEASURED_DESCRIPTION.sub(replace, text), changed
+
+
 def run(root: Path, results: Path, check: bool) -> int:
     data = load(results)
     stale = []
+    deployments = root / DEPLOYMENTS
+    if deployments.is_file():
+        new, changed = render_deployments(deployments.read_text(encoding="utf-8"), data, DEPLOYMENTS)
+        stale += [(DEPLOYMENTS, name) for name in changed]
+        if changed and not check:
+            deployments.write_text(new, encoding="utf-8")
     for path in doc_files(root):
         text = path.read_text(encoding="utf-8")
         new, changed = render_text(text, data, str(path.relative_to(root)))
         rel = path.relative_to(root).as_posix()
         for name in changed:
-            stale.append((rel, name))
+            stale.append((rel, f"table {name!r}"))
         if changed and not check:
             path.write_text(new, encoding="utf-8")
     for rel, name in stale:
         verb = "is out of date" if check else "rewritten"
-        print(f"{rel}: table {name!r} {verb}", file=sys.stderr if check else sys.stdout)
+        print(f"{rel}: {name} {verb}", file=sys.stderr if check else sys.stdout)
     if check and stale:
         print("run: python scripts/render_results.py", file=sys.stderr)
         return 1

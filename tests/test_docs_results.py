@@ -61,6 +61,24 @@ def test_a_changed_value_makes_check_fail_naming_file_and_table(tmp_path: Path):
     assert "| BM25 | 0.1234 |" in (tmp_path / "docs" / "results.md").read_text(encoding="utf-8")
 
 
+def test_a_deployment_description_shows_its_measured_figure_and_check_fails_when_it_drifts(tmp_path: Path):
+    """prefect.yaml's durations come from docs/results.yaml (what the Prefect UI shows cannot drift)."""
+    shutil.copy(ROOT / "prefect.yaml", tmp_path / "prefect.yaml")
+    results = tmp_path / "results.yaml"
+    data = yaml.safe_load((ROOT / "docs" / "results.yaml").read_text(encoding="utf-8"))
+    fig = next(f for f in data["figures"] if f["id"] == "quickstart-fused.wall")
+    fig["value"], fig["commit"] = 421, "abc1234"
+    results.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    args = ("--root", str(tmp_path), "--results", str(results))
+
+    result = render("--check", *args)
+    assert result.returncode == 1 and "prefect.yaml: description (quickstart-fused.wall) is out of date" in result.stderr
+    assert render(*args).returncode == 0 and render("--check", *args).returncode == 0
+    deployments = yaml.safe_load((tmp_path / "prefect.yaml").read_text(encoding="utf-8"))["deployments"]
+    quickstart = next(d for d in deployments if d["name"] == "quickstart")
+    assert quickstart["description"].endswith("(measured 7 min 1 s at abc1234, 2026-12-04)")
+
+
 def test_unknown_figure_reference_is_an_error(tmp_path: Path):
     results = tmp_path / "results.yaml"
     data = yaml.safe_load((ROOT / "docs" / "results.yaml").read_text(encoding="utf-8"))
