@@ -265,12 +265,34 @@ def check_index_provenance(target: Target, dataset: BeirDataset) -> dict[str, An
     return {}
 
 
+def check_embeddings_provenance(target: Target) -> dict[str, Any]:
+    """Corpus vectors encoded by another model than the one encoding the queries: warned about
+    and recorded in the result, as for an index (the vectors' ids are checked against the corpus
+    where they are read)."""
+    from retrieval.serving.encode import open_embeddings
+
+    vectors_model = open_embeddings(target.embeddings, check_finite=False).meta.get("model")
+    if vectors_model and not same_model(str(vectors_model), target.dense_model):
+        log.warning(
+            "embeddings %s were encoded with model %s, but queries are encoded with %s: scores mix two models",
+            target.embeddings,
+            vectors_model,
+            target.dense_model,
+        )
+        return {"embeddings_model_mismatch": {"embeddings_model": vectors_model, "model": target.dense_model}}
+    return {}
+
+
 def retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig, target: Target) -> tuple[Run, dict[str, Any]]:
-    if target.index and not config.run_file and target.model != "bm25":
+    if config.run_file or target.model == "bm25":
+        return _retrieve(dataset, queries, config, target)
+    checked = {}
+    if target.index:
         checked = check_index_provenance(target, dataset)
-        run, extra = _retrieve(dataset, queries, config, target)
-        return run, {**extra, **checked}
-    return _retrieve(dataset, queries, config, target)
+    elif target.embeddings:
+        checked = check_embeddings_provenance(target)
+    run, extra = _retrieve(dataset, queries, config, target)
+    return run, {**extra, **checked}
 
 
 def _retrieve(dataset: BeirDataset, queries: dict[str, str], config: EvaluateConfig, target: Target) -> tuple[Run, dict[str, Any]]:

@@ -452,8 +452,9 @@ def run_finetuning(run: ChainRun, data: Artifact, model: Input) -> Input:
             raise ConfigError(f"pipeline '{pipeline.name}': the cross-encoder teacher needs stages.negatives on")
         init = external_model(pipeline.teacher_model) if pipeline.teacher_model else run.init_model
         inputs = {"data": data, "init": init}
-        if config.kind == "fusion":  # its dense side is the init model: the same encoding the init reference uses
-            inputs["embeddings"] = encode_corpus(run, data, init, f"init:{pipeline.train_dataset}")
+        if config.kind == "fusion":  # its dense side: by default the init model, whose encoding the init reference reuses
+            label = "init" if init is run.init_model else "teacher"  # another model's vectors are never the init row's
+            inputs["embeddings"] = encode_corpus(run, data, init, f"{label}:{pipeline.train_dataset}")
         else:
             inputs["negatives"] = negatives
         teacher = run.build("teacher", config, inputs)

@@ -127,6 +127,43 @@ def test_tiny_pipeline_runs_end_to_end_without_prefect(scifact_small, tmp_path, 
     assert {n: a.key for n, a in again.references["scifact"].items()} == {n: a.key for n, a in refs.items()}
 
 
+def test_a_teacher_model_is_the_teachers_dense_side_and_not_the_init_row(scifact_small, tiny_bert, tmp_path, monkeypatch):
+    """`teacher_model` sets the fusion teacher's dense model; the init reference still encodes the
+    pipeline's own model (the two encodings are kept apart, not shared by label)."""
+    from conftest import build_tiny_bert
+
+    from flows.chain import run_pipeline
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "scifact").symlink_to(scifact_small)
+    monkeypatch.setenv("RETROFLOW_DATA_DIR", str(data))
+    monkeypatch.setenv("RETROFLOW_STORE", str(tmp_path / "store"))
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    teacher_model = build_tiny_bert(tmp_path / "teacher-model", texts, seed=1)
+    overrides = [
+        f"model={tiny_bert}",
+        f"teacher_model={teacher_model}",
+        "stages.pretrain=false",
+        "stages.index=false",
+        "references.hybrid=false",
+        "references.bm25=false",
+        "finetune.train.max_steps=1",
+    ]
+    config = load_pipeline_config(REPO / "configs" / "pipeline" / "tiny.yaml", overrides)
+    result = run_pipeline(config)
+    teacher = result.artifacts["teacher"].manifest["inputs"]
+    init_row = result.references["scifact"]["init"].manifest["inputs"]
+    assert Path(teacher["init"]["path"]) == teacher_model.resolve()
+    encodings = {a.key: a for name, a in result.artifacts.items() if name.startswith("encode:")}
+
+    def encoded_by(embeddings: dict) -> Path:
+        return Path(encodings[embeddings["key"]].manifest["inputs"]["model"]["path"])
+
+    assert encoded_by(teacher["embeddings"]) == teacher_model.resolve()
+    assert encoded_by(init_row["embeddings"]) == Path(tiny_bert).resolve()  # not the teacher model's vectors
+
+
 def test_pipeline_cli_exports_the_model_with_a_card_holding_the_table(scifact_small, tmp_path, monkeypatch, capsys):
     from flows.cli import main
 

@@ -1,5 +1,6 @@
 """`evaluate --index` checks what the index was built from (issue 22, item 6): another dataset is
-refused, another model is used with a warning that the result records."""
+refused, another model is used with a warning that the result records. `evaluate --embeddings`
+records another model's vectors the same way (their ids are checked against the corpus)."""
 
 from __future__ import annotations
 
@@ -66,3 +67,21 @@ def test_the_matching_model_and_dataset_record_nothing_extra(flat_index, tiny_be
     capsys.readouterr()
     assert main(evaluate_args(tiny_bert, scifact_small, flat_index)) == 0
     assert "index_model_mismatch" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_embeddings_encoded_with_another_model_are_used_with_a_recorded_warning(flat_index, tiny_bert, scifact_small, tmp_path, capsys):
+    texts = [json.loads(line)["text"] for line in (scifact_small / "corpus.jsonl").read_text().splitlines()]
+    other_model = build_tiny_bert(tmp_path / "other-bert", texts, seed=1)
+    embeddings = flat_index.parent / "emb"
+    args = evaluate_args(other_model, scifact_small, flat_index)
+    args[args.index("--index") : args.index("--index") + 2] = ["--embeddings", str(embeddings)]
+    capsys.readouterr()
+    assert main(args) == 0
+    printed = capsys.readouterr()
+    mismatch = json.loads(printed.out.strip().splitlines()[-1])["embeddings_model_mismatch"]
+    assert mismatch["embeddings_model"] == str(tiny_bert) and mismatch["model"] == str(other_model)
+    assert any("WARNING" in line and "encoded with" in line for line in printed.err.splitlines())
+
+    args[args.index("--model") + 1] = str(tiny_bert)  # the model that encoded them: nothing to record
+    assert main(args) == 0
+    assert "embeddings_model_mismatch" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
