@@ -262,16 +262,11 @@ class BiEncoder(torch.nn.Module):
 
 
 def load_backbone(path: Path, gradient_checkpointing: bool):
-    from transformers import AutoModel
+    from retrieval.serving.encoder import load_encoder_model
 
-    from retrieval.serving.encoder import ModelLoadError
-
-    try:
-        model = AutoModel.from_pretrained(path)
-    except Exception as err:  # bad config.json, truncated weights: name the directory, no traceback
-        raise ModelLoadError(
-            f"{path}: the model could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''})"
-        ) from None
+    # the encoder's loader: one load at a time, a bad directory named in one line, transformers'
+    # load report (a RetroMAE encoder has no pooler) silenced and real missing weights warned about
+    model = load_encoder_model(path)
     if getattr(model, "pooler", None) is not None:
         # BERT's pooler is unused by cls/mean pooling: frozen, so DDP does not wait for its gradients
         model.pooler.requires_grad_(False)

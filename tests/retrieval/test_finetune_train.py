@@ -362,3 +362,18 @@ def test_teacher_resume_equals_uninterrupted(dataset, tiny_encoder: Path, tmp_pa
     assert "- **steps:** 8" in card
     scores = CrossEncoder(str(tmp_path / "a" / "teacher"), device="cpu").predict([("a query", "a passage"), ("a query", "other text")])
     assert len(scores) == 2
+
+
+def test_fine_tuning_loads_an_encoder_without_a_pooler_quietly(tiny_bert, capfd, caplog):
+    """A RetroMAE or MLM checkpoint has no pooler: fine-tuning it prints no transformers load report."""
+    import logging
+
+    from retrieval.training.finetune import load_backbone
+
+    capfd.readouterr()
+    with caplog.at_level(logging.WARNING):
+        model = load_backbone(tiny_bert, gradient_checkpointing=False)
+    out, err = capfd.readouterr()
+    assert "LOAD REPORT" not in out + err and "MISSING" not in out + err
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not model.pooler.dense.weight.requires_grad  # unused by cls/mean pooling: frozen for DDP
