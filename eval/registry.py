@@ -90,9 +90,13 @@ def locked(path: Path) -> Iterator[None]:
 
 def read_table(path: Path) -> pa.Table:
     """The registry as Arrow in the current schema (columns added later are filled with nulls)."""
-    if not path.is_file():
+    try:
+        # Through one open handle: given a path, Arrow sizes the file and opens it separately, and
+        # another run's append can replace the registry in between (read at the old size: garbage).
+        with open(path, "rb") as handle:
+            table = pq.read_table(handle)
+    except FileNotFoundError:
         return SCHEMA.empty_table()
-    table = pq.read_table(path)
     columns = [table.column(f.name).cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in SCHEMA]
     return pa.Table.from_arrays(columns, schema=SCHEMA)
 

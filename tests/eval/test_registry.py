@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
 from pathlib import Path
 
 import pandas as pd
@@ -102,6 +103,32 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
         w.join(120)  # generous: a loaded CI machine fsyncs slowly
     assert [w.exitcode for w in workers] == [0, 0, 0]  # None: still running (hung on the lock)
     assert load_registry(path)["run_id"].nunique() == 15
+
+
+def test_reading_while_another_run_appends_never_sees_half_a_registry(tmp_path: Path) -> None:
+    """A flow run compares with earlier runs (load_registry) while another one appends: the reader
+    must get the old registry or the new one. Reading by path let Arrow size the file before
+    opening it, so a registry replaced in between was read at the wrong offsets (CI, stop 31:
+    "Couldn't deserialize thrift")."""
+    path = tmp_path / "registry.parquet"
+    add(path, fake_result(), run_id="first")
+    done = threading.Event()
+
+    def append_runs() -> None:
+        try:
+            for i in range(40):
+                add(path, fake_result(), run_id=f"writer-{i}")
+        finally:
+            done.set()
+
+    writer = threading.Thread(target=append_runs)
+    writer.start()
+    sizes = []
+    while not done.is_set():
+        sizes.append(load_registry(path)["run_id"].nunique())
+    writer.join()
+    assert sizes == sorted(sizes) and len(sizes) > 10
+    assert load_registry(path)["run_id"].nunique() == 41
 
 
 def test_default_path_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
