@@ -76,8 +76,13 @@ def model_label(model: Input) -> str:
 def model_folder_label(model: Input) -> str:
     """How files a stage writes name a model it read (vectors' metadata, a model card's base
     model): as given (an alias, a directory, a hub id), or a store model by its folder's place in
-    the store (`stage/key/model`), the same on every store root."""
-    return model.name if isinstance(model, ExternalInput) else artifact_label(model_dir(model))
+    the store (`stage/key/model`), the same on every store root. A folder given by a relative path
+    is named by its absolute one: the name is read back from another working directory (a
+    Prefect worker, a later CLI run), where the relative one names nothing or another folder."""
+    if not isinstance(model, ExternalInput):
+        return artifact_label(model_dir(model))
+    given = Path(model.name).expanduser()
+    return str(given.resolve()) if given.is_dir() and not Path(model.name).is_absolute() else model.name
 
 
 def artifact_containing(path: str | Path) -> Artifact | None:

@@ -219,6 +219,13 @@ def read_shard_meta(shard_dir: Path) -> dict[str, Any] | None:
     return meta
 
 
+def forward_label(encoder: Encoder) -> str:
+    """Which forward pass made a shard's vectors. The compatibility key leaves the device out (fp32
+    vectors agree across devices to ~1e-6), but in bf16 a CPU's fused forward and a GPU's
+    autocast one agree only to bf16 rounding, so a corpus encoded by both says so."""
+    return f"{encoder.backend} {str(encoder.dtype).replace('torch.', '')} on {encoder.device.type}"
+
+
 def _check_compatible(meta: dict[str, Any], key: str, shard_dir: Path) -> None:
     if meta.get("compat_key") != key:
         raise ValueError(
@@ -286,6 +293,7 @@ def _encode_shard(
         "pooling": encoder.pooling,
         "normalize": bool(encoder.normalize),
         "compat_key": key,
+        "forward": forward_label(encoder),
         "seconds": round(seconds, 3),
         "docs_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
         "host_pid": f"{os.uname().nodename}:{os.getpid()}",
@@ -542,6 +550,9 @@ def merge_shards(
             shard_list.append({"path": name, "num_docs": m["num_docs"]})
     sweep_stale(out_dir)  # shards of killed workers; a live one (an identical run beside this one) keeps its own
     seconds = [m["seconds"] for m in metas]
+    forwards = sorted({m.get("forward", "unrecorded") for m in metas})
+    if len(forwards) > 1:
+        log.warning("%s: shards encoded by different forward passes (%s) agree only to rounding", out_dir, "; ".join(forwards))
     meta = {
         "format": FORMAT,
         "layout": layout,
@@ -553,6 +564,7 @@ def merge_shards(
         "pooling": metas[0]["pooling"],
         "normalize": metas[0]["normalize"],
         "compat_key": metas[0]["compat_key"],
+        "forwards": forwards,
         **(extra_meta or {}),
     }  # no timings here: same vectors, same file (the artifact's fingerprint depends on it)
     atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))

@@ -85,3 +85,20 @@ def test_embeddings_encoded_with_another_model_are_used_with_a_recorded_warning(
     args[args.index("--model") + 1] = str(tiny_bert)  # the model that encoded them: nothing to record
     assert main(args) == 0
     assert "embeddings_model_mismatch" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_vectors_encoded_with_a_relative_model_path_match_it_elsewhere(tiny_bert, scifact_small, tmp_path, monkeypatch, capsys):
+    """`encode --model ./models/x` run in one directory, evaluated from another (a Prefect worker,
+    a later shell): the vectors name the model by its absolute folder, so the same model is not
+    reported as another one."""
+    monkeypatch.chdir(tiny_bert.parent)
+    relative = ["--model", tiny_bert.name, "--dataset", str(scifact_small), "--set", "encoder.device=cpu"]
+    assert main(["encode", *relative, "--output", str(tmp_path / "emb")]) == 0
+    assert json.loads((tmp_path / "emb" / "embeddings.json").read_text())["model"] == str(tiny_bert.resolve())
+
+    monkeypatch.chdir(tmp_path)
+    args = evaluate_args(tiny_bert, scifact_small, tmp_path)
+    args[args.index("--index") : args.index("--index") + 2] = ["--embeddings", str(tmp_path / "emb")]
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "embeddings_model_mismatch" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

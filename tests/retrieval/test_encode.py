@@ -132,6 +132,26 @@ def test_two_workers_share_a_directory_and_merge(dataset, config, inputs, refere
     np.testing.assert_allclose(np.asarray(emb.vectors()), reference, atol=1e-5)
 
 
+def test_a_corpus_encoded_by_two_forward_passes_says_so(dataset, config, inputs, tmp_path, caplog):
+    """Device is not in the shard key (fp32 agrees across devices), but a bf16 corpus whose shards
+    came from a CPU's fused forward and a GPU's autocast one agrees only to rounding: the
+    embeddings record which forwards made them, and a mixed corpus is a warning, not silent."""
+    shards_dir = tmp_path / "shards"
+    num_shards = len(plan_shards(dataset.num_docs, config.shard_size))
+    encode_these(config, inputs, shards_dir, list(range(num_shards)))
+    merged = merge_shards(shards_dir, tmp_path / "one", num_shards, merge=False)
+    assert json.loads((tmp_path / "one" / "embeddings.json").read_text())["forwards"] == ["fused float32 on cpu"], merged
+
+    encode_these(config, inputs, shards_dir, list(range(num_shards)))
+    meta_file = shards_dir / shard_name(1) / "shard.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "forward": "hf bfloat16 on cuda"}))  # as a GPU worker would record
+    with caplog.at_level("WARNING", logger="retrieval.serving.encode"):
+        merge_shards(shards_dir, tmp_path / "two", num_shards)
+    assert json.loads((tmp_path / "two" / "embeddings.json").read_text())["forwards"] == ["fused float32 on cpu", "hf bfloat16 on cuda"]
+    assert "different forward passes" in caplog.text and "agree only to rounding" in caplog.text
+
+
 def test_merge_refuses_missing_shard(config, inputs, tmp_path):
     encode_these(config, inputs, tmp_path, [0, 2])
     with pytest.raises(ValueError, match=r"missing or incomplete \(1"):
