@@ -9,8 +9,11 @@ Writes two tables and their figures, replacing what an earlier call wrote under 
   over the report's seeds;
 - `<name>-primary`: the pre-registered comparisons (difference, 95% interval, p, Holm-corrected p,
   the smallest effect the study resolves).
-Figure ids are `<name>.<arm>.<phase>-<dataset>.<metric>` and `<name>.primary.<arm>-vs-<against>`.
-Figures are taken from the report as it is: nothing is recomputed here.
+Figure ids are `<name>.<arm>.<phase>-<dataset>.<metric>` and
+`<name>.primary.<arm>-vs-<against>.<dataset>.<metric>`. Figures are taken from the report as it is:
+nothing is recomputed here. A report whose primary comparisons have not all run is refused (copy it
+when the study is complete), and so is a name that belongs to a table this script did not write.
+The new file is checked as render_results reads it before it replaces the old one.
 
 Standard library + PyYAML only; the file is edited as text, so its comments and layout stay.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +32,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = {"fine-tuned": "ft", "zero-shot": "zs"}
+GENERATED = "scripts/ablation_results.py"  # marks the tables this script owns (and may replace)
+PRIMARY_FIELDS = ("comparison", "dataset", "metric", "seeds", "queries", "delta", "ci95", "p", "p_holm", "significant")
+
+
+class ReportError(ValueError):
+    """The report cannot be copied as it is, or copying it would overwrite what is not its own."""
 
 
 def figure_id(name: str, arm: str, phase: str, dataset: str, metric: str) -> str:
@@ -55,9 +65,21 @@ def arm_figures(report: dict, name: str, meta: dict) -> list[dict]:
     return figures
 
 
-def primary_id(name: str, comparison: str) -> str:
-    arm, against = (part.strip() for part in comparison.split(" vs "))
-    return f"{name}.primary.{arm}-vs-{against}"
+def primary_id(name: str, comparison: dict) -> str:
+    arm, against = (part.strip() for part in comparison["comparison"].split(" vs "))
+    return f"{name}.primary.{arm}-vs-{against}.{comparison['dataset']}.{comparison['metric']}"
+
+
+def check_complete(report: dict, source: Path) -> None:
+    """Every pre-registered comparison has its result (an unfinished study has 'not run yet' rows)."""
+    for comparison in report.get("primary", []):
+        missing = [field for field in PRIMARY_FIELDS if comparison.get(field) is None]
+        if missing:
+            what = comparison.get("comparison", "?")
+            status = f" (status: {comparison['status']})" if comparison.get("status") else ""
+            raise ReportError(
+                f"{source}: primary comparison {what!r} lacks {', '.join(missing)}{status}: copy the report once the study is complete"
+            )
 
 
 def primary_figures(report: dict, name: str, meta: dict) -> list[dict]:
@@ -67,7 +89,7 @@ def primary_figures(report: dict, name: str, meta: dict) -> list[dict]:
         low, high = comparison["ci95"]
         figures.append(
             {
-                "id": primary_id(name, comparison["comparison"]),
+                "id": primary_id(name, comparison),
                 "what": (
                     f"{arm} minus {against}, fine-tuned, {comparison['dataset']} test {comparison['metric']}, "
                     f"{comparison['seeds']} seed(s) x {comparison['queries']} queries: 95% bootstrap CI [{low:+.4f}, {high:+.4f}], "
@@ -88,6 +110,11 @@ def primary_figures(report: dict, name: str, meta: dict) -> list[dict]:
 
 def tables(report: dict, name: str) -> dict:
     present = {(row["arm"], row["phase"], row["dataset"]) for row in report["rows"] if row.get("ndcg@10") is not None}
+    with_recall = {
+        figure_id(name, row["arm"], row["phase"], row["dataset"], "recall@100")
+        for row in report["rows"]
+        if row.get("recall@100") is not None
+    }
     datasets = sorted({row["dataset"] for row in report["rows"]}, key=lambda d: (d != "scifact", d))
     columns = [(phase, d) for phase in PHASES for d in datasets if any((a, phase, d) in present for a in report["arms"])]
     header = ["arm"] + [f"{d}, {phase}" for phase, d in columns]
@@ -95,22 +122,27 @@ def tables(report: dict, name: str) -> dict:
     for arm in report["arms"]:
         cells = [arm]
         for phase, dataset in columns:
-            ids = [figure_id(name, arm, phase, dataset, m) for m in ("ndcg@10", "recall@100")]
-            cells.append(f"{{{ids[0]}}} ({{{ids[1]}}})" if (arm, phase, dataset) in present else "–")
+            ndcg, recall = (figure_id(name, arm, phase, dataset, m) for m in ("ndcg@10", "recall@100"))
+            if (arm, phase, dataset) not in present:
+                cells.append("–")
+            else:
+                cells.append(f"{{{ndcg}}} ({{{recall}}})" if recall in with_recall else f"{{{ndcg}}}")
         rows.append(cells)
     seeds = report["seeds"]
     return {
         name: {
             "title": f"{name}: nDCG@10 (recall@100), mean ± std over seeds {' '.join(map(str, seeds))}",
+            "generated": GENERATED,
             "header": header,
             "align": ["---"] * len(header),
             "rows": rows,
         },
         f"{name}-primary": {
             "title": f"{name}: the pre-registered primary comparisons (Holm over {len(report['primary'])})",
+            "generated": GENERATED,
             "kind": "list",
             "columns": ["what", "value"],
-            "ids": [primary_id(name, comparison["comparison"]) for comparison in report["primary"]],
+            "ids": [primary_id(name, comparison) for comparison in report["primary"]],
         },
     }
 
@@ -119,15 +151,35 @@ def dump(obj) -> str:
     return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=10_000)
 
 
-def without_old(text: str, name: str, arms: list[str]) -> str:
-    """The YAML text without the tables and figures an earlier call wrote under `name`."""
+def without_old(text: str, name: str, results: Path) -> str:
+    """The YAML text without the tables an earlier call wrote under `name` and every figure shown
+    in them (arms since dropped or renamed included). Tables of that name that this script did not
+    write are refused, not replaced."""
+    tables_now = yaml.safe_load(text)["tables"]
+    ours = (name, f"{name}-primary")
+    for table in ours:
+        if table in tables_now and tables_now[table].get("generated") != GENERATED:
+            raise ReportError(f"{results}: table {table!r} was not written by {GENERATED}; choose another --name")
     head, figures = text.split("\nfigures:\n", 1)
-    for table in (name, f"{name}-primary"):
+    for table in ours:
         head = re.sub(rf"\n  {re.escape(table)}:\n(?:    .*\n|  - .*\n)*", "\n", head)
-    owned = tuple(f"{name}.{arm}." for arm in arms) + (f"{name}.primary.",)
     entries = re.split(r"(?m)^(?=- id: )", figures)
-    kept = [e for e in entries if not (e.startswith("- id: ") and e[len("- id: ") :].strip().split("\n")[0].startswith(owned))]
+    kept = [e for e in entries if not (e.startswith("- id: ") and yaml.safe_load(e)[0].get("table") in ours)]
     return head + "\nfigures:\n" + "".join(kept)
+
+
+def replace_checked(results: Path, text: str) -> None:
+    """Write `text` beside `results`, check it as render_results reads it, then swap it in."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import render_results
+
+    staging = results.with_name(f".{results.name}.new")
+    try:
+        staging.write_text(text, encoding="utf-8")
+        render_results.load(staging)
+        os.replace(staging, results)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,14 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     report = json.loads(args.report.read_text(encoding="utf-8"))
+    try:
+        check_complete(report, args.report)
+        text = without_old(args.results.read_text(encoding="utf-8"), args.name, args.results)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     meta = {"command": args.command, "commit": args.commit, "date": args.date}
     figures = arm_figures(report, args.name, meta) + primary_figures(report, args.name, meta)
-    text = without_old(args.results.read_text(encoding="utf-8"), args.name, report["arms"])
     head, rest = text.split("\ntables:\n", 1)
     table_text = "".join("  " + line + "\n" for line in dump(tables(report, args.name)).splitlines())
     text = head + "\ntables:\n" + table_text + rest.rstrip("\n") + "\n" + dump(figures)
-    yaml.safe_load(text)  # still YAML
-    args.results.write_text(text, encoding="utf-8")
+    replace_checked(args.results, text)
     print(f"{args.results}: tables {args.name}, {args.name}-primary; {len(figures)} figures", file=sys.stderr)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -134,3 +135,56 @@ def test_an_ablation_report_becomes_tables_of_its_figures_and_a_second_copy_repl
     assert "| retromae-enhanced | 0.6899 ± 0.0020 (0.9300 ± 0.0030) |" in table
     primary = render_results.render_table("study-x-primary", data)
     assert "−0.0182" in primary and "Holm-corrected 0.008 (significant" in primary
+
+
+def ablation_report(arms: list[str], recall: bool = True) -> dict:
+    row = {"phase": "fine-tuned", "dataset": "scifact", "seeds": 3}
+    rows = [{**row, "arm": arm, "ndcg@10": 0.70 - i / 100, "ndcg@10 std": 0.001} for i, arm in enumerate(arms)]
+    if recall:
+        rows = [{**r, "recall@100": 0.9, "recall@100 std": 0.01} for r in rows]
+    primary = {"dataset": "scifact", "metric": "ndcg@10", "seeds": 3, "queries": 300, "delta": -0.01, "ci95": [-0.02, 0.0]}
+    primary |= {"p": 0.04, "p_holm": 0.08, "significant": False, "smallest_resolvable_effect": 0.012}
+    return {
+        "arms": arms,
+        "seeds": [1, 2, 3],
+        "baseline": arms[0],
+        "rows": rows,
+        "primary": [{**primary, "comparison": f"{arms[1]} vs {arms[0]}"}],
+    }
+
+
+def copy_report(tmp_path: Path, report: dict, name: str) -> subprocess.CompletedProcess:
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    command = [sys.executable, str(ROOT / "scripts" / "ablation_results.py"), str(tmp_path / "report.json"), "--name", name]
+    command += ["--commit", "abc1234", "--command", "retroflow ablation", "--results", str(tmp_path / "results.yaml")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def test_an_ablation_copy_that_would_break_the_results_file_is_refused_and_the_file_kept(tmp_path: Path):
+    """A re-copy after an arm was renamed and recall dropped leaves no stale figure; an unfinished
+    study, or a name that belongs to a hand-written table, is one line and the file unchanged."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import render_results
+
+    results = tmp_path / "results.yaml"
+    shutil.copy(ROOT / "docs" / "results.yaml", results)
+    assert copy_report(tmp_path, ablation_report(["none", "mlm", "retromae-basic"]), "study-y").returncode == 0
+    assert copy_report(tmp_path, ablation_report(["none", "retromae-enhanced"], recall=False), "study-y").returncode == 0
+    data = render_results.load(results)
+    assert sorted(fid for fid in data["by_id"] if fid.startswith("study-y.")) == [
+        "study-y.none.ft-scifact.ndcg@10",
+        "study-y.primary.retromae-enhanced-vs-none.scifact.ndcg@10",
+        "study-y.retromae-enhanced.ft-scifact.ndcg@10",
+    ]
+    assert "| retromae-enhanced | 0.6900 ± 0.0010 |" in render_results.render_table("study-y", data)
+
+    before = results.read_text()
+    unfinished = ablation_report(["none", "mlm"])
+    unfinished["primary"] = [{"comparison": "mlm vs none", "status": "not run yet"}]
+    for report, name, said in [
+        (unfinished, "study-z", "'mlm vs none' lacks"),
+        (ablation_report(["none", "mlm"]), "quickstart", "not written by"),
+    ]:
+        result = copy_report(tmp_path, report, name)
+        assert result.returncode == 2 and said in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        assert results.read_text() == before
