@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from retroflow.artifacts import Artifact, lineage
+from retroflow.publish import publishing_file
 
 REPORT_METRICS = ("ndcg@10", "recall@100", "mrr@10", "map@100")
 
@@ -145,8 +146,10 @@ def plot_loss_curves(curves: Mapping[str, Sequence[float]], path: Path) -> Path 
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    # Renamed into place whole: two runs of one pipeline share its run folder, and one may be
+    # embedding the plot in its report while the other writes it.
+    with publishing_file(Path(path)) as staging:
+        fig.savefig(staging, format="png")
     plt.close(fig)
     return path
 
